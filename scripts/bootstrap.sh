@@ -1,0 +1,39 @@
+#!/usr/bin/env bash
+# Installs what hostmaint needs on a Debian/Ubuntu machine, as root:
+# system packages with apt-get (only those missing), then the project and its
+# test tools into ./.venv at the versions pinned in constraints.txt.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+SYSTEM_PACKAGES=(
+  gcc gcc-multilib binutils pkg-config libvirt-dev            # libvirt-python, the lab guest
+  libvirt-daemon libvirt-daemon-driver-qemu libvirt-clients   # the lab's libvirt daemons
+  qemu-system-x86 qemu-utils iproute2 procps                  # the lab's hosts and network
+  python3 python3-venv python3-dev
+)
+
+missing=()
+for p in "${SYSTEM_PACKAGES[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+  if [ "$(id -u)" -ne 0 ]; then
+    echo "bootstrap: missing system packages (${missing[*]}); run as root" >&2
+    exit 1
+  fi
+  echo "bootstrap: apt-get install ${missing[*]}"
+  apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+
+PYTHON=${PYTHON:-python3}
+if [ ! -x .venv/bin/python ]; then
+  "$PYTHON" -m venv .venv
+fi
+stamp=.venv/.hostmaint-installed
+if [ ! -f "$stamp" ] || [ setup.py -nt "$stamp" ] || [ constraints.txt -nt "$stamp" ]; then
+  .venv/bin/pip install -q --disable-pip-version-check -U pip
+  .venv/bin/pip install -q --disable-pip-version-check -c constraints.txt \
+    -e '.[test]' mypy ruff types-protobuf types-psutil tox
+  touch "$stamp"
+fi

@@ -1,0 +1,60 @@
+"""hostmaint: drain KVM compute hosts for maintenance, fast and safely."""
+
+from setuptools import setup
+
+# The folders stand at the top of the tree; installed, they live under one
+# namespace so hostmaint never claims generic names such as `agent`.
+PACKAGES = {
+    "hostmaint.agent": "agent",
+    "hostmaint.coordinator": "coordinator",
+    "hostmaint.protos": "protos",
+    "hostmaint.lab": "lab",
+}
+
+setup(
+    name="hostmaint",
+    version="0.1.0",
+    description="Drain KVM compute hosts for maintenance: a libvirt agent and a migration coordinator",
+    python_requires=">=3.11",
+    packages=list(PACKAGES),
+    package_dir=PACKAGES,
+    package_data={
+        "hostmaint.protos": ["*.proto", "*.pyi", "py.typed"],
+        "hostmaint.agent": ["py.typed"],
+        "hostmaint.coordinator": ["py.typed"],
+        "hostmaint.lab": ["py.typed", "guest/*"],
+    },
+    install_requires=[
+        "grpcio>=1.76,<2",
+        "grpcio-health-checking>=1.76,<2",
+        "grpcio-reflection>=1.76,<2",
+        "protobuf>=6.31.1,<7",
+        "libvirt-python>=9.0",
+        "psutil>=5.9",
+        "oslo.config>=9.0",
+        "openstacksdk>=3.0",
+        "SQLAlchemy>=2.0,<2.1",
+    ],
+    extras_require={
+        "test": [
+            "pytest>=8",
+            "pytest-timeout>=2",
+            "hypothesis>=6.100",
+            "grpcio-testing>=1.76,<2",
+            "grpcio-tools>=1.76,<2",
+            "mypy-protobuf>=3.6",
+        ],
+    },
+    entry_points={
+        "console_scripts": [
+            "hostmaint-agent=hostmaint.agent.cmd:main",
+            "hostmaint-coordinator=hostmaint.coordinator.cmd:main",
+            "hostmaint=hostmaint.coordinator.cli:main",
+            "hostmaint-lab=hostmaint.lab.cmd:main",
+        ],
+        "oslo.config.opts": [
+            "hostmaint.agent=hostmaint.agent.config:list_opts",
+            "hostmaint.coordinator=hostmaint.coordinator.config:list_opts",
+        ],
+    },
+)
