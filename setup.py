@@ -9,6 +9,7 @@ PACKAGES = {
     "hostmaint.coordinator": "coordinator",
     "hostmaint.protos": "protos",
     "hostmaint.lab": "lab",
+    "hostmaint.common": "common",
 }
 
 setup(
@@ -22,6 +23,7 @@ setup(
         "hostmaint.protos": ["*.proto", "*.pyi", "py.typed"],
         "hostmaint.agent": ["py.typed"],
         "hostmaint.coordinator": ["py.typed"],
+        "hostmaint.common": ["py.typed"],
         "hostmaint.lab": ["py.typed", "guest/*"],
     },
     install_requires=[

@@ -32,8 +32,12 @@ if [ ! -x .venv/bin/python ]; then
 fi
 stamp=.venv/.hostmaint-installed
 if [ ! -f "$stamp" ] || [ setup.py -nt "$stamp" ] || [ constraints.txt -nt "$stamp" ]; then
-  .venv/bin/pip install -q --disable-pip-version-check -U pip
-  .venv/bin/pip install -q --disable-pip-version-check -c constraints.txt \
-    -e '.[test]' mypy ruff types-protobuf types-psutil tox
+  echo "bootstrap: installing hostmaint into .venv (log: .venv/install.log)"
+  if ! { .venv/bin/pip install --disable-pip-version-check -U pip &&
+         .venv/bin/pip install --disable-pip-version-check -c constraints.txt \
+           -e '.[test]' mypy ruff types-protobuf types-psutil tox; } > .venv/install.log 2>&1; then
+    tail -40 .venv/install.log >&2
+    exit 1
+  fi
   touch "$stamp"
 fi

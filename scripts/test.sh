@@ -7,6 +7,6 @@ bash scripts/bootstrap.sh
 export PATH="$PWD/.venv/bin:$PATH"
 
 echo "== lint"; ruff check . && ruff format --check .
-echo "== mypy"; mypy agent coordinator lab tools
+echo "== mypy"; bash scripts/typecheck.sh
 echo "== protos"; python tools/genprotos.py --check
 echo "== tests"; pytest -ra "$@"

@@ -1,0 +1,149 @@
+"""hostmaint-agent: the composition root of the per-host agent daemon."""
+
+from __future__ import annotations
+
+import logging
+import signal
+import sys
+import threading
+import time
+from collections.abc import Sequence
+from types import FrameType
+
+from oslo_config import cfg
+
+from hostmaint.agent import config, errors
+from hostmaint.agent.dirtyrate import DirtyRateMeter, Schedule
+from hostmaint.agent.hoststats import shared_path_checker
+from hostmaint.agent.libvirt_driver import LibvirtDriver, start_event_loop
+from hostmaint.agent.migrations import MigrationTracker
+from hostmaint.agent.service import AgentService
+from hostmaint.agent.servicer import HostAgentServicer
+from hostmaint.agent.types import DirtyRateMethod
+from hostmaint.common import daemon
+from hostmaint.protos import agent_pb2_grpc
+
+LOG = logging.getLogger(__name__)
+SERVICE_NAME = "hostmaint.v1.HostAgent"
+_RECONNECT_S = 2.0
+
+
+class Agent:
+    """The assembled daemon: libvirt connection, measurements, jobs, gRPC server."""
+
+    def __init__(self, conf: cfg.ConfigOpts, stopped: threading.Event | None = None) -> None:
+        self.conf = conf
+        self.stopped = stopped or threading.Event()
+        start_event_loop()
+        self.driver = LibvirtDriver(
+            conf.libvirt.uri,
+            is_shared_path=shared_path_checker(conf.libvirt.shared_storage_paths),
+            clock=time.time,
+        )
+        self.meter = DirtyRateMeter(self.driver, wait=self.stopped.wait, clock=time.monotonic)
+        self.tracker = MigrationTracker(self.driver, clock=time.monotonic, wait=self.stopped.wait)
+        self.service = AgentService(
+            self.driver,
+            self.meter,
+            self.tracker,
+            default_window_s=conf.dirty_rate.window_s,
+            default_watch_interval_s=conf.migration.watch_interval_s,
+            migration_interface=conf.migration.interface,
+            allowed_destinations=conf.migration.allowed_destinations,
+        )
+        servicer = HostAgentServicer(self.service, clock=time.time)
+        self.server = daemon.build_server(
+            conf.grpc.listen,
+            lambda s: agent_pb2_grpc.add_HostAgentServicer_to_server(servicer, s),
+            [SERVICE_NAME],
+            tls=daemon.TlsFiles(conf.grpc.cert_file, conf.grpc.key_file, conf.grpc.ca_file),
+            insecure=conf.grpc.insecure,
+            max_workers=conf.grpc.max_workers,
+        )
+        self._threads: list[threading.Thread] = []
+
+    @property
+    def port(self) -> int:
+        return self.server.port
+
+    def start(self) -> None:
+        self.server.server.start()
+        self._threads.append(
+            threading.Thread(target=self._keep_connected, name="libvirt-connect", daemon=True)
+        )
+        if self.conf.dirty_rate.enabled:
+            method = self.conf.dirty_rate.method
+            schedule = Schedule(
+                interval_s=self.conf.dirty_rate.interval_s,
+                window_s=self.conf.dirty_rate.window_s,
+                batch_size=self.conf.dirty_rate.batch_size,
+                method=None if method == "auto" else DirtyRateMethod(method),
+            )
+            self._threads.append(
+                threading.Thread(
+                    target=self.meter.run_schedule,
+                    args=(schedule, self.stopped),
+                    name="dirty-rate",
+                    daemon=True,
+                )
+            )
+        for t in self._threads:
+            t.start()
+
+    def _keep_connected(self) -> None:
+        """Health follows libvirt: SERVING while connected, re-opening after a restart."""
+        ready_sent = False
+        while not self.stopped.is_set():
+            try:
+                if not self.driver.connected:
+                    self.driver.close()
+                    self.driver.connect()
+                self.server.set_serving(True)
+                if not ready_sent:
+                    daemon.sd_notify(f"READY=1\nSTATUS=serving on port {self.port}")
+                    ready_sent = True
+            except errors.HypervisorUnavailable as e:
+                LOG.warning("libvirt unavailable, retrying uri=%s error=%s", self.driver.uri, e)
+                self.server.set_serving(False)
+            self.stopped.wait(_RECONNECT_S)
+
+    def stop(self) -> None:
+        daemon.sd_notify("STOPPING=1")
+        self.stopped.set()
+        self.server.stop(self.conf.grpc.grace_s)
+        self.driver.close()
+
+
+def load_config(argv: Sequence[str]) -> cfg.ConfigOpts:
+    conf = cfg.ConfigOpts()
+    config.register_opts(conf)
+    conf(list(argv), project="hostmaint", prog="hostmaint-agent", default_config_files=[])
+    return conf
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s [%(threadName)s] %(message)s"
+    )
+    conf = load_config(sys.argv[1:] if argv is None else argv)
+    try:
+        agent = Agent(conf)
+    except daemon.InsecureRefused as e:
+        LOG.error("%s", e)
+        return 2
+    agent.start()
+    LOG.info("hostmaint-agent serving port=%d uri=%s", agent.port, conf.libvirt.uri)
+
+    def on_signal(signum: int, _frame: FrameType | None) -> None:
+        LOG.info("stopping on signal %d", signum)
+        agent.stopped.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    agent.stopped.wait()
+    agent.stop()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,156 @@
+"""Dirty-page-rate measurement: on demand, and on a staggered background schedule.
+
+libvirt measures inside QEMU (`startDirtyRateCalc`, then the dirtyrate domain
+stats). A measurement blocks for its window, so the background loop measures
+a few domains at a time and spreads a host's domains over the interval.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from hostmaint.agent import errors
+from hostmaint.agent.libvirt_driver import DIRTY_RATE_MEASURING, LibvirtDriver
+from hostmaint.agent.types import DirtyRate, DirtyRateMethod, DomainState
+
+LOG = logging.getLogger(__name__)
+MIN_WINDOW_S = 1
+MAX_WINDOW_S = 60
+_POLL_S = 0.2
+
+
+@dataclass(frozen=True)
+class Schedule:
+    interval_s: float
+    window_s: int
+    batch_size: int
+    method: DirtyRateMethod | None  # None: the best each domain supports
+
+
+def validate_window(window_s: float) -> int:
+    """libvirt measures whole seconds, 1 to 60."""
+    if window_s != int(window_s) or not MIN_WINDOW_S <= window_s <= MAX_WINDOW_S:
+        raise errors.InvalidArgument(
+            "window_s", f"must be a whole number of seconds from {MIN_WINDOW_S} to {MAX_WINDOW_S}"
+        )
+    return int(window_s)
+
+
+class DirtyRateMeter:
+    """Measures and caches dirty rates; the cache feeds ListDomains."""
+
+    def __init__(
+        self,
+        driver: LibvirtDriver,
+        *,
+        wait: Callable[[float], bool],
+        clock: Callable[[], float],
+    ) -> None:
+        self._driver = driver
+        self._wait = wait
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._cache: dict[str, DirtyRate] = {}
+        # Domains where dirty-bitmap failed: page-sampling is their best.
+        self._no_bitmap: set[str] = set()
+
+    def last(self, domain_uuid: str) -> DirtyRate | None:
+        with self._lock:
+            return self._cache.get(domain_uuid)
+
+    def forget(self, domain_uuid: str) -> None:
+        with self._lock:
+            self._cache.pop(domain_uuid, None)
+
+    def best_method(self, domain_uuid: str, dirty_ring: bool) -> DirtyRateMethod:
+        if dirty_ring:
+            return DirtyRateMethod.DIRTY_RING
+        with self._lock:
+            if domain_uuid in self._no_bitmap:
+                return DirtyRateMethod.PAGE_SAMPLING
+        return DirtyRateMethod.DIRTY_BITMAP
+
+    def measure(
+        self, domain_uuids: Sequence[str], window_s: int, method: DirtyRateMethod | None
+    ) -> dict[str, DirtyRate]:
+        """Measures the domains at once over one window. Blocks for about window_s.
+
+        With method None each domain gets the best method it supports, and a
+        domain whose QEMU refuses dirty-bitmap falls back to page-sampling.
+        """
+        started: list[str] = []
+        for uuid in domain_uuids:
+            chosen = method
+            if chosen is None:
+                raw = self._driver.domain(uuid)
+                if raw.state is not DomainState.RUNNING:
+                    raise errors.OperationRefused(uuid, "measure dirty rate", "domain not running")
+                chosen = self.best_method(uuid, raw.config.dirty_ring)
+            try:
+                self._driver.start_dirty_rate(uuid, window_s, chosen)
+            except errors.OperationRefused:
+                # QEMU refused this mode for this domain (the API itself works).
+                if method is not None or chosen is DirtyRateMethod.PAGE_SAMPLING:
+                    raise
+                LOG.info("dirty-bitmap refused, using page-sampling vm=%s", uuid)
+                with self._lock:
+                    self._no_bitmap.add(uuid)
+                self._driver.start_dirty_rate(uuid, window_s, DirtyRateMethod.PAGE_SAMPLING)
+            started.append(uuid)
+        if not started:
+            return {}
+        deadline = self._clock() + window_s + max(5.0, window_s)
+        if self._wait(float(window_s)):
+            return {}  # shutting down
+        results: dict[str, DirtyRate] = {}
+        pending = list(started)
+        while pending:
+            for reading in self._driver.dirty_rates(pending):
+                if reading.rate is not None:
+                    results[reading.domain_uuid] = reading.rate
+                elif reading.status != DIRTY_RATE_MEASURING:
+                    raise errors.HypervisorError(
+                        "dirty-rate", reading.status, f"measurement of {reading.domain_uuid} lost"
+                    )
+            pending = [u for u in pending if u not in results]
+            if not pending:
+                break
+            if self._clock() > deadline:
+                raise errors.HypervisorError(
+                    "dirty-rate", 0, "measurement did not finish: " + ", ".join(pending)
+                )
+            if self._wait(_POLL_S):
+                return results
+        with self._lock:
+            self._cache.update(results)
+        return results
+
+    def run_schedule(self, schedule: Schedule, stopped: threading.Event) -> None:
+        """The background loop: every interval, every running domain, in batches."""
+        while not stopped.is_set():
+            cycle_start = self._clock()
+            try:
+                running = [
+                    d.config.uuid
+                    for d in self._driver.list_domains()
+                    if d.state is DomainState.RUNNING and not d.migrating
+                ]
+            except errors.AgentError as e:
+                LOG.warning("dirty-rate schedule cannot list domains error=%s", e)
+                running = []
+            for start in range(0, len(running), schedule.batch_size):
+                if stopped.is_set():
+                    return
+                batch = running[start : start + schedule.batch_size]
+                try:
+                    self.measure(batch, schedule.window_s, schedule.method)
+                except errors.AgentError as e:
+                    LOG.warning("dirty-rate batch failed vms=%s error=%s", ",".join(batch), e)
+                except Exception:  # loop boundary: the schedule must survive
+                    LOG.exception("dirty-rate batch crashed vms=%s", ",".join(batch))
+            remaining = schedule.interval_s - (self._clock() - cycle_start)
+            if self._wait(max(1.0, remaining)):
+                return

@@ -1,0 +1,360 @@
+"""Migration jobs on this host: start, watch, tune, and remember how they ended.
+
+A job may be ours (started by `Migrate`) or anybody's (nova-compute's): both
+are watched the same way, by sampling libvirt's job stats. How a job ended
+comes, in order of trust, from our own `migrateToURI3` call, libvirt's
+job-completed event, or the domain's fate (gone from this host after a
+migration, or still running here).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, replace
+
+from hostmaint.agent import errors, tuning
+from hostmaint.agent.libvirt_driver import DomainEvent, LibvirtDriver
+from hostmaint.agent.types import DomainState, JobStats, MigrationPhase, MigrationRequest
+
+LOG = logging.getLogger(__name__)
+# How long to keep the outcome of a finished job for late watchers.
+_OUTCOME_TTL_S = 600.0
+_JOB_APPEAR_TIMEOUT_S = 10.0
+_APPEAR_POLL_S = 0.05
+_LIFECYCLE_STOPPED_MIGRATED = "5:3"  # VIR_DOMAIN_EVENT_STOPPED : _STOPPED_MIGRATED
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One progress sample for WatchMigration."""
+
+    stats: JobStats
+    max_downtime_ms: int
+    max_downtime_set_by: str
+    final: bool
+    sampled_at: float
+
+
+@dataclass
+class _Outcome:
+    phase: MigrationPhase
+    error: str
+    stats: JobStats | None
+    at: float
+
+
+@dataclass
+class _Job:
+    domain_uuid: str
+    ours: bool
+    thread: threading.Thread | None = None
+    downtime_floor_ms: int | None = None
+    last: JobStats | None = None
+
+
+class MigrationTracker:
+    def __init__(
+        self,
+        driver: LibvirtDriver,
+        *,
+        clock: Callable[[], float],
+        wait: Callable[[float], bool],
+    ) -> None:
+        self._driver = driver
+        self._clock = clock
+        self._wait = wait
+        self._lock = threading.Condition()
+        self._jobs: dict[str, _Job] = {}
+        self._outcomes: dict[str, _Outcome] = {}
+        self._migrated_away: dict[str, float] = {}
+        self._throttles: dict[str, int] = {}
+        driver.add_listener(self._on_event)
+
+    # -- events ---------------------------------------------------------------------
+
+    def _on_event(self, event: DomainEvent) -> None:
+        with self._lock:
+            if event.kind == "job-completed" and event.job is not None:
+                self._outcomes[event.domain_uuid] = _Outcome(
+                    event.job.phase, event.job.error, event.job, self._clock()
+                )
+            elif event.kind == "lifecycle" and event.detail == _LIFECYCLE_STOPPED_MIGRATED:
+                self._migrated_away[event.domain_uuid] = self._clock()
+            self._lock.notify_all()
+
+    def _prune(self) -> None:
+        horizon = self._clock() - _OUTCOME_TTL_S
+        for uuid in [u for u, o in self._outcomes.items() if o.at < horizon]:
+            del self._outcomes[uuid]
+        for uuid in [u for u, t in self._migrated_away.items() if t < horizon]:
+            del self._migrated_away[uuid]
+
+    # -- start ----------------------------------------------------------------------
+
+    def migrate(self, request: MigrationRequest) -> float:
+        """Starts the migration in its own thread; returns once libvirt runs the job."""
+        raw = self._driver.domain(request.domain_uuid)
+        if raw.state is not DomainState.RUNNING:
+            raise errors.OperationRefused(
+                request.domain_uuid, "migrate", f"the domain is {raw.state}, not running"
+            )
+        with self._lock:
+            self._prune()
+            job = self._jobs.get(request.domain_uuid)
+            if raw.migrating or (
+                job is not None and job.thread is not None and job.thread.is_alive()
+            ):
+                raise errors.MigrationBusy(request.domain_uuid)
+            job = _Job(request.domain_uuid, ours=True)
+            self._jobs[request.domain_uuid] = job
+            self._outcomes.pop(request.domain_uuid, None)
+            self._migrated_away.pop(request.domain_uuid, None)
+        job.thread = threading.Thread(
+            target=self._run,
+            args=(request,),
+            name=f"migrate/{request.domain_uuid[:8]}",
+            daemon=True,
+        )
+        started_at = self._clock()
+        job.thread.start()
+        self._await_job(request.domain_uuid, job)
+        if request.max_downtime_ms:
+            self._driver.set_max_downtime(request.domain_uuid, request.max_downtime_ms)
+            with self._lock:
+                job.downtime_floor_ms = request.max_downtime_ms
+        return started_at
+
+    def _await_job(self, domain_uuid: str, job: _Job) -> None:
+        deadline = self._clock() + _JOB_APPEAR_TIMEOUT_S
+        while self._clock() < deadline:
+            with self._lock:
+                outcome = self._outcomes.get(domain_uuid)
+            if outcome is not None and job.thread is not None and not job.thread.is_alive():
+                if outcome.phase is MigrationPhase.COMPLETED:
+                    return  # it finished before we looked: nothing left to tune
+                raise errors.OperationRefused(domain_uuid, "migrate", outcome.error or "failed")
+            try:
+                if self._driver.job_stats(domain_uuid) is not None:
+                    return
+            except errors.DomainNotFound:
+                return  # already gone: the migration completed at once
+            if self._wait(_APPEAR_POLL_S):
+                return
+        raise errors.HypervisorError("migrate", 0, "the migration job did not start in time")
+
+    def _run(self, request: MigrationRequest) -> None:
+        uuid = request.domain_uuid
+        try:
+            self._driver.migrate(request)
+        except errors.AgentError as e:
+            phase = MigrationPhase.FAILED
+            if "cancel" in str(e).lower() or "abort" in str(e).lower():
+                phase = MigrationPhase.CANCELLED
+            LOG.warning("migration ended phase=%s vm=%s error=%s", phase, uuid, e)
+            self._finish(uuid, phase, str(e))
+        except Exception as e:  # thread boundary: record, never lose the outcome
+            LOG.exception("migration thread crashed vm=%s", uuid)
+            self._finish(uuid, MigrationPhase.FAILED, f"internal error: {e}")
+        else:
+            LOG.info("migration completed vm=%s dest=%s", uuid, request.destination_uri)
+            self._finish(uuid, MigrationPhase.COMPLETED, "")
+
+    def _finish(self, uuid: str, phase: MigrationPhase, error: str) -> None:
+        with self._lock:
+            previous = self._outcomes.get(uuid)
+            stats = previous.stats if previous is not None else None
+            self._outcomes[uuid] = _Outcome(phase, error, stats, self._clock())
+            self._lock.notify_all()
+
+    # -- watch ----------------------------------------------------------------------
+
+    def watch(
+        self, domain_uuid: str, interval_s: float, start_timeout_s: float
+    ) -> Iterator[Sample]:
+        """Samples the job until it ends; the last sample is final and carries the result."""
+        deadline = self._clock() + start_timeout_s
+        stats = self._sample(domain_uuid)
+        while stats is None:
+            with self._lock:
+                outcome = self._outcomes.get(domain_uuid)
+            if outcome is not None:
+                yield self._final_sample(domain_uuid, None)
+                return
+            if self._clock() >= deadline:
+                raise errors.NoMigrationJob(domain_uuid)
+            if self._wait(min(interval_s, 0.2)):
+                return
+            stats = self._sample(domain_uuid)
+        last = stats
+        while stats is not None:
+            last = stats
+            yield self._progress_sample(domain_uuid, stats)
+            if self._wait(interval_s):
+                return
+            stats = self._sample(domain_uuid)
+        yield self._final_sample(domain_uuid, last)
+
+    def _sample(self, domain_uuid: str) -> JobStats | None:
+        try:
+            stats = self._driver.job_stats(domain_uuid)
+        except errors.DomainNotFound:
+            return None  # the domain left this host: the migration just finished
+        except errors.Unsupported:
+            raise errors.Unsupported(
+                "watch migration", "this hypervisor reports no job statistics"
+            ) from None
+        if stats is None or not stats.active:
+            return None
+        with self._lock:
+            job = self._jobs.setdefault(domain_uuid, _Job(domain_uuid, ours=False))
+            job.last = stats
+            floor = job.downtime_floor_ms
+        self._hold_floor(domain_uuid, floor)
+        return stats
+
+    def _hold_floor(self, domain_uuid: str, floor_ms: int | None) -> None:
+        if floor_ms is None:
+            return
+        try:
+            current = self._driver.max_downtime_ms(domain_uuid)
+            again = tuning.reassert_downtime(current, floor_ms)
+            if again is not None:
+                LOG.info(
+                    "max downtime lowered externally, re-asserting vm=%s current_ms=%d floor_ms=%d",
+                    domain_uuid,
+                    current,
+                    again,
+                )
+                self._driver.set_max_downtime(domain_uuid, again)
+        except (errors.OperationRefused, errors.DomainNotFound):
+            pass  # the job ended between the sample and the check
+
+    def _progress_sample(self, domain_uuid: str, stats: JobStats) -> Sample:
+        try:
+            current = self._driver.max_downtime_ms(domain_uuid)
+        except (errors.OperationRefused, errors.DomainNotFound):
+            current = 0  # the job ended between the two calls
+        with self._lock:
+            job = self._jobs.get(domain_uuid)
+            floor = job.downtime_floor_ms if job is not None else None
+        return Sample(
+            stats=stats,
+            max_downtime_ms=current,
+            max_downtime_set_by=tuning.downtime_set_by(current, floor),
+            final=False,
+            sampled_at=self._clock(),
+        )
+
+    def _final_sample(self, domain_uuid: str, last: JobStats | None) -> Sample:
+        outcome = self._await_outcome(domain_uuid)
+        base = outcome.stats or last or JobStats(phase=outcome.phase, active=False)
+        stats = replace(base, phase=outcome.phase, active=False, error=outcome.error)
+        with self._lock:
+            job = self._jobs.pop(domain_uuid, None)
+        floor = job.downtime_floor_ms if job is not None else None
+        return Sample(
+            stats=stats,
+            max_downtime_ms=floor or 0,
+            max_downtime_set_by=tuning.SET_BY_HOSTMAINT if floor else "",
+            final=True,
+            sampled_at=self._clock(),
+        )
+
+    def _await_outcome(self, domain_uuid: str) -> _Outcome:
+        """How the job ended. Our own thread's word is final; otherwise events or facts."""
+        with self._lock:
+            job = self._jobs.get(domain_uuid)
+        if job is not None and job.thread is not None:
+            job.thread.join(timeout=30.0)
+        deadline = self._clock() + 2.0
+        with self._lock:
+            while domain_uuid not in self._outcomes and self._clock() < deadline:
+                self._lock.wait(0.1)
+            outcome = self._outcomes.get(domain_uuid)
+            migrated = domain_uuid in self._migrated_away
+        if outcome is not None:
+            return outcome
+        completed = self._completed_stats(domain_uuid)
+        if completed is not None:
+            return _Outcome(completed.phase, completed.error, completed, self._clock())
+        if migrated or not self._still_here(domain_uuid):
+            return _Outcome(MigrationPhase.COMPLETED, "", None, self._clock())
+        return _Outcome(
+            MigrationPhase.FAILED,
+            "the job ended and the domain still runs here",
+            None,
+            self._clock(),
+        )
+
+    def _completed_stats(self, domain_uuid: str) -> JobStats | None:
+        try:
+            return self._driver.job_stats(domain_uuid, completed=True)
+        except errors.AgentError:
+            return None  # gone, or no completed stats kept: fall back to the domain's fate
+
+    def _still_here(self, domain_uuid: str) -> bool:
+        try:
+            return self._driver.domain(domain_uuid).state is DomainState.RUNNING
+        except errors.DomainNotFound:
+            return False
+
+    def vcpu_throttle_pct(self, domain_uuid: str) -> int:
+        with self._lock:
+            return self._throttles.get(domain_uuid, 0)
+
+    # -- tune -----------------------------------------------------------------------
+
+    def tune(
+        self,
+        domain_uuid: str,
+        *,
+        max_downtime_ms: int | None,
+        bandwidth_bytes_per_s: int | None,
+        start_postcopy: bool,
+        abort: bool,
+        vcpu_throttle_pct: int | None,
+    ) -> tuple[list[str], int]:
+        """Applies the changes in a safe order; returns what was applied and the downtime limit."""
+        applied: list[str] = []
+        needs_job = max_downtime_ms is not None or bandwidth_bytes_per_s is not None
+        needs_job = needs_job or start_postcopy or abort
+        if vcpu_throttle_pct is not None:
+            quota = tuning.vcpu_quota_pct(vcpu_throttle_pct)
+            raw = self._driver.domain(domain_uuid)
+            if raw.state is not DomainState.RUNNING:
+                raise errors.OperationRefused(
+                    domain_uuid, "throttle vCPUs", f"domain is {raw.state}"
+                )
+        if needs_job and self._driver.job_stats(domain_uuid) is None:
+            raise errors.NoMigrationJob(domain_uuid)
+        current = self._driver.max_downtime_ms(domain_uuid) if needs_job else 0
+        if abort:
+            self._driver.abort_job(domain_uuid)
+            return ["abort"], current
+        if max_downtime_ms is not None:
+            decision = tuning.decide_max_downtime(current, max_downtime_ms)
+            if decision.refused:
+                raise errors.OperationRefused(domain_uuid, "set max downtime", decision.refused)
+            if decision.apply:
+                self._driver.set_max_downtime(domain_uuid, decision.value_ms)
+            current = decision.value_ms
+            with self._lock:
+                job = self._jobs.setdefault(domain_uuid, _Job(domain_uuid, ours=False))
+                job.downtime_floor_ms = decision.value_ms
+            applied.append(f"max_downtime_ms={decision.value_ms}")
+        if bandwidth_bytes_per_s is not None:
+            self._driver.set_max_speed(domain_uuid, bandwidth_bytes_per_s)
+            applied.append(f"bandwidth_bytes_per_s={bandwidth_bytes_per_s}")
+        if vcpu_throttle_pct is not None:
+            self._driver.set_vcpu_quota(domain_uuid, quota)
+            with self._lock:
+                self._throttles[domain_uuid] = vcpu_throttle_pct
+            applied.append(f"vcpu_throttle_pct={vcpu_throttle_pct}")
+        if start_postcopy:
+            self._driver.start_postcopy(domain_uuid)
+            applied.append("postcopy")
+        for change in applied:
+            LOG.info("migration tuned vm=%s change=%s", domain_uuid, change)
+        return applied, current
