@@ -21,8 +21,9 @@ Functions:
       postcopy (only if the policy allows it), else cannot_converge.
   ``run_alone(vm, bandwidth_bytes_per_s, settings, params) -> Migration``
       one migration simulated alone at a constant bandwidth (a finished ``Migration``).
-  ``qemu_downtime_limit_ms(cap_ms, bandwidth_bytes_per_s, params)``
-      the limit to hand QEMU so that the *real* downtime stays under ``cap_ms``.
+  ``qemu_downtime_limit_ms(cap_ms, bandwidth_bytes_per_s, params, worst_bandwidth)``
+      the limit to hand QEMU so that the *real* downtime stays under ``cap_ms`` (less a
+      headroom), even if the bandwidth drops to ``worst_bandwidth`` at switch-over.
 
 ``Migration`` is the mutable state machine of one migration used by both
 ``predict`` and the drain simulator, so both share exactly the same physics:
@@ -163,10 +164,12 @@ class ModelParams:
     throttle_increment_pct: float = 10.0
     throttle_max_pct: float = 99.0
     throttle_period_s: float = 1.0
-    cpu_max_dirty_bytes_per_s: float = 1.0 * GIB  # a vCPU writing flat out
+    cpu_max_dirty_bytes_per_s: float = 4.0 * GIB  # the vCPUs writing flat out
     setup_s: float = 2.0  # prepare target, start QEMU there: no bandwidth used
     finish_s: float = 1.0  # post-migration clean-up on both hosts
     max_rounds: int = 5000
+    max_precopy_bytes_factor: float = 5.0  # pre-copy resending more than this is "no"
+    downtime_headroom: float = 0.85  # of (cap - margin): bandwidth may drop at switch-over
     horizon_s: float = 3600.0  # a prediction gives up after this long
 
 
@@ -210,9 +213,19 @@ def margin_ms(bandwidth_bytes_per_s: float, params: ModelParams = DEFAULT_PARAMS
 
 
 def qemu_downtime_limit_ms(
-    cap_ms: float, bandwidth_bytes_per_s: float, params: ModelParams = DEFAULT_PARAMS
+    cap_ms: float,
+    bandwidth_bytes_per_s: float,
+    params: ModelParams = DEFAULT_PARAMS,
+    worst_bandwidth_bytes_per_s: float | None = None,
 ) -> float:
-    limit = cap_ms - margin_ms(bandwidth_bytes_per_s, params)
+    """QEMU's limit for a real downtime under ``cap_ms``.
+
+    QEMU decides with the bandwidth it measures (``bandwidth``) but the final copy may run
+    at the share left when other migrations start (``worst_bandwidth``).
+    """
+    worst = worst_bandwidth_bytes_per_s or bandwidth_bytes_per_s
+    scale = min(1.0, worst / bandwidth_bytes_per_s)
+    limit = (cap_ms - margin_ms(worst, params)) * params.downtime_headroom * scale
     return max(0.0, min(limit, params.qemu_max_downtime_ms))
 
 
@@ -451,6 +464,10 @@ def run_alone(
     if settings.max_bandwidth_bytes_per_s is not None:
         bw = min(bw, settings.max_bandwidth_bytes_per_s)
     while not mig.finished:
+        too_much = mig.bytes_sent > params.max_precopy_bytes_factor * mig.first_round_bytes
+        if too_much and not mig.postcopy:
+            mig.outcome = Outcome.NOT_CONVERGED
+            break
         if mig.now_s - mig.start_s > params.horizon_s or mig.rounds > params.max_rounds:
             mig.outcome = Outcome.NOT_CONVERGED
             break
