@@ -168,7 +168,7 @@ class ModelParams:
     setup_s: float = 2.0  # prepare target, start QEMU there: no bandwidth used
     finish_s: float = 1.0  # post-migration clean-up on both hosts
     max_rounds: int = 5000
-    max_precopy_bytes_factor: float = 5.0  # pre-copy resending more than this is "no"
+    max_precopy_bytes_factor: float = 10.0  # pre-copy resending more than this is "no"
     downtime_headroom: float = 0.85  # of (cap - margin): bandwidth may drop at switch-over
     horizon_s: float = 3600.0  # a prediction gives up after this long
 
@@ -457,14 +457,21 @@ def run_alone(
     bandwidth_bytes_per_s: float,
     settings: Settings,
     params: ModelParams = DEFAULT_PARAMS,
+    max_bytes_factor: float | None = None,
 ) -> Migration:
-    """Simulate one migration alone at a constant bandwidth until done or the horizon."""
+    """Simulate one migration alone at a constant bandwidth until done or the horizon.
+
+    With ``max_bytes_factor``, a pre-copy that has sent more than that many times its first
+    round counts as not converging (it would in time, but slower than is worth waiting).
+    """
     mig = Migration(vm, settings, params)
     bw = bandwidth_bytes_per_s
     if settings.max_bandwidth_bytes_per_s is not None:
         bw = min(bw, settings.max_bandwidth_bytes_per_s)
     while not mig.finished:
-        too_much = mig.bytes_sent > params.max_precopy_bytes_factor * mig.first_round_bytes
+        too_much = max_bytes_factor is not None and (
+            mig.bytes_sent > max_bytes_factor * mig.first_round_bytes
+        )
         if too_much and not mig.postcopy:
             mig.outcome = Outcome.NOT_CONVERGED
             break
@@ -537,7 +544,7 @@ def predict_at(
     untuned = False
     last: Migration | None = None
     for i, (tuning, settings) in enumerate(cands):
-        mig = run_alone(vm, bw, settings, params)
+        mig = run_alone(vm, bw, settings, params, params.max_precopy_bytes_factor)
         if i == 0:
             untuned = mig.outcome is Outcome.COMPLETED
         last = mig
