@@ -23,8 +23,8 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from hostmaint.coordinator.model import GIB, Migration, Settings, VmSpec
-from hostmaint.coordinator.simulator import Job
+from .model import GIB, Migration, Settings, VmSpec
+from .simulator import Job
 
 
 @dataclass(frozen=True)
@@ -47,7 +47,9 @@ def downtime_steps(conf: NovaConf, data_gib: float) -> list[tuple[float, float]]
     delay = int(conf.downtime_delay_s_per_gib * data_gib)
     base = conf.downtime_ms / conf.downtime_steps
     offset = (conf.downtime_ms - base) / conf.downtime_steps
-    return [(float(delay * i), float(int(base + offset * i))) for i in range(conf.downtime_steps + 1)]
+    return [
+        (float(delay * i), float(int(base + offset * i))) for i in range(conf.downtime_steps + 1)
+    ]
 
 
 class QueueStrategy:
@@ -65,7 +67,7 @@ class QueueStrategy:
         return Settings(downtime_limit_ms=300.0)
 
     def next_jobs(self, now_s: float, running: Sequence[Migration]) -> list[Job]:
-        jobs = []
+        jobs: list[Job] = []
         while self.queue and len(running) + len(jobs) < self.max_parallel:
             vm = self.queue.pop(0)
             jobs.append(Job(vm, self.settings_for(vm)))

@@ -13,11 +13,11 @@ import argparse
 import sys
 from collections.abc import Callable, Sequence
 
-from hostmaint.coordinator import baselines
-from hostmaint.coordinator.model import DEFAULT_PARAMS, VmSpec
-from hostmaint.coordinator.planner import plan_drain, plan_strategy
-from hostmaint.coordinator.scenarios import Scenario, standard_scenarios
-from hostmaint.coordinator.simulator import SimResult, Strategy, simulate
+from . import baselines
+from .model import DEFAULT_PARAMS, VmSpec
+from .planner import plan_drain, plan_strategy
+from .scenarios import Scenario, standard_scenarios
+from .simulator import SimResult, Strategy, simulate
 
 BASELINES: dict[str, Callable[[Sequence[VmSpec]], Strategy]] = {
     "nova-default": baselines.nova_default,
@@ -33,7 +33,10 @@ def run_scenario(sc: Scenario) -> tuple[dict[str, SimResult], float, int]:
     truth = [v for v in sc.truth if v.uuid in moving]
     results = {
         "hostmaint": simulate(
-            truth, plan_strategy(plan, truth, sc.link, sc.policy), sc.link, seed=sc.seed,
+            truth,
+            plan_strategy(plan, truth, sc.link, sc.policy),
+            sc.link,
+            seed=sc.seed,
             policy=sc.policy,
         )
     }
@@ -76,7 +79,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                 f"{n}: failed={r.failed} over_downtime={r.over_downtime} postcopy={r.postcopy_count}"
             )
         detail.append(f"  {sc.name}: " + "; ".join(parts))
-    out.write("\n(failed = aborted or never started; over_downtime = real downtime above the cap)\n")
+    out.write(
+        "\n(failed = aborted or never started; over_downtime = real downtime above the cap)\n"
+    )
     out.write("\n".join(detail) + "\n")
     return 0
 

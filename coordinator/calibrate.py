@@ -26,8 +26,8 @@ import sys
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
-from hostmaint.coordinator.baselines import QueueStrategy
-from hostmaint.coordinator.model import (
+from .baselines import QueueStrategy
+from .model import (
     DEFAULT_PARAMS,
     MIB,
     Link,
@@ -38,7 +38,7 @@ from hostmaint.coordinator.model import (
     VmSpec,
     WriterKind,
 )
-from hostmaint.coordinator.simulator import simulate
+from .simulator import simulate
 
 GOAL_MEDIAN_ERROR = 0.15
 FIT_FIELDS = ("switchover_ms", "link_efficiency", "setup_s", "finish_s", "iteration_s")
@@ -98,7 +98,9 @@ def _row_vm(row: LabRow, i: int) -> VmSpec:
 def _row_settings(row: LabRow) -> Settings:
     mode = row.mode.split("/")[0]
     if mode in ("postcopy", "post-copy"):
-        return Settings(row.downtime_limit_ms, postcopy_permitted=True, postcopy_after_first_round=True)
+        return Settings(
+            row.downtime_limit_ms, postcopy_permitted=True, postcopy_after_first_round=True
+        )
     if mode in ("auto_converge", "auto-converge", "autoconverge"):
         return Settings(row.downtime_limit_ms, auto_converge=True)
     return Settings(row.downtime_limit_ms)
@@ -120,7 +122,9 @@ class _Give(QueueStrategy):
         mig.abort()
 
 
-def predict_row(row: LabRow, params: ModelParams = DEFAULT_PARAMS) -> tuple[bool, float, float, int]:
+def predict_row(
+    row: LabRow, params: ModelParams = DEFAULT_PARAMS
+) -> tuple[bool, float, float, int]:
     """(converged, total_s, downtime_ms, rounds) of the first of the row's migrations."""
     vms = [_row_vm(row, i) for i in range(row.concurrency)]
     horizon = max(60.0, 3.0 * row.total_s) if math.isfinite(row.total_s) else 600.0
@@ -183,7 +187,9 @@ def _score(rep: ErrorReport) -> float:
     return sum(parts) + rep.convergence_mismatch
 
 
-def fit(rows: Sequence[LabRow], params: ModelParams = DEFAULT_PARAMS, passes: int = 2) -> ModelParams:
+def fit(
+    rows: Sequence[LabRow], params: ModelParams = DEFAULT_PARAMS, passes: int = 2
+) -> ModelParams:
     """Coordinate search: scale each overhead by a few factors, keep what lowers the error."""
     best = params
     best_score = _score(errors(rows, best))

@@ -495,7 +495,9 @@ def _stalled(mig: Migration) -> bool:
     p = mig.pending_at_sync
     if mig.phase is not Phase.PRECOPY or len(p) < 12:
         return False
-    throttle_can_rise = mig.settings.auto_converge and mig.throttle_pct < mig.params.throttle_max_pct
+    throttle_can_rise = (
+        mig.settings.auto_converge and mig.throttle_pct < mig.params.throttle_max_pct
+    )
     if throttle_can_rise:
         return False
     return p[-1] >= 0.999 * p[-6] and p[-6] >= 0.999 * p[-11]

@@ -31,7 +31,7 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from hostmaint.coordinator.model import (
+from .model import (
     DEFAULT_PARAMS,
     DrainPolicy,
     Link,
@@ -49,7 +49,7 @@ from hostmaint.coordinator.model import (
     qemu_downtime_limit_ms,
     run_alone,
 )
-from hostmaint.coordinator.simulator import Job, SimResult, simulate
+from .simulator import Job, SimResult, simulate
 
 CANNOT_CONVERGE_REASON = "cannot converge: skip or stop the VM's workload"
 
@@ -334,10 +334,26 @@ def plan_strategy(
     by_uuid = {v.uuid: v for v in vms}
     items = []
     for m in plan.migrations:
-        pred = Prediction(m.tuning, True, True, m.predicted_total_s, m.predicted_downtime_ms, 0, 0.0, m.settings.downtime_limit_ms, m.settings)
+        pred = Prediction(
+            m.tuning,
+            True,
+            True,
+            m.predicted_total_s,
+            m.predicted_downtime_ms,
+            0,
+            0.0,
+            m.settings.downtime_limit_ms,
+            m.settings,
+        )
         items.append(_Item(by_uuid[m.vm_uuid], m.target, pred, m.settings, m.need_bytes_per_s))
     cap_ms = {v.uuid: _cap(v, policy) for v in vms}
     link_bw = link.bandwidth_bytes_per_s * params.link_efficiency
     return PlanStrategy(
-        "hostmaint", items, plan.concurrency, policy.max_parallel_per_target, link_bw, cap_ms, params
+        "hostmaint",
+        items,
+        plan.concurrency,
+        policy.max_parallel_per_target,
+        link_bw,
+        cap_ms,
+        params,
     )

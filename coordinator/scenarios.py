@@ -18,7 +18,7 @@ import dataclasses
 import random
 from dataclasses import dataclass
 
-from hostmaint.coordinator.model import (
+from .model import (
     GIB,
     MIB,
     DrainPolicy,

@@ -25,7 +25,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
-from hostmaint.coordinator.model import (
+from .model import (
     DEFAULT_PARAMS,
     DrainPolicy,
     Link,
@@ -119,8 +119,7 @@ def simulate(
 ) -> SimResult:
     rng = random.Random(seed)
     caps_ms = {
-        v.uuid: (v.max_downtime_ms if v.max_downtime_ms is not None else _cap(policy))
-        for v in vms
+        v.uuid: (v.max_downtime_ms if v.max_downtime_ms is not None else _cap(policy)) for v in vms
     }
     total_bw = link.bandwidth_bytes_per_s * params.link_efficiency
     stream_cap = link.max_stream_bytes_per_s or math.inf

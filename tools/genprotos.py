@@ -27,7 +27,9 @@ def generate(out_dir: Path) -> list[Path]:
     with tempfile.TemporaryDirectory() as tmp:
         src = Path(tmp) / "src"
         (src / "hostmaint").mkdir(parents=True)
-        shutil.copytree(PROTOS, src / "hostmaint" / "protos", ignore=shutil.ignore_patterns("*.py*"))
+        shutil.copytree(
+            PROTOS, src / "hostmaint" / "protos", ignore=shutil.ignore_patterns("*.py*")
+        )
         out = Path(tmp) / "out"
         out.mkdir()
         protos = sorted(f"hostmaint/protos/{p.name}" for p in PROTOS.glob("*.proto"))
@@ -70,7 +72,11 @@ def main() -> int:
         fresh = {f.name for f in generate(Path(tmp))}
         current = {f.name for f in PROTOS.iterdir() if f.name.endswith(GENERATED_SUFFIXES)}
         drift = sorted(fresh ^ current)
-        drift += [n for n in sorted(fresh & current) if not filecmp.cmp(Path(tmp) / n, PROTOS / n, shallow=False)]
+        drift += [
+            n
+            for n in sorted(fresh & current)
+            if not filecmp.cmp(Path(tmp) / n, PROTOS / n, shallow=False)
+        ]
     if drift:
         print("generated code is out of date; run `tox -e protos`: " + ", ".join(drift))
         return 1

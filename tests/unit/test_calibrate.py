@@ -13,8 +13,18 @@ from hostmaint.coordinator import calibrate
 from hostmaint.coordinator.model import DEFAULT_PARAMS
 
 COLUMNS = [
-    "size_mib", "fill_mib", "working_set_mib", "dirty_rate_mibps", "mode", "link_mbit",
-    "concurrency", "downtime_limit_ms", "total_s", "downtime_ms", "iterations", "converged",
+    "size_mib",
+    "fill_mib",
+    "working_set_mib",
+    "dirty_rate_mibps",
+    "mode",
+    "link_mbit",
+    "concurrency",
+    "downtime_limit_ms",
+    "total_s",
+    "downtime_ms",
+    "iterations",
+    "converged",
 ]
 CASES = [
     (256, 256, 192, 40, "precopy", 400, 1, 300),
@@ -32,9 +42,11 @@ def lab_csv(scale_total: float = 1.0) -> str:
     w.writerow(COLUMNS)
     truth = dataclasses.replace(DEFAULT_PARAMS, switchover_ms=60.0)
     for case in CASES:
-        row = calibrate.LabRow(*case, total_s=0.0, downtime_ms=0.0, iterations=0, converged=True)  # type: ignore[arg-type]
+        row = calibrate.LabRow(*case, total_s=0.0, downtime_ms=0.0, iterations=0, converged=True)
         ok, total_s, downtime_ms, rounds = calibrate.predict_row(row, truth)
-        w.writerow([*case, total_s * scale_total if ok else "", downtime_ms if ok else "", rounds, ok])
+        w.writerow(
+            [*case, total_s * scale_total if ok else "", downtime_ms if ok else "", rounds, ok]
+        )
     return buf.getvalue()
 
 

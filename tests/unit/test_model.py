@@ -39,7 +39,7 @@ BARE = dataclasses.replace(
 def vm(**kw: object) -> VmSpec:
     base: dict[str, object] = dict(uuid="u", name="n", memory_bytes=1000 * MB)
     base.update(kw)
-    return VmSpec(**base)  # type: ignore[arg-type]
+    return VmSpec(**base)
 
 
 def test_idle_vm_is_one_round_at_link_speed() -> None:
@@ -117,7 +117,9 @@ def test_predict_picks_the_cheapest_tuning() -> None:
     pol = DrainPolicy(max_downtime_ms=1000.0, allow_postcopy=False)
     idle = vm(nonzero_bytes=500 * MB)
     assert predict(idle, link, pol).tuning is Tuning.NONE
-    small_ws = vm(nonzero_bytes=800 * MB, dirty_rate_bytes_per_s=200 * MB, working_set_bytes=70 * MB)
+    small_ws = vm(
+        nonzero_bytes=800 * MB, dirty_rate_bytes_per_s=200 * MB, working_set_bytes=70 * MB
+    )
     assert predict(small_ws, link, pol).tuning is Tuning.RAISE_DOWNTIME
     cpu = vm(
         memory_bytes=2000 * MB,
@@ -149,14 +151,22 @@ sizes = st.integers(min_value=64, max_value=4096)
 def test_total_time_monotonic_in_dirty_rate(r1: float, r2: float, mem: int, ws_frac: float) -> None:
     lo, hi = sorted((r1, r2))
     base = vm(memory_bytes=mem * MIB, working_set_bytes=int(mem * ws_frac * MIB) + 1)
-    a = run_alone(dataclasses.replace(base, dirty_rate_bytes_per_s=lo * MIB), 100 * MIB, Settings(300.0))
-    b = run_alone(dataclasses.replace(base, dirty_rate_bytes_per_s=hi * MIB), 100 * MIB, Settings(300.0))
+    a = run_alone(
+        dataclasses.replace(base, dirty_rate_bytes_per_s=lo * MIB), 100 * MIB, Settings(300.0)
+    )
+    b = run_alone(
+        dataclasses.replace(base, dirty_rate_bytes_per_s=hi * MIB), 100 * MIB, Settings(300.0)
+    )
     if b.outcome is Outcome.COMPLETED:
         assert a.outcome is Outcome.COMPLETED
         assert a.end_s is not None and b.end_s is not None
         assert a.end_s <= b.end_s + 1e-6
-    pa = predict_at(dataclasses.replace(base, dirty_rate_bytes_per_s=lo * MIB), 100 * MIB, DrainPolicy())
-    pb = predict_at(dataclasses.replace(base, dirty_rate_bytes_per_s=hi * MIB), 100 * MIB, DrainPolicy())
+    pa = predict_at(
+        dataclasses.replace(base, dirty_rate_bytes_per_s=lo * MIB), 100 * MIB, DrainPolicy()
+    )
+    pb = predict_at(
+        dataclasses.replace(base, dirty_rate_bytes_per_s=hi * MIB), 100 * MIB, DrainPolicy()
+    )
     assert pa.converges_untuned or not pb.converges_untuned
 
 
@@ -164,8 +174,12 @@ def test_total_time_monotonic_in_dirty_rate(r1: float, r2: float, mem: int, ws_f
 @given(m1=sizes, m2=sizes, rate=rates)
 def test_total_time_monotonic_in_memory(m1: int, m2: int, rate: float) -> None:
     lo, hi = sorted((m1, m2))
+
     def mk(m: int) -> VmSpec:
-        return vm(memory_bytes=m * MIB, working_set_bytes=64 * MIB, dirty_rate_bytes_per_s=rate * MIB)
+        return vm(
+            memory_bytes=m * MIB, working_set_bytes=64 * MIB, dirty_rate_bytes_per_s=rate * MIB
+        )
+
     a = run_alone(mk(lo), 100 * MIB, Settings(300.0))
     b = run_alone(mk(hi), 100 * MIB, Settings(300.0))
     if b.outcome is Outcome.COMPLETED:

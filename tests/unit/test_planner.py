@@ -27,10 +27,12 @@ LINK = Link(10e9 / 8)
 def vm(i: int, **kw: object) -> VmSpec:
     base: dict[str, object] = dict(uuid=f"v{i}", name=f"v{i}", memory_bytes=4 * GIB)
     base.update(kw)
-    return VmSpec(**base)  # type: ignore[arg-type]
+    return VmSpec(**base)
 
 
-def check_plan(plan: DrainPlan, vms: list[VmSpec], targets: list[TargetHost], pol: DrainPolicy) -> None:
+def check_plan(
+    plan: DrainPlan, vms: list[VmSpec], targets: list[TargetHost], pol: DrainPolicy
+) -> None:
     ids = [m.vm_uuid for m in plan.migrations] + [u.vm_uuid for u in plan.unmovable]
     assert sorted(ids) == sorted(v.uuid for v in vms)  # every VM exactly once
     by_uuid = {v.uuid: v for v in vms}
@@ -76,7 +78,10 @@ def test_hopeless_vm_goes_postcopy_when_allowed() -> None:
 def test_capacity_and_anti_affinity_leave_vms_unmovable() -> None:
     sg = ServerGroup("sg", "anti-affinity")
     vms = [vm(i, server_groups=(sg,)) for i in range(3)]
-    targets = [TargetHost("t1", 64 * GIB, 64), TargetHost("t2", 64 * GIB, 64, server_groups=frozenset({"sg"}))]
+    targets = [
+        TargetHost("t1", 64 * GIB, 64),
+        TargetHost("t2", 64 * GIB, 64, server_groups=frozenset({"sg"})),
+    ]
     pol = DrainPolicy()
     plan = plan_drain(vms, targets, LINK, pol)
     assert len(plan.migrations) == 1 and len(plan.unmovable) == 2
@@ -102,10 +107,16 @@ def test_dirty_vms_run_one_after_the_other() -> None:
 
 
 @settings(max_examples=10, deadline=None)
-@given(seed=st.integers(0, 10_000), n=st.integers(1, 14), mix=st.sampled_from(["idle", "mixed", "heavy"]))
+@given(
+    seed=st.integers(0, 10_000),
+    n=st.integers(1, 14),
+    mix=st.sampled_from(["idle", "mixed", "heavy"]),
+)
 def test_plan_invariants_on_random_hosts(seed: int, n: int, mix: str) -> None:
     sc = make_scenario("h", seed, n, 10.0, mix)
-    targets = [dataclasses.replace(t, free_memory_bytes=t.free_memory_bytes // 3) for t in sc.targets]
+    targets = [
+        dataclasses.replace(t, free_memory_bytes=t.free_memory_bytes // 3) for t in sc.targets
+    ]
     pol = dataclasses.replace(sc.policy, max_parallel_per_source=3)
     plan = plan_drain(sc.reported, targets, sc.link, pol)
     check_plan(plan, list(sc.reported), targets, pol)
