@@ -1,0 +1,236 @@
+"""Calibration of the model against the lab's measured migrations.
+
+Run: ``python -m hostmaint.coordinator.calibrate lab.csv [--fit]``.
+
+The CSV has the columns ``size_mib, fill_mib, working_set_mib, dirty_rate_mibps, mode,
+link_mbit, concurrency, downtime_limit_ms, total_s, downtime_ms, iterations, converged``.
+``mode`` names the tuning the row ran with (``precopy``/``none``, ``auto_converge``,
+``postcopy``), optionally suffixed ``/cpu`` or ``/paced`` for the writer kind (paced when
+absent). A row runs ``concurrency`` identical migrations at once through the simulator
+and compares the first one's total time and real downtime with the measured ones.
+
+Public API: ``LabRow``, ``read_rows(lines)``, ``predict_row(row, params)``,
+``errors(rows, params) -> ErrorReport`` (median and 90th percentile of the relative error
+of total time and downtime over the rows that converged in the lab and in the model,
+and the count of rows where convergence disagrees), ``fit(rows, params)`` (coordinate
+search over the calibratable overheads). ``main`` prints the report.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import dataclasses
+import math
+import sys
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+from .baselines import QueueStrategy
+from .model import (
+    DEFAULT_PARAMS,
+    MIB,
+    Link,
+    Migration,
+    ModelParams,
+    Outcome,
+    Settings,
+    VmSpec,
+    WriterKind,
+)
+from .simulator import simulate
+
+GOAL_MEDIAN_ERROR = 0.15
+FIT_FIELDS = ("switchover_ms", "link_efficiency", "setup_s", "finish_s", "iteration_s")
+
+
+@dataclass(frozen=True)
+class LabRow:
+    size_mib: float
+    fill_mib: float
+    working_set_mib: float
+    dirty_rate_mibps: float
+    mode: str
+    link_mbit: float
+    concurrency: int
+    downtime_limit_ms: float
+    total_s: float
+    downtime_ms: float
+    iterations: int
+    converged: bool
+
+
+def read_rows(lines: Iterable[str]) -> list[LabRow]:
+    rows = []
+    for rec in csv.DictReader(lines):
+        rows.append(
+            LabRow(
+                size_mib=float(rec["size_mib"]),
+                fill_mib=float(rec["fill_mib"]),
+                working_set_mib=float(rec["working_set_mib"]),
+                dirty_rate_mibps=float(rec["dirty_rate_mibps"]),
+                mode=rec["mode"].strip().lower(),
+                link_mbit=float(rec["link_mbit"]),
+                concurrency=max(1, int(float(rec["concurrency"]))),
+                downtime_limit_ms=float(rec["downtime_limit_ms"]),
+                total_s=float(rec["total_s"] or "nan"),
+                downtime_ms=float(rec["downtime_ms"] or "nan"),
+                iterations=int(float(rec["iterations"] or 0)),
+                converged=rec["converged"].strip().lower() in ("1", "true", "yes", "y"),
+            )
+        )
+    return rows
+
+
+def _row_vm(row: LabRow, i: int) -> VmSpec:
+    writer = WriterKind.CPU if row.mode.endswith("/cpu") else WriterKind.PACED
+    return VmSpec(
+        uuid=f"lab-{i}",
+        name=f"lab-{i}",
+        memory_bytes=int(row.size_mib * MIB),
+        nonzero_bytes=int(min(row.size_mib, row.fill_mib) * MIB),
+        dirty_rate_bytes_per_s=row.dirty_rate_mibps * MIB,
+        working_set_bytes=int(max(1.0, row.working_set_mib) * MIB),
+        writer=writer,
+    )
+
+
+def _row_settings(row: LabRow) -> Settings:
+    mode = row.mode.split("/")[0]
+    if mode in ("postcopy", "post-copy"):
+        return Settings(
+            row.downtime_limit_ms, postcopy_permitted=True, postcopy_after_first_round=True
+        )
+    if mode in ("auto_converge", "auto-converge", "autoconverge"):
+        return Settings(row.downtime_limit_ms, auto_converge=True)
+    return Settings(row.downtime_limit_ms)
+
+
+class _Give(QueueStrategy):
+    def __init__(self, vms: Sequence[VmSpec], settings: Settings, horizon_s: float) -> None:
+        super().__init__("lab", vms, max_parallel=len(vms))
+        self.settings = settings
+        self.horizon_s = horizon_s
+
+    def settings_for(self, vm: VmSpec) -> Settings:
+        return self.settings
+
+    def next_control_s(self, mig: Migration) -> float:
+        return self.horizon_s
+
+    def control(self, mig: Migration, now_s: float) -> None:
+        mig.abort()
+
+
+def predict_row(
+    row: LabRow, params: ModelParams = DEFAULT_PARAMS
+) -> tuple[bool, float, float, int]:
+    """(converged, total_s, downtime_ms, rounds) of the first of the row's migrations."""
+    vms = [_row_vm(row, i) for i in range(row.concurrency)]
+    horizon = max(60.0, 3.0 * row.total_s) if math.isfinite(row.total_s) else 600.0
+    link = Link(row.link_mbit * 1e6 / 8)
+    res = simulate(vms, _Give(vms, _row_settings(row), horizon), link, params, seed=1)
+    first = next(r for r in res.vms if r.uuid == "lab-0")
+    ok = first.outcome is Outcome.COMPLETED
+    return ok, first.end_s - first.start_s, first.downtime_ms, first.rounds
+
+
+@dataclass(frozen=True)
+class ErrorReport:
+    rows: int
+    compared: int
+    convergence_mismatch: int
+    total_median: float
+    total_p90: float
+    downtime_median: float
+    downtime_p90: float
+
+
+def _pct(xs: Sequence[float], q: float) -> float:
+    if not xs:
+        return math.nan
+    s = sorted(xs)
+    pos = q * (len(s) - 1)
+    lo = math.floor(pos)
+    hi = min(lo + 1, len(s) - 1)
+    return s[lo] + (s[hi] - s[lo]) * (pos - lo)
+
+
+def errors(rows: Sequence[LabRow], params: ModelParams = DEFAULT_PARAMS) -> ErrorReport:
+    tot: list[float] = []
+    down: list[float] = []
+    mismatch = 0
+    for row in rows:
+        ok, total_s, downtime_ms, _ = predict_row(row, params)
+        if ok != row.converged:
+            mismatch += 1
+            continue
+        if not ok:
+            continue
+        if row.total_s > 0:
+            tot.append(abs(total_s - row.total_s) / row.total_s)
+        if row.downtime_ms > 0:
+            down.append(abs(downtime_ms - row.downtime_ms) / row.downtime_ms)
+    return ErrorReport(
+        rows=len(rows),
+        compared=len(tot),
+        convergence_mismatch=mismatch,
+        total_median=_pct(tot, 0.5),
+        total_p90=_pct(tot, 0.9),
+        downtime_median=_pct(down, 0.5),
+        downtime_p90=_pct(down, 0.9),
+    )
+
+
+def _score(rep: ErrorReport) -> float:
+    parts = [x for x in (rep.total_median, rep.downtime_median) if math.isfinite(x)]
+    return sum(parts) + rep.convergence_mismatch
+
+
+def fit(
+    rows: Sequence[LabRow], params: ModelParams = DEFAULT_PARAMS, passes: int = 2
+) -> ModelParams:
+    """Coordinate search: scale each overhead by a few factors, keep what lowers the error."""
+    best = params
+    best_score = _score(errors(rows, best))
+    for _ in range(passes):
+        for field in FIT_FIELDS:
+            for factor in (0.5, 0.8, 1.25, 2.0):
+                value = getattr(best, field) * factor
+                if field == "link_efficiency":
+                    value = min(1.0, value)
+                cand = dataclasses.replace(best, **{field: value})
+                score = _score(errors(rows, cand))
+                if score < best_score:
+                    best, best_score = cand, score
+    return best
+
+
+def _report(rep: ErrorReport) -> str:
+    goal = "met" if rep.total_median < GOAL_MEDIAN_ERROR else "NOT met"
+    return (
+        f"rows={rep.rows} compared={rep.compared} convergence_mismatch={rep.convergence_mismatch}\n"
+        f"total_s error: median={rep.total_median:.1%} p90={rep.total_p90:.1%} (goal median < 15%: {goal})\n"
+        f"downtime_ms error: median={rep.downtime_median:.1%} p90={rep.downtime_p90:.1%}\n"
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description="Compare the model with the lab's measurements.")
+    ap.add_argument("csv", help="the lab's ground-truth CSV")
+    ap.add_argument("--fit", action="store_true", help="also fit the overheads and report again")
+    args = ap.parse_args(argv)
+    with open(args.csv, newline="") as f:
+        rows = read_rows(f)
+    out = sys.stdout
+    out.write("default parameters:\n" + _report(errors(rows)))
+    if args.fit:
+        fitted = fit(rows)
+        out.write("fitted parameters:\n" + _report(errors(rows, fitted)))
+        for field in FIT_FIELDS:
+            out.write(f"  {field} = {getattr(fitted, field):.4g}\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

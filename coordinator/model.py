@@ -1,0 +1,567 @@
+"""Convergence model of QEMU pre-copy live migration (pure: no I/O, no clock).
+
+Public API
+----------
+Values (frozen dataclasses, units in names):
+  ``VmSpec``        a VM as the agents report it (memory, non-zero bytes, dirty rate,
+                    working set, writer kind, CPU, server groups, blockers, downtime cap).
+  ``TargetHost``    a candidate target: free memory/vCPUs, CPU compatibility, health.
+  ``Link``          migration bandwidth of the source host (and an optional per-stream cap).
+  ``DrainPolicy``   operator policy: max downtime, parallelism, post-copy/auto-converge, deadline.
+  ``ModelParams``   the physics' constants (QEMU defaults plus calibratable overheads).
+  ``Settings``      how one migration is started: QEMU downtime limit, auto-converge,
+                    post-copy (immediately after the first round), bandwidth cap.
+  ``Prediction``    expected total time, downtime, rounds, convergence and the tuning.
+Enums (string valued): ``WriterKind``, ``Tuning``, ``Phase``, ``Outcome``.
+
+Functions:
+  ``predict(vm, link, policy, params=DEFAULT_PARAMS) -> Prediction``
+      the cheapest tuning that converges within the VM's downtime cap, tried in
+      order: none, raise_downtime, auto_converge (CPU-bound writers only),
+      postcopy (only if the policy allows it), else cannot_converge.
+  ``run_alone(vm, bandwidth_bytes_per_s, settings, params) -> Migration``
+      one migration simulated alone at a constant bandwidth (a finished ``Migration``).
+  ``qemu_downtime_limit_ms(cap_ms, bandwidth_bytes_per_s, params, worst_bandwidth)``
+      the limit to hand QEMU so that the *real* downtime stays under ``cap_ms`` (less a
+      headroom), even if the bandwidth drops to ``worst_bandwidth`` at switch-over.
+
+``Migration`` is the mutable state machine of one migration used by both
+``predict`` and the drain simulator, so both share exactly the same physics:
+
+* round 1 sends every non-zero page (zero pages cost ``zero_page_cost_fraction``
+  of their size); every later round sends the pages dirtied during the previous one;
+* unique bytes dirtied since the last bitmap sync are ``min(working_set, rate * t)``;
+* QEMU syncs the dirty bitmap when what is left of the round drops below
+  ``threshold = bandwidth * downtime_limit`` (checked every iteration of at most
+  ``iteration_s``), then completes when ``pending < threshold``;
+* auto-converge: at a sync at least ``throttle_period_s`` after the previous
+  period, if the bytes dirtied in the period exceed ``trigger_pct`` % of the bytes
+  sent in it, a counter is bumped; at 2 the counter resets and the vCPU throttle
+  starts at ``throttle_initial_pct`` or rises by ``throttle_increment_pct`` (max 99);
+  a CPU-bound writer slows to ``rate * (1 - throttle)``, a paced writer only when
+  the CPU left cannot sustain its rate (``cpu_max_dirty_bytes_per_s * (1 - throttle)``);
+* switch-over: the guest pauses, the pending pages and the device state are sent at
+  the current bandwidth, plus a fixed ``switchover_ms``: that is the real downtime;
+* post-copy: a pause for the device state, then the rest is pulled while the guest
+  runs on the target (always finishes; counted, because a network fault loses the VM).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import math
+from dataclasses import dataclass
+
+MIB = 1024 * 1024
+GIB = 1024 * MIB
+_EPS_S = 1e-9
+_EPS_BYTES = 1.0
+
+
+class WriterKind(enum.StrEnum):
+    CPU = "cpu"
+    PACED = "paced"
+    UNKNOWN = "unknown"
+
+
+class Tuning(enum.StrEnum):
+    NONE = "none"
+    RAISE_DOWNTIME = "raise_downtime"
+    AUTO_CONVERGE = "auto_converge"
+    POSTCOPY = "postcopy"
+    CANNOT_CONVERGE = "cannot_converge"
+
+
+class Phase(enum.StrEnum):
+    SETUP = "setup"
+    PRECOPY = "precopy"
+    SWITCHOVER = "switchover"
+    POSTCOPY_SWITCH = "postcopy_switch"
+    POSTCOPY = "postcopy"
+    FINISH = "finish"
+    DONE = "done"
+    ABORTED = "aborted"
+
+
+class Outcome(enum.StrEnum):
+    RUNNING = "running"
+    COMPLETED = "completed"
+    ABORTED = "aborted"
+    NOT_CONVERGED = "not_converged"
+
+
+@dataclass(frozen=True)
+class ServerGroup:
+    id: str
+    policy: str  # "affinity", "anti-affinity", "soft-affinity", "soft-anti-affinity"
+
+
+@dataclass(frozen=True)
+class VmSpec:
+    uuid: str
+    name: str
+    memory_bytes: int
+    nonzero_bytes: int | None = None  # RSS / non-zero pages; None: all memory
+    dirty_rate_bytes_per_s: float = 0.0
+    working_set_bytes: int | None = None  # None: unknown, estimated as the non-zero bytes
+    writer: WriterKind = WriterKind.UNKNOWN
+    vcpus: int = 1
+    cpu_model: str = ""
+    cpu_features: frozenset[str] = frozenset()
+    server_groups: tuple[ServerGroup, ...] = ()
+    blockers: tuple[str, ...] = ()
+    max_downtime_ms: float | None = None  # overrides the policy's
+
+    @property
+    def sent_bytes(self) -> int:
+        return self.memory_bytes if self.nonzero_bytes is None else self.nonzero_bytes
+
+    @property
+    def working_set_estimate_bytes(self) -> int:
+        if self.working_set_bytes is not None:
+            return self.working_set_bytes
+        return self.sent_bytes
+
+
+@dataclass(frozen=True)
+class TargetHost:
+    name: str
+    free_memory_bytes: int
+    free_vcpus: int
+    healthy: bool = True
+    cpu_compatible: frozenset[str] | None = None  # VM uuids it accepts; None: all
+    server_groups: frozenset[str] = frozenset()  # groups with members already there
+
+
+@dataclass(frozen=True)
+class Link:
+    bandwidth_bytes_per_s: float
+    max_stream_bytes_per_s: float | None = None  # what one migration stream can reach
+
+
+@dataclass(frozen=True)
+class DrainPolicy:
+    max_downtime_ms: float = 500.0
+    max_parallel_per_source: int = 4
+    max_parallel_per_target: int = 2
+    allow_postcopy: bool = False
+    allow_auto_converge: bool = True
+    deadline_s: float | None = None
+
+
+@dataclass(frozen=True)
+class ModelParams:
+    qemu_default_downtime_ms: float = 300.0
+    qemu_max_downtime_ms: float = 2_000_000.0
+    switchover_ms: float = 25.0  # fixed cost of stopping, switching and resuming
+    device_state_bytes: int = 2 * MIB
+    iteration_s: float = 0.05  # QEMU's MAX_WAIT per iteration of the send loop
+    link_efficiency: float = 0.94  # payload per link byte (TCP/IP and page headers)
+    zero_page_cost_fraction: float = 0.002  # zero pages: header and scan, as sent bytes
+    throttle_trigger_pct: float = 50.0
+    throttle_initial_pct: float = 20.0
+    throttle_increment_pct: float = 10.0
+    throttle_max_pct: float = 99.0
+    throttle_period_s: float = 1.0
+    cpu_max_dirty_bytes_per_s: float = 4.0 * GIB  # the vCPUs writing flat out
+    setup_s: float = 2.0  # prepare target, start QEMU there: no bandwidth used
+    finish_s: float = 1.0  # post-migration clean-up on both hosts
+    max_rounds: int = 5000
+    max_precopy_bytes_factor: float = 10.0  # pre-copy resending more than this is "no"
+    downtime_headroom: float = 0.85  # of (cap - margin): bandwidth may drop at switch-over
+    horizon_s: float = 3600.0  # a prediction gives up after this long
+
+
+DEFAULT_PARAMS = ModelParams()
+
+
+@dataclass(frozen=True)
+class Settings:
+    downtime_limit_ms: float
+    auto_converge: bool = False
+    postcopy_permitted: bool = False
+    postcopy_after_first_round: bool = False
+    max_bandwidth_bytes_per_s: float | None = None
+
+
+@dataclass(frozen=True)
+class Prediction:
+    tuning: Tuning
+    converges: bool  # with the tuning
+    converges_untuned: bool
+    total_s: float  # setup to finish, alone on the link
+    downtime_ms: float
+    rounds: int
+    bytes_sent: float
+    qemu_downtime_limit_ms: float
+    settings: Settings
+    final_throttle_pct: float = 0.0
+
+
+def effective_bandwidth(link: Link, params: ModelParams = DEFAULT_PARAMS) -> float:
+    """Payload bandwidth one migration alone gets on the link."""
+    bw = link.bandwidth_bytes_per_s * params.link_efficiency
+    if link.max_stream_bytes_per_s is not None:
+        bw = min(bw, link.max_stream_bytes_per_s)
+    return bw
+
+
+def margin_ms(bandwidth_bytes_per_s: float, params: ModelParams = DEFAULT_PARAMS) -> float:
+    """Real downtime beyond QEMU's limit: device state plus the fixed switch-over."""
+    return params.switchover_ms + 1000.0 * params.device_state_bytes / bandwidth_bytes_per_s
+
+
+def qemu_downtime_limit_ms(
+    cap_ms: float,
+    bandwidth_bytes_per_s: float,
+    params: ModelParams = DEFAULT_PARAMS,
+    worst_bandwidth_bytes_per_s: float | None = None,
+) -> float:
+    """QEMU's limit for a real downtime under ``cap_ms``.
+
+    QEMU decides with the bandwidth it measures (``bandwidth``) but the final copy may run
+    at the share left when other migrations start (``worst_bandwidth``).
+    """
+    worst = worst_bandwidth_bytes_per_s or bandwidth_bytes_per_s
+    scale = min(1.0, worst / bandwidth_bytes_per_s)
+    limit = (cap_ms - margin_ms(worst, params)) * params.downtime_headroom * scale
+    return max(0.0, min(limit, params.qemu_max_downtime_ms))
+
+
+class Migration:
+    """One migration's state; advanced by ``advance`` and ``fire`` at a given bandwidth."""
+
+    def __init__(
+        self,
+        vm: VmSpec,
+        settings: Settings,
+        params: ModelParams = DEFAULT_PARAMS,
+        start_s: float = 0.0,
+        setup_s: float | None = None,
+    ) -> None:
+        self.vm = vm
+        self.params = params
+        self.settings = settings
+        self.downtime_limit_ms = settings.downtime_limit_ms
+        self.bandwidth_cap = settings.max_bandwidth_bytes_per_s
+        self.start_s = start_s
+        self.now_s = start_s
+        self.end_s: float | None = None
+        self.phase = Phase.SETUP
+        self.outcome = Outcome.RUNNING
+        self.phase_fixed_s = params.setup_s if setup_s is None else setup_s
+        self.phase_bytes = 0.0
+        self.working_set = float(max(1, vm.working_set_estimate_bytes))
+        zero = max(0, vm.memory_bytes - vm.sent_bytes)
+        self.first_round_bytes = vm.sent_bytes + zero * params.zero_page_cost_fraction
+        self.remaining = 0.0  # of the current pre-copy round
+        self.dirty_raw = 0.0  # bytes written since the last sync (not unique)
+        self.rounds = 0
+        self.throttle_pct = 0.0
+        self.high_cnt = 0
+        self.period_start_s = start_s
+        self.period_dirty = 0.0
+        self.period_sent = 0.0
+        self.bytes_sent = 0.0
+        self.paused_at_s: float | None = None
+        self.downtime_s = 0.0
+        self.postcopy = False
+        self.pending_at_sync: list[float] = []
+        self.min_pending = math.inf
+        self.last_progress_s = start_s
+
+    # -- the guest ---------------------------------------------------------
+    def dirty_rate(self) -> float:
+        if self.paused_at_s is not None or self.phase not in (Phase.SETUP, Phase.PRECOPY):
+            return 0.0
+        rate = self.vm.dirty_rate_bytes_per_s
+        run = 1.0 - self.throttle_pct / 100.0
+        if self.vm.writer is WriterKind.CPU:
+            return rate * run
+        return min(rate, self.params.cpu_max_dirty_bytes_per_s * run)
+
+    # -- bandwidth ---------------------------------------------------------
+    def wants_bandwidth(self) -> bool:
+        return self.phase_bytes > _EPS_BYTES or self.phase is Phase.PRECOPY
+
+    def threshold(self, bw: float) -> float:
+        return bw * self.downtime_limit_ms / 1000.0
+
+    def _sync_level(self, bw: float) -> float:
+        return max(0.0, self.threshold(bw) - bw * self.params.iteration_s / 2.0)
+
+    def time_to_event(self, bw: float) -> float:
+        """Seconds until this migration's next own event at bandwidth ``bw``."""
+        if self.phase in (Phase.DONE, Phase.ABORTED):
+            return math.inf
+        if self.phase is Phase.PRECOPY:
+            if bw <= 0.0:
+                return math.inf
+            return max(0.0, (self.remaining - self._sync_level(bw)) / bw)
+        if self.phase_bytes > _EPS_BYTES:
+            return math.inf if bw <= 0.0 else self.phase_bytes / bw
+        return max(0.0, self.phase_fixed_s)
+
+    def advance(self, dt: float, bw: float) -> None:
+        if dt <= 0.0 or self.phase in (Phase.DONE, Phase.ABORTED):
+            return
+        self.dirty_raw += self.dirty_rate() * dt
+        self.now_s += dt
+        if self.phase is Phase.PRECOPY:
+            sent = min(self.remaining, bw * dt)
+            self.remaining -= sent
+            self._sent(sent)
+        elif self.phase_bytes > _EPS_BYTES:
+            sent = min(self.phase_bytes, bw * dt)
+            self.phase_bytes -= sent
+            self._sent(sent)
+        else:
+            self.phase_fixed_s -= dt
+
+    def _sent(self, sent: float) -> None:
+        self.bytes_sent += sent
+        self.period_sent += sent
+
+    # -- events ------------------------------------------------------------
+    def fire(self, bw: float) -> None:
+        """Handle the event that ``time_to_event`` said is due now."""
+        if self.phase is Phase.PRECOPY:
+            self._sync(bw)
+            return
+        if self.phase_bytes > _EPS_BYTES:
+            return
+        self.phase_bytes = 0.0
+        if self.phase_fixed_s > _EPS_S:
+            return
+        if self.phase is Phase.SETUP:
+            self.phase = Phase.PRECOPY
+            self.remaining = self.first_round_bytes
+            self.rounds = 1
+            self.dirty_raw = 0.0
+            self.period_start_s = self.now_s
+            self.last_progress_s = self.now_s
+        elif self.phase is Phase.SWITCHOVER:
+            self._finish()
+        elif self.phase is Phase.POSTCOPY_SWITCH:
+            assert self.paused_at_s is not None
+            self.downtime_s = self.now_s - self.paused_at_s
+            self.paused_at_s = None
+            self.phase = Phase.POSTCOPY
+            self.phase_bytes = self.remaining
+            self.phase_fixed_s = self.params.finish_s
+        elif self.phase in (Phase.POSTCOPY, Phase.FINISH):
+            self.phase = Phase.DONE
+            self.outcome = Outcome.COMPLETED
+            self.end_s = self.now_s
+
+    def _new_dirty(self) -> float:
+        """Bytes newly marked dirty since the last sync, net of overlap with what is left."""
+        new = min(self.working_set, self.dirty_raw)
+        base = self.working_set if self.rounds > 1 else max(self.first_round_bytes, 1.0)
+        overlap = self.remaining * min(1.0, new / base)
+        return max(0.0, new - overlap)
+
+    def _sync(self, bw: float) -> None:
+        new = self._new_dirty()
+        pending = self.remaining + new
+        self.dirty_raw = 0.0
+        self.period_dirty += new
+        if self.settings.auto_converge and self.now_s - self.period_start_s >= (
+            self.params.throttle_period_s
+        ):
+            limit = self.period_sent * self.params.throttle_trigger_pct / 100.0
+            if self.period_dirty > limit:
+                self.high_cnt += 1
+                if self.high_cnt >= 2:
+                    self.high_cnt = 0
+                    self._throttle_up()
+            self.period_start_s = self.now_s
+            self.period_dirty = 0.0
+            self.period_sent = 0.0
+        self.pending_at_sync.append(pending)
+        if pending < self.min_pending:
+            self.min_pending = pending
+            self.last_progress_s = self.now_s
+        self.remaining = pending
+        if pending <= 0.0 or pending < self.threshold(bw):
+            self._switchover()
+        elif self.settings.postcopy_after_first_round and self.settings.postcopy_permitted:
+            self.start_postcopy()
+        else:
+            self.rounds += 1
+
+    def _throttle_up(self) -> None:
+        if self.throttle_pct <= 0.0:
+            self.throttle_pct = self.params.throttle_initial_pct
+        else:
+            self.throttle_pct = min(
+                self.throttle_pct + self.params.throttle_increment_pct, self.params.throttle_max_pct
+            )
+
+    def _switchover(self) -> None:
+        if self.paused_at_s is None:
+            self.paused_at_s = self.now_s
+        self.phase = Phase.SWITCHOVER
+        self.phase_bytes = self.remaining + self.params.device_state_bytes
+        self.remaining = 0.0
+        self.phase_fixed_s = self.params.switchover_ms / 1000.0
+
+    def _finish(self) -> None:
+        assert self.paused_at_s is not None
+        self.downtime_s = self.now_s - self.paused_at_s
+        self.paused_at_s = None
+        self.phase = Phase.FINISH  # clean-up on both hosts, the guest runs on the target
+        self.phase_bytes = 0.0
+        self.phase_fixed_s = self.params.finish_s
+
+    # -- control from outside (executor, baselines) ------------------------
+    def set_downtime_limit(self, limit_ms: float) -> None:
+        self.downtime_limit_ms = min(limit_ms, self.params.qemu_max_downtime_ms)
+
+    def start_postcopy(self) -> bool:
+        if not self.settings.postcopy_permitted or self.phase is not Phase.PRECOPY:
+            return False
+        self.remaining += self._new_dirty()
+        self.dirty_raw = 0.0
+        self.postcopy = True
+        self.paused_at_s = self.now_s
+        self.phase = Phase.POSTCOPY_SWITCH
+        self.phase_bytes = float(self.params.device_state_bytes)
+        self.phase_fixed_s = self.params.switchover_ms / 1000.0
+        return True
+
+    def pause(self) -> None:
+        """Nova's force-complete without post-copy: the guest stops dirtying."""
+        if self.phase is Phase.PRECOPY and self.paused_at_s is None:
+            self.paused_at_s = self.now_s
+
+    def abort(self) -> None:
+        if self.phase in (Phase.SETUP, Phase.PRECOPY):
+            self.phase = Phase.ABORTED
+            self.outcome = Outcome.ABORTED
+            self.paused_at_s = None
+            self.end_s = self.now_s
+
+    @property
+    def in_precopy(self) -> bool:
+        return self.phase in (Phase.SETUP, Phase.PRECOPY)
+
+    @property
+    def finished(self) -> bool:
+        return self.phase in (Phase.DONE, Phase.ABORTED)
+
+
+def run_alone(
+    vm: VmSpec,
+    bandwidth_bytes_per_s: float,
+    settings: Settings,
+    params: ModelParams = DEFAULT_PARAMS,
+    max_bytes_factor: float | None = None,
+) -> Migration:
+    """Simulate one migration alone at a constant bandwidth until done or the horizon.
+
+    With ``max_bytes_factor``, a pre-copy that has sent more than that many times its first
+    round counts as not converging (it would in time, but slower than is worth waiting).
+    """
+    mig = Migration(vm, settings, params)
+    bw = bandwidth_bytes_per_s
+    if settings.max_bandwidth_bytes_per_s is not None:
+        bw = min(bw, settings.max_bandwidth_bytes_per_s)
+    while not mig.finished:
+        too_much = max_bytes_factor is not None and (
+            mig.bytes_sent > max_bytes_factor * mig.first_round_bytes
+        )
+        if too_much and not mig.postcopy:
+            mig.outcome = Outcome.NOT_CONVERGED
+            break
+        if mig.now_s - mig.start_s > params.horizon_s or mig.rounds > params.max_rounds:
+            mig.outcome = Outcome.NOT_CONVERGED
+            break
+        dt = mig.time_to_event(bw)
+        if math.isinf(dt):
+            mig.outcome = Outcome.NOT_CONVERGED
+            break
+        mig.advance(dt, bw)
+        mig.fire(bw)
+        if _stalled(mig):
+            mig.outcome = Outcome.NOT_CONVERGED
+            break
+    return mig
+
+
+def _stalled(mig: Migration) -> bool:
+    """Pre-copy no longer progresses: throttle at its top and pending not shrinking."""
+    p = mig.pending_at_sync
+    if mig.phase is not Phase.PRECOPY or len(p) < 12:
+        return False
+    throttle_can_rise = (
+        mig.settings.auto_converge and mig.throttle_pct < mig.params.throttle_max_pct
+    )
+    if throttle_can_rise:
+        return False
+    return p[-1] >= 0.999 * p[-6] and p[-6] >= 0.999 * p[-11]
+
+
+def _prediction(mig: Migration, tuning: Tuning, untuned: bool) -> Prediction:
+    done = mig.outcome is Outcome.COMPLETED
+    total = (mig.end_s - mig.start_s) if (done and mig.end_s is not None) else math.inf
+    return Prediction(
+        tuning=tuning if done else Tuning.CANNOT_CONVERGE,
+        converges=done,
+        converges_untuned=untuned,
+        total_s=total,
+        downtime_ms=mig.downtime_s * 1000.0 if done else math.inf,
+        rounds=mig.rounds,
+        bytes_sent=mig.bytes_sent,
+        qemu_downtime_limit_ms=mig.settings.downtime_limit_ms,
+        settings=mig.settings,
+        final_throttle_pct=mig.throttle_pct,
+    )
+
+
+def candidate_settings(
+    vm: VmSpec, bw: float, policy: DrainPolicy, params: ModelParams = DEFAULT_PARAMS
+) -> list[tuple[Tuning, Settings]]:
+    """The tunings ``predict`` tries, cheapest first, with their start settings."""
+    cap = vm.max_downtime_ms if vm.max_downtime_ms is not None else policy.max_downtime_ms
+    top = qemu_downtime_limit_ms(cap, bw, params)
+    base = min(params.qemu_default_downtime_ms, top)
+    out = [(Tuning.NONE, Settings(downtime_limit_ms=base))]
+    if top > base:
+        out.append((Tuning.RAISE_DOWNTIME, Settings(downtime_limit_ms=top)))
+    if policy.allow_auto_converge and vm.writer is WriterKind.CPU:
+        out.append((Tuning.AUTO_CONVERGE, Settings(downtime_limit_ms=top, auto_converge=True)))
+    if policy.allow_postcopy:
+        post = Settings(top, postcopy_permitted=True, postcopy_after_first_round=True)
+        out.append((Tuning.POSTCOPY, post))
+    return out
+
+
+def predict_at(
+    vm: VmSpec, bw: float, policy: DrainPolicy, params: ModelParams = DEFAULT_PARAMS
+) -> Prediction:
+    """``predict`` at an explicit payload bandwidth (bytes/s)."""
+    cands = candidate_settings(vm, bw, policy, params)
+    untuned = False
+    last: Migration | None = None
+    for i, (tuning, settings) in enumerate(cands):
+        mig = run_alone(vm, bw, settings, params, params.max_precopy_bytes_factor)
+        if i == 0:
+            untuned = mig.outcome is Outcome.COMPLETED
+        last = mig
+        if mig.outcome is Outcome.COMPLETED:
+            return _prediction(mig, tuning, untuned)
+    assert last is not None
+    return _prediction(last, Tuning.CANNOT_CONVERGE, untuned)
+
+
+def predict(
+    vm: VmSpec, link: Link, policy: DrainPolicy, params: ModelParams = DEFAULT_PARAMS
+) -> Prediction:
+    """Predict the migration of ``vm`` alone on ``link`` and its cheapest converging tuning."""
+    return predict_at(vm, effective_bandwidth(link, params), policy, params)
+
+
+def with_params(params: ModelParams, **changes: float) -> ModelParams:
+    return dataclasses.replace(params, **changes)  # type: ignore[arg-type]

@@ -1,0 +1,82 @@
+"""Calibration against a lab CSV: reading, error statistics, fitting."""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import io
+from pathlib import Path
+
+import pytest
+
+from hostmaint.coordinator import calibrate
+from hostmaint.coordinator.model import DEFAULT_PARAMS
+
+COLUMNS = [
+    "size_mib",
+    "fill_mib",
+    "working_set_mib",
+    "dirty_rate_mibps",
+    "mode",
+    "link_mbit",
+    "concurrency",
+    "downtime_limit_ms",
+    "total_s",
+    "downtime_ms",
+    "iterations",
+    "converged",
+]
+CASES = [
+    (256, 256, 192, 40, "precopy", 400, 1, 300),
+    (256, 128, 64, 0, "precopy", 400, 1, 300),
+    (512, 400, 128, 60, "auto_converge/cpu", 400, 1, 300),
+    (256, 256, 192, 40, "precopy", 400, 2, 300),
+    (512, 512, 256, 90, "postcopy", 400, 1, 300),
+]
+
+
+def lab_csv(scale_total: float = 1.0) -> str:
+    """A tiny 'lab' CSV whose measurements are what the model itself predicts (x scale)."""
+    buf = io.StringIO()
+    w = csv.writer(buf)
+    w.writerow(COLUMNS)
+    truth = dataclasses.replace(DEFAULT_PARAMS, switchover_ms=60.0)
+    for case in CASES:
+        row = calibrate.LabRow(*case, total_s=0.0, downtime_ms=0.0, iterations=0, converged=True)
+        ok, total_s, downtime_ms, rounds = calibrate.predict_row(row, truth)
+        w.writerow(
+            [*case, total_s * scale_total if ok else "", downtime_ms if ok else "", rounds, ok]
+        )
+    return buf.getvalue()
+
+
+def test_read_rows() -> None:
+    rows = calibrate.read_rows(io.StringIO(lab_csv()))
+    assert len(rows) == len(CASES)
+    assert rows[2].mode == "auto_converge/cpu" and rows[3].concurrency == 2
+    assert not rows[3].converged  # the lab pair sent at once never converges
+
+
+def test_errors_against_known_truth_and_fit_recovers() -> None:
+    rows = calibrate.read_rows(io.StringIO(lab_csv()))
+    rep = calibrate.errors(rows, DEFAULT_PARAMS)
+    assert rep.compared == len(CASES) - 1 and rep.convergence_mismatch == 0
+    assert rep.downtime_median > 0.0  # default switch-over (25 ms) != the lab's (60 ms)
+    fitted = calibrate.fit(rows, DEFAULT_PARAMS, passes=1)
+    assert calibrate.errors(rows, fitted).downtime_median < rep.downtime_median
+
+
+def test_errors_measure_a_known_bias() -> None:
+    rows = calibrate.read_rows(io.StringIO(lab_csv(scale_total=1.25)))
+    truth = dataclasses.replace(DEFAULT_PARAMS, switchover_ms=60.0)
+    rep = calibrate.errors(rows, truth)
+    assert rep.total_median == pytest.approx(0.2)  # |x - 1.25x| / 1.25x
+    assert rep.downtime_median == pytest.approx(0.0, abs=1e-9)
+
+
+def test_main_prints_report(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = tmp_path / "lab.csv"
+    path.write_text(lab_csv())
+    assert calibrate.main([str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "total_s error: median=" in out and "downtime_ms error" in out

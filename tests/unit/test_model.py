@@ -1,0 +1,188 @@
+"""The convergence model: hand-computed pre-copy cases and its invariants."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from hostmaint.coordinator.model import (
+    DEFAULT_PARAMS,
+    MIB,
+    DrainPolicy,
+    Link,
+    Outcome,
+    Settings,
+    Tuning,
+    VmSpec,
+    WriterKind,
+    predict,
+    predict_at,
+    qemu_downtime_limit_ms,
+    run_alone,
+)
+
+MB = 1_000_000
+BARE = dataclasses.replace(
+    DEFAULT_PARAMS,
+    setup_s=0.0,
+    finish_s=0.0,
+    switchover_ms=0.0,
+    device_state_bytes=0,
+    zero_page_cost_fraction=0.0,
+    iteration_s=0.2,
+)
+
+
+def vm(**kw: object) -> VmSpec:
+    base: dict[str, object] = dict(uuid="u", name="n", memory_bytes=1000 * MB)
+    base.update(kw)
+    return VmSpec(**base)
+
+
+def test_idle_vm_is_one_round_at_link_speed() -> None:
+    p = dataclasses.replace(BARE, setup_s=2.0, finish_s=1.0, switchover_ms=20.0)
+    p = dataclasses.replace(p, device_state_bytes=1 * MB)
+    mig = run_alone(vm(nonzero_bytes=500 * MB), 100 * MB, Settings(300.0), p)
+    assert mig.outcome is Outcome.COMPLETED
+    assert mig.rounds == 1
+    # 2 s set-up + 500 MB at 100 MB/s + switch-over (1 MB + 20 ms) + 1 s clean-up
+    assert mig.end_s == pytest.approx(2.0 + 5.0 + 0.01 + 0.02 + 1.0)
+    # the bitmap syncs with 30 MB - half an iteration (10 MB) left: 20 MB go in the
+    # downtime with the device state, then the fixed switch-over
+    assert mig.downtime_s == pytest.approx(0.20 + 0.01 + 0.02)
+    assert mig.bytes_sent == pytest.approx(501 * MB)
+
+
+def test_two_rounds_by_hand() -> None:
+    # V = 1000 MB, 100 MB/s, 10 MB/s dirtying, limit 1 s: threshold 100 MB, the
+    # bitmap syncs 0.1 s (half an iteration) before it: at 90 MB left.
+    # round 1: 910 MB in 9.1 s, 91 MB dirtied, 90*91/1000 overlap -> pending 172.81 MB
+    # round 2: 82.81 MB in 0.8281 s, 8.281 MB dirtied, 0.74529 overlap -> 97.53571 MB
+    # 97.53571 < 100: switch-over sends it in 0.9753571 s.
+    v = vm(nonzero_bytes=1000 * MB, dirty_rate_bytes_per_s=10 * MB, working_set_bytes=1000 * MB)
+    mig = run_alone(v, 100 * MB, Settings(1000.0), BARE)
+    assert mig.outcome is Outcome.COMPLETED
+    assert mig.rounds == 2
+    assert mig.pending_at_sync == pytest.approx([172.81 * MB, 97.53571 * MB])
+    assert mig.downtime_s == pytest.approx(0.9753571)
+    assert mig.end_s == pytest.approx(9.1 + 0.8281 + 0.9753571)
+
+
+def test_dirty_rate_above_bandwidth_never_converges() -> None:
+    v = vm(nonzero_bytes=1000 * MB, dirty_rate_bytes_per_s=150 * MB, writer=WriterKind.PACED)
+    assert run_alone(v, 100 * MB, Settings(300.0), BARE).outcome is Outcome.NOT_CONVERGED
+
+
+def test_small_working_set_converges_once_limit_covers_it() -> None:
+    # dirtying twice the link, but only 40 MB of it: converges when 40 MB fits the limit
+    v = vm(nonzero_bytes=800 * MB, dirty_rate_bytes_per_s=200 * MB, working_set_bytes=40 * MB)
+    assert run_alone(v, 100 * MB, Settings(300.0), BARE).outcome is Outcome.NOT_CONVERGED
+    done = run_alone(v, 100 * MB, Settings(600.0), BARE)
+    assert done.outcome is Outcome.COMPLETED
+    assert done.downtime_s <= 0.6
+
+
+def test_lab_pair_serial_converges_parallel_does_not() -> None:
+    """Two 256 MiB guests rewriting 192 MiB at 40 MiB/s over 400 Mbit/s."""
+    v = vm(
+        memory_bytes=256 * MIB,
+        nonzero_bytes=256 * MIB,
+        working_set_bytes=192 * MIB,
+        dirty_rate_bytes_per_s=40 * MIB,
+        writer=WriterKind.PACED,
+    )
+    bw = 400e6 / 8 * DEFAULT_PARAMS.link_efficiency
+    alone = run_alone(v, bw, Settings(300.0))
+    half = run_alone(v, bw / 2, Settings(300.0))
+    assert alone.outcome is Outcome.COMPLETED
+    assert alone.end_s is not None and 20.0 < alone.end_s < 45.0  # measured: 32 s
+    assert 0.3 < alone.downtime_s < 0.45  # measured: 340-385 ms at a 300 ms limit
+    assert half.outcome is Outcome.NOT_CONVERGED
+
+
+def test_auto_converge_steps_and_writer_kinds() -> None:
+    heavy: dict[str, int] = dict(memory_bytes=2000 * MB, dirty_rate_bytes_per_s=300 * MB)
+    cpu = run_alone(vm(writer=WriterKind.CPU, **heavy), 100 * MB, Settings(300.0, True), BARE)
+    paced = run_alone(vm(writer=WriterKind.PACED, **heavy), 100 * MB, Settings(300.0, True), BARE)
+    assert cpu.outcome is Outcome.COMPLETED
+    assert cpu.throttle_pct >= 20.0 and (cpu.throttle_pct - 20.0) % 10.0 == 0.0
+    assert paced.outcome is Outcome.NOT_CONVERGED
+
+
+def test_predict_picks_the_cheapest_tuning() -> None:
+    link = Link(100 * MB / DEFAULT_PARAMS.link_efficiency)
+    pol = DrainPolicy(max_downtime_ms=1000.0, allow_postcopy=False)
+    idle = vm(nonzero_bytes=500 * MB)
+    assert predict(idle, link, pol).tuning is Tuning.NONE
+    small_ws = vm(
+        nonzero_bytes=800 * MB, dirty_rate_bytes_per_s=200 * MB, working_set_bytes=70 * MB
+    )
+    assert predict(small_ws, link, pol).tuning is Tuning.RAISE_DOWNTIME
+    cpu = vm(
+        memory_bytes=2000 * MB,
+        working_set_bytes=500 * MB,
+        dirty_rate_bytes_per_s=300 * MB,
+        writer=WriterKind.CPU,
+    )
+    assert predict(cpu, link, pol).tuning is Tuning.AUTO_CONVERGE
+    paced = dataclasses.replace(cpu, writer=WriterKind.PACED)
+    assert predict(paced, link, pol).tuning is Tuning.CANNOT_CONVERGE
+    post = predict(paced, link, dataclasses.replace(pol, allow_postcopy=True))
+    assert post.tuning is Tuning.POSTCOPY and post.converges and not post.converges_untuned
+    assert post.downtime_ms < 1000.0
+
+
+def test_qemu_limit_leaves_room_for_the_real_overshoot() -> None:
+    bw = 50 * MB
+    limit = qemu_downtime_limit_ms(300.0, bw)
+    assert limit < 300.0 - DEFAULT_PARAMS.switchover_ms
+    assert qemu_downtime_limit_ms(300.0, bw, worst_bandwidth_bytes_per_s=bw / 2) < limit
+
+
+rates = st.floats(min_value=0.0, max_value=200.0)
+sizes = st.integers(min_value=64, max_value=4096)
+
+
+@settings(max_examples=40, deadline=None)
+@given(r1=rates, r2=rates, mem=sizes, ws_frac=st.floats(0.05, 1.0))
+def test_total_time_monotonic_in_dirty_rate(r1: float, r2: float, mem: int, ws_frac: float) -> None:
+    lo, hi = sorted((r1, r2))
+    base = vm(memory_bytes=mem * MIB, working_set_bytes=int(mem * ws_frac * MIB) + 1)
+    a = run_alone(
+        dataclasses.replace(base, dirty_rate_bytes_per_s=lo * MIB), 100 * MIB, Settings(300.0)
+    )
+    b = run_alone(
+        dataclasses.replace(base, dirty_rate_bytes_per_s=hi * MIB), 100 * MIB, Settings(300.0)
+    )
+    if b.outcome is Outcome.COMPLETED:
+        assert a.outcome is Outcome.COMPLETED
+        assert a.end_s is not None and b.end_s is not None
+        assert a.end_s <= b.end_s + 1e-6
+    pa = predict_at(
+        dataclasses.replace(base, dirty_rate_bytes_per_s=lo * MIB), 100 * MIB, DrainPolicy()
+    )
+    pb = predict_at(
+        dataclasses.replace(base, dirty_rate_bytes_per_s=hi * MIB), 100 * MIB, DrainPolicy()
+    )
+    assert pa.converges_untuned or not pb.converges_untuned
+
+
+@settings(max_examples=40, deadline=None)
+@given(m1=sizes, m2=sizes, rate=rates)
+def test_total_time_monotonic_in_memory(m1: int, m2: int, rate: float) -> None:
+    lo, hi = sorted((m1, m2))
+
+    def mk(m: int) -> VmSpec:
+        return vm(
+            memory_bytes=m * MIB, working_set_bytes=64 * MIB, dirty_rate_bytes_per_s=rate * MIB
+        )
+
+    a = run_alone(mk(lo), 100 * MIB, Settings(300.0))
+    b = run_alone(mk(hi), 100 * MIB, Settings(300.0))
+    if b.outcome is Outcome.COMPLETED:
+        assert a.outcome is Outcome.COMPLETED
+        assert a.end_s is not None and b.end_s is not None
+        assert a.end_s <= b.end_s + 1e-6
