@@ -23,8 +23,8 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from .model import GIB, Migration, Settings, VmSpec
-from .simulator import Job
+from hostmaint.coordinator.model import GIB, Migration, Settings, VmSpec
+from hostmaint.coordinator.simulator import Job
 
 
 @dataclass(frozen=True)

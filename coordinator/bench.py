@@ -13,11 +13,11 @@ import argparse
 import sys
 from collections.abc import Callable, Sequence
 
-from . import baselines
-from .model import DEFAULT_PARAMS, VmSpec
-from .planner import plan_drain, plan_strategy
-from .scenarios import Scenario, standard_scenarios
-from .simulator import SimResult, Strategy, simulate
+from hostmaint.coordinator import baselines
+from hostmaint.coordinator.model import DEFAULT_PARAMS, VmSpec
+from hostmaint.coordinator.planner import plan_drain, plan_strategy
+from hostmaint.coordinator.scenarios import Scenario, standard_scenarios
+from hostmaint.coordinator.simulator import SimResult, Strategy, simulate
 
 BASELINES: dict[str, Callable[[Sequence[VmSpec]], Strategy]] = {
     "nova-default": baselines.nova_default,

@@ -26,8 +26,8 @@ import sys
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
-from .baselines import QueueStrategy
-from .model import (
+from hostmaint.coordinator.baselines import QueueStrategy
+from hostmaint.coordinator.model import (
     DEFAULT_PARAMS,
     MIB,
     Link,
@@ -38,7 +38,7 @@ from .model import (
     VmSpec,
     WriterKind,
 )
-from .simulator import simulate
+from hostmaint.coordinator.simulator import simulate
 
 GOAL_MEDIAN_ERROR = 0.15
 FIT_FIELDS = ("switchover_ms", "link_efficiency", "setup_s", "finish_s", "iteration_s")

@@ -31,7 +31,8 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from .model import (
+from hostmaint.coordinator.model import (
+    MIB,
     DEFAULT_PARAMS,
     DrainPolicy,
     Link,
@@ -49,7 +50,7 @@ from .model import (
     qemu_downtime_limit_ms,
     run_alone,
 )
-from .simulator import Job, SimResult, simulate
+from hostmaint.coordinator.simulator import Job, SimResult, simulate
 
 CANNOT_CONVERGE_REASON = "cannot converge: skip or stop the VM's workload"
 
@@ -181,20 +182,27 @@ def _place(
         return None
     best: TargetHost | None = None
     best_free = -1
+    why: list[str] = []
     for t in targets:
         placed = used[t.name]
         free_mem = t.free_memory_bytes - sum(p.memory_bytes for p in placed)
         free_cpu = t.free_vcpus - sum(p.vcpus for p in placed)
-        if not t.healthy or free_mem < vm.memory_bytes or free_cpu < vm.vcpus:
-            continue
-        if t.cpu_compatible is not None and vm.uuid not in t.cpu_compatible:
-            continue
-        if not _groups_ok(vm, t, placed):
-            continue
-        if free_mem > best_free:
+        if not t.healthy:
+            why.append(f"{t.name}: unhealthy")
+        elif free_mem < vm.memory_bytes:
+            why.append(f"{t.name}: {free_mem // MIB} MiB free < {vm.memory_bytes // MIB} MiB")
+        elif free_cpu < vm.vcpus:
+            why.append(f"{t.name}: {free_cpu} vCPUs free < {vm.vcpus}")
+        elif t.cpu_compatible is not None and vm.uuid not in t.cpu_compatible:
+            why.append(f"{t.name}: CPU model not supported")
+        elif not _groups_ok(vm, t, placed):
+            why.append(f"{t.name}: anti-affinity")
+        elif free_mem > best_free:
             best, best_free = t, free_mem
     if best is None:
-        return Unmovable(vm.uuid, vm.name, "no target host with capacity, CPU and group fit")
+        return Unmovable(
+            vm.uuid, vm.name, "no target host with capacity, CPU and group fit (" + "; ".join(why) + ")"
+        )
     return best.name
 
 

@@ -18,7 +18,7 @@ import dataclasses
 import random
 from dataclasses import dataclass
 
-from .model import (
+from hostmaint.coordinator.model import (
     GIB,
     MIB,
     DrainPolicy,

@@ -25,7 +25,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
-from .model import (
+from hostmaint.coordinator.model import (
     DEFAULT_PARAMS,
     DrainPolicy,
     Link,

@@ -211,6 +211,7 @@ class HostReport(google.protobuf.message.Message):
     libvirt_version: builtins.str
     memory_total_bytes: builtins.int
     memory_free_bytes: builtins.int
+    """0 when the hypervisor does not report it."""
     cpu_count: builtins.int
     load_1m: builtins.float
     load_5m: builtins.float

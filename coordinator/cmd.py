@@ -1,0 +1,157 @@
+"""hostmaint-coordinator: the composition root of the central coordinator."""
+
+from __future__ import annotations
+
+import logging
+import signal
+import sys
+import threading
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from types import FrameType
+
+from oslo_config import cfg
+
+from hostmaint.common import daemon
+from hostmaint.coordinator import config
+from hostmaint.coordinator.agents import AgentRegistry
+from hostmaint.coordinator.drivers.base import MigrationDriver
+from hostmaint.coordinator.drivers.direct import DirectDriver
+from hostmaint.coordinator.executor import Executor, ExecutorSettings
+from hostmaint.coordinator.journal import Journal, make_engine
+from hostmaint.coordinator.model import DrainPolicy
+from hostmaint.coordinator.servicer import CoordinatorServicer
+from hostmaint.protos import coordinator_pb2_grpc
+
+LOG = logging.getLogger(__name__)
+SERVICE_NAME = "hostmaint.v1.Coordinator"
+
+
+def _nova_driver(conf: cfg.ConfigOpts) -> MigrationDriver:
+    from hostmaint.coordinator.drivers.nova import NovaDriver
+
+    return NovaDriver.from_config(conf)
+
+
+class Coordinator:
+    """The assembled daemon: journal, agents, driver, executor, gRPC server."""
+
+    def __init__(self, conf: cfg.ConfigOpts, stopped: threading.Event | None = None) -> None:
+        self.conf = conf
+        self.stopped = stopped or threading.Event()
+        url = conf.database.url
+        if url.startswith("sqlite:///") and not url.startswith("sqlite:///:memory:"):
+            Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+        self.journal = Journal(make_engine(url), clock=time.time)
+        tls = daemon.TlsFiles(conf.agents.cert_file, conf.agents.key_file, conf.agents.ca_file)
+        self.driver: MigrationDriver
+        if conf.driver.name == "libvirt":
+            self.registry = AgentRegistry(
+                conf.agents.hosts, timeout_s=conf.agents.timeout_s, tls=tls, clock=time.time
+            )
+            self.driver = DirectDriver(
+                self.registry,
+                self.journal,
+                conf.libvirt_driver.uris,
+                clock=time.time,
+                cpu_allocation_ratio=conf.libvirt_driver.cpu_allocation_ratio,
+            )
+        else:
+            nova = _nova_driver(conf)
+            port = conf.agents.port
+
+            def discover() -> dict[str, str]:
+                return {h.name: f"{h.name}:{port}" for h in nova.list_hosts()}
+
+            self.registry = AgentRegistry(
+                conf.agents.hosts,
+                timeout_s=conf.agents.timeout_s,
+                tls=tls,
+                clock=time.time,
+                discover=discover,
+            )
+            self.driver = nova
+        d = conf.drain
+        self.executor = Executor(
+            self.driver,
+            self.registry,
+            self.journal,
+            ExecutorSettings(
+                defaults=DrainPolicy(
+                    max_downtime_ms=float(d.max_downtime_ms),
+                    max_parallel_per_source=d.max_parallel_per_source,
+                    max_parallel_per_target=d.max_parallel_per_target,
+                ),
+                link_bandwidth_bytes_per_s=d.link_bandwidth_bytes_per_s,
+                poll_interval_s=d.poll_interval_s,
+                stall_factor=d.stall_factor,
+                stall_grace_s=d.stall_grace_s,
+                max_attempts=d.max_attempts,
+                dirty_rate_window_s=d.dirty_rate_window_s,
+                migration_addresses=dict(conf.libvirt_driver.migration_addresses),
+            ),
+            clock=time.time,
+            stopped=self.stopped,
+        )
+        servicer = CoordinatorServicer(self.executor, self.registry)
+        self.server = daemon.build_server(
+            conf.grpc.listen,
+            lambda s: coordinator_pb2_grpc.add_CoordinatorServicer_to_server(servicer, s),
+            [SERVICE_NAME],
+            tls=daemon.TlsFiles(conf.grpc.cert_file, conf.grpc.key_file, conf.grpc.ca_file),
+            insecure=conf.grpc.insecure,
+        )
+
+    @property
+    def port(self) -> int:
+        return self.server.port
+
+    def start(self) -> None:
+        self.server.server.start()
+        resumed = self.executor.resume_all()
+        if resumed:
+            LOG.info("resumed drains=%s", ",".join(resumed))
+        self.server.set_serving(True)
+        daemon.sd_notify(f"READY=1\nSTATUS=serving on port {self.port}")
+
+    def stop(self) -> None:
+        daemon.sd_notify("STOPPING=1")
+        self.stopped.set()
+        self.server.stop(self.conf.grpc.grace_s)
+        self.registry.close()
+
+
+def load_config(argv: Sequence[str]) -> cfg.ConfigOpts:
+    conf = cfg.ConfigOpts()
+    config.register_opts(conf)
+    conf(list(argv), project="hostmaint", prog="hostmaint-coordinator", default_config_files=[])
+    return conf
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s [%(threadName)s] %(message)s"
+    )
+    conf = load_config(sys.argv[1:] if argv is None else argv)
+    try:
+        coordinator = Coordinator(conf)
+    except daemon.InsecureRefused as e:
+        LOG.error("%s", e)
+        return 2
+    coordinator.start()
+    LOG.info("hostmaint-coordinator serving port=%d driver=%s", coordinator.port, conf.driver.name)
+
+    def on_signal(signum: int, _frame: FrameType | None) -> None:
+        LOG.info("stopping on signal %d", signum)
+        coordinator.stopped.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    coordinator.stopped.wait()
+    coordinator.stop()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,158 @@
+"""The coordinator's options (oslo.config), registered on a private ConfigOpts."""
+
+from __future__ import annotations
+
+from oslo_config import cfg
+
+grpc_opts = [
+    cfg.StrOpt("listen", default="0.0.0.0:7711", help="The host:port the gRPC server binds."),
+    cfg.BoolOpt(
+        "insecure",
+        default=False,
+        help="Serve plaintext gRPC on a non-loopback address. Only for labs.",
+    ),
+    cfg.StrOpt("cert_file", default="", help="The server certificate (PEM) for mutual TLS."),
+    cfg.StrOpt("key_file", default="", help="The server private key (PEM) for mutual TLS."),
+    cfg.StrOpt("ca_file", default="", help="The CA (PEM) that signs the clients' certificates."),
+    cfg.FloatOpt("grace_s", default=10.0, min=0, help="Seconds in-flight calls get on stop."),
+]
+
+database_opts = [
+    cfg.StrOpt(
+        "url",
+        default="sqlite:////var/lib/hostmaint/coordinator.db",
+        help="SQLAlchemy URL of the drain journal (SQLite by default; any SQLAlchemy "
+        "database in production, e.g. postgresql+psycopg://...).",
+        secret=True,
+    ),
+]
+
+agents_opts = [
+    cfg.DictOpt(
+        "hosts",
+        default={},
+        help="Agents by compute host name: host1:10.0.0.1:7710,host2:10.0.0.2:7710. Hosts "
+        "not listed are found from the cloud's hypervisor list plus `port`.",
+    ),
+    cfg.PortOpt("port", default=7710, help="The agents' port, for hosts found from the cloud."),
+    cfg.FloatOpt("timeout_s", default=10.0, min=0.1, help="Deadline of each agent call."),
+    cfg.FloatOpt(
+        "health_interval_s", default=10.0, min=0.5, help="Seconds between two health probes."
+    ),
+    cfg.StrOpt("cert_file", default="", help="Client certificate (PEM) for the agents."),
+    cfg.StrOpt("key_file", default="", help="Client key (PEM) for the agents."),
+    cfg.StrOpt("ca_file", default="", help="The CA (PEM) of the agents' certificates."),
+]
+
+driver_opts = [
+    cfg.StrOpt(
+        "name",
+        default="nova",
+        choices=["nova", "libvirt"],
+        help="How migrations are driven: nova (the Nova API; production) or libvirt (the "
+        "source agent migrates peer to peer; for clouds without Nova and for the lab).",
+    ),
+]
+
+libvirt_driver_opts = [
+    cfg.DictOpt(
+        "uris",
+        default={},
+        help="libvirt URI of each host for peer-to-peer migration, "
+        "host1:qemu+tls://host1/system,...",
+    ),
+    cfg.FloatOpt(
+        "cpu_allocation_ratio",
+        default=16.0,
+        min=1.0,
+        help="vCPUs a host may run per physical CPU (Nova's default overcommit), for the "
+        "capacity the libvirt driver plans with.",
+    ),
+    cfg.DictOpt(
+        "migration_addresses",
+        default={},
+        help="Address the migration stream goes to, per target host (tcp://10.1.0.2). "
+        "Default: libvirt picks the target's hostname.",
+    ),
+]
+
+nova_opts = [
+    cfg.StrOpt("cloud", default="", help="The clouds.yaml cloud to use for Nova."),
+    cfg.StrOpt(
+        "endpoint",
+        default="",
+        help="Nova's compute endpoint, overriding the service catalog (for tests and labs).",
+    ),
+    cfg.BoolOpt(
+        "noauth",
+        default=False,
+        help="Send the admin headers of Nova's test fixture instead of authenticating. "
+        "Only for test deployments.",
+    ),
+    cfg.StrOpt(
+        "microversion",
+        default="2.80",
+        help="The compute API microversion to use; at least 2.30 so a chosen target is "
+        "still checked by Nova's scheduler.",
+    ),
+    cfg.FloatOpt("timeout_s", default=30.0, min=1, help="Deadline of each Nova call."),
+    cfg.IntOpt("retries", default=3, min=0, help="Retries of idempotent reads on 5xx/timeouts."),
+]
+
+drain_opts = [
+    cfg.IntOpt(
+        "max_downtime_ms",
+        default=500,
+        min=1,
+        max=2_000_000,
+        help="Default real downtime an operator accepts per VM.",
+    ),
+    cfg.IntOpt("max_parallel_per_source", default=4, min=1, max=64, help="Default cap."),
+    cfg.IntOpt("max_parallel_per_target", default=2, min=1, max=64, help="Default cap."),
+    cfg.FloatOpt(
+        "link_bandwidth_bytes_per_s",
+        default=0,
+        min=0,
+        help="Migration link bandwidth; 0: the source agent's NIC speed.",
+    ),
+    cfg.FloatOpt("poll_interval_s", default=1.0, min=0.05, help="Progress sampling interval."),
+    cfg.FloatOpt(
+        "stall_factor",
+        default=1.5,
+        min=1.0,
+        help="A migration is behind when its elapsed time exceeds the prediction times this.",
+    ),
+    cfg.FloatOpt(
+        "stall_grace_s",
+        default=10.0,
+        min=0,
+        help="Seconds added to every prediction before a migration counts as behind.",
+    ),
+    cfg.IntOpt("max_attempts", default=2, min=1, max=10, help="Attempts per VM."),
+    cfg.IntOpt(
+        "dirty_rate_window_s",
+        default=2,
+        min=1,
+        max=60,
+        help="Window of the fresh dirty-rate measurement taken before planning.",
+    ),
+]
+
+GROUPS = {
+    "grpc": grpc_opts,
+    "database": database_opts,
+    "agents": agents_opts,
+    "driver": driver_opts,
+    "libvirt_driver": libvirt_driver_opts,
+    "nova": nova_opts,
+    "drain": drain_opts,
+}
+
+
+def register_opts(conf: cfg.ConfigOpts) -> None:
+    for group, opts in GROUPS.items():
+        conf.register_opts(opts, group=group)
+
+
+def list_opts() -> list[tuple[str, list[cfg.Opt]]]:
+    return [(group, list(opts)) for group, opts in GROUPS.items()]

@@ -1,0 +1,118 @@
+"""When a running migration falls behind, the cheapest next step the policy allows (pure).
+
+The ladder, cheapest first: raise QEMU's downtime limit to the most the
+operator's limit permits (it converges at once when what is left fits);
+throttle the vCPUs of a CPU-bound writer, in steps; switch to post-copy when
+the policy allows it (Nova: force-complete); abort, to retry elsewhere or
+report. Each step gets time to show its effect before the next.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+
+class Action(enum.StrEnum):
+    NONE = "none"
+    RAISE_DOWNTIME = "raise_downtime"
+    THROTTLE_VCPUS = "throttle_vcpus"
+    POSTCOPY = "postcopy"
+    ABORT = "abort"
+
+
+@dataclass(frozen=True)
+class Observation:
+    """One progress sample of a running migration."""
+
+    elapsed_s: float
+    iteration: int
+    remaining_bytes: int
+    bandwidth_bytes_per_s: float
+    max_downtime_ms: int
+    postcopy: bool = False
+
+
+@dataclass(frozen=True)
+class Limits:
+    predicted_total_s: float
+    qemu_downtime_cap_ms: int  # the most the operator's limit allows QEMU, after the margin
+    allow_postcopy: bool
+    postcopy_permitted: bool  # the migration was started with post-copy allowed
+    cpu_bound: bool  # throttling the vCPUs slows its writer
+    stall_factor: float = 1.5
+    stall_grace_s: float = 10.0
+    settle_s: float = 8.0  # time a step gets before the next
+    throttle_steps_pct: tuple[int, ...] = (40, 70, 90)
+
+
+@dataclass(frozen=True)
+class Escalation:
+    """What has been done so far to this migration."""
+
+    level_at_s: float = -1e9
+    downtime_raised: bool = False
+    throttle_pct: int = 0
+    postcopy: bool = False
+    aborted: bool = False
+
+
+@dataclass(frozen=True)
+class Decision:
+    action: Action
+    value: int = 0
+    reason: str = ""
+
+
+def behind(history: Sequence[Observation], limits: Limits) -> str:
+    """Why the migration is behind, or "" when it is not."""
+    if not history:
+        return ""
+    now = history[-1]
+    if now.postcopy:
+        return ""
+    allowed = limits.predicted_total_s * limits.stall_factor + limits.stall_grace_s
+    if now.elapsed_s > allowed:
+        return f"elapsed {now.elapsed_s:.0f}s > {allowed:.0f}s allowed by the prediction"
+    # No progress: several rounds with the remaining bytes not shrinking.
+    recent = [o for o in history if o.iteration >= 3]
+    if len(recent) >= 6 and recent[-1].elapsed_s - recent[0].elapsed_s >= limits.settle_s:
+        best_before = min(o.remaining_bytes for o in recent[: len(recent) // 2])
+        best_after = min(o.remaining_bytes for o in recent[len(recent) // 2 :])
+        if best_after >= best_before * 0.95:
+            return f"no progress over {recent[-1].elapsed_s - recent[0].elapsed_s:.0f}s"
+    return ""
+
+
+def next_step(history: Sequence[Observation], limits: Limits, done: Escalation) -> Decision:
+    if not history or done.aborted or done.postcopy:
+        return Decision(Action.NONE)
+    now = history[-1]
+    if now.elapsed_s - done.level_at_s < limits.settle_s:
+        return Decision(Action.NONE)
+    why = behind(history, limits)
+    if not why:
+        return Decision(Action.NONE)
+    if not done.downtime_raised and now.max_downtime_ms < limits.qemu_downtime_cap_ms:
+        return Decision(Action.RAISE_DOWNTIME, limits.qemu_downtime_cap_ms, why)
+    if limits.cpu_bound:
+        for step in limits.throttle_steps_pct:
+            if step > done.throttle_pct:
+                return Decision(Action.THROTTLE_VCPUS, step, why)
+    if limits.allow_postcopy and limits.postcopy_permitted:
+        return Decision(Action.POSTCOPY, 0, why)
+    return Decision(Action.ABORT, 0, why)
+
+
+def applied(done: Escalation, decision: Decision, at_s: float) -> Escalation:
+    """The escalation state after carrying out a decision."""
+    if decision.action is Action.RAISE_DOWNTIME:
+        return Escalation(at_s, True, done.throttle_pct, done.postcopy, done.aborted)
+    if decision.action is Action.THROTTLE_VCPUS:
+        return Escalation(at_s, done.downtime_raised, decision.value, done.postcopy, done.aborted)
+    if decision.action is Action.POSTCOPY:
+        return Escalation(at_s, done.downtime_raised, done.throttle_pct, True, done.aborted)
+    if decision.action is Action.ABORT:
+        return Escalation(at_s, done.downtime_raised, done.throttle_pct, done.postcopy, True)
+    return done

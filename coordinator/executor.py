@@ -1,0 +1,894 @@
+"""Runs drains: disable, gather, plan, then migrate in plan order, watch, escalate, retry.
+
+One thread per drain (`drain/<host>`) dispatches; one thread per migration
+(`migwatch/<uuid8>`) starts it, follows it through the source agent's
+WatchMigration (or the cloud's migration record when the agent cannot watch),
+escalates with the cheapest step the policy allows when it falls behind, and
+records the result. Every step goes to the journal as an intent first, so a
+restarted coordinator resumes each drain without starting a migration twice.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+from dataclasses import dataclass, field, replace
+
+from hostmaint.coordinator import errors, escalation, views
+from hostmaint.coordinator.agents import AgentRegistry
+from hostmaint.coordinator.dispatch import Slot, ready_to_start
+from hostmaint.coordinator.drivers.base import (
+    Conflict,
+    DriverError,
+    InvalidRequest,
+    LiveMigrationOptions,
+    MigrationDriver,
+    MigrationKind,
+    MigrationRef,
+    MigrationState,
+    NotFound,
+    Unavailable,
+)
+from hostmaint.coordinator.gather import Inputs, gather
+from hostmaint.coordinator.journal import DrainRow, Journal, VmRow
+from hostmaint.coordinator.model import (
+    DEFAULT_PARAMS,
+    DrainPolicy,
+    Link,
+    ModelParams,
+    WriterKind,
+    qemu_downtime_limit_ms,
+)
+from hostmaint.coordinator.planner import DrainPlan, PlannedMigration, plan_drain
+from hostmaint.protos import agent_pb2 as apb
+from hostmaint.protos import coordinator_pb2 as cpb
+
+LOG = logging.getLogger(__name__)
+_FINISHED_DRAIN = ("completed", "incomplete", "cancelled", "failed")
+_WATCH_START_TIMEOUT_S = 30.0
+_WATCH_DEADLINE_S = 6 * 3600.0
+_SETTLE_AFTER_WATCH_S = 120.0
+_EVENTS_KEPT = 5000
+
+
+@dataclass(frozen=True)
+class ExecutorSettings:
+    defaults: DrainPolicy
+    link_bandwidth_bytes_per_s: float
+    poll_interval_s: float = 1.0
+    stall_factor: float = 1.5
+    stall_grace_s: float = 10.0
+    max_attempts: int = 2
+    dirty_rate_window_s: int = 2
+    migration_addresses: dict[str, str] | None = None
+
+
+class EventBus:
+    """A drain's events, kept so a client that re-attaches sees them from the start."""
+
+    def __init__(self) -> None:
+        self._events: list[cpb.DrainEvent] = []
+        self._closed = False
+        self._cond = threading.Condition()
+
+    def publish(self, event: cpb.DrainEvent) -> None:
+        with self._cond:
+            self._events.append(event)
+            if len(self._events) > _EVENTS_KEPT:
+                # Keep the first (started, planned) and the newest.
+                del self._events[10 : len(self._events) - _EVENTS_KEPT + 10]
+            self._cond.notify_all()
+
+    def close(self) -> None:
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+
+    def follow(self, stopped: Callable[[], bool]) -> Iterator[cpb.DrainEvent]:
+        index = 0
+        while True:
+            with self._cond:
+                while index >= len(self._events) and not self._closed and not stopped():
+                    self._cond.wait(0.5)
+                batch = self._events[index:]
+                index = len(self._events)
+                closed = self._closed
+            yield from batch
+            if (closed and not batch) or stopped():
+                return
+
+
+@dataclass
+class _Run:
+    drain_id: str
+    host: str
+    policy: DrainPolicy
+    policy_pb: cpb.DrainPolicy
+    bus: EventBus
+    link_bytes_per_s: float = 0.0
+    planned: dict[str, PlannedMigration] | None = None
+    thread: threading.Thread | None = None
+    cpu_bound: frozenset[str] = frozenset()
+    threads: dict[str, threading.Thread] = field(default_factory=dict)
+
+
+class Executor:
+    def __init__(
+        self,
+        driver: MigrationDriver,
+        registry: AgentRegistry,
+        journal: Journal,
+        settings: ExecutorSettings,
+        *,
+        clock: Callable[[], float] = time.time,
+        stopped: threading.Event | None = None,
+        params: ModelParams = DEFAULT_PARAMS,
+    ) -> None:
+        self.driver = driver
+        self.registry = registry
+        self.journal = journal
+        self.settings = settings
+        self._clock = clock
+        self._stopped = stopped or threading.Event()
+        self._params = params
+        self._lock = threading.Lock()
+        self._runs: dict[str, _Run] = {}
+        self._wake = threading.Condition()
+
+    # -- planning -------------------------------------------------------------------
+
+    def policy(self, policy_pb: cpb.DrainPolicy) -> DrainPolicy:
+        return views.validate_policy(policy_pb, self.settings.defaults)
+
+    def gather(self, host: str, policy_pb: cpb.DrainPolicy, measure: bool = True) -> Inputs:
+        return gather(
+            host,
+            self.driver,
+            self.registry,
+            link_bandwidth_bytes_per_s=self.settings.link_bandwidth_bytes_per_s,
+            dirty_rate_window_s=self.settings.dirty_rate_window_s,
+            vm_max_downtime_ms=dict(policy_pb.vm_max_downtime_ms),
+            target_hosts=list(policy_pb.target_hosts),
+            measure=measure,
+        )
+
+    def plan(
+        self, host: str, policy_pb: cpb.DrainPolicy
+    ) -> tuple[cpb.DrainPlan, DrainPlan, Inputs]:
+        policy = self.policy(policy_pb)
+        inputs = self.gather(host, policy_pb)
+        plan = plan_drain(
+            inputs.vms,
+            inputs.targets,
+            Link(inputs.link_bandwidth_bytes_per_s),
+            policy,
+            self._params,
+        )
+        extra = [(i.uuid, i.name, _not_live_reason(i.state, policy_pb)) for i in inputs.not_live]
+        return views.plan_to_pb(host, plan, inputs.link_bandwidth_bytes_per_s, extra), plan, inputs
+
+    # -- drains ---------------------------------------------------------------------
+
+    def start_drain(self, host: str, policy_pb: cpb.DrainPolicy, reason: str) -> str:
+        """Checks, records and starts a drain; the caller follows its events."""
+        policy = self.policy(policy_pb)
+        latest = self.journal.latest_drain(host)
+        if latest is not None and latest.state in ("planning", "running", "cancelling"):
+            raise errors.DrainConflict(host, latest.id)
+        status = self.registry.probe(host)
+        if status.health != "SERVING":
+            raise errors.PreconditionFailed(
+                f"drain of {host}", f"its agent is not serving ({status.health}: {status.error})"
+            )
+        drain = self.journal.create_drain(host, views.policy_to_json(policy_pb), reason)
+        run = _Run(drain.id, host, policy, policy_pb, EventBus())
+        self._launch(run)
+        return drain.id
+
+    def finished_drain(self, host: str) -> str | None:
+        """The drain that emptied this host, while the host stays disabled."""
+        latest = self.journal.latest_drain(host)
+        if latest is None or latest.state != "completed":
+            return None
+        try:
+            enabled = self.driver.host_enabled(host)
+        except DriverError as e:
+            raise errors.CloudUnavailable(str(e)) from e
+        return None if enabled else latest.id
+
+    def resume_all(self) -> list[str]:
+        """Picks up the drains a previous coordinator left running."""
+        resumed = []
+        for drain in self.journal.active_drains():
+            with self._lock:
+                if drain.id in self._runs:
+                    continue
+            policy_pb = views.policy_from_json(drain.policy)
+            run = _Run(drain.id, drain.host, self.policy(policy_pb), policy_pb, EventBus())
+            LOG.info("resuming drain drain=%s host=%s state=%s", drain.id, drain.host, drain.state)
+            self._launch(run)
+            resumed.append(drain.id)
+        return resumed
+
+    def _launch(self, run: _Run) -> None:
+        with self._lock:
+            self._runs[run.drain_id] = run
+        run.thread = threading.Thread(
+            target=self._run_drain, args=(run,), name=f"drain/{run.host}", daemon=True
+        )
+        run.thread.start()
+
+    def events(self, drain_id: str, stopped: Callable[[], bool]) -> Iterator[cpb.DrainEvent]:
+        with self._lock:
+            run = self._runs.get(drain_id)
+        if run is None:
+            drain = self.journal.drain(drain_id)
+            yield self._event(drain.id, drain.host, cpb.DRAIN_EVENT_KIND_FINISHED, status=True)
+            return
+        yield from run.bus.follow(lambda: stopped() or self._stopped.is_set())
+
+    def running(self, drain_id: str) -> bool:
+        with self._lock:
+            run = self._runs.get(drain_id)
+        return run is not None and run.thread is not None and run.thread.is_alive()
+
+    def wait(self, drain_id: str, timeout_s: float) -> bool:
+        with self._lock:
+            run = self._runs.get(drain_id)
+        if run is None or run.thread is None:
+            return True
+        run.thread.join(timeout_s)
+        return not run.thread.is_alive()
+
+    def cancel(self, drain_id: str, abort_running: bool) -> None:
+        drain = self.journal.drain(drain_id)
+        if drain.state in _FINISHED_DRAIN:
+            raise errors.PreconditionFailed(f"drain {drain_id}", f"it is {drain.state} already")
+        self.journal.request_cancel(drain_id, abort_running)
+        self._poke()
+
+    def status(self, drain_id: str) -> cpb.DrainStatus:
+        drain = self.journal.drain(drain_id)
+        return views.status_to_pb(drain, self.journal.vms(drain_id))
+
+    def undrain(self, host: str) -> None:
+        latest = self.journal.latest_drain(host)
+        if latest is not None and latest.state not in _FINISHED_DRAIN:
+            raise errors.PreconditionFailed(
+                f"undrain of {host}", f"drain {latest.id} is {latest.state}; cancel it first"
+            )
+        try:
+            self.driver.enable_host(host)
+        except NotFound as e:
+            raise errors.UnknownHost(host) from e
+        except DriverError as e:
+            raise errors.CloudUnavailable(str(e)) from e
+
+    def _poke(self) -> None:
+        with self._wake:
+            self._wake.notify_all()
+
+    def _event(
+        self,
+        drain_id: str,
+        host: str,
+        kind: cpb.DrainEventKind.ValueType,
+        *,
+        vm: VmRow | None = None,
+        message: str = "",
+        progress: apb.MigrationProgress | None = None,
+        plan: cpb.DrainPlan | None = None,
+        status: bool = False,
+    ) -> cpb.DrainEvent:
+        event = cpb.DrainEvent(
+            drain_id=drain_id,
+            kind=kind,
+            host=host,
+            message=message,
+            at=views.timestamp(self._clock()),
+        )
+        if vm is not None:
+            event.vm_uuid = vm.vm_uuid
+            event.vm.CopyFrom(views.vm_to_pb(vm))
+        if progress is not None:
+            event.progress.CopyFrom(progress)
+        if plan is not None:
+            event.plan.CopyFrom(plan)
+        if status:
+            event.status.CopyFrom(self.status(drain_id))
+        return event
+
+    def _publish(self, run: _Run, kind: cpb.DrainEventKind.ValueType, **kw: Any) -> None:
+        event = self._event(run.drain_id, run.host, kind, **kw)
+        LOG.info(
+            "drain event drain=%s host=%s kind=%s vm=%s %s",
+            run.drain_id[:8],
+            run.host,
+            cpb.DrainEventKind.Name(kind).removeprefix("DRAIN_EVENT_KIND_").lower(),
+            event.vm_uuid[:8],
+            event.message,
+        )
+        run.bus.publish(event)
+
+    # -- the drain loop -------------------------------------------------------------
+
+    def _run_drain(self, run: _Run) -> None:
+        try:
+            drain = self.journal.drain(run.drain_id)
+            self._publish(run, cpb.DRAIN_EVENT_KIND_STARTED, message=drain.reason)
+            if drain.state == "planning":
+                self._disable_and_plan(run, drain)
+            else:
+                self._restore(run, drain)
+            self._dispatch_loop(run)
+        except errors.CoordinatorError as e:
+            LOG.warning("drain failed drain=%s host=%s error=%s", run.drain_id, run.host, e)
+            self.journal.finish_drain(run.drain_id, run.host, "failed", str(e))
+            self._publish(run, cpb.DRAIN_EVENT_KIND_FINISHED, message=str(e), status=True)
+        except Exception as e:  # thread boundary: never leave a drain without an end
+            LOG.exception("drain crashed drain=%s host=%s", run.drain_id, run.host)
+            if not self._stopped.is_set():
+                self.journal.finish_drain(run.drain_id, run.host, "failed", f"internal error: {e}")
+                self._publish(run, cpb.DRAIN_EVENT_KIND_FINISHED, message=str(e), status=True)
+        finally:
+            run.bus.close()
+
+    def _step(
+        self, run: _Run, action: str, vm_uuid: str, detail: dict[str, object], fn: Callable[[], str]
+    ) -> str:
+        step = self.journal.begin_step(run.drain_id, action, vm_uuid, detail)
+        try:
+            result = fn()
+        except Exception as e:
+            self.journal.end_step(step, False, str(e))
+            raise
+        self.journal.end_step(step, True, result)
+        return result
+
+    def _disable_and_plan(self, run: _Run, drain: DrainRow) -> None:
+        reason = drain.reason or f"hostmaint drain {drain.id}"
+
+        def disable() -> str:
+            try:
+                self.driver.disable_host(run.host, reason)
+            except NotFound as e:
+                raise errors.UnknownHost(run.host) from e
+            except DriverError as e:
+                raise errors.CloudUnavailable(str(e)) from e
+            return "disabled"
+
+        self._step(run, "disable_host", "", {"reason": reason}, disable)
+        self._publish(run, cpb.DRAIN_EVENT_KIND_HOST_DISABLED, message=reason)
+        plan_pb, plan, inputs = self.plan(run.host, run.policy_pb)
+        for note in inputs.notes:
+            self._publish(run, cpb.DRAIN_EVENT_KIND_BLOCKED, message=note)
+        rows = self._rows(run, plan, inputs)
+        self.journal.save_plan(run.drain_id, views.plan_json(plan_pb), rows)
+        self._remember(run, plan, inputs)
+        self._publish(run, cpb.DRAIN_EVENT_KIND_PLANNED, plan=plan_pb)
+        for row in self.journal.vms(run.drain_id):
+            kind = (
+                cpb.DRAIN_EVENT_KIND_QUEUED
+                if row.state == "queued"
+                else cpb.DRAIN_EVENT_KIND_BLOCKED
+            )
+            self._publish(run, kind, vm=row, message=row.error)
+
+    def _remember(self, run: _Run, plan: DrainPlan, inputs: Inputs) -> None:
+        run.planned = {m.vm_uuid: m for m in plan.migrations}
+        run.link_bytes_per_s = inputs.link_bandwidth_bytes_per_s
+        run.cpu_bound = frozenset(v.uuid for v in inputs.vms if v.writer is not WriterKind.PACED)
+
+    def _rows(self, run: _Run, plan: DrainPlan, inputs: Inputs) -> list[VmRow]:
+        rows = [
+            VmRow(
+                drain_id=run.drain_id,
+                vm_uuid=m.vm_uuid,
+                name=m.vm_name,
+                position=m.position,
+                state="queued",
+                source_host=run.host,
+                planned_target=m.target or "",
+                tuning=str(m.tuning),
+                predicted_total_s=m.predicted_total_s,
+                predicted_downtime_ms=m.predicted_downtime_ms,
+            )
+            for m in plan.migrations
+        ]
+        pos = len(rows)
+        for u in plan.unmovable:
+            rows.append(
+                VmRow(
+                    run.drain_id, u.vm_uuid, u.vm_name, pos, "unmovable", run.host, error=u.reason
+                )
+            )
+            pos += 1
+        for inst in inputs.not_live:
+            reason = _not_live_reason(inst.state, run.policy_pb)
+            rows.append(
+                VmRow(run.drain_id, inst.uuid, inst.name, pos, "unmovable", run.host, error=reason)
+            )
+            pos += 1
+        return rows
+
+    def _restore(self, run: _Run, drain: DrainRow) -> None:
+        """After a restart: re-plan for the prediction data, then reconcile each VM with the world."""
+        _, plan, inputs = self.plan(run.host, run.policy_pb)
+        self._remember(run, plan, inputs)
+        # Predictions of the first plan stay in the journal; the fresh plan supplies settings.
+        for step in self.journal.open_steps(run.drain_id):
+            if step.action == "start_migration":
+                self._reconcile_start(run, step.id, step.vm_uuid)
+            else:
+                self.journal.end_step(step.id, False, "interrupted by a coordinator restart")
+        for row in self.journal.vms(run.drain_id):
+            if row.state == "migrating":
+                self._adopt(run, row)
+            elif row.state == "queued" and row.vm_uuid not in (run.planned or {}):
+                # Not in the fresh plan: it left the host, or it cannot move any more.
+                if self._moved(run, row):
+                    self.journal.update_vm(
+                        run.drain_id, row.vm_uuid, state="completed", finished_at=self._clock()
+                    )
+
+    def _moved(self, run: _Run, row: VmRow) -> bool:
+        try:
+            inst = self.driver.get_instance(row.vm_uuid)
+        except DriverError:
+            return False
+        return inst.host is not None and inst.host != run.host
+
+    def _reconcile_start(self, run: _Run, step_id: int, vm_uuid: str) -> None:
+        """An intent to start a migration with no outcome: find out whether it started."""
+        row = self.journal.vm(run.drain_id, vm_uuid)
+        ref = None
+        try:
+            ref = self.driver.latest_migration(vm_uuid)
+        except DriverError as e:
+            LOG.warning("cannot check migration after restart vm=%s error=%s", vm_uuid, e)
+        if ref is not None:
+            try:
+                status = self.driver.get_migration(ref)
+            except DriverError:
+                status = None
+            if status is not None and (not status.state.finished or self._moved(run, row)):
+                self.journal.end_step(step_id, True, "started before the restart")
+                self.journal.update_vm(
+                    run.drain_id,
+                    vm_uuid,
+                    state="migrating",
+                    migration_ref=_ref_json(ref),
+                    attempts=row.attempts + 1,
+                    started_at=row.started_at or self._clock(),
+                    target_host=status.dest_host or row.planned_target,
+                )
+                return
+        self.journal.end_step(step_id, False, "not started before the restart")
+
+    def _adopt(self, run: _Run, row: VmRow) -> None:
+        LOG.info("re-attaching to migration vm=%s drain=%s", row.vm_uuid, run.drain_id[:8])
+        self._spawn(run, row, adopt=True)
+
+    def _dispatch_loop(self, run: _Run) -> None:
+        assert run.planned is not None
+        threads = run.threads
+        cancelled_running = False
+        while not self._stopped.is_set():
+            drain = self.journal.drain(run.drain_id)
+            rows = self.journal.vms(run.drain_id)
+            running_rows = [r for r in rows if r.state == "migrating"]
+            queued = [r for r in rows if r.state == "queued"]
+            if drain.cancel_requested:
+                if drain.state != "cancelling":
+                    self.journal.update_drain(run.drain_id, state="cancelling")
+                for r in queued:
+                    self.journal.update_vm(
+                        run.drain_id, r.vm_uuid, state="skipped", error="drain cancelled"
+                    )
+                queued = []
+                if drain.abort_running and not cancelled_running:
+                    cancelled_running = True
+                    for r in running_rows:
+                        self._abort(run, r, "drain cancelled")
+            alive = {u for u, t in threads.items() if t.is_alive()}
+            if not queued and not running_rows and not alive:
+                break
+            running = [self._slot(run, r) for r in running_rows]
+            queue = [self._slot(run, r) for r in queued]
+            for slot in ready_to_start(
+                queue,
+                running,
+                max_parallel=run.policy.max_parallel_per_source,
+                max_parallel_per_target=run.policy.max_parallel_per_target,
+                link_bytes_per_s=run.link_bytes_per_s,
+            ):
+                row = next(r for r in queued if r.vm_uuid == slot.vm_uuid)
+                row = self.journal.update_vm(run.drain_id, row.vm_uuid, state="migrating")
+                self._spawn(run, row, adopt=False)
+            with self._wake:
+                self._wake.wait(self.settings.poll_interval_s)
+        if self._stopped.is_set():
+            return
+        rows = self.journal.vms(run.drain_id)
+        drain = self.journal.drain(run.drain_id)
+        if drain.cancel_requested:
+            state = "cancelled"
+        elif all(r.state == "completed" for r in rows):
+            state = "completed"
+        else:
+            state = "incomplete"
+        self.journal.finish_drain(run.drain_id, run.host, state)
+        self._publish(run, cpb.DRAIN_EVENT_KIND_FINISHED, message=state, status=True)
+
+    def _slot(self, run: _Run, row: VmRow) -> Slot:
+        assert run.planned is not None
+        planned = run.planned.get(row.vm_uuid)
+        need = planned.need_bytes_per_s if planned is not None else 0.0
+        return Slot(row.vm_uuid, row.target_host or row.planned_target or None, need)
+
+    def _spawn(self, run: _Run, row: VmRow, adopt: bool) -> threading.Thread:
+        thread = threading.Thread(
+            target=self._run_vm,
+            args=(run, row, adopt),
+            name=f"migwatch/{run.drain_id[:8]}:{row.vm_uuid}",
+            daemon=True,
+        )
+        run.threads[row.vm_uuid] = thread
+        thread.start()
+        return thread
+
+    # -- one migration --------------------------------------------------------------
+
+    def _run_vm(self, run: _Run, row: VmRow, adopt: bool) -> None:
+        try:
+            ref = _ref_from_json(row.migration_ref) if adopt else self._start(run, row)
+            if ref is None:
+                return
+            row = self.journal.vm(run.drain_id, row.vm_uuid)
+            ok, downtime_ms, error = self._follow(run, row, ref)
+            self._finish_vm(run, row, ok, downtime_ms, error)
+        except Exception as e:  # thread boundary: the VM's row must not stay "migrating"
+            LOG.exception("migration thread crashed vm=%s", row.vm_uuid)
+            if not self._stopped.is_set():
+                self._finish_vm(
+                    run,
+                    self.journal.vm(run.drain_id, row.vm_uuid),
+                    False,
+                    0,
+                    f"internal error: {e}",
+                )
+        finally:
+            self._poke()
+
+    def _options(self, run: _Run, row: VmRow, target: str | None) -> LiveMigrationOptions:
+        assert run.planned is not None
+        planned = run.planned.get(row.vm_uuid)
+        addresses = self.settings.migration_addresses or {}
+        if planned is None:
+            return LiveMigrationOptions(migration_uri=addresses.get(target or "", ""))
+        s = planned.settings
+        return LiveMigrationOptions(
+            max_downtime_ms=round(s.downtime_limit_ms),
+            auto_converge=s.auto_converge,
+            allow_postcopy=s.postcopy_permitted,
+            bandwidth_bytes_per_s=round(s.max_bandwidth_bytes_per_s or 0),
+            migration_uri=addresses.get(target or "", ""),
+        )
+
+    def _start(self, run: _Run, row: VmRow) -> MigrationRef | None:
+        target = row.target_host or row.planned_target or None
+        options = self._options(run, row, target)
+        detail = {
+            "attempt": row.attempts + 1,
+            "target": target or "",
+            "options": options.describe(),
+        }
+        step = self.journal.begin_step(run.drain_id, "start_migration", row.vm_uuid, detail)
+        try:
+            ref = self.driver.start_live_migration(row.vm_uuid, target, None, options=options)
+        except Unavailable as e:
+            if e.may_have_acted:
+                found = self._started_anyway(row.vm_uuid)
+                if found is not None:
+                    self.journal.end_step(step, True, "started (answer lost)")
+                    return self._started(run, row, found, target)
+            self.journal.end_step(step, False, str(e))
+            self._retry_or_fail(run, row, str(e), target, count_attempt=False)
+            return None
+        except (Conflict, InvalidRequest, NotFound, DriverError) as e:
+            self.journal.end_step(step, False, str(e))
+            self._retry_or_fail(run, row, str(e), target, count_attempt=True)
+            return None
+        self.journal.end_step(step, True, _ref_json(ref))
+        return self._started(run, row, ref, target)
+
+    def _started_anyway(self, vm_uuid: str) -> MigrationRef | None:
+        try:
+            ref = self.driver.latest_migration(vm_uuid)
+            if ref is not None and not self.driver.get_migration(ref).state.finished:
+                return ref
+        except DriverError as e:
+            LOG.warning("cannot tell whether the migration started vm=%s error=%s", vm_uuid, e)
+        return None
+
+    def _started(
+        self, run: _Run, row: VmRow, ref: MigrationRef, target: str | None
+    ) -> MigrationRef:
+        row = self.journal.update_vm(
+            run.drain_id,
+            row.vm_uuid,
+            state="migrating",
+            migration_ref=_ref_json(ref),
+            attempts=row.attempts + 1,
+            started_at=self._clock(),
+            target_host=target or "",
+            error="",
+        )
+        self._publish(
+            run, cpb.DRAIN_EVENT_KIND_MIGRATION_STARTED, vm=row, message=target or "(scheduler)"
+        )
+        return ref
+
+    def _follow(self, run: _Run, row: VmRow, ref: MigrationRef) -> tuple[bool, float, str]:
+        """Watches the migration to its end; returns (completed, downtime ms, error)."""
+        history: list[escalation.Observation] = []
+        done = escalation.Escalation()
+        limits = self._limits(run, row)
+        downtime_ms = 0.0
+        final_phase = apb.MIGRATION_PHASE_UNSPECIFIED
+        error = ""
+        started = row.started_at or self._clock()
+        try:
+            agent = self.registry.client(run.host)
+            for p in agent.watch(
+                row.vm_uuid,
+                self.settings.poll_interval_s,
+                _WATCH_START_TIMEOUT_S,
+                _WATCH_DEADLINE_S,
+            ):
+                if p.final:
+                    downtime_ms, final_phase, error = float(p.downtime_ms), p.phase, p.error
+                    break
+                history.append(
+                    escalation.Observation(
+                        elapsed_s=self._clock() - started,
+                        iteration=p.iteration,
+                        remaining_bytes=p.memory_remaining_bytes,
+                        bandwidth_bytes_per_s=p.bandwidth_bytes_per_s,
+                        max_downtime_ms=p.max_downtime_ms,
+                        postcopy=p.phase == apb.MIGRATION_PHASE_POSTCOPY,
+                    )
+                )
+                self._publish(run, cpb.DRAIN_EVENT_KIND_PROGRESS, vm=row, progress=p)
+                decision = escalation.next_step(history, limits, done)
+                if decision.action is not escalation.Action.NONE:
+                    row, done = self._escalate(run, row, ref, decision, done, history[-1].elapsed_s)
+                if self._stopped.is_set():
+                    return False, 0.0, "coordinator stopping"
+        except errors.CoordinatorError as e:
+            LOG.info(
+                "watch unavailable, following the cloud's record vm=%s reason=%s", row.vm_uuid, e
+            )
+        if self._stopped.is_set():
+            return False, 0.0, "coordinator stopping"
+        state = self._settle(ref)
+        if done.throttle_pct:
+            self._unthrottle(run, row)
+        if state is MigrationState.COMPLETED:
+            return True, downtime_ms, ""
+        if final_phase == apb.MIGRATION_PHASE_COMPLETED and state is MigrationState.UNKNOWN:
+            return True, downtime_ms, ""
+        return False, downtime_ms, error or f"migration {state}"
+
+    def _settle(self, ref: MigrationRef) -> MigrationState:
+        """The cloud's final word on the migration (it may lag the agent by a moment)."""
+        deadline = self._clock() + _SETTLE_AFTER_WATCH_S
+        state = MigrationState.UNKNOWN
+        while not self._stopped.is_set():
+            try:
+                state = self.driver.get_migration(ref).state
+            except DriverError as e:
+                LOG.warning("migration status unavailable ref=%s error=%s", ref, e)
+                state = MigrationState.UNKNOWN
+            if state.finished or self._clock() > deadline:
+                return state
+            self._stopped.wait(self.settings.poll_interval_s)
+        return state
+
+    def _limits(self, run: _Run, row: VmRow) -> escalation.Limits:
+        assert run.planned is not None
+        planned = run.planned.get(row.vm_uuid)
+        cap = run.policy_pb.vm_max_downtime_ms.get(row.vm_uuid) or run.policy.max_downtime_ms
+        qemu_cap = qemu_downtime_limit_ms(
+            float(cap), run.link_bytes_per_s * self._params.link_efficiency, self._params
+        )
+        return escalation.Limits(
+            predicted_total_s=row.predicted_total_s
+            or (planned.predicted_total_s if planned else 60.0),
+            qemu_downtime_cap_ms=max(1, int(qemu_cap)),
+            allow_postcopy=run.policy.allow_postcopy,
+            postcopy_permitted=bool(planned and planned.settings.postcopy_permitted),
+            cpu_bound=run.policy.allow_auto_converge and row.vm_uuid in run.cpu_bound,
+            stall_factor=self.settings.stall_factor,
+            stall_grace_s=self.settings.stall_grace_s,
+        )
+
+    def _escalate(
+        self,
+        run: _Run,
+        row: VmRow,
+        ref: MigrationRef,
+        decision: escalation.Decision,
+        done: escalation.Escalation,
+        at_s: float,
+    ) -> tuple[VmRow, escalation.Escalation]:
+        label = f"{decision.action}" + (f"={decision.value}" if decision.value else "")
+        agent = self.registry.client(run.host)
+
+        def act() -> str:
+            if decision.action is escalation.Action.RAISE_DOWNTIME:
+                agent.tune(
+                    apb.TuneMigrationRequest(
+                        domain_uuid=row.vm_uuid, max_downtime_ms=decision.value
+                    )
+                )
+            elif decision.action is escalation.Action.THROTTLE_VCPUS:
+                agent.tune(
+                    apb.TuneMigrationRequest(
+                        domain_uuid=row.vm_uuid, vcpu_throttle_pct=decision.value
+                    )
+                )
+            elif decision.action is escalation.Action.POSTCOPY:
+                self.driver.force_complete(ref)
+            elif decision.action is escalation.Action.ABORT:
+                self.driver.abort(ref)
+            return label
+
+        try:
+            self._step(run, "tune", row.vm_uuid, {"action": label, "reason": decision.reason}, act)
+        except (errors.CoordinatorError, DriverError) as e:
+            LOG.warning("tuning failed vm=%s action=%s error=%s", row.vm_uuid, label, e)
+            self._publish(run, cpb.DRAIN_EVENT_KIND_TUNED, vm=row, message=f"{label} failed: {e}")
+            return row, escalation.applied(done, decision, at_s)
+        row = self.journal.update_vm(
+            run.drain_id, row.vm_uuid, tuning_applied=[*row.tuning_applied, label]
+        )
+        self._publish(
+            run, cpb.DRAIN_EVENT_KIND_TUNED, vm=row, message=f"{label}: {decision.reason}"
+        )
+        return row, escalation.applied(done, decision, at_s)
+
+    def _abort(self, run: _Run, row: VmRow, reason: str) -> None:
+        def act() -> str:
+            self.driver.abort(_ref_from_json(row.migration_ref))
+            return "aborted"
+
+        try:
+            self._step(run, "abort", row.vm_uuid, {"reason": reason}, act)
+        except (DriverError, ValueError) as e:
+            LOG.warning("abort failed vm=%s error=%s", row.vm_uuid, e)
+
+    def _unthrottle(self, run: _Run, row: VmRow) -> None:
+        """The vCPU cap travels with the live XML: lift it wherever the VM runs now."""
+        for host in (row.target_host, run.host):
+            if not host:
+                continue
+            try:
+                self.registry.client(host).tune(
+                    apb.TuneMigrationRequest(domain_uuid=row.vm_uuid, vcpu_throttle_pct=0)
+                )
+                return
+            except errors.CoordinatorError:
+                continue  # not on that host
+        LOG.warning("could not lift the vCPU throttle vm=%s", row.vm_uuid)
+
+    def _finish_vm(self, run: _Run, row: VmRow, ok: bool, downtime_ms: float, error: str) -> None:
+        now = self._clock()
+        if ok:
+            row = self.journal.update_vm(
+                run.drain_id,
+                row.vm_uuid,
+                state="completed",
+                actual_total_s=now - (row.started_at or now),
+                actual_downtime_ms=downtime_ms,
+                finished_at=now,
+                error="",
+            )
+            self._publish(run, cpb.DRAIN_EVENT_KIND_MIGRATION_COMPLETED, vm=row)
+            return
+        if self._stopped.is_set():
+            return
+        drain = self.journal.drain(run.drain_id)
+        if drain.cancel_requested:
+            row = self.journal.update_vm(
+                run.drain_id, row.vm_uuid, state="skipped", error=error, finished_at=now
+            )
+            self._publish(run, cpb.DRAIN_EVENT_KIND_MIGRATION_FAILED, vm=row, message=error)
+            return
+        self._retry_or_fail(run, row, error, row.target_host or None, count_attempt=False)
+
+    def _retry_or_fail(
+        self, run: _Run, row: VmRow, error: str, failed_target: str | None, count_attempt: bool
+    ) -> None:
+        row = self.journal.vm(run.drain_id, row.vm_uuid)
+        attempts = row.attempts + (1 if count_attempt else 0)
+        if attempts < self.settings.max_attempts:
+            target = self._other_target(run, row, failed_target)
+            row = self.journal.update_vm(
+                run.drain_id,
+                row.vm_uuid,
+                state="queued",
+                attempts=attempts,
+                target_host=target or "",
+                planned_target=target or "",
+                error=error,
+            )
+            self._publish(
+                run,
+                cpb.DRAIN_EVENT_KIND_RETRIED,
+                vm=row,
+                message=f"{error}; next target {target or '(scheduler)'}",
+            )
+            return
+        row = self.journal.update_vm(
+            run.drain_id,
+            row.vm_uuid,
+            state="failed",
+            attempts=attempts,
+            error=error,
+            finished_at=self._clock(),
+        )
+        self._publish(run, cpb.DRAIN_EVENT_KIND_MIGRATION_FAILED, vm=row, message=error)
+
+    def _other_target(self, run: _Run, row: VmRow, failed: str | None) -> str | None:
+        """Another target for a retry: re-plan this VM alone, excluding the one that failed."""
+        policy_pb = cpb.DrainPolicy()
+        policy_pb.CopyFrom(run.policy_pb)
+        try:
+            inputs = self.gather(run.host, policy_pb, measure=False)
+        except errors.CoordinatorError as e:
+            LOG.warning("cannot re-plan a retry vm=%s error=%s", row.vm_uuid, e)
+            return failed
+        vms = [v for v in inputs.vms if v.uuid == row.vm_uuid]
+        targets = [t for t in inputs.targets if t.name != failed] or list(inputs.targets)
+        if not vms or not targets:
+            return failed
+        plan = plan_drain(
+            vms, targets, Link(inputs.link_bandwidth_bytes_per_s), run.policy, self._params
+        )
+        if not plan.migrations:
+            return failed
+        assert run.planned is not None
+        run.planned[row.vm_uuid] = replace(plan.migrations[0])
+        return plan.migrations[0].target
+
+
+def _not_live_reason(state: object, policy_pb: cpb.DrainPolicy) -> str:
+    if policy_pb.non_live_action == cpb.NON_LIVE_ACTION_COLD_MIGRATE:
+        return f"the VM is {state}: cold migration is not supported by this driver yet"
+    return f"the VM is {state}: not live-migratable; left in place (policy: report)"
+
+
+def _ref_json(ref: MigrationRef) -> str:
+    return json.dumps(
+        {
+            "instance_uuid": ref.instance_uuid,
+            "migration_id": ref.migration_id,
+            "kind": str(ref.kind),
+            "migration_uuid": ref.migration_uuid,
+        }
+    )
+
+
+def _ref_from_json(text: str) -> MigrationRef:
+    data = json.loads(text)
+    return MigrationRef(
+        instance_uuid=data["instance_uuid"],
+        migration_id=int(data["migration_id"]),
+        kind=MigrationKind(data["kind"]),
+        migration_uuid=data.get("migration_uuid"),
+    )

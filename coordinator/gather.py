@@ -1,0 +1,228 @@
+"""Planner inputs from the world: the cloud's view of a host, the agents' measurements.
+
+The cloud (through the migration driver) says which VMs are on the host, their
+server groups and which hosts are enabled; the source agent says what libvirt
+knows (memory, dirty rate, CPU, blockers) and measures dirty rates afresh; each
+candidate target's agent says its free memory and whether each distinct guest
+CPU runs there.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+from hostmaint.coordinator import errors
+from hostmaint.coordinator.agents import AgentRegistry, Health
+from hostmaint.coordinator.drivers.base import (
+    DriverError,
+    Instance,
+    InstanceState,
+    MigrationDriver,
+)
+from hostmaint.coordinator.model import ServerGroup, TargetHost, VmSpec
+from hostmaint.protos import agent_pb2 as apb
+
+LOG = logging.getLogger(__name__)
+MIB = 1024 * 1024
+
+
+@dataclass(frozen=True)
+class Inputs:
+    host: str
+    vms: tuple[VmSpec, ...]
+    targets: tuple[TargetHost, ...]
+    not_live: tuple[Instance, ...]  # shut off, paused, suspended: not live-migratable
+    link_bandwidth_bytes_per_s: float
+    domains: dict[str, apb.Domain] = field(default_factory=dict)
+    notes: tuple[str, ...] = ()
+
+
+def _blockers(domain: apb.Domain | None) -> tuple[str, ...]:
+    if domain is None:
+        return ()
+    return tuple(b.reason for b in domain.migration_blockers if b.hard)
+
+
+def _vm_spec(
+    instance: Instance, domain: apb.Domain | None, max_downtime_ms: float | None
+) -> VmSpec:
+    memory = domain.memory_max_bytes if domain is not None else instance.memory_mb * MIB
+    nonzero = None
+    rate = 0.0
+    cpu_model = ""
+    features: frozenset[str] = frozenset()
+    if domain is not None:
+        if domain.rss_bytes:
+            nonzero = min(domain.rss_bytes, memory)
+        if domain.HasField("dirty_rate"):
+            rate = domain.dirty_rate.bytes_per_s
+        cpu_model = domain.cpu.model
+        features = frozenset(f.name for f in domain.cpu.features if f.policy != "disable")
+    return VmSpec(
+        uuid=instance.uuid,
+        name=instance.name,
+        memory_bytes=memory,
+        nonzero_bytes=nonzero,
+        dirty_rate_bytes_per_s=rate,
+        vcpus=max(1, instance.vcpus),
+        cpu_model=cpu_model,
+        cpu_features=features,
+        server_groups=tuple(ServerGroup(g.id, g.policy) for g in instance.server_groups),
+        blockers=_blockers(domain),
+        max_downtime_ms=max_downtime_ms,
+    )
+
+
+def gather(
+    host: str,
+    driver: MigrationDriver,
+    registry: AgentRegistry,
+    *,
+    link_bandwidth_bytes_per_s: float,
+    dirty_rate_window_s: int,
+    vm_max_downtime_ms: dict[str, int],
+    target_hosts: Sequence[str],
+    measure: bool = True,
+    on_note: Callable[[str], None] | None = None,
+) -> Inputs:
+    """Everything the planner needs about a host's drain; raises when the source agent is down."""
+    notes: list[str] = []
+
+    def note(text: str) -> None:
+        LOG.info("%s host=%s", text, host)
+        notes.append(text)
+        if on_note is not None:
+            on_note(text)
+
+    status = registry.probe(host)
+    if status.health != Health.SERVING:
+        raise errors.PreconditionFailed(
+            f"drain of {host}", f"its agent is not serving ({status.health}: {status.error})"
+        )
+    source = registry.client(host)
+    try:
+        instances = driver.list_instances(host)
+    except DriverError as e:
+        raise errors.CloudUnavailable(str(e)) from e
+    domains = {d.uuid: d for d in source.list_domains()}
+    live = [i for i in instances if i.state is InstanceState.ACTIVE]
+    not_live = tuple(i for i in instances if i.state is not InstanceState.ACTIVE)
+    if measure and live:
+        wanted = [i.uuid for i in live if i.uuid in domains]
+        try:
+            rates = source.measure_dirty_rate(wanted, dirty_rate_window_s)
+            for uuid, rate in rates.items():
+                domains[uuid].dirty_rate.CopyFrom(rate)
+        except errors.CoordinatorError as e:
+            note(f"fresh dirty-rate measurement failed, using the agent's last: {e}")
+    missing = [i.name for i in live if i.uuid not in domains]
+    if missing:
+        note("no libvirt domain for " + ", ".join(missing) + "; sizes from the flavor")
+    vms = tuple(_vm_spec(i, domains.get(i.uuid), vm_max_downtime_ms.get(i.uuid)) for i in live)
+    bandwidth = link_bandwidth_bytes_per_s
+    if bandwidth <= 0:
+        speed = status.report.migration_nic_speed_mbps if status.report is not None else 0
+        bandwidth = speed * 1e6 / 8 if speed else 10e9 / 8
+        if not speed:
+            note("link bandwidth unknown; assuming 10 Gbit/s")
+    targets = _targets(host, driver, registry, vms, domains, target_hosts, note)
+    return Inputs(host, vms, targets, not_live, bandwidth, domains, tuple(notes))
+
+
+def _targets(
+    source: str,
+    driver: MigrationDriver,
+    registry: AgentRegistry,
+    vms: Sequence[VmSpec],
+    domains: dict[str, apb.Domain],
+    wanted: Sequence[str],
+    note: Callable[[str], None],
+) -> tuple[TargetHost, ...]:
+    try:
+        hosts = driver.list_hosts()
+    except DriverError as e:
+        raise errors.CloudUnavailable(str(e)) from e
+    known = {h.name for h in hosts}
+    for name in wanted:
+        if name not in known:
+            raise errors.UnknownHost(name)
+    cpus: dict[str, apb.CpuDefinition] = {}
+    for vm in vms:
+        d = domains.get(vm.uuid)
+        if d is not None and (d.cpu.model or d.cpu.xml):
+            cpus[vm.uuid] = d.cpu
+    groups_wanted = {g.id for vm in vms for g in vm.server_groups}
+    found = []
+    for h in hosts:
+        if h.name == source or (wanted and h.name not in wanted):
+            continue
+        if not h.enabled or not h.up:
+            note(f"target {h.name} skipped: {'disabled' if not h.enabled else 'down'}")
+            continue
+        free_mem = (h.free_memory_mb or 0) * MIB if h.free_memory_mb is not None else None
+        free_vcpus = (h.vcpus - (h.vcpus_used or 0)) if h.vcpus is not None else None
+        healthy = True
+        compatible: frozenset[str] | None = None
+        try:
+            status = registry.probe(h.name)
+        except errors.UnknownHost:
+            status = None  # no agent known: the cloud's scheduler checks CPU and capacity
+        if status is not None:
+            if status.health != Health.SERVING:
+                note(f"target {h.name} skipped: agent {status.health} ({status.error})")
+                healthy = False
+            elif status.report is not None:
+                # 0 means the hypervisor does not say (libvirt's test:/// driver, for one).
+                free_mem = status.report.memory_free_bytes or free_mem
+                compatible = _cpu_compatible(registry, h.name, cpus, [v.uuid for v in vms], note)
+        groups: frozenset[str] = frozenset()
+        if groups_wanted:
+            try:
+                groups = frozenset(
+                    g.id
+                    for i in driver.list_instances(h.name)
+                    for g in i.server_groups
+                    if g.id in groups_wanted
+                )
+            except DriverError as e:
+                note(f"target {h.name} skipped: its VMs cannot be listed ({e})")
+                healthy = False
+        found.append(
+            TargetHost(
+                name=h.name,
+                free_memory_bytes=free_mem if free_mem is not None else 1 << 62,
+                free_vcpus=free_vcpus if free_vcpus is not None else 1 << 30,
+                healthy=healthy,
+                cpu_compatible=compatible,
+                server_groups=groups,
+            )
+        )
+    return tuple(found)
+
+
+def _cpu_compatible(
+    registry: AgentRegistry,
+    host: str,
+    cpus: dict[str, apb.CpuDefinition],
+    all_vms: Sequence[str],
+    note: Callable[[str], None],
+) -> frozenset[str] | None:
+    """The VMs whose CPU the host runs; None when the host cannot compare CPUs."""
+    client = registry.client(host)
+    accepted = set(u for u in all_vms if u not in cpus)  # no CPU model: runs anywhere
+    answers: dict[str, bool] = {}
+    for uuid, cpu in cpus.items():
+        key = cpu.xml or cpu.SerializeToString().hex()
+        if key not in answers:
+            try:
+                answers[key] = client.check_cpu(cpu).compatible
+            except errors.AgentRefused as e:
+                if e.code == "FAILED_PRECONDITION":
+                    note(f"target {host} cannot compare CPUs ({e.detail}); the cloud checks")
+                    return None
+                raise
+        if answers[key]:
+            accepted.add(uuid)
+    return frozenset(accepted)

@@ -1,0 +1,141 @@
+"""gRPC Coordinator: proto in, executor call, proto out, and one error table."""
+
+from __future__ import annotations
+
+import functools
+import logging
+import re
+from collections.abc import Callable, Iterator
+from typing import Any, NoReturn, TypeVar
+
+import grpc
+
+from hostmaint.coordinator import errors, views
+from hostmaint.coordinator.agents import AgentRegistry
+from hostmaint.coordinator.executor import Executor
+from hostmaint.protos import coordinator_pb2 as cpb
+from hostmaint.protos import coordinator_pb2_grpc
+
+LOG = logging.getLogger(__name__)
+T = TypeVar("T")
+_HOST = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,254}$")
+_UUID = re.compile(r"^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$")
+MAX_REASON = 255
+
+STATUS_CODES: dict[type[errors.CoordinatorError], grpc.StatusCode] = {
+    errors.InvalidArgument: grpc.StatusCode.INVALID_ARGUMENT,
+    errors.UnknownHost: grpc.StatusCode.NOT_FOUND,
+    errors.DrainNotFound: grpc.StatusCode.NOT_FOUND,
+    errors.DrainConflict: grpc.StatusCode.ABORTED,
+    errors.PreconditionFailed: grpc.StatusCode.FAILED_PRECONDITION,
+    errors.AgentUnavailable: grpc.StatusCode.UNAVAILABLE,
+    errors.AgentRefused: grpc.StatusCode.FAILED_PRECONDITION,
+    errors.CloudUnavailable: grpc.StatusCode.UNAVAILABLE,
+}
+
+
+def _abort(context: grpc.ServicerContext, error: errors.CoordinatorError) -> NoReturn:
+    context.abort(STATUS_CODES.get(type(error), grpc.StatusCode.INTERNAL), str(error))
+    raise AssertionError("context.abort returns only by raising")
+
+
+def translated(method: Callable[..., T]) -> Callable[..., T]:
+    @functools.wraps(method)
+    def wrapper(self: Any, request: Any, context: grpc.ServicerContext) -> T:
+        try:
+            return method(self, request, context)
+        except errors.CoordinatorError as e:
+            _abort(context, e)
+
+    return wrapper
+
+
+def check_host(host: str, known: list[str] | None = None) -> str:
+    if not host:
+        raise errors.InvalidArgument("host", "is required")
+    if not _HOST.match(host):
+        raise errors.InvalidArgument("host", f"{host[:64]!r} is not a host name")
+    if known is not None and host not in known:
+        raise errors.UnknownHost(host)
+    return host
+
+
+def check_policy_fields(policy: cpb.DrainPolicy) -> None:
+    for uuid in policy.vm_max_downtime_ms:
+        if not _UUID.match(uuid):
+            raise errors.InvalidArgument("policy.vm_max_downtime_ms", f"{uuid[:64]!r} is not a UUID")
+    for host in policy.target_hosts:
+        check_host(host)
+
+
+class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServicer):
+    def __init__(self, executor: Executor, registry: AgentRegistry) -> None:
+        self._executor = executor
+        self._registry = registry
+
+    def _known_host(self, host: str) -> str:
+        return check_host(host, self._registry.hosts())
+
+    def _drain_id(self, host: str, drain_id: str) -> str:
+        if drain_id:
+            return drain_id
+        self._known_host(host)
+        latest = self._executor.journal.latest_drain(host)
+        if latest is None:
+            raise errors.DrainNotFound(f"of host {host}")
+        return latest.id
+
+    @translated
+    def PlanDrain(self, request: cpb.PlanDrainRequest, context: grpc.ServicerContext) -> cpb.DrainPlan:
+        host = self._known_host(request.host)
+        check_policy_fields(request.policy)
+        plan_pb, _, _ = self._executor.plan(host, request.policy)
+        return plan_pb
+
+    def Drain(self, request: cpb.DrainRequest, context: grpc.ServicerContext) -> Iterator[cpb.DrainEvent]:
+        try:
+            host = self._known_host(request.host)
+            check_policy_fields(request.policy)
+            if len(request.reason) > MAX_REASON:
+                raise errors.InvalidArgument("reason", f"at most {MAX_REASON} characters")
+            finished = self._executor.finished_drain(host)
+            if finished is not None:
+                # Re-running a finished drain is a no-op: it is reported again.
+                yield from self._executor.events(finished, lambda: not context.is_active())
+                return
+            drain_id = self._executor.start_drain(host, request.policy, request.reason)
+        except errors.CoordinatorError as e:
+            _abort(context, e)
+        yield from self._executor.events(drain_id, lambda: not context.is_active())
+
+    @translated
+    def GetDrain(self, request: cpb.GetDrainRequest, context: grpc.ServicerContext) -> cpb.DrainStatus:
+        return self._executor.status(self._drain_id(request.host, request.drain_id))
+
+    @translated
+    def CancelDrain(self, request: cpb.CancelDrainRequest, context: grpc.ServicerContext) -> cpb.DrainStatus:
+        drain_id = self._drain_id(request.host, request.drain_id)
+        self._executor.cancel(drain_id, request.abort_running)
+        return self._executor.status(drain_id)
+
+    @translated
+    def Undrain(self, request: cpb.UndrainRequest, context: grpc.ServicerContext) -> cpb.UndrainResponse:
+        host = self._known_host(request.host)
+        self._executor.undrain(host)
+        return cpb.UndrainResponse(host=host, enabled=True)
+
+    @translated
+    def ListAgents(self, request: cpb.ListAgentsRequest, context: grpc.ServicerContext) -> cpb.ListAgentsResponse:
+        answer = cpb.ListAgentsResponse()
+        for status in self._registry.probe_all():
+            info = cpb.AgentInfo(
+                host=status.host,
+                address=status.address,
+                health=status.health,
+                error=status.error,
+                checked_at=views.timestamp(status.checked_at),
+            )
+            if status.report is not None:
+                info.last_report.CopyFrom(status.report)
+            answer.agents.append(info)
+        return answer

@@ -1,0 +1,183 @@
+"""Conversions between the coordinator's values and the hostmaint.v1 messages."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from google.protobuf import json_format
+from google.protobuf.timestamp_pb2 import Timestamp
+
+from hostmaint.coordinator import errors
+from hostmaint.coordinator.journal import DrainRow, VmRow
+from hostmaint.coordinator.model import DrainPolicy, Tuning
+from hostmaint.coordinator.planner import DrainPlan
+from hostmaint.protos import coordinator_pb2 as cpb
+
+QEMU_MAX_DOWNTIME_MS = 2_000_000
+MAX_PARALLEL = 64
+MAX_DEADLINE_S = 7 * 24 * 3600.0
+
+TUNINGS = {
+    Tuning.NONE: cpb.TUNING_NONE,
+    Tuning.RAISE_DOWNTIME: cpb.TUNING_RAISE_DOWNTIME,
+    Tuning.AUTO_CONVERGE: cpb.TUNING_AUTO_CONVERGE,
+    Tuning.POSTCOPY: cpb.TUNING_POSTCOPY,
+    Tuning.CANNOT_CONVERGE: cpb.TUNING_CANNOT_CONVERGE,
+}
+DRAIN_STATES = {
+    "planning": cpb.DRAIN_STATE_PLANNING,
+    "running": cpb.DRAIN_STATE_RUNNING,
+    "cancelling": cpb.DRAIN_STATE_CANCELLING,
+    "completed": cpb.DRAIN_STATE_COMPLETED,
+    "incomplete": cpb.DRAIN_STATE_INCOMPLETE,
+    "cancelled": cpb.DRAIN_STATE_CANCELLED,
+    "failed": cpb.DRAIN_STATE_FAILED,
+}
+VM_STATES = {
+    "queued": cpb.VM_STATE_QUEUED,
+    "migrating": cpb.VM_STATE_MIGRATING,
+    "completed": cpb.VM_STATE_COMPLETED,
+    "failed": cpb.VM_STATE_FAILED,
+    "unmovable": cpb.VM_STATE_UNMOVABLE,
+    "skipped": cpb.VM_STATE_SKIPPED,
+}
+
+
+def timestamp(epoch_s: float | None) -> Timestamp | None:
+    if epoch_s is None:
+        return None
+    ts = Timestamp()
+    ts.FromNanoseconds(int(epoch_s * 1e9))
+    return ts
+
+
+def validate_policy(policy: cpb.DrainPolicy, defaults: DrainPolicy) -> DrainPolicy:
+    """A request's policy, checked and completed with the coordinator's defaults."""
+    if policy.max_downtime_ms > QEMU_MAX_DOWNTIME_MS:
+        raise errors.InvalidArgument("policy.max_downtime_ms", f"at most {QEMU_MAX_DOWNTIME_MS}")
+    for uuid, ms in policy.vm_max_downtime_ms.items():
+        if not 0 < ms <= QEMU_MAX_DOWNTIME_MS:
+            raise errors.InvalidArgument(
+                "policy.vm_max_downtime_ms", f"{uuid}: between 1 and {QEMU_MAX_DOWNTIME_MS}"
+            )
+    for name, value in (
+        ("policy.max_parallel_per_source", policy.max_parallel_per_source),
+        ("policy.max_parallel_per_target", policy.max_parallel_per_target),
+    ):
+        if value > MAX_PARALLEL:
+            raise errors.InvalidArgument(name, f"at most {MAX_PARALLEL}")
+    if not 0 <= policy.deadline_s <= MAX_DEADLINE_S:
+        raise errors.InvalidArgument("policy.deadline_s", f"between 0 and {MAX_DEADLINE_S:.0f}")
+    if policy.non_live_action not in cpb.NonLiveAction.values():
+        raise errors.InvalidArgument("policy.non_live_action", "unknown action")
+    return DrainPolicy(
+        max_downtime_ms=float(policy.max_downtime_ms or defaults.max_downtime_ms),
+        max_parallel_per_source=policy.max_parallel_per_source or defaults.max_parallel_per_source,
+        max_parallel_per_target=policy.max_parallel_per_target or defaults.max_parallel_per_target,
+        allow_postcopy=policy.allow_postcopy,
+        allow_auto_converge=not policy.forbid_auto_converge,
+        deadline_s=policy.deadline_s or None,
+    )
+
+
+def policy_to_json(policy: cpb.DrainPolicy) -> str:
+    return json_format.MessageToJson(policy, sort_keys=True)
+
+
+def policy_from_json(text: str) -> cpb.DrainPolicy:
+    return json_format.Parse(text, cpb.DrainPolicy())
+
+
+def plan_to_pb(
+    host: str,
+    plan: DrainPlan,
+    link_bytes_per_s: float,
+    extra_unmovable: Sequence[tuple[str, str, str]] = (),
+) -> cpb.DrainPlan:
+    msg = cpb.DrainPlan(
+        host=host,
+        predicted_makespan_s=plan.predicted_makespan_s,
+        lower_bound_s=plan.lower_bound_s,
+        link_bandwidth_bytes_per_s=link_bytes_per_s,
+    )
+    for m in plan.migrations:
+        msg.migrations.append(
+            cpb.PlannedMigration(
+                vm_uuid=m.vm_uuid,
+                name=m.vm_name,
+                target_host=m.target or "",
+                position=m.position,
+                start_s=m.start_s,
+                predicted_total_s=m.predicted_total_s,
+                predicted_downtime_ms=round(m.predicted_downtime_ms),
+                tuning=TUNINGS[m.tuning],
+                qemu_max_downtime_ms=round(m.settings.downtime_limit_ms),
+            )
+        )
+    for u in plan.unmovable:
+        msg.unmovable.append(cpb.UnmovableVm(vm_uuid=u.vm_uuid, name=u.vm_name, reason=u.reason))
+    for uuid, name, reason in extra_unmovable:
+        msg.unmovable.append(cpb.UnmovableVm(vm_uuid=uuid, name=name, reason=reason))
+    return msg
+
+
+def vm_to_pb(row: VmRow) -> cpb.VmStatus:
+    return cpb.VmStatus(
+        vm_uuid=row.vm_uuid,
+        name=row.name,
+        state=VM_STATES.get(row.state, cpb.VM_STATE_UNSPECIFIED),
+        source_host=row.source_host,
+        target_host=row.target_host or row.planned_target,
+        attempts=row.attempts,
+        predicted_total_s=row.predicted_total_s,
+        actual_total_s=row.actual_total_s,
+        predicted_downtime_ms=round(row.predicted_downtime_ms),
+        actual_downtime_ms=round(row.actual_downtime_ms),
+        tuning=TUNINGS.get(Tuning(row.tuning), cpb.TUNING_UNSPECIFIED)
+        if row.tuning
+        else cpb.TUNING_UNSPECIFIED,
+        tuning_applied=list(row.tuning_applied),
+        error=row.error,
+    )
+
+
+def summary(drain: DrainRow, vms: Sequence[VmRow], plan: cpb.DrainPlan | None) -> cpb.DrainSummary:
+    done = [v for v in vms if v.state == "completed"]
+    end = drain.finished_at
+    if end is None:
+        end = max((v.finished_at or 0.0 for v in vms), default=drain.created_at)
+    return cpb.DrainSummary(
+        predicted_makespan_s=plan.predicted_makespan_s if plan is not None else 0.0,
+        actual_makespan_s=max(0.0, end - drain.created_at) if drain.finished_at else 0.0,
+        max_downtime_ms=round(max((v.actual_downtime_ms for v in done), default=0.0)),
+        migrated=len(done),
+        failed=sum(1 for v in vms if v.state == "failed"),
+        unmovable=sum(1 for v in vms if v.state in ("unmovable", "skipped")),
+        postcopy_used=sum(
+            1 for v in vms if any(t.startswith("postcopy") for t in v.tuning_applied)
+        ),
+    )
+
+
+def status_to_pb(drain: DrainRow, vms: Sequence[VmRow]) -> cpb.DrainStatus:
+    plan = json_format.Parse(drain.plan, cpb.DrainPlan()) if drain.plan else None
+    msg = cpb.DrainStatus(
+        drain_id=drain.id,
+        host=drain.host,
+        state=DRAIN_STATES.get(drain.state, cpb.DRAIN_STATE_UNSPECIFIED),
+        policy=policy_from_json(drain.policy),
+        started_at=timestamp(drain.created_at),
+        vms=[vm_to_pb(v) for v in vms],
+        summary=summary(drain, vms, plan),
+        reason=drain.reason,
+    )
+    finished = timestamp(drain.finished_at)
+    if finished is not None:
+        msg.finished_at.CopyFrom(finished)
+    if plan is not None:
+        msg.plan.CopyFrom(plan)
+    return msg
+
+
+def plan_json(plan: cpb.DrainPlan) -> str:
+    return json_format.MessageToJson(plan, sort_keys=True)

@@ -1,0 +1,67 @@
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+import pytest
+
+from hostmaint.agent.cmd import Agent
+from hostmaint.agent.cmd import load_config as agent_config
+from hostmaint.coordinator.cmd import Coordinator
+from hostmaint.coordinator.cmd import load_config as coordinator_config
+from hostmaint.protos import coordinator_pb2_grpc
+from tests.agent.conftest import DOMAINS
+from tests.agent.nodexml import write_node
+
+
+def start_agent(node: Path) -> Agent:
+    conf = agent_config([])
+    conf.set_override("uri", f"test://{node}", group="libvirt")
+    conf.set_override("listen", "127.0.0.1:0", group="grpc")
+    conf.set_override("enabled", False, group="dirty_rate")
+    conf.set_override("grace_s", 0.5, group="grpc")
+    agent = Agent(conf, threading.Event())
+    agent.driver.connect()
+    agent.start()
+    return agent
+
+
+@dataclass
+class Cluster:
+    agents: dict[str, Agent]
+    coordinator: Coordinator
+    stub: coordinator_pb2_grpc.CoordinatorStub
+
+
+@pytest.fixture
+def cluster(tmp_path: Path) -> Iterator[Cluster]:
+    """Two test:/// hosts with agents, and a coordinator with the libvirt driver."""
+    agents = {
+        "host1": start_agent(write_node(tmp_path / "host1.xml", DOMAINS)),
+        "host2": start_agent(write_node(tmp_path / "host2.xml", [])),
+    }
+    conf = coordinator_config([])
+    conf.set_override("listen", "127.0.0.1:0", group="grpc")
+    conf.set_override("grace_s", 0.5, group="grpc")
+    conf.set_override("url", f"sqlite:///{tmp_path / 'coordinator.db'}", group="database")
+    conf.set_override("name", "libvirt", group="driver")
+    conf.set_override(
+        "hosts", {h: f"127.0.0.1:{a.port}" for h, a in agents.items()}, group="agents"
+    )
+    conf.set_override("uris", {h: f"test:///{h}" for h in agents}, group="libvirt_driver")
+    conf.set_override("timeout_s", 5.0, group="agents")
+    conf.set_override("poll_interval_s", 0.1, group="drain")
+    conf.set_override("link_bandwidth_bytes_per_s", 1.25e9, group="drain")
+    coordinator = Coordinator(conf, threading.Event())
+    coordinator.start()
+    channel = grpc.insecure_channel(f"127.0.0.1:{coordinator.port}")
+    try:
+        yield Cluster(agents, coordinator, coordinator_pb2_grpc.CoordinatorStub(channel))
+    finally:
+        channel.close()
+        coordinator.stop()
+        for a in agents.values():
+            a.stop()

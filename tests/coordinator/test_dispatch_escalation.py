@@ -1,0 +1,105 @@
+"""The executor's pure decisions: what starts now, and the escalation ladder."""
+
+from __future__ import annotations
+
+from hypothesis import given
+from hypothesis import strategies as st
+
+from hostmaint.coordinator import escalation as esc
+from hostmaint.coordinator.dispatch import Slot, ready_to_start
+
+MB = 1e6
+
+
+def test_first_always_starts_even_if_it_needs_the_whole_link() -> None:
+    chosen = ready_to_start(
+        [Slot("a", "t1", 900 * MB), Slot("b", "t2", 10 * MB)],
+        [],
+        max_parallel=4,
+        max_parallel_per_target=2,
+        link_bytes_per_s=100 * MB,
+    )
+    assert [s.vm_uuid for s in chosen] == ["a"]
+
+
+def test_backfill_with_what_fits() -> None:
+    running = [Slot("r", "t1", 60 * MB)]
+    queue = [Slot("big", "t2", 50 * MB), Slot("small", "t2", 30 * MB), Slot("t1again", "t1", 1)]
+    chosen = ready_to_start(
+        queue, running, max_parallel=4, max_parallel_per_target=1, link_bytes_per_s=100 * MB
+    )
+    # big does not fit the link, small does; t1 already has its one slot.
+    assert [s.vm_uuid for s in chosen] == ["small"]
+
+
+@given(
+    st.lists(st.tuples(st.sampled_from(["t1", "t2", "t3"]), st.floats(0, 200)), max_size=12),
+    st.integers(1, 6),
+    st.integers(1, 3),
+)
+def test_limits_are_never_exceeded(items: list[tuple[str, float]], par: int, per_target: int) -> None:
+    queue = [Slot(f"vm{i}", t, need * MB) for i, (t, need) in enumerate(items)]
+    chosen = ready_to_start(
+        queue, [], max_parallel=par, max_parallel_per_target=per_target, link_bytes_per_s=100 * MB
+    )
+    assert len(chosen) <= par
+    for t in ("t1", "t2", "t3"):
+        assert sum(1 for s in chosen if s.target == t) <= per_target
+    if len(chosen) > 1:
+        assert sum(s.need_bytes_per_s for s in chosen) <= 100 * MB + 1e-6
+    if queue:
+        assert chosen  # something always starts when nothing runs
+
+
+def _history(remaining: list[int], start_s: float = 0.0, step_s: float = 2.0) -> list[esc.Observation]:
+    return [
+        esc.Observation(start_s + i * step_s, i + 1, r, 50 * MB, 300) for i, r in enumerate(remaining)
+    ]
+
+
+LIMITS = esc.Limits(
+    predicted_total_s=20.0,
+    qemu_downtime_cap_ms=800,
+    allow_postcopy=True,
+    postcopy_permitted=True,
+    cpu_bound=True,
+)
+
+
+def test_on_schedule_nothing_happens() -> None:
+    h = _history([900, 700, 500, 300, 200, 100])
+    assert esc.next_step(h, LIMITS, esc.Escalation()).action is esc.Action.NONE
+
+
+def test_ladder_cheapest_first() -> None:
+    stuck = _history([500] * 20)  # 40 s, no progress, prediction 20 s
+    done = esc.Escalation()
+    actions = []
+    at = 40.0
+    for _ in range(6):
+        d = esc.next_step(stuck, LIMITS, done)
+        actions.append((d.action, d.value))
+        done = esc.applied(done, d, at)
+        stuck = _history([500] * 20, start_s=at - 30)
+        at += 10.0
+    assert actions[:5] == [
+        (esc.Action.RAISE_DOWNTIME, 800),
+        (esc.Action.THROTTLE_VCPUS, 40),
+        (esc.Action.THROTTLE_VCPUS, 70),
+        (esc.Action.THROTTLE_VCPUS, 90),
+        (esc.Action.POSTCOPY, 0),
+    ]
+    assert actions[5][0] is esc.Action.NONE  # post-copy always finishes: nothing more
+
+
+def test_without_postcopy_or_cpu_bound_it_aborts() -> None:
+    limits = esc.Limits(20.0, 800, allow_postcopy=False, postcopy_permitted=False, cpu_bound=False)
+    stuck = _history([500] * 20)
+    done = esc.applied(esc.Escalation(), esc.Decision(esc.Action.RAISE_DOWNTIME, 800), 0.0)
+    assert esc.next_step(stuck, limits, done).action is esc.Action.ABORT
+
+
+def test_a_step_gets_time_to_work() -> None:
+    stuck = _history([500] * 20)
+    done = esc.applied(esc.Escalation(), esc.Decision(esc.Action.RAISE_DOWNTIME, 800), 36.0)
+    assert esc.next_step(stuck, LIMITS, done).action is esc.Action.NONE  # 38 s - 36 s < settle
