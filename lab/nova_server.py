@@ -48,8 +48,11 @@ def _parse(argv):
     parser.add_argument(
         "--max-concurrent-live-migrations",
         type=int,
-        default=1,
-        help="Nova's [DEFAULT] max_concurrent_live_migrations per compute host",
+        default=8,
+        help=(
+            "Nova's [DEFAULT] max_concurrent_live_migrations; its pool is one per "
+            "process, so in this single process it bounds all hosts together"
+        ),
     )
     parser.add_argument(
         "--response-validation",
