@@ -231,7 +231,6 @@ def fault_proxy(nova: NovaProcess) -> Iterator[FaultProxy]:
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    here = Path(__file__).parent
     for item in items:
-        if Path(str(item.fspath)).parent == here:
+        if "nova" in getattr(item, "fixturenames", ()):
             item.add_marker(pytest.mark.nova)
