@@ -49,8 +49,9 @@ class Fault:
     the path with its query. status: answer with it (None: pass the
     upstream's answer). delay_s: hold the request that long first.
     forward: send the request upstream even when answering with `status`
-    (the action happens; its answer is lost). times: how many matching
-    requests to affect (None: all). body: the error body to send.
+    (the action happens; its answer is lost). skip: let this many matching
+    requests through untouched first. times: how many matching requests to
+    affect after those (None: all). body: the error body to send.
     """
 
     method: str = "*"
@@ -58,9 +59,11 @@ class Fault:
     status: int | None = None
     delay_s: float = 0.0
     forward: bool = False
+    skip: int = 0
     times: int | None = 1
     body: bytes = b'{"error": "injected by faultproxy"}'
     matched: int = field(default=0, init=False)
+    skipped: int = field(default=0, init=False)
 
     def matches(self, method: str, path: str) -> bool:
         if self.times is not None and self.matched >= self.times:
@@ -68,6 +71,14 @@ class Fault:
         if self.method not in ("*", method):
             return False
         return re.search(self.path, path) is not None
+
+    def take(self) -> bool:
+        """Counts one matching request; True when this one gets the fault."""
+        if self.skipped < self.skip:
+            self.skipped += 1
+            return False
+        self.matched += 1
+        return True
 
 
 @dataclass(frozen=True)
@@ -177,8 +188,7 @@ class FaultProxy:
     def _take_fault(self, method: str, path: str) -> Fault | None:
         with self._lock:
             for fault in self._faults:
-                if fault.matches(method, path):
-                    fault.matched += 1
+                if fault.matches(method, path) and fault.take():
                     return fault
         return None
 

@@ -39,6 +39,7 @@ from hostmaint.coordinator.drivers.base import (
     Instance,
     InstanceState,
     InvalidRequest,
+    MigrationDriver,
     MigrationKind,
     MigrationRef,
     MigrationState,
@@ -452,7 +453,17 @@ class NovaDriver:
         return ref.migration_id if ref is not None else 0
 
     def _find_new(self, instance_uuid: str, after_id: int, kind: MigrationKind) -> MigrationRef:
-        """The record an accepted action created: Nova creates it asynchronously."""
+        """The record an accepted action created: Nova creates it asynchronously.
+
+        The action was accepted, so a failure here says it may have acted.
+        """
+        try:
+            return self._poll_new(instance_uuid, after_id, kind)
+        except Unavailable as exc:
+            exc.may_have_acted = True
+            raise
+
+    def _poll_new(self, instance_uuid: str, after_id: int, kind: MigrationKind) -> MigrationRef:
         started = self._clock()
         while True:
             for record in self._migrations(instance_uuid):
@@ -570,3 +581,8 @@ class NovaDriver:
 
 def _ids(ref: MigrationRef) -> tuple[str, int]:
     return ref.instance_uuid, ref.migration_id
+
+
+def _conforms(driver: NovaDriver) -> MigrationDriver:
+    """A static check that NovaDriver implements the MigrationDriver protocol."""
+    return driver

@@ -23,7 +23,7 @@ import requests
 from hostmaint.lab.faultproxy import FaultProxy
 
 REPO = Path(__file__).resolve().parents[2]
-NOVA_VENV = REPO / ".venv-nova"
+NOVA_VENV = REPO / os.environ.get("HOSTMAINT_NOVA_VENV", ".venv-nova")
 HOSTS = ("host1", "host2", "host3")
 START_TIMEOUT_S = 180.0
 STOP_TIMEOUT_S = 30.0
@@ -121,16 +121,19 @@ def nova(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NovaProcess]:
         )
         print(
             f"\nnova: started hosts={','.join(process.hosts)} port={process.port} "
-            f"startup_s={process.startup_s:.2f} (in-process {info['startup_s']:.2f}) "
+            f"startup_s={process.startup_s:.2f} (in-process {info['startup_s']:.2f}, "
+            f"of which imports {info['import_s']:.2f}) "
             f"rss_mib={process.rss_bytes / 2**20:.0f}"
         )
         yield process
         print(f"\nnova: rss_mib_at_end={_rss_bytes(proc.pid) / 2**20:.0f}")
     finally:
         if proc.poll() is None:
+            stopping = time.monotonic()
             proc.send_signal(signal.SIGTERM)
             try:
                 proc.wait(timeout=STOP_TIMEOUT_S)
+                print(f"\nnova: stopped stop_s={time.monotonic() - stopping:.2f}")
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
@@ -228,6 +231,11 @@ def fault_proxy(nova: NovaProcess) -> Iterator[FaultProxy]:
         yield proxy
     finally:
         proxy.stop()
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    # openstacksdk 4.7 warns about its own internal call on every request.
+    config.addinivalue_line("filterwarnings", "ignore:The 'service_type' parameter is unnecesary")
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

@@ -104,6 +104,34 @@ def test_disable_host_records_reason_and_enable_restores(
     assert {h.name for h in driver.list_hosts()} >= {"host1", "host2", "host3"}
 
 
+def test_drain_host1(driver: NovaDriver, nova_admin: NovaAdmin, servers: list[str]) -> None:
+    """The whole drain: disable, list across projects, move each VM, enable."""
+    vms = [
+        nova_admin.create_server("host1", project="tenant-a"),
+        nova_admin.create_server("host1", project="tenant-b", flavor="2"),
+        nova_admin.create_server("host1", project="tenant-b"),
+    ]
+    servers.extend(vms)
+    driver.disable_host("host1", "maintenance: firmware")
+    try:
+        on_host = {i.uuid: i for i in driver.list_instances("host1")}
+        assert set(vms) <= set(on_host)
+        assert {on_host[v].project_id for v in vms} == {"tenant-a", "tenant-b"}
+        targets = [None, "host2", None]
+        refs = [
+            driver.start_live_migration(vm, target_host=target)
+            for vm, target in zip(vms, targets, strict=True)
+        ]
+        finals = [wait_for(driver, ref, finished)[0] for ref in refs]
+        assert [f.state for f in finals] == [MigrationState.COMPLETED] * 3
+        assert finals[1].dest_host == "host2"
+        assert all(f.dest_host in {"host2", "host3"} for f in finals)
+        assert not set(vms) & {i.uuid for i in driver.list_instances("host1")}
+    finally:
+        driver.enable_host("host1")
+    assert driver.host_enabled("host1")
+
+
 def test_unknown_host_is_not_found(driver: NovaDriver) -> None:
     with pytest.raises(NotFound):
         driver.host_enabled("no-such-host")
@@ -360,6 +388,24 @@ def test_500_on_migrate_action_is_not_repeated(
     final, _ = wait_for(driver, ref, finished)
     assert final.state is MigrationState.COMPLETED
     assert len(nova_admin.migrations(server)) == 1
+
+
+def test_lost_lookup_after_accepted_action_says_it_may_have_acted(
+    nova: NovaProcess, nova_admin: NovaAdmin, fault_proxy: FaultProxy, servers: list[str]
+) -> None:
+    server = nova_admin.create_server("host1")
+    servers.append(server)
+    driver = make_driver(fault_proxy.url + "/v2.1", get_retries=1, backoff_s=0.01)
+    # The first lookup (before the action) passes; those after it fail.
+    fault_proxy.add(Fault(method="GET", path=r"/os-migrations\?", status=500, skip=1, times=None))
+    with pytest.raises(NovaUnavailable) as err:
+        driver.start_live_migration(server)
+    assert err.value.may_have_acted is True
+    assert [s.status for s in fault_proxy.seen("POST", ACTION)] == [202]
+    fault_proxy.clear()
+    ref = driver.latest_migration(server)
+    assert ref is not None
+    assert wait_for(driver, ref, finished)[0].state is MigrationState.COMPLETED
 
 
 def test_500_before_nova_leaves_no_migration(
