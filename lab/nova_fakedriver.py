@@ -15,7 +15,8 @@ server's metadata:
   (default: ``HOSTMAINT_NOVA_FAKE_MIGRATION_S``, else 1.0), or ``hold`` to keep
   it running until it is force-completed or aborted.
 - ``hostmaint:migration_fail_s``: fail the migration after this many seconds
-  (Nova then marks the record ``error`` and rolls the server back).
+  (Nova's rollback marks the record ``failed`` and leaves the server where it
+  was, as when a real hypervisor's job fails).
 
 While a migration runs, the record's memory counters move as a real one's do:
 remaining memory falls towards completion; a held migration stalls at 10 % of

@@ -309,7 +309,19 @@ def test_failed_live_migration_reports_error(
     servers.append(server)
     ref = driver.start_live_migration(server, target_host="host2")
     final, _ = wait_for(driver, ref, finished)
-    assert final.state in {MigrationState.FAILED, MigrationState.ERROR}
+    assert (final.state, final.cloud_status) == (MigrationState.FAILED, "failed")
+    assert nova_admin.wait_server(server, {"ACTIVE"})["OS-EXT-SRV-ATTR:host"] == "host1"
+
+
+def test_target_refused_after_acceptance_ends_in_error(
+    driver: NovaDriver, nova_admin: NovaAdmin, servers: list[str]
+) -> None:
+    """A target refused after the 202 (its own host) leaves the record in error."""
+    server = nova_admin.create_server("host1")
+    servers.append(server)
+    ref = driver.start_live_migration(server, target_host="host1")
+    final, _ = wait_for(driver, ref, finished)
+    assert (final.state, final.cloud_status) == (MigrationState.ERROR, "error")
     assert nova_admin.wait_server(server, {"ACTIVE"})["OS-EXT-SRV-ATTR:host"] == "host1"
 
 
