@@ -1,0 +1,187 @@
+"""A real Nova control plane in one process, serving its compute API on TCP.
+
+Runs inside Nova's own virtualenv (``scripts/nova-venv.sh`` creates
+``.venv-nova``), never the project's: Nova pins many libraries. It starts
+Nova's API, conductor, scheduler, placement and one nova-compute service per
+host named on the command line through Nova's functional-test fixtures, with
+the per-server fake driver of ``nova_fakedriver.py``, and serves the API's
+WSGI application on ``127.0.0.1:<port>`` with eventlet's WSGI server.
+
+    .venv-nova/bin/python lab/nova_server.py --port 0 --ready-file /tmp/nova.json \\
+        host1 host2 host3
+
+When the API answers it writes a JSON ready file (and prints one line
+``NOVA READY {...}``) with the port, the hosts, the image ids of the fake
+image service, the flavors, the start-up time and the RSS. Keystone is
+stubbed: send ``X-Auth-User``, ``X-Auth-Project-Id`` and ``X-Roles``. Servers
+are created through the API (an admin may pick the host with
+``availability_zone='nova:<host>'``). SIGTERM or SIGINT stop every service.
+"""
+
+import argparse
+import json
+import logging
+import os
+import resource
+import signal
+import sys
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+DRIVER = "nova_fakedriver.PerServerLiveMigrateDriver"
+_ENV_DURATION = "HOSTMAINT_NOVA_FAKE_MIGRATION_S"
+
+
+def _parse(argv):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("hosts", nargs="+", help="names of the compute hosts to start")
+    parser.add_argument("--port", type=int, default=0, help="TCP port on 127.0.0.1 (0: any)")
+    parser.add_argument("--ready-file", help="write the ready JSON here (atomically)")
+    parser.add_argument("--log-file", help="write Nova's log here")
+    parser.add_argument("--debug", action="store_true", help="log at DEBUG")
+    parser.add_argument(
+        "--migration-s",
+        type=float,
+        default=1.0,
+        help="seconds a fake live migration runs unless the server's metadata says otherwise",
+    )
+    parser.add_argument(
+        "--max-concurrent-live-migrations",
+        type=int,
+        default=8,
+        help=(
+            "Nova's [DEFAULT] max_concurrent_live_migrations; its pool is one per "
+            "process, so in this single process it bounds all hosts together"
+        ),
+    )
+    parser.add_argument(
+        "--response-validation",
+        choices=("error", "warn", "ignore"),
+        default="warn",
+        help="Nova's [api] response_validation (its tests use error, deployments warn)",
+    )
+    return parser.parse_args(argv)
+
+
+def _rss_bytes():
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except OSError:
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def _write_ready(path, info):
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(info, f)
+    os.replace(tmp, path)
+
+
+def main(argv=None):
+    args = _parse(argv if argv is not None else sys.argv[1:])
+    started = time.monotonic()
+    os.environ[_ENV_DURATION] = str(args.migration_s)
+    # Test-runner settings that would cut a long-lived process short.
+    for name in ("OS_TEST_TIMEOUT", "OS_STDOUT_CAPTURE", "OS_STDERR_CAPTURE"):
+        os.environ.pop(name, None)
+
+    # Importing Nova's functional tests applies eventlet's monkey patching.
+    import eventlet
+    import eventlet.wsgi
+    import nova.virt
+    from nova.tests.functional import integrated_helpers
+
+    # Nova loads `compute_driver` as `nova.virt.<name>`: let that package
+    # find the fake driver beside this file.
+    nova.virt.__path__.append(HERE)
+
+    hosts = list(dict.fromkeys(args.hosts))
+
+    class Nova(integrated_helpers._IntegratedTestBase):
+        ADMIN_API = True
+        microversion = "latest"
+        # Casts stay asynchronous, as in a real deployment: a live migration
+        # answers 202 at once and runs in the compute service.
+        CAST_AS_CALL = False
+
+        def _setup_services(self):
+            self.flags(
+                api_paste_config=os.path.join(sys.prefix, "etc/nova/api-paste.ini"), group="wsgi"
+            )
+            self.flags(compute_driver=DRIVER)
+            # Nova's test configuration turns response-schema failures into
+            # errors; a deployment only warns (Nova's default and advice).
+            self.flags(response_validation=args.response_validation, group="api")
+            self.flags(max_concurrent_live_migrations=args.max_concurrent_live_migrations)
+            super()._setup_services()
+
+        def _setup_compute_service(self):
+            first = None
+            for host in hosts:
+                compute = self._start_compute(host)
+                first = first or compute
+            return first
+
+        def runTest(self):
+            """Nothing: the fixtures are the point."""
+
+    imported_s = time.monotonic() - started
+    nova = Nova()
+    stop = []
+
+    def _stop(signum, frame):
+        stop.append(signum)
+
+    signal.signal(signal.SIGTERM, _stop)
+    signal.signal(signal.SIGINT, _stop)
+    try:
+        nova.setUp()
+        if args.log_file:
+            handler = logging.FileHandler(args.log_file)
+            handler.setFormatter(
+                logging.Formatter("%(asctime)s %(levelname)s %(name)s %(message)s")
+            )
+            handler.setLevel(logging.DEBUG if args.debug else logging.INFO)
+            logging.getLogger().addHandler(handler)
+        app = nova.api_fixture.app()
+        sock = eventlet.listen(("127.0.0.1", args.port))
+        port = sock.getsockname()[1]
+        wsgi_log = logging.getLogger("hostmaint.nova_server.wsgi")
+        server = eventlet.spawn(
+            eventlet.wsgi.server, sock, app, log=wsgi_log, log_output=args.debug
+        )
+        images = [{"id": i["id"], "name": i["name"]} for i in nova.glance.images.values()]
+        info = {
+            "port": port,
+            "pid": os.getpid(),
+            "hosts": hosts,
+            "images": images,
+            "image_id": images[0]["id"] if images else None,
+            "flavors": _flavors(nova),
+            "startup_s": round(time.monotonic() - started, 3),
+            "import_s": round(imported_s, 3),
+            "rss_bytes": _rss_bytes(),
+        }
+        if args.ready_file:
+            _write_ready(args.ready_file, info)
+        print("NOVA READY " + json.dumps(info), flush=True)
+        while not stop:
+            eventlet.sleep(0.1)
+        server.kill()
+        sock.close()
+    finally:
+        nova.doCleanups()
+    return 0
+
+
+def _flavors(nova):
+    resp = nova.api.api_get("/flavors/detail")
+    return [
+        {"id": f["id"], "name": f["name"], "ram": f["ram"], "vcpus": f["vcpus"]}
+        for f in resp.body["flavors"]
+    ]
+
+
+if __name__ == "__main__":
+    sys.exit(main())
