@@ -171,7 +171,10 @@ class AgentRegistry:
             return {}
         try:
             return self._discover()
-        except (errors.CoordinatorError, DriverError) as e:  # a cloud outage must not hide the agents
+        except (
+            errors.CoordinatorError,
+            DriverError,
+        ) as e:  # a cloud outage must not hide the agents
             LOG.warning("agent discovery failed error=%s", e)
             return {}
 

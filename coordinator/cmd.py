@@ -16,6 +16,7 @@ from oslo_config import cfg
 from hostmaint.common import daemon
 from hostmaint.coordinator import config
 from hostmaint.coordinator.agents import AgentRegistry
+from hostmaint.coordinator.drivers import nova
 from hostmaint.coordinator.drivers.base import MigrationDriver
 from hostmaint.coordinator.drivers.direct import DirectDriver
 from hostmaint.coordinator.executor import Executor, ExecutorSettings
@@ -26,12 +27,30 @@ from hostmaint.protos import coordinator_pb2_grpc
 
 LOG = logging.getLogger(__name__)
 SERVICE_NAME = "hostmaint.v1.Coordinator"
+# Nova's test fixture stubs Keystone and trusts these headers.
+NOAUTH_HEADERS = {
+    "X-Auth-User": "admin",
+    "X-Auth-Project-Id": "admin",
+    "X-Roles": "admin,member,reader",
+}
 
 
-def _nova_driver(conf: cfg.ConfigOpts) -> MigrationDriver:
-    from hostmaint.coordinator.drivers.nova import NovaDriver
-
-    return NovaDriver.from_config(conf)
+def _nova_driver(conf: cfg.ConfigOpts, stopped: threading.Event) -> MigrationDriver:
+    n = conf.nova
+    if n.endpoint:
+        headers = NOAUTH_HEADERS if n.noauth else {}
+        conn = nova.connect(endpoint=n.endpoint, headers=headers, timeout_s=n.timeout_s)
+    elif n.cloud:
+        conn = nova.connect(cloud=n.cloud, timeout_s=n.timeout_s)
+    else:
+        raise SystemExit("[nova] needs `cloud` (clouds.yaml) or `endpoint`")
+    return nova.NovaDriver(
+        conn,
+        microversion=n.microversion,
+        timeout_s=n.timeout_s,
+        get_retries=n.retries,
+        wait=stopped.wait,
+    )
 
 
 class Coordinator:
@@ -58,11 +77,11 @@ class Coordinator:
                 cpu_allocation_ratio=conf.libvirt_driver.cpu_allocation_ratio,
             )
         else:
-            nova = _nova_driver(conf)
+            cloud = _nova_driver(conf, self.stopped)
             port = conf.agents.port
 
             def discover() -> dict[str, str]:
-                return {h.name: f"{h.name}:{port}" for h in nova.list_hosts()}
+                return {h.name: f"{h.name}:{port}" for h in cloud.list_hosts()}
 
             self.registry = AgentRegistry(
                 conf.agents.hosts,
@@ -71,7 +90,7 @@ class Coordinator:
                 clock=time.time,
                 discover=discover,
             )
-            self.driver = nova
+            self.driver = cloud
         d = conf.drain
         self.executor = Executor(
             self.driver,

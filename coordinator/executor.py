@@ -15,8 +15,8 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Iterator
-from typing import Any
 from dataclasses import dataclass, field, replace
+from typing import Any
 
 from hostmaint.coordinator import errors, escalation, views
 from hostmaint.coordinator.agents import AgentRegistry

@@ -32,8 +32,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from hostmaint.coordinator.model import (
-    MIB,
     DEFAULT_PARAMS,
+    MIB,
     DrainPolicy,
     Link,
     Migration,
@@ -201,7 +201,9 @@ def _place(
             best, best_free = t, free_mem
     if best is None:
         return Unmovable(
-            vm.uuid, vm.name, "no target host with capacity, CPU and group fit (" + "; ".join(why) + ")"
+            vm.uuid,
+            vm.name,
+            "no target host with capacity, CPU and group fit (" + "; ".join(why) + ")",
         )
     return best.name
 

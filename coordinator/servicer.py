@@ -63,7 +63,9 @@ def check_host(host: str, known: list[str] | None = None) -> str:
 def check_policy_fields(policy: cpb.DrainPolicy) -> None:
     for uuid in policy.vm_max_downtime_ms:
         if not _UUID.match(uuid):
-            raise errors.InvalidArgument("policy.vm_max_downtime_ms", f"{uuid[:64]!r} is not a UUID")
+            raise errors.InvalidArgument(
+                "policy.vm_max_downtime_ms", f"{uuid[:64]!r} is not a UUID"
+            )
     for host in policy.target_hosts:
         check_host(host)
 
@@ -86,13 +88,17 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServicer):
         return latest.id
 
     @translated
-    def PlanDrain(self, request: cpb.PlanDrainRequest, context: grpc.ServicerContext) -> cpb.DrainPlan:
+    def PlanDrain(
+        self, request: cpb.PlanDrainRequest, context: grpc.ServicerContext
+    ) -> cpb.DrainPlan:
         host = self._known_host(request.host)
         check_policy_fields(request.policy)
         plan_pb, _, _ = self._executor.plan(host, request.policy)
         return plan_pb
 
-    def Drain(self, request: cpb.DrainRequest, context: grpc.ServicerContext) -> Iterator[cpb.DrainEvent]:
+    def Drain(
+        self, request: cpb.DrainRequest, context: grpc.ServicerContext
+    ) -> Iterator[cpb.DrainEvent]:
         try:
             host = self._known_host(request.host)
             check_policy_fields(request.policy)
@@ -109,23 +115,31 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServicer):
         yield from self._executor.events(drain_id, lambda: not context.is_active())
 
     @translated
-    def GetDrain(self, request: cpb.GetDrainRequest, context: grpc.ServicerContext) -> cpb.DrainStatus:
+    def GetDrain(
+        self, request: cpb.GetDrainRequest, context: grpc.ServicerContext
+    ) -> cpb.DrainStatus:
         return self._executor.status(self._drain_id(request.host, request.drain_id))
 
     @translated
-    def CancelDrain(self, request: cpb.CancelDrainRequest, context: grpc.ServicerContext) -> cpb.DrainStatus:
+    def CancelDrain(
+        self, request: cpb.CancelDrainRequest, context: grpc.ServicerContext
+    ) -> cpb.DrainStatus:
         drain_id = self._drain_id(request.host, request.drain_id)
         self._executor.cancel(drain_id, request.abort_running)
         return self._executor.status(drain_id)
 
     @translated
-    def Undrain(self, request: cpb.UndrainRequest, context: grpc.ServicerContext) -> cpb.UndrainResponse:
+    def Undrain(
+        self, request: cpb.UndrainRequest, context: grpc.ServicerContext
+    ) -> cpb.UndrainResponse:
         host = self._known_host(request.host)
         self._executor.undrain(host)
         return cpb.UndrainResponse(host=host, enabled=True)
 
     @translated
-    def ListAgents(self, request: cpb.ListAgentsRequest, context: grpc.ServicerContext) -> cpb.ListAgentsResponse:
+    def ListAgents(
+        self, request: cpb.ListAgentsRequest, context: grpc.ServicerContext
+    ) -> cpb.ListAgentsResponse:
         answer = cpb.ListAgentsResponse()
         for status in self._registry.probe_all():
             info = cpb.AgentInfo(

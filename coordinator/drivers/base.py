@@ -120,6 +120,30 @@ class MigrationStatus:
     disk_remaining_bytes: int | None = None
 
 
+@dataclass(frozen=True)
+class LiveMigrationOptions:
+    """How to start a live migration, where the driver controls it.
+
+    The libvirt driver applies these; Nova starts its migrations with what
+    nova.conf permits and ignores them (the agents tune Nova's jobs instead).
+    """
+
+    max_downtime_ms: int = 0
+    auto_converge: bool = False
+    allow_postcopy: bool = False
+    bandwidth_bytes_per_s: int = 0
+    migration_uri: str = ""
+
+    def describe(self) -> dict[str, object]:
+        return {
+            "max_downtime_ms": self.max_downtime_ms,
+            "auto_converge": self.auto_converge,
+            "allow_postcopy": self.allow_postcopy,
+            "bandwidth_bytes_per_s": self.bandwidth_bytes_per_s,
+            "migration_uri": self.migration_uri,
+        }
+
+
 class DriverError(Exception):
     """A driver call failed; `status` is the cloud's answer when there was one."""
 
@@ -198,11 +222,15 @@ class MigrationDriver(Protocol):
     def list_instances(self, host: str) -> list[Instance]:
         """Every VM on `host`, whatever its project."""
 
+    def get_instance(self, instance_uuid: str) -> Instance:
+        """One VM, wherever it runs now (its `host` says where)."""
+
     def start_live_migration(
         self,
         instance_uuid: str,
         target_host: str | None = None,
         block_migration: bool | None = None,
+        options: LiveMigrationOptions | None = None,
     ) -> MigrationRef:
         """Start a live migration; no target lets the cloud's scheduler choose.
 

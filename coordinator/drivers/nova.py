@@ -39,6 +39,7 @@ from hostmaint.coordinator.drivers.base import (
     Instance,
     InstanceState,
     InvalidRequest,
+    LiveMigrationOptions,
     MigrationDriver,
     MigrationKind,
     MigrationRef,
@@ -381,6 +382,11 @@ class NovaDriver:
         groups = self._server_groups()
         return [self._instance(server, groups.get(server["id"], ())) for server in servers]
 
+    def get_instance(self, instance_uuid: str) -> Instance:
+        server = self._request("GET", f"/servers/{instance_uuid}")["server"]
+        groups = self._server_groups()
+        return self._instance(server, groups.get(instance_uuid, ()))
+
     def _all_servers(self, host: str) -> list[dict[str, Any]]:
         servers: list[dict[str, Any]] = []
         query = {"host": host, "all_tenants": "1", "limit": "200"}
@@ -486,7 +492,12 @@ class NovaDriver:
         instance_uuid: str,
         target_host: str | None = None,
         block_migration: bool | None = None,
+        options: LiveMigrationOptions | None = None,
     ) -> MigrationRef:
+        """Nova starts the job with what nova.conf permits: `options` are not Nova's to take.
+
+        The agents apply the downtime limit and the other tuning to Nova's job.
+        """
         mv = self._microversion()
         after_id = self._newest_id(instance_uuid)
         action: dict[str, Any] = {

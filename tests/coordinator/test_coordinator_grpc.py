@@ -61,7 +61,9 @@ def test_plan_accounts_for_every_vm(cluster: Cluster) -> None:
             "max_downtime_ms",
         ),
         (
-            cpb.PlanDrainRequest(host="host1", policy=cpb.DrainPolicy(max_parallel_per_source=1000)),
+            cpb.PlanDrainRequest(
+                host="host1", policy=cpb.DrainPolicy(max_parallel_per_source=1000)
+            ),
             grpc.StatusCode.INVALID_ARGUMENT,
             "max_parallel",
         ),

@@ -37,7 +37,9 @@ def test_backfill_with_what_fits() -> None:
     st.integers(1, 6),
     st.integers(1, 3),
 )
-def test_limits_are_never_exceeded(items: list[tuple[str, float]], par: int, per_target: int) -> None:
+def test_limits_are_never_exceeded(
+    items: list[tuple[str, float]], par: int, per_target: int
+) -> None:
     queue = [Slot(f"vm{i}", t, need * MB) for i, (t, need) in enumerate(items)]
     chosen = ready_to_start(
         queue, [], max_parallel=par, max_parallel_per_target=per_target, link_bytes_per_s=100 * MB
@@ -51,9 +53,12 @@ def test_limits_are_never_exceeded(items: list[tuple[str, float]], par: int, per
         assert chosen  # something always starts when nothing runs
 
 
-def _history(remaining: list[int], start_s: float = 0.0, step_s: float = 2.0) -> list[esc.Observation]:
+def _history(
+    remaining: list[int], start_s: float = 0.0, step_s: float = 2.0
+) -> list[esc.Observation]:
     return [
-        esc.Observation(start_s + i * step_s, i + 1, r, 50 * MB, 300) for i, r in enumerate(remaining)
+        esc.Observation(start_s + i * step_s, i + 1, r, 50 * MB, 300)
+        for i, r in enumerate(remaining)
     ]
 
 
