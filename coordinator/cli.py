@@ -140,7 +140,7 @@ def _policy_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--max-downtime-ms",
         type=int,
-        default=0,
+        default=None,
         metavar="N",
         help=f"real downtime accepted per VM, 1..{MAX_DOWNTIME_MS} (default: the coordinator's)",
     )
@@ -154,14 +154,14 @@ def _policy_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--max-parallel",
         type=int,
-        default=0,
+        default=None,
         metavar="N",
         help=f"migrations at once from the host, 1..{MAX_PARALLEL}",
     )
     parser.add_argument(
         "--max-parallel-per-target",
         type=int,
-        default=0,
+        default=None,
         metavar="N",
         help=f"migrations at once into one target, 1..{MAX_PARALLEL}",
     )
@@ -172,7 +172,7 @@ def _policy_options(parser: argparse.ArgumentParser) -> None:
         "--no-auto-converge", action="store_true", help="forbid auto-converge (vCPU throttling)"
     )
     parser.add_argument(
-        "--deadline-s", type=float, default=0.0, metavar="S", help="seconds the drain may take"
+        "--deadline-s", type=float, default=None, metavar="S", help="seconds the drain may take"
     )
     parser.add_argument(
         "--target",
@@ -269,7 +269,7 @@ def policy_from_args(args: argparse.Namespace) -> pb.DrainPolicy:
             else pb.NON_LIVE_ACTION_UNSPECIFIED
         ),
     )
-    if args.max_downtime_ms:
+    if args.max_downtime_ms is not None:
         _check_range("--max-downtime-ms", args.max_downtime_ms, 1, MAX_DOWNTIME_MS)
         policy.max_downtime_ms = args.max_downtime_ms
     for item in args.vm_max_downtime_ms:
@@ -283,13 +283,13 @@ def policy_from_args(args: argparse.Namespace) -> pb.DrainPolicy:
             raise UsageError(f"--vm-max-downtime-ms must be UUID=N, not {item!r}")
         _check_range("--vm-max-downtime-ms", limit_ms, 1, MAX_DOWNTIME_MS)
         policy.vm_max_downtime_ms[vm_uuid] = limit_ms
-    if args.max_parallel:
+    if args.max_parallel is not None:
         _check_range("--max-parallel", args.max_parallel, 1, MAX_PARALLEL)
         policy.max_parallel_per_source = args.max_parallel
-    if args.max_parallel_per_target:
+    if args.max_parallel_per_target is not None:
         _check_range("--max-parallel-per-target", args.max_parallel_per_target, 1, MAX_PARALLEL)
         policy.max_parallel_per_target = args.max_parallel_per_target
-    if args.deadline_s:
+    if args.deadline_s is not None:
         _check_range("--deadline-s", args.deadline_s, 1, MAX_DEADLINE_S)
         policy.deadline_s = args.deadline_s
     targets: list[str] = []

@@ -22,11 +22,27 @@ GIB = 1024**3
 MIB = 1024**2
 ELLIPSIS = "…"
 NOTES_KEPT = 4
-MIN_BAR = 8
+MIN_BAR = 6
 MAX_BAR = 40
 NAME_WIDTH = 24
+LIVE_NAME_WIDTH = 20
+NARROW = 100
+NARROW_NAME_WIDTH = 10
+TAIL_ROOM = 23
 
 Ev = pb.DrainEventKind
+# The events about one VM's migration (the others are about the drain).
+VM_EVENTS = frozenset(
+    {
+        Ev.DRAIN_EVENT_KIND_QUEUED,
+        Ev.DRAIN_EVENT_KIND_MIGRATION_STARTED,
+        Ev.DRAIN_EVENT_KIND_PROGRESS,
+        Ev.DRAIN_EVENT_KIND_TUNED,
+        Ev.DRAIN_EVENT_KIND_MIGRATION_COMPLETED,
+        Ev.DRAIN_EVENT_KIND_MIGRATION_FAILED,
+        Ev.DRAIN_EVENT_KIND_RETRIED,
+    }
+)
 TERMINAL_VM_STATES = frozenset({pb.VM_STATE_COMPLETED, pb.VM_STATE_FAILED})
 FINISHED_DRAIN_STATES = frozenset(
     {
@@ -72,7 +88,7 @@ def prediction(value_s: float) -> str:
 
 
 def bar(fraction: float, width: int) -> str:
-    """[#####-----] with `width` cells inside the brackets."""
+    """[#####-----] with `width` cells inside the brackets (width + 2 characters)."""
     width = max(1, width)
     fraction = min(1.0, max(0.0, fraction))
     filled = int(fraction * width + 1e-9)
@@ -476,6 +492,7 @@ class VmRow:
     attempts: int = 0
     error: str = ""
     started_at_s: float | None = None
+    ended_at_s: float | None = None
     progress: Progress | None = None
 
 
@@ -564,7 +581,7 @@ def apply(view: LiveView, event: pb.DrainEvent, received_s: float) -> LiveView:
 
     vm_uuid = event.vm.vm_uuid or event.vm_uuid or event.progress.domain_uuid
     rows = view.rows
-    row = _find(rows, vm_uuid) if vm_uuid else None
+    row = _find(rows, vm_uuid) if vm_uuid and kind in VM_EVENTS else None
     if row is not None and event.HasField("vm"):
         row = _merge_vm(row, event.vm)
     title = vm_title(row.name, row.vm_uuid) if row is not None else ""
@@ -592,7 +609,7 @@ def apply(view: LiveView, event: pb.DrainEvent, received_s: float) -> LiveView:
                 ),
             )
     elif kind == Ev.DRAIN_EVENT_KIND_BLOCKED:
-        changes["notes"] = _note(view, f"blocked: {title or '?'}: {event.message}".rstrip(": "))
+        changes["notes"] = _note(view, f"blocked: {event.message or uuid8(vm_uuid)}")
     elif row is not None and kind == Ev.DRAIN_EVENT_KIND_MIGRATION_STARTED:
         row = dataclasses.replace(
             row, state=pb.VM_STATE_MIGRATING, started_at_s=at, progress=None, error=""
@@ -606,14 +623,16 @@ def apply(view: LiveView, event: pb.DrainEvent, received_s: float) -> LiveView:
         what = ", ".join(event.vm.tuning_applied[-1:]) or event.message
         changes["notes"] = _note(view, f"tuned {title}: {what}")
     elif row is not None and kind == Ev.DRAIN_EVENT_KIND_MIGRATION_COMPLETED:
-        row = dataclasses.replace(row, state=pb.VM_STATE_COMPLETED)
+        row = dataclasses.replace(row, state=pb.VM_STATE_COMPLETED, ended_at_s=at)
         if row.actual_total_s <= 0 and row.progress is not None:
             row = dataclasses.replace(row, actual_total_s=row.progress.elapsed_s)
     elif row is not None and kind == Ev.DRAIN_EVENT_KIND_MIGRATION_FAILED:
-        row = dataclasses.replace(row, state=pb.VM_STATE_FAILED)
+        row = dataclasses.replace(row, state=pb.VM_STATE_FAILED, ended_at_s=at)
         changes["notes"] = _note(view, f"failed {title}: {row.error or event.message}")
     elif row is not None and kind == Ev.DRAIN_EVENT_KIND_RETRIED:
-        row = dataclasses.replace(row, state=pb.VM_STATE_QUEUED, progress=None, error="")
+        row = dataclasses.replace(
+            row, state=pb.VM_STATE_QUEUED, progress=None, error="", ended_at_s=None
+        )
         changes["notes"] = _note(view, f"retrying {title} (attempt {row.attempts or '?'})")
     elif kind == Ev.DRAIN_EVENT_KIND_FINISHED:
         status = event.status
@@ -633,6 +652,8 @@ def _row_elapsed(row: VmRow, server_now: float) -> float | None:
     if row.state in TERMINAL_VM_STATES:
         if row.actual_total_s > 0:
             return row.actual_total_s
+        if row.started_at_s is not None and row.ended_at_s is not None:
+            return max(0.0, row.ended_at_s - row.started_at_s)
         return p.elapsed_s if p is not None else None
     if row.state != pb.VM_STATE_MIGRATING:
         return None
@@ -652,27 +673,25 @@ def _row_line(row: VmRow, server_now: float, width: int, name_width: int) -> str
     else:
         fraction = p.fraction if p else 0.0
         phase = phase_label(p.phase) if p and p.phase else "starting"
-    pct = (
-        f"{fraction * 100:3.0f}%" if p is not None or row.state == pb.VM_STATE_COMPLETED else "  -%"
-    )
+    known = p is not None or row.state == pb.VM_STATE_COMPLETED
+    pct = f"{fraction * 100:3.0f}%" if known else "  -%"
     it = f"it {p.iteration:<3d}" if p is not None else "it -  "
     elapsed = f"{seconds(_row_elapsed(row, server_now))}/{prediction(row.predicted_total_s)}"
     if row.state == pb.VM_STATE_COMPLETED:
-        tail = (
-            f"downtime {row.actual_downtime_ms or '?'} ms (pred {row.predicted_downtime_ms or '?'})"
-        )
+        tail = f"dt {row.actual_downtime_ms or '?'} ms (pred {row.predicted_downtime_ms or '?'})"
     elif row.state == pb.VM_STATE_FAILED:
         tail = f"error: {row.error or '?'}"
     elif p is not None and p.max_downtime_ms:
-        by = f" by {p.max_downtime_set_by}" if p.max_downtime_set_by else ""
+        by = f" ({p.max_downtime_set_by})" if p.max_downtime_set_by else ""
         tail = f"limit {p.max_downtime_ms} ms{by}"
     else:
         tail = "limit ?"
     name = clip(vm_title(row.name, row.vm_uuid), name_width).ljust(name_width)
-    fixed = f"  {name} {phase:<9} "
-    rest = f" {pct} {it} {elapsed:>13}  {tail}"
-    bar_width = max(MIN_BAR, min(MAX_BAR, width - len(fixed) - len(rest) - 2))
-    return fixed + bar(fraction, bar_width) + rest
+    head = f"  {name} {phase:<8} "
+    middle = f" {pct} {elapsed:>11} {it}"
+    room = width - 1 - len(head) - 2 - len(middle) - 2 - TAIL_ROOM
+    cells = max(MIN_BAR, min(MAX_BAR, room))
+    return head + bar(fraction, cells) + middle + "  " + tail
 
 
 def server_time(view: LiveView, now: float) -> float:
@@ -687,10 +706,13 @@ def render_live(view: LiveView, now: float, width: int = 100, height: int = 40) 
     failed = sum(1 for r in view.rows if r.state == pb.VM_STATE_FAILED)
     migrating = sum(1 for r in view.rows if r.state == pb.VM_STATE_MIGRATING)
     queued = sum(1 for r in view.rows if r.state == pb.VM_STATE_QUEUED)
-    total = max(view.planned, len(view.rows))
-    head = f"drain {view.drain_id or '?'} of {view.host or '?'}: {drain_state_label(view.state)}"
+    total = max(view.planned, sum(1 for r in view.rows if r.state != pb.VM_STATE_UNMOVABLE))
+    drain = f" ({view.drain_id[:8]})" if view.drain_id else ""
+    head = f"drain of {view.host or '?'}{drain}: {drain_state_label(view.state)}"
     head += f"  {done}/{total} VMs done"
-    extra = [f"{migrating} migrating", f"{queued} queued"]
+    extra = [f"{migrating} migrating"]
+    if queued:
+        extra.append(f"{queued} queued")
     if failed:
         extra.append(f"{failed} failed")
     if view.unmovable:
@@ -705,7 +727,8 @@ def render_live(view: LiveView, now: float, width: int = 100, height: int = 40) 
     times = f"elapsed {seconds(elapsed)} / predicted {prediction(view.predicted_makespan_s)}"
     fraction = done / total if total else (1.0 if view.finished else 0.0)
     tail = f" {fraction * 100:3.0f}%  {times}"
-    overall = "  " + bar(fraction, max(MIN_BAR, min(2 * MAX_BAR, width - len(tail) - 4))) + tail
+    cells = max(MIN_BAR, min(2 * MAX_BAR, width - 1 - 2 - 2 - len(tail)))
+    overall = "  " + bar(fraction, cells) + tail
 
     shown = [
         r for r in view.rows if r.state == pb.VM_STATE_MIGRATING or r.state in TERMINAL_VM_STATES
@@ -721,7 +744,8 @@ def render_live(view: LiveView, now: float, width: int = 100, height: int = 40) 
         hidden = len(shown) - len(kept)
         keep_ids = {r.vm_uuid for r in kept}
         shown = [r for r in shown if r.vm_uuid in keep_ids]
-    name_width = min(NAME_WIDTH, max([4, *(len(vm_title(r.name, r.vm_uuid)) for r in shown)]))
+    widest = max([4, *(len(vm_title(r.name, r.vm_uuid)) for r in shown)])
+    name_width = min(LIVE_NAME_WIDTH if width >= NARROW else NARROW_NAME_WIDTH, widest)
     lines = [head, overall]
     lines += [_row_line(r, server_now, width, name_width) for r in shown]
     if hidden:
