@@ -28,7 +28,7 @@ NAME_WIDTH = 24
 LIVE_NAME_WIDTH = 20
 NARROW = 100
 NARROW_NAME_WIDTH = 10
-TAIL_ROOM = 23
+TAIL_ROOM = 25
 
 Ev = pb.DrainEventKind
 # The events about one VM's migration (the others are about the drain).
