@@ -152,7 +152,7 @@ def final_status(state: int = pb.DRAIN_STATE_INCOMPLETE) -> pb.DrainStatus:
     return pb.DrainStatus(
         drain_id=DRAIN_ID,
         host=HOST,
-        state=state,
+        state=state,  # type: ignore[arg-type]
         policy=pb.DrainPolicy(max_downtime_ms=500, allow_postcopy=False),
         started_at=ts(T0),
         finished_at=ts(T0 + 74.2),
