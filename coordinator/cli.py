@@ -1,0 +1,566 @@
+"""hostmaint: the operator's command line for the coordinator.
+
+    hostmaint plan HOST [policy options]        the drain plan, nothing changes
+    hostmaint drain HOST [policy options] [--reason TEXT] [--dry-run]
+    hostmaint status [HOST] [--drain-id ID]     the latest drain of HOST, or one by id
+    hostmaint cancel HOST [--abort-running]     stop starting migrations (abort running ones)
+    hostmaint undrain HOST                      re-enable a drained host
+    hostmaint agents                            the agents the coordinator knows
+
+Global options (before or after the command): --coordinator HOST:PORT (default:
+$HOSTMAINT_COORDINATOR, else 127.0.0.1:7711), --timeout S (the deadline of every
+unary call; the drain's event stream has none), --json (machine output: one JSON
+document per command, for `drain` one JSON object per event, JSON Lines), and
+--cert/--key/--ca for mutual TLS.
+
+`drain` shows a live view redrawn in place on a terminal and one line per
+event otherwise (--progress forces either), then the summary table. Ctrl-C
+detaches: the drain goes on on the coordinator; `hostmaint status HOST` shows it.
+
+Exit codes:
+    0  success; for `drain`, the drain COMPLETED
+    1  any other error (an unexpected gRPC code, the event stream ended early)
+    2  usage: invalid arguments (nothing is sent), or INVALID_ARGUMENT/OUT_OF_RANGE
+    3  NOT_FOUND (no such host or drain)
+    4  FAILED_PRECONDITION, ABORTED or ALREADY_EXISTS (refused in the current state)
+    5  UNAVAILABLE or DEADLINE_EXCEEDED (the coordinator cannot be reached in time)
+    6  the drain finished INCOMPLETE (some VMs could not be moved)
+    7  the drain FAILED
+    8  the drain was CANCELLED
+    130  Ctrl-C: detached from a running drain (it continues)
+gRPC errors are reported as one line on stderr: `hostmaint: <CODE>: <details>`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import queue
+import re
+import shutil
+import sys
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import Any, TextIO
+
+import grpc
+from google.protobuf import json_format, message
+
+from hostmaint.common import daemon
+from hostmaint.coordinator import cliview
+from hostmaint.protos import coordinator_pb2 as pb
+from hostmaint.protos import coordinator_pb2_grpc
+
+PROG = "hostmaint"
+DEFAULT_COORDINATOR = "127.0.0.1:7711"
+COORDINATOR_ENV = "HOSTMAINT_COORDINATOR"
+DEFAULT_TIMEOUT_S = 30.0
+
+EXIT_OK = 0
+EXIT_ERROR = 1
+EXIT_USAGE = 2
+EXIT_NOT_FOUND = 3
+EXIT_REFUSED = 4
+EXIT_UNAVAILABLE = 5
+EXIT_INCOMPLETE = 6
+EXIT_FAILED = 7
+EXIT_CANCELLED = 8
+EXIT_DETACHED = 130
+
+EXIT_BY_CODE = {
+    grpc.StatusCode.INVALID_ARGUMENT: EXIT_USAGE,
+    grpc.StatusCode.OUT_OF_RANGE: EXIT_USAGE,
+    grpc.StatusCode.NOT_FOUND: EXIT_NOT_FOUND,
+    grpc.StatusCode.FAILED_PRECONDITION: EXIT_REFUSED,
+    grpc.StatusCode.ABORTED: EXIT_REFUSED,
+    grpc.StatusCode.ALREADY_EXISTS: EXIT_REFUSED,
+    grpc.StatusCode.UNAVAILABLE: EXIT_UNAVAILABLE,
+    grpc.StatusCode.DEADLINE_EXCEEDED: EXIT_UNAVAILABLE,
+}
+EXIT_BY_DRAIN_STATE = {
+    pb.DRAIN_STATE_COMPLETED: EXIT_OK,
+    pb.DRAIN_STATE_INCOMPLETE: EXIT_INCOMPLETE,
+    pb.DRAIN_STATE_FAILED: EXIT_FAILED,
+    pb.DRAIN_STATE_CANCELLED: EXIT_CANCELLED,
+}
+
+# Bounds of what a request may ask for; outside them the CLI refuses before sending.
+MAX_DOWNTIME_MS = 2_000_000  # QEMU's limit is 2000 s
+MAX_PARALLEL = 64
+MAX_DEADLINE_S = 7 * 24 * 3600.0
+MAX_TIMEOUT_S = 3600.0
+MAX_REASON_CHARS = 1000
+HOST_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,252}$")
+TICK_S = 0.5  # how often the live view redraws between events
+HIDE_CURSOR = "\x1b[?25l"
+SHOW_CURSOR = "\x1b[?25h"
+
+
+class UsageError(Exception):
+    pass
+
+
+# ---- arguments ---------------------------------------------------------------------------
+
+
+def _global_options(parser: argparse.ArgumentParser, *, suppress: bool) -> None:
+    """The global options; on sub-commands with SUPPRESS so they work in either place."""
+
+    def default(value: object) -> object:
+        return argparse.SUPPRESS if suppress else value
+
+    parser.add_argument(
+        "--coordinator",
+        metavar="HOST:PORT",
+        default=default(None),
+        help=f"the coordinator (default: ${COORDINATOR_ENV} or {DEFAULT_COORDINATOR})",
+    )
+    parser.add_argument(
+        "--timeout",
+        type=float,
+        metavar="S",
+        default=default(DEFAULT_TIMEOUT_S),
+        help=f"deadline of every unary call in seconds (default {DEFAULT_TIMEOUT_S:g})",
+    )
+    parser.add_argument(
+        "--json", action="store_true", default=default(False), help="machine-readable output"
+    )
+    parser.add_argument("--cert", default=default(""), help="client certificate (PEM)")
+    parser.add_argument("--key", default=default(""), help="client private key (PEM)")
+    parser.add_argument("--ca", default=default(""), help="CA certificate (PEM)")
+
+
+def _policy_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("host", metavar="HOST", help="the compute host to drain")
+    parser.add_argument(
+        "--max-downtime-ms",
+        type=int,
+        default=None,
+        metavar="N",
+        help=f"real downtime accepted per VM, 1..{MAX_DOWNTIME_MS} (default: the coordinator's)",
+    )
+    parser.add_argument(
+        "--vm-max-downtime-ms",
+        action="append",
+        default=[],
+        metavar="UUID=N",
+        help="a per-VM downtime limit (repeatable)",
+    )
+    parser.add_argument(
+        "--max-parallel",
+        type=int,
+        default=None,
+        metavar="N",
+        help=f"migrations at once from the host, 1..{MAX_PARALLEL}",
+    )
+    parser.add_argument(
+        "--max-parallel-per-target",
+        type=int,
+        default=None,
+        metavar="N",
+        help=f"migrations at once into one target, 1..{MAX_PARALLEL}",
+    )
+    parser.add_argument(
+        "--allow-postcopy", action="store_true", help="allow post-copy as a last resort"
+    )
+    parser.add_argument(
+        "--no-auto-converge", action="store_true", help="forbid auto-converge (vCPU throttling)"
+    )
+    parser.add_argument(
+        "--deadline-s", type=float, default=None, metavar="S", help="seconds the drain may take"
+    )
+    parser.add_argument(
+        "--target",
+        action="append",
+        default=[],
+        metavar="HOST",
+        help="only migrate to this host (repeatable); default: any enabled host",
+    )
+    parser.add_argument(
+        "--cold-migrate-stopped",
+        action="store_true",
+        help="cold-migrate shut-off, paused and suspended VMs instead of leaving them",
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog=PROG,
+        description="Drain KVM compute hosts for maintenance through the hostmaint coordinator.",
+        epilog="Exit codes: 0 ok, 1 error, 2 usage, 3 not found, 4 refused, 5 unavailable, "
+        "6 drain incomplete, 7 drain failed, 8 drain cancelled, 130 detached.",
+    )
+    _global_options(parser, suppress=False)
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    def command(name: str, help_text: str) -> argparse.ArgumentParser:
+        sub = commands.add_parser(name, help=help_text, description=help_text)
+        _global_options(sub, suppress=True)
+        return sub
+
+    plan = command("plan", "print the plan for draining a host; nothing changes")
+    _policy_options(plan)
+
+    drain = command("drain", "disable a host and migrate every VM away")
+    _policy_options(drain)
+    drain.add_argument("--reason", default="", metavar="TEXT", help="why (kept with the drain)")
+    drain.add_argument("--dry-run", action="store_true", help="print the plan only")
+    drain.add_argument(
+        "--progress",
+        choices=("auto", "live", "lines"),
+        default="auto",
+        help="live view redrawn in place, or one line per event (default: live on a terminal)",
+    )
+
+    status = command("status", "show the latest drain of a host, or a drain by id")
+    status.add_argument("host", metavar="HOST", nargs="?", default="")
+    status.add_argument("--drain-id", default="", metavar="ID")
+
+    cancel = command("cancel", "stop a drain from starting more migrations")
+    cancel.add_argument("host", metavar="HOST")
+    cancel.add_argument("--drain-id", default="", metavar="ID")
+    cancel.add_argument(
+        "--abort-running", action="store_true", help="also abort the migrations running now"
+    )
+
+    undrain = command("undrain", "re-enable a drained host")
+    undrain.add_argument("host", metavar="HOST")
+
+    command("agents", "list the agents the coordinator knows, with their health")
+    return parser
+
+
+def _check_host(host: str, what: str = "HOST") -> str:
+    host = host.strip()
+    if not host:
+        raise UsageError(f"{what} must not be empty")
+    if not HOST_RE.match(host):
+        raise UsageError(f"{what} {host!r} is not a host name")
+    return host
+
+
+def _check_range(name: str, value: float, low: float, high: float) -> None:
+    if not math.isfinite(value) or not low <= value <= high:
+        raise UsageError(f"{name} must be between {low:g} and {high:g}, not {value:g}")
+
+
+def _check_address(address: str) -> str:
+    if address.startswith(("unix:", "dns:", "ipv4:", "ipv6:")):
+        return address
+    host, sep, port = address.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 1 <= int(port) <= 65535:
+        raise UsageError(f"--coordinator must be HOST:PORT, not {address!r}")
+    return address
+
+
+def policy_from_args(args: argparse.Namespace) -> pb.DrainPolicy:
+    """The policy the options ask for, checked; raises UsageError."""
+    policy = pb.DrainPolicy(
+        allow_postcopy=args.allow_postcopy,
+        forbid_auto_converge=args.no_auto_converge,
+        non_live_action=(
+            pb.NON_LIVE_ACTION_COLD_MIGRATE
+            if args.cold_migrate_stopped
+            else pb.NON_LIVE_ACTION_UNSPECIFIED
+        ),
+    )
+    if args.max_downtime_ms is not None:
+        _check_range("--max-downtime-ms", args.max_downtime_ms, 1, MAX_DOWNTIME_MS)
+        policy.max_downtime_ms = args.max_downtime_ms
+    for item in args.vm_max_downtime_ms:
+        vm, sep, value = item.partition("=")
+        try:
+            vm_uuid = str(uuid.UUID(vm.strip()))
+            limit_ms = int(value)
+        except ValueError:
+            raise UsageError(f"--vm-max-downtime-ms must be UUID=N, not {item!r}") from None
+        if not sep:
+            raise UsageError(f"--vm-max-downtime-ms must be UUID=N, not {item!r}")
+        _check_range("--vm-max-downtime-ms", limit_ms, 1, MAX_DOWNTIME_MS)
+        policy.vm_max_downtime_ms[vm_uuid] = limit_ms
+    if args.max_parallel is not None:
+        _check_range("--max-parallel", args.max_parallel, 1, MAX_PARALLEL)
+        policy.max_parallel_per_source = args.max_parallel
+    if args.max_parallel_per_target is not None:
+        _check_range("--max-parallel-per-target", args.max_parallel_per_target, 1, MAX_PARALLEL)
+        policy.max_parallel_per_target = args.max_parallel_per_target
+    if args.deadline_s is not None:
+        _check_range("--deadline-s", args.deadline_s, 1, MAX_DEADLINE_S)
+        policy.deadline_s = args.deadline_s
+    targets: list[str] = []
+    for target in args.target:
+        target = _check_host(target, "--target")
+        if target == args.host:
+            raise UsageError(f"--target {target} is the host being drained")
+        if target not in targets:
+            targets.append(target)
+    policy.target_hosts.extend(targets)
+    return policy
+
+
+def _check_args(args: argparse.Namespace) -> None:
+    """Everything checkable before a call; raises UsageError."""
+    if args.coordinator is None:
+        args.coordinator = os.environ.get(COORDINATOR_ENV) or DEFAULT_COORDINATOR
+    _check_address(args.coordinator)
+    _check_range("--timeout", args.timeout, 0.001, MAX_TIMEOUT_S)
+    tls = (args.cert, args.key, args.ca)
+    if any(tls):
+        if not all(tls):
+            raise UsageError("TLS needs all of --cert, --key and --ca")
+        for name, path in zip(("--cert", "--key", "--ca"), tls, strict=True):
+            if not Path(path).is_file():
+                raise UsageError(f"{name} {path}: no such file")
+    if args.command in ("plan", "drain", "cancel", "undrain"):
+        args.host = _check_host(args.host)
+    if args.command in ("plan", "drain"):
+        args.policy = policy_from_args(args)
+    if args.command == "drain" and len(args.reason) > MAX_REASON_CHARS:
+        raise UsageError(f"--reason is longer than {MAX_REASON_CHARS} characters")
+    if args.command == "status":
+        if args.host:
+            args.host = _check_host(args.host)
+        if not args.host and not args.drain_id.strip():
+            raise UsageError("status needs HOST or --drain-id")
+    if args.command in ("status", "cancel") and args.drain_id:
+        args.drain_id = args.drain_id.strip()
+
+
+# ---- output ------------------------------------------------------------------------------
+
+
+def to_json(msg: message.Message) -> dict[str, Any]:
+    return json_format.MessageToDict(
+        msg, preserving_proto_field_name=True, always_print_fields_with_no_presence=True
+    )
+
+
+def _print_message(msg: message.Message, text: str, as_json: bool) -> None:
+    out = sys.stdout
+    if as_json:
+        out.write(json.dumps(to_json(msg), indent=2, sort_keys=True) + "\n")
+    else:
+        out.write(text + "\n")
+    out.flush()
+
+
+def _rpc_error(err: grpc.RpcError) -> int:
+    code = err.code() if isinstance(err, grpc.Call) else grpc.StatusCode.UNKNOWN
+    details = err.details() if isinstance(err, grpc.Call) else str(err)
+    sys.stderr.write(f"{PROG}: {code.name}: {details or 'no details'}\n")
+    return EXIT_BY_CODE.get(code, EXIT_ERROR)
+
+
+# ---- commands ----------------------------------------------------------------------------
+
+
+Stub = coordinator_pb2_grpc.CoordinatorStub
+
+
+def cmd_plan(stub: Stub, args: argparse.Namespace) -> int:
+    plan = stub.PlanDrain(
+        pb.PlanDrainRequest(host=args.host, policy=args.policy), timeout=args.timeout
+    )
+    _print_message(plan, cliview.render_plan(plan), args.json)
+    return EXIT_OK
+
+
+def cmd_status(stub: Stub, args: argparse.Namespace) -> int:
+    request = pb.GetDrainRequest(host=args.host, drain_id=args.drain_id)
+    status = stub.GetDrain(request, timeout=args.timeout)
+    _print_message(status, cliview.render_status(status, time.time()), args.json)
+    return EXIT_OK
+
+
+def cmd_cancel(stub: Stub, args: argparse.Namespace) -> int:
+    request = pb.CancelDrainRequest(
+        host=args.host, drain_id=args.drain_id, abort_running=args.abort_running
+    )
+    status = stub.CancelDrain(request, timeout=args.timeout)
+    what = "cancelling (running migrations aborted)" if args.abort_running else "cancelling"
+    text = f"{what}: {cliview.render_status(status, time.time())}"
+    _print_message(status, text, args.json)
+    return EXIT_OK
+
+
+def cmd_undrain(stub: Stub, args: argparse.Namespace) -> int:
+    answer = stub.Undrain(pb.UndrainRequest(host=args.host), timeout=args.timeout)
+    state = "enabled" if answer.enabled else "still disabled"
+    _print_message(answer, f"host {answer.host or args.host} {state}", args.json)
+    return EXIT_OK if answer.enabled else EXIT_ERROR
+
+
+def cmd_agents(stub: Stub, args: argparse.Namespace) -> int:
+    answer = stub.ListAgents(pb.ListAgentsRequest(), timeout=args.timeout)
+    _print_message(answer, cliview.render_agents(answer, time.time()), args.json)
+    return EXIT_OK
+
+
+def cmd_drain(stub: Stub, args: argparse.Namespace) -> int:
+    if args.dry_run:
+        return cmd_plan(stub, args)
+    live = args.progress == "live" or (args.progress == "auto" and sys.stdout.isatty())
+    request = pb.DrainRequest(host=args.host, policy=args.policy, reason=args.reason)
+    follower = DrainFollower(args.host, as_json=args.json, live=live and not args.json)
+    return follower.run(lambda: stub.Drain(request))
+
+
+COMMANDS: dict[str, Callable[[Stub, argparse.Namespace], int]] = {
+    "plan": cmd_plan,
+    "drain": cmd_drain,
+    "status": cmd_status,
+    "cancel": cmd_cancel,
+    "undrain": cmd_undrain,
+    "agents": cmd_agents,
+}
+
+
+# ---- following a drain -------------------------------------------------------------------
+
+
+class _StreamEnd:
+    pass
+
+
+class DrainFollower:
+    """Shows a drain's events as they come; Ctrl-C detaches and leaves the drain running."""
+
+    def __init__(self, host: str, *, as_json: bool, live: bool) -> None:
+        self.host = host
+        self.as_json = as_json
+        self.live = live
+        self.view = cliview.LiveView(host=host)
+        self.drawn_lines = 0
+        self.out: TextIO = sys.stdout
+
+    def run(self, start: Callable[[], Iterator[pb.DrainEvent]]) -> int:
+        items: queue.Queue[pb.DrainEvent | grpc.RpcError | _StreamEnd] = queue.Queue()
+        call: Any = None
+        if self.live:
+            self.out.write(HIDE_CURSOR)
+        try:
+            call = start()
+            reader = threading.Thread(
+                target=self._read, args=(call, items), name=f"drain-events/{self.host}", daemon=True
+            )
+            reader.start()
+            return self._loop(items)
+        except KeyboardInterrupt:
+            if call is not None:
+                call.cancel()
+            self._finish_drawing()
+            drain = (
+                f"drain {self.view.drain_id} of {self.host}"
+                if self.view.drain_id
+                else (f"the drain of {self.host}")
+            )
+            sys.stderr.write(
+                f"{PROG}: detached; {drain} continues on the coordinator. "
+                f"Follow it with: {PROG} status {self.host}\n"
+            )
+            return EXIT_DETACHED
+        finally:
+            if self.live:
+                self.out.write(SHOW_CURSOR)
+                self.out.flush()
+
+    @staticmethod
+    def _read(
+        call: Iterator[pb.DrainEvent],
+        items: queue.Queue[pb.DrainEvent | grpc.RpcError | _StreamEnd],
+    ) -> None:
+        try:
+            for event in call:
+                items.put(event)
+        except grpc.RpcError as err:
+            items.put(err)
+        items.put(_StreamEnd())
+
+    def _loop(self, items: queue.Queue[pb.DrainEvent | grpc.RpcError | _StreamEnd]) -> int:
+        while True:
+            try:
+                item = items.get(timeout=TICK_S)
+            except queue.Empty:
+                if self.live:
+                    self._draw()
+                continue
+            if isinstance(item, grpc.RpcError):
+                self._finish_drawing()
+                code = _rpc_error(item)
+                if self.view.drain_id:
+                    sys.stderr.write(f"{PROG}: follow the drain with: {PROG} status {self.host}\n")
+                return code
+            if isinstance(item, _StreamEnd):
+                self._finish_drawing()
+                sys.stderr.write(
+                    f"{PROG}: the event stream ended before the drain finished; "
+                    f"follow it with: {PROG} status {self.host}\n"
+                )
+                return EXIT_ERROR
+            self._show(item)
+            if self.view.final is not None:
+                return self._finished(self.view.final)
+
+    def _show(self, event: pb.DrainEvent) -> None:
+        self.view = cliview.apply(self.view, event, time.time())
+        if self.as_json:
+            self.out.write(json.dumps(to_json(event), sort_keys=True) + "\n")
+        elif self.live:
+            self._draw()
+            return
+        else:
+            self.out.write(cliview.render_event_line(event) + "\n")
+        self.out.flush()
+
+    def _draw(self) -> None:
+        size = shutil.get_terminal_size()
+        frame = cliview.render_live(self.view, time.time(), size.columns, max(8, size.lines - 1))
+        self.out.write(cliview.redraw(self.drawn_lines, frame))
+        self.out.flush()
+        self.drawn_lines = cliview.frame_height(frame)
+
+    def _finish_drawing(self) -> None:
+        """Leaves the last frame on screen; what follows prints below it."""
+        self.drawn_lines = 0
+
+    def _finished(self, status: pb.DrainStatus) -> int:
+        self._finish_drawing()
+        if not self.as_json:
+            self.out.write("\n" + cliview.render_summary(status) + "\n")
+            self.out.flush()
+        return EXIT_BY_DRAIN_STATE.get(status.state, EXIT_ERROR)
+
+
+# ---- entry point -------------------------------------------------------------------------
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+        _check_args(args)
+    except SystemExit as exit_:  # argparse: --help, or its own usage errors
+        return exit_.code if isinstance(exit_.code, int) else EXIT_USAGE
+    except UsageError as err:
+        parser.print_usage(sys.stderr)
+        sys.stderr.write(f"{PROG}: error: {err}\n")
+        return EXIT_USAGE
+    tls = daemon.TlsFiles(args.cert, args.key, args.ca)
+    try:
+        with daemon.channel(args.coordinator, tls) as channel:
+            stub = coordinator_pb2_grpc.CoordinatorStub(channel)
+            return COMMANDS[args.command](stub, args)
+    except grpc.RpcError as err:
+        return _rpc_error(err)
+    except KeyboardInterrupt:
+        sys.stderr.write(f"{PROG}: interrupted\n")
+        return EXIT_DETACHED
+
+
+if __name__ == "__main__":
+    sys.exit(main())
