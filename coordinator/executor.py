@@ -53,6 +53,7 @@ _WATCH_START_TIMEOUT_S = 30.0
 _WATCH_DEADLINE_S = 6 * 3600.0
 _SETTLE_AFTER_WATCH_S = 120.0
 _EVENTS_KEPT = 5000
+_HISTORY_KEPT = 600
 
 
 @dataclass(frozen=True)
@@ -100,6 +101,20 @@ class EventBus:
             yield from batch
             if (closed and not batch) or stopped():
                 return
+
+
+@dataclass
+class _Watch:
+    """What the executor knows of one migration while it follows it."""
+
+    limits: escalation.Limits
+    started: float
+    history: list[escalation.Observation] = field(default_factory=list)
+    done: escalation.Escalation = field(default_factory=escalation.Escalation)
+    downtime_ms: float = 0.0
+    final_phase: int = apb.MIGRATION_PHASE_UNSPECIFIED
+    error: str = ""
+    finished: bool = False
 
 
 @dataclass
@@ -634,55 +649,115 @@ class Executor:
         return ref
 
     def _follow(self, run: _Run, row: VmRow, ref: MigrationRef) -> tuple[bool, float, str]:
-        """Watches the migration to its end; returns (completed, downtime ms, error)."""
-        history: list[escalation.Observation] = []
-        done = escalation.Escalation()
-        limits = self._limits(run, row)
-        downtime_ms = 0.0
-        final_phase = apb.MIGRATION_PHASE_UNSPECIFIED
-        error = ""
-        started = row.started_at or self._clock()
-        try:
-            agent = self.registry.client(run.host)
-            for p in agent.watch(
-                row.vm_uuid,
-                self.settings.poll_interval_s,
-                _WATCH_START_TIMEOUT_S,
-                _WATCH_DEADLINE_S,
-            ):
-                if p.final:
-                    downtime_ms, final_phase, error = float(p.downtime_ms), p.phase, p.error
+        """Follows the migration to its end; returns (completed, downtime ms, error).
+
+        The source agent's WatchMigration is the close view (and drives the
+        escalation); when the agent cannot watch (down, restarting, or a
+        hypervisor without job statistics) the cloud's migration record is
+        polled instead, and the agent is re-attached once it is back.
+        """
+        w = _Watch(self._limits(run, row), row.started_at or self._clock())
+        while not self._stopped.is_set():
+            try:
+                row = self._watch_agent(run, row, ref, w)
+                break
+            except errors.AgentRefused as e:
+                LOG.info("agent cannot watch, following the cloud vm=%s reason=%s", row.vm_uuid, e)
+                row = self._watch_cloud(run, row, ref, w, reattach=False)
+                break
+            except errors.AgentUnavailable as e:
+                LOG.warning("agent watch lost, following the cloud vm=%s reason=%s", row.vm_uuid, e)
+                row = self._watch_cloud(run, row, ref, w, reattach=True)
+                if w.finished:
                     break
-                history.append(
-                    escalation.Observation(
-                        elapsed_s=self._clock() - started,
-                        iteration=p.iteration,
-                        remaining_bytes=p.memory_remaining_bytes,
-                        bandwidth_bytes_per_s=p.bandwidth_bytes_per_s,
-                        max_downtime_ms=p.max_downtime_ms,
-                        postcopy=p.phase == apb.MIGRATION_PHASE_POSTCOPY,
-                    )
-                )
-                self._publish(run, cpb.DRAIN_EVENT_KIND_PROGRESS, vm=row, progress=p)
-                decision = escalation.next_step(history, limits, done)
-                if decision.action is not escalation.Action.NONE:
-                    row, done = self._escalate(run, row, ref, decision, done, history[-1].elapsed_s)
-                if self._stopped.is_set():
-                    return False, 0.0, "coordinator stopping"
-        except errors.CoordinatorError as e:
-            LOG.info(
-                "watch unavailable, following the cloud's record vm=%s reason=%s", row.vm_uuid, e
-            )
         if self._stopped.is_set():
             return False, 0.0, "coordinator stopping"
         state = self._settle(ref)
-        if done.throttle_pct:
+        if w.done.throttle_pct:
             self._unthrottle(run, row)
         if state is MigrationState.COMPLETED:
-            return True, downtime_ms, ""
-        if final_phase == apb.MIGRATION_PHASE_COMPLETED and state is MigrationState.UNKNOWN:
-            return True, downtime_ms, ""
-        return False, downtime_ms, error or f"migration {state}"
+            return True, w.downtime_ms, ""
+        if w.final_phase == apb.MIGRATION_PHASE_COMPLETED and state is MigrationState.UNKNOWN:
+            return True, w.downtime_ms, ""
+        return False, w.downtime_ms, w.error or f"migration {state}"
+
+    def _watch_agent(self, run: _Run, row: VmRow, ref: MigrationRef, w: _Watch) -> VmRow:
+        agent = self.registry.client(run.host)
+        for p in agent.watch(
+            row.vm_uuid, self.settings.poll_interval_s, _WATCH_START_TIMEOUT_S, _WATCH_DEADLINE_S
+        ):
+            if p.final:
+                w.downtime_ms, w.final_phase, w.error = float(p.downtime_ms), p.phase, p.error
+                w.finished = True
+                return row
+            obs = escalation.Observation(
+                elapsed_s=self._clock() - w.started,
+                iteration=p.iteration,
+                remaining_bytes=p.memory_remaining_bytes,
+                bandwidth_bytes_per_s=p.bandwidth_bytes_per_s,
+                max_downtime_ms=p.max_downtime_ms,
+                postcopy=p.phase == apb.MIGRATION_PHASE_POSTCOPY,
+            )
+            row = self._observe(run, row, ref, w, obs, p)
+            if self._stopped.is_set():
+                return row
+        w.finished = True
+        return row
+
+    def _watch_cloud(
+        self, run: _Run, row: VmRow, ref: MigrationRef, w: _Watch, reattach: bool
+    ) -> VmRow:
+        """Polls the cloud's record until the migration ends (or the agent is back)."""
+        polls = 0
+        while not self._stopped.is_set():
+            try:
+                status = self.driver.get_migration(ref)
+            except DriverError as e:
+                LOG.warning("migration status unavailable vm=%s error=%s", row.vm_uuid, e)
+                status = None
+            if status is not None and status.state.finished:
+                w.finished = True
+                return row
+            if status is not None and status.state is MigrationState.RUNNING:
+                polls += 1
+                remaining = status.memory_remaining_bytes or 0
+                obs = escalation.Observation(
+                    elapsed_s=self._clock() - w.started,
+                    iteration=polls,
+                    remaining_bytes=remaining,
+                    bandwidth_bytes_per_s=0.0,
+                    max_downtime_ms=0,
+                )
+                progress = apb.MigrationProgress(
+                    domain_uuid=row.vm_uuid,
+                    phase=apb.MIGRATION_PHASE_PRECOPY,
+                    memory_total_bytes=status.memory_total_bytes or 0,
+                    memory_processed_bytes=status.memory_processed_bytes or 0,
+                    memory_remaining_bytes=remaining,
+                    elapsed_ms=int(obs.elapsed_s * 1000),
+                )
+                row = self._observe(run, row, ref, w, obs, progress)
+            if reattach and polls % 5 == 4 and self.registry.client(run.host).health() == "SERVING":
+                return row
+            self._stopped.wait(self.settings.poll_interval_s)
+        return row
+
+    def _observe(
+        self,
+        run: _Run,
+        row: VmRow,
+        ref: MigrationRef,
+        w: _Watch,
+        obs: escalation.Observation,
+        progress: apb.MigrationProgress,
+    ) -> VmRow:
+        w.history.append(obs)
+        del w.history[:-_HISTORY_KEPT]
+        self._publish(run, cpb.DRAIN_EVENT_KIND_PROGRESS, vm=row, progress=progress)
+        decision = escalation.next_step(w.history, w.limits, w.done)
+        if decision.action is not escalation.Action.NONE:
+            row, w.done = self._escalate(run, row, ref, decision, w.done, obs.elapsed_s)
+        return row
 
     def _settle(self, ref: MigrationRef) -> MigrationState:
         """The cloud's final word on the migration (it may lag the agent by a moment)."""
