@@ -1,0 +1,376 @@
+"""The agent against real QEMU: dirty rates, migrations, and tuning that changes the outcome.
+
+One lab of two hosts for the module, with guests whose memory behaviour is
+known exactly. Each test leaves every guest running exactly once.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import grpc
+import pytest
+from tests.lab.conftest import require_lab
+
+from hostmaint.lab import cluster
+from hostmaint.lab.guest import GuestMode, GuestProgress, GuestSpec
+from hostmaint.protos import agent_pb2 as pb
+from hostmaint.protos import agent_pb2_grpc
+
+pytestmark = pytest.mark.lab
+MIB = 1024 * 1024
+T = 30
+SUBNET = "10.213.3.0/24"
+
+# Paced writers at known rates, working sets larger than a second's writing.
+RATES = {
+    "hm-laba-r5": (5, 64),
+    "hm-laba-r20": (20, 64),
+    "hm-laba-r80": (80, 128),
+}
+# Rewrites 96 MiB at 24 MiB/s: above an 8 MiB/s bandwidth cap, it never converges.
+STALL = GuestSpec("hm-laba-stall", 192, 96, 24, GuestMode.PACED, 32)
+# CPU-bound: dirties as fast as its vCPU allows, up to 64 MiB/s.
+CPU = GuestSpec("hm-laba-cpu", 128, 48, 64, GuestMode.CPU, 0)
+GUESTS = [
+    *(GuestSpec(n, 256, ws, r, GuestMode.PACED, 0) for n, (r, ws) in RATES.items()),
+    STALL,
+    CPU,
+]
+STALL_CAP = 8 * MIB
+
+
+@dataclass
+class Site:
+    lab: cluster.Lab
+    stubs: dict[str, agent_pb2_grpc.HostAgentStub]
+    channels: list[grpc.Channel]
+
+    def uuid(self, guest: str) -> str:
+        import libvirt
+
+        host = self.lab.where(guest)
+        conn = libvirt.open(host.uri)
+        try:
+            return str(conn.lookupByName(guest).UUIDString())
+        finally:
+            conn.close()
+
+    def stub_of(self, guest: str) -> agent_pb2_grpc.HostAgentStub:
+        return self.stubs[self.lab.where(guest).name]
+
+    def other(self, guest: str) -> cluster.LabHost:
+        here = self.lab.where(guest).name
+        return next(h for h in self.lab.hosts if h.name != here)
+
+
+@pytest.fixture(scope="module")
+def site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Site]:
+    require_lab()
+    config = cluster.LabConfig(
+        prefix="hm-laba", state_dir=tmp_path_factory.mktemp("laba"), subnet=SUBNET
+    )
+    lab, report = cluster.Lab.up(2, GUESTS, config)
+    print(f"\nlab: accel={report.accel} phases={report.phases_s}")
+    channels = [grpc.insecure_channel(h.agent_address) for h in lab.hosts]
+    stubs = {
+        h.name: agent_pb2_grpc.HostAgentStub(c) for h, c in zip(lab.hosts, channels, strict=True)
+    }
+    try:
+        yield Site(lab, stubs, channels)
+    finally:
+        for c in channels:
+            c.close()
+        lab.down()
+
+
+@pytest.fixture(autouse=True)
+def every_guest_once(site: Site) -> Iterator[None]:
+    yield
+    for name in site.lab.guest_names:
+        site.lab.where(name)  # raises unless the guest runs on exactly one host
+
+
+def _measure(site: Site, guest: str, method: int, window_s: int = 4) -> pb.DirtyRate:
+    uuid = site.uuid(guest)
+    answer = site.stub_of(guest).MeasureDirtyRate(
+        pb.MeasureDirtyRateRequest(domain_uuids=[uuid], window_s=window_s, method=method),
+        timeout=T + window_s * 3,
+    )
+    assert [r.domain_uuid for r in answer.results] == [uuid]
+    return answer.results[0].rate
+
+
+@pytest.mark.parametrize("guest", sorted(RATES))
+def test_dirty_bitmap_matches_the_guest(site: Site, guest: str) -> None:
+    target_mib, _ = RATES[guest]
+    # The first reading after boot can be 0: measure twice, keep the second.
+    _measure(site, guest, pb.DIRTY_RATE_METHOD_UNSPECIFIED)
+    rate = _measure(site, guest, pb.DIRTY_RATE_METHOD_UNSPECIFIED)
+    assert rate.method == pb.DIRTY_RATE_METHOD_DIRTY_BITMAP  # the agent's default choice
+    measured = rate.bytes_per_s / MIB
+    print(f"{guest}: guest writes {target_mib} MiB/s, dirty-bitmap measured {measured:.1f}")
+    assert abs(measured - target_mib) <= 0.1 * target_mib + 1  # QEMU reports whole MiB/s
+    listed = site.stub_of(guest).ListDomains(
+        pb.ListDomainsRequest(domain_uuids=[site.uuid(guest)]), timeout=T
+    )
+    assert listed.domains[0].dirty_rate.bytes_per_s == rate.bytes_per_s  # cached for planning
+
+
+def test_page_sampling_underestimates(site: Site) -> None:
+    """page-sampling hashes 512 pages per GiB: a paced writer's rate is mostly missed."""
+    bitmap = _measure(site, "hm-laba-r20", pb.DIRTY_RATE_METHOD_DIRTY_BITMAP).bytes_per_s
+    sampled = _measure(site, "hm-laba-r20", pb.DIRTY_RATE_METHOD_PAGE_SAMPLING)
+    assert sampled.method == pb.DIRTY_RATE_METHOD_PAGE_SAMPLING
+    print(
+        f"20 MiB/s guest: dirty-bitmap {bitmap / MIB:.1f}, page-sampling {sampled.bytes_per_s / MIB:.1f}"
+    )
+    assert bitmap / MIB >= 17
+    assert sampled.bytes_per_s < bitmap
+
+
+def _migrate(
+    site: Site, guest: str, options: pb.MigrateOptions | None = None
+) -> tuple[str, cluster.LabHost, agent_pb2_grpc.HostAgentStub]:
+    uuid = site.uuid(guest)
+    source = site.stub_of(guest)
+    target = site.other(guest)
+    opts = pb.MigrateOptions()
+    if options is not None:
+        opts.CopyFrom(options)
+    opts.migration_uri = f"tcp://{target.migration_address}"
+    source.Migrate(
+        pb.MigrateRequest(domain_uuid=uuid, destination_uri=target.uri, options=opts), timeout=T
+    )
+    return uuid, target, source
+
+
+def _watch(
+    source: agent_pb2_grpc.HostAgentStub, uuid: str, seconds: float | None = None
+) -> tuple[list[pb.MigrationProgress], grpc.Future | None]:
+    """Samples until the end (seconds=None) or for a while; returns samples seen."""
+    stream = source.WatchMigration(
+        pb.WatchMigrationRequest(domain_uuid=uuid, interval_s=0.5, start_timeout_s=10),
+        timeout=600,
+    )
+    samples = []
+    started = time.monotonic()
+    for p in stream:
+        samples.append(p)
+        if p.final or (seconds is not None and time.monotonic() - started > seconds):
+            break
+    stream.cancel()
+    return samples, None
+
+
+def _progress_count(site: Site, guest: str) -> int:
+    return sum(1 for e in site.lab.guest_events(guest) if isinstance(e, GuestProgress))
+
+
+def test_migrate_and_watch(site: Site) -> None:
+    guest = "hm-laba-r5"
+    uuid, target, source = _migrate(site, guest)
+    samples, _ = _watch(source, uuid)
+    final = samples[-1]
+    assert final.final and final.phase == pb.MIGRATION_PHASE_COMPLETED, final
+    running = [s for s in samples if not s.final and s.memory_total_bytes]
+    assert running, "no progress sample"
+    assert running[-1].memory_processed_bytes >= running[0].memory_processed_bytes
+    assert max(s.bandwidth_bytes_per_s for s in running) > 0
+    assert final.downtime_ms > 0
+    assert site.lab.where(guest).name == target.name
+    print(
+        f"migrated {guest} in {final.elapsed_ms} ms, {len(running)} samples, "
+        f"iterations {max(s.iteration for s in running)}, downtime {final.downtime_ms} ms"
+    )
+
+
+def _stalled(
+    site: Site, options: pb.MigrateOptions
+) -> tuple[str, cluster.LabHost, agent_pb2_grpc.HostAgentStub]:
+    options.bandwidth_bytes_per_s = STALL_CAP
+    uuid, target, source = _migrate(site, STALL.name, options)
+    samples, _ = _watch(source, uuid, seconds=12)
+    assert not samples[-1].final, "the stalled guest converged on its own"
+    assert samples[-1].iteration >= 2
+    return uuid, target, source
+
+
+def test_raising_max_downtime_makes_it_converge(site: Site) -> None:
+    uuid, target, source = _stalled(site, pb.MigrateOptions())
+    before = source.TuneMigration(
+        pb.TuneMigrationRequest(domain_uuid=uuid, max_downtime_ms=60_000), timeout=T
+    )
+    assert before.max_downtime_ms == 60_000
+    with pytest.raises(grpc.RpcError) as lower:
+        source.TuneMigration(
+            pb.TuneMigrationRequest(domain_uuid=uuid, max_downtime_ms=100), timeout=T
+        )
+    assert lower.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    samples, _ = _watch(source, uuid)
+    assert samples[-1].phase == pb.MIGRATION_PHASE_COMPLETED, samples[-1]
+    assert site.lab.where(STALL.name).name == target.name
+
+
+def test_postcopy_makes_it_converge(site: Site) -> None:
+    uuid, target, source = _stalled(site, pb.MigrateOptions(allow_postcopy=True))
+    answer = source.TuneMigration(
+        pb.TuneMigrationRequest(domain_uuid=uuid, start_postcopy=True), timeout=T
+    )
+    assert "postcopy" in answer.applied
+    samples, _ = _watch(source, uuid)
+    assert samples[-1].phase == pb.MIGRATION_PHASE_COMPLETED, samples[-1]
+    assert site.lab.where(STALL.name).name == target.name
+
+
+def test_abort_leaves_the_vm_running_on_the_source(site: Site) -> None:
+    here = site.lab.where(STALL.name).name
+    uuid, _, source = _stalled(site, pb.MigrateOptions())
+    source.TuneMigration(pb.TuneMigrationRequest(domain_uuid=uuid, abort=True), timeout=T)
+    samples, _ = _watch(source, uuid)
+    assert samples[-1].phase in (pb.MIGRATION_PHASE_CANCELLED, pb.MIGRATION_PHASE_FAILED), samples[
+        -1
+    ]
+    assert site.lab.where(STALL.name).name == here
+    before = _progress_count(site, STALL.name)
+    time.sleep(3)
+    assert _progress_count(site, STALL.name) > before, "the guest stopped working"
+    # And nothing runs any more: tuning is refused.
+    with pytest.raises(grpc.RpcError) as info:
+        source.TuneMigration(
+            pb.TuneMigrationRequest(domain_uuid=uuid, max_downtime_ms=5000), timeout=T
+        )
+    assert info.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+
+
+def test_vcpu_throttle_slows_a_cpu_bound_guest(site: Site) -> None:
+    uuid = site.uuid(CPU.name)
+    stub = site.stub_of(CPU.name)
+    _measure(site, CPU.name, pb.DIRTY_RATE_METHOD_DIRTY_BITMAP)
+    free = _measure(site, CPU.name, pb.DIRTY_RATE_METHOD_DIRTY_BITMAP).bytes_per_s
+    stub.TuneMigration(pb.TuneMigrationRequest(domain_uuid=uuid, vcpu_throttle_pct=80), timeout=T)
+    try:
+        listed = stub.ListDomains(pb.ListDomainsRequest(domain_uuids=[uuid]), timeout=T)
+        assert listed.domains[0].vcpu_throttle_pct == 80
+        _measure(site, CPU.name, pb.DIRTY_RATE_METHOD_DIRTY_BITMAP)
+        throttled = _measure(site, CPU.name, pb.DIRTY_RATE_METHOD_DIRTY_BITMAP).bytes_per_s
+    finally:
+        stub.TuneMigration(
+            pb.TuneMigrationRequest(domain_uuid=uuid, vcpu_throttle_pct=0), timeout=T
+        )
+    print(f"cpu guest: {free / MIB:.1f} MiB/s free, {throttled / MIB:.1f} MiB/s at 80% throttle")
+    assert free > 0
+    assert throttled <= 0.7 * free
+
+
+def test_cpu_compatibility(site: Site) -> None:
+    stub = site.stubs[site.lab.hosts[0].name]
+    host = stub.GetHost(pb.GetHostRequest(), timeout=T)
+    domain = stub.ListDomains(pb.ListDomainsRequest(), timeout=T).domains[0]
+    if domain.cpu.model:
+        ok = stub.CheckCpuCompatibility(pb.CheckCpuCompatibilityRequest(cpu=domain.cpu), timeout=T)
+        assert ok.compatible, ok.reason
+    lacking = pb.CpuDefinition(
+        mode="custom",
+        model="qemu64",
+        arch=host.cpu.arch or "x86_64",
+        features=[
+            pb.CpuFeature(name="avx512vnni", policy="require"),
+            pb.CpuFeature(name="amx-tile", policy="require"),
+        ],
+    )
+    no = stub.CheckCpuCompatibility(pb.CheckCpuCompatibilityRequest(cpu=lacking), timeout=T)
+    print(
+        f"host cpu {host.cpu.model}; lacking model: {no.result} {no.reason!r} missing={list(no.missing_features)}"
+    )
+    assert not no.compatible
+    assert no.result == "incompatible"
+    assert set(no.missing_features) & {"avx512vnni", "amx-tile"}
+
+
+def test_watch_of_an_idle_domain_is_a_failed_precondition(site: Site) -> None:
+    uuid = site.uuid("hm-laba-r20")
+    with pytest.raises(grpc.RpcError) as info:
+        list(
+            site.stub_of("hm-laba-r20").WatchMigration(
+                pb.WatchMigrationRequest(domain_uuid=uuid), timeout=T
+            )
+        )
+    assert info.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+
+
+def nova_downtime_steps(downtime_ms: int, steps: int, delay_s: float) -> list[tuple[float, int]]:
+    """nova-compute's schedule (nova/virt/libvirt/migration.py): from downtime/steps up to
+    downtime in equal increments, one every `delay_s` (75 s per GiB by default)."""
+    base = downtime_ms / steps
+    offset = (downtime_ms - base) / steps
+    return [(delay_s * i, int(base + offset * i)) for i in range(steps + 1)]
+
+
+def test_raised_downtime_survives_novas_next_step(site: Site) -> None:
+    """nova-compute's monitor sets its own downtime step by step; the agent holds its floor."""
+    import libvirt
+
+    uuid, _, source = _stalled(site, pb.MigrateOptions())
+    floor = 450
+    source.TuneMigration(
+        pb.TuneMigrationRequest(domain_uuid=uuid, max_downtime_ms=floor), timeout=T
+    )
+    stream = source.WatchMigration(
+        pb.WatchMigrationRequest(domain_uuid=uuid, interval_s=0.2, start_timeout_s=5), timeout=300
+    )
+    conn = libvirt.open(site.lab.where(STALL.name).uri)
+    seen: list[tuple[int, int, str]] = []
+    try:
+        dom = conn.lookupByUUIDString(uuid)
+        samples = iter(stream)
+        for _, step_ms in nova_downtime_steps(500, 10, 0.0):
+            dom.migrateSetMaxDowntime(step_ms, 0)  # what nova-compute does at each step
+            deadline = time.monotonic() + 3
+            while time.monotonic() < deadline:
+                p = next(samples)
+                seen.append((step_ms, p.max_downtime_ms, p.max_downtime_set_by))
+                if p.max_downtime_ms == max(step_ms, floor):
+                    break
+            assert seen[-1][1] == max(step_ms, floor), seen[-5:]
+            assert seen[-1][2] == ("hostmaint" if step_ms <= floor else "external"), seen[-5:]
+    finally:
+        stream.cancel()
+        conn.close()
+        source.TuneMigration(pb.TuneMigrationRequest(domain_uuid=uuid, abort=True), timeout=T)
+        _watch(source, uuid)
+    print("nova step -> limit in force, set by:", sorted(set(seen)))
+
+
+def test_auto_converge_helps_cpu_bound_not_paced(site: Site) -> None:
+    free = _measure(site, CPU.name, pb.DIRTY_RATE_METHOD_DIRTY_BITMAP).bytes_per_s
+    cap = max(MIB, int(free / 2) // MIB * MIB)
+    uuid, target, source = _migrate(
+        site, CPU.name, pb.MigrateOptions(auto_converge=True, bandwidth_bytes_per_s=cap)
+    )
+    samples, _ = _watch(source, uuid, seconds=240)
+    cpu_final = samples[-1]
+    if not cpu_final.final:
+        source.TuneMigration(pb.TuneMigrationRequest(domain_uuid=uuid, abort=True), timeout=T)
+        _watch(source, uuid)
+    throttle = max(s.auto_converge_throttle_pct for s in samples)
+    print(
+        f"cpu guest {free / MIB:.1f} MiB/s, cap {cap / MIB:.0f} MiB/s: {cpu_final.phase} throttle {throttle}%"
+    )
+    assert cpu_final.final and cpu_final.phase == pb.MIGRATION_PHASE_COMPLETED, cpu_final
+    assert site.lab.where(CPU.name).name == target.name
+
+    uuid, _, source = _migrate(
+        site, STALL.name, pb.MigrateOptions(auto_converge=True, bandwidth_bytes_per_s=STALL_CAP)
+    )
+    samples, _ = _watch(source, uuid, seconds=60)
+    paced_last = samples[-1]
+    if not paced_last.final:
+        source.TuneMigration(pb.TuneMigrationRequest(domain_uuid=uuid, abort=True), timeout=T)
+        _watch(source, uuid)
+    paced_throttle = max(s.auto_converge_throttle_pct for s in samples)
+    print(f"paced guest: {paced_last.phase} after 60 s, throttle reached {paced_throttle}%")
+    assert not paced_last.final, "auto-converge should not rescue a paced writer"
+    assert paced_throttle > 0  # QEMU throttled it, and it kept its rate
