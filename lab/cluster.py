@@ -343,6 +343,13 @@ class Lab:
             run_dir=h.run_dir,
         )
 
+    def link_bytes(self, host: LabHost) -> tuple[int, int]:
+        """(rx_bytes, tx_bytes) so far on the host's lab NIC, for throughput figures."""
+        daemon = self._state.process(Role.LIBVIRTD, host.name)
+        if daemon is None or not daemon.is_alive():
+            raise errors.LabError(f"libvirtd of {host.name} is not running")
+        return network.link_bytes(daemon.pid)
+
     def guest_serial(self, name: str) -> str:
         for g in self._state.guests:
             if g.name == name:
@@ -799,6 +806,11 @@ class _Starter:
             self._config.agent_ready_timeout_s,
         )
         if proc.poll() is not None:
+            # It exited: nothing of it to stop later, and its absence is not a crash.
+            state = dataclasses.replace(
+                state, processes=tuple(p for p in state.processes if p != new)
+            )
+            self._store.save(state)
             return state, (
                 f"agent of {h.name}: exited with {proc.returncode}: {_log_tail(out_path, 3)} "
                 f"(log: {out_path})"
