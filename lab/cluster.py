@@ -29,6 +29,7 @@ import time
 import tomllib
 import uuid
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -451,6 +452,39 @@ def _qemu_pids_of_host(host: HostRecord) -> list[tuple[str, int]]:
     return found
 
 
+def _daemon_alive(state: LabState, h: HostRecord) -> bool:
+    daemon = state.process(Role.LIBVIRTD, h.name)
+    return daemon is not None and daemon.is_alive()
+
+
+def _destroy_guests(h: HostRecord) -> list[str]:
+    """Destroy (and undefine) every guest of one lab daemon, in parallel."""
+    conn = _try_open(h.uri)
+    if conn is None:
+        return []
+
+    def destroy(dom: libvirt.virDomain) -> str:
+        try:
+            name: str = dom.name()
+            persistent = dom.isPersistent()
+            if dom.isActive():
+                dom.destroy()
+            if persistent:
+                dom.undefine()
+            return f"destroyed guest {name} on {h.name}"
+        except libvirt.libvirtError as exc:
+            # A transient guest vanishes once destroyed, or its migration just ended.
+            if exc.get_error_code() != libvirt.VIR_ERR_NO_DOMAIN:
+                raise
+            return ""
+
+    try:
+        with ThreadPoolExecutor(max_workers=8, thread_name_prefix=f"destroy/{h.name}") as pool:
+            return [line for line in pool.map(destroy, conn.listAllDomains()) if line]
+    finally:
+        conn.close()
+
+
 def _teardown(store: StateStore, state: LabState) -> list[str]:
     done = []
     state = dataclasses.replace(state, phase=Phase.STOPPING)
@@ -458,26 +492,10 @@ def _teardown(store: StateStore, state: LabState) -> list[str]:
     for p in state.processes:
         if p.role is Role.AGENT and stop_process(p, grace_s=5.0):
             done.append(f"stopped agent of {p.host} (pid {p.pid})")
-    for h in state.hosts:
-        daemon = state.process(Role.LIBVIRTD, h.name)
-        conn = _try_open(h.uri) if daemon and daemon.is_alive() else None
-        if conn is None:
-            continue
-        try:
-            for dom in conn.listAllDomains():
-                try:
-                    persistent = dom.isPersistent()
-                    if dom.isActive():
-                        dom.destroy()
-                        done.append(f"destroyed guest {dom.name()} on {h.name}")
-                    if persistent:
-                        dom.undefine()
-                except libvirt.libvirtError as exc:
-                    # A transient guest vanishes once destroyed, or its migration just ended.
-                    if exc.get_error_code() != libvirt.VIR_ERR_NO_DOMAIN:
-                        raise
-        finally:
-            conn.close()
+    with ThreadPoolExecutor(max_workers=8, thread_name_prefix="lab-destroy") as pool:
+        # Destroying a guest takes about 2 s here (QEMU's exit): do them all at once.
+        for lines in pool.map(_destroy_guests, [h for h in state.hosts if _daemon_alive(state, h)]):
+            done.extend(lines)
     for h in state.hosts:
         for guest, pid in _qemu_pids_of_host(h):
             rec = record_process(Role.QEMU, h.name, pid, guest)
@@ -552,7 +570,7 @@ class _Starter:
         self._phase("qemu-probe")
 
         state = self._choose_cpu(state)
-        state = self._ensure_guests(state, plans)
+        state = self._ensure_guests(state)
         self._phase("guests")
 
         failures: list[str] = []
@@ -731,14 +749,15 @@ class _Starter:
         LOG.info("cpu model=%s accel=%s", model or "(qemu default)", accel.value)
         return dataclasses.replace(state, cpu_model=model)
 
-    def _ensure_guests(self, state: LabState, plans: list[GuestPlan]) -> LabState:
-        del plans  # already part of the state
+    def _ensure_guests(self, state: LabState) -> LabState:
+        """Boot every recorded guest that runs nowhere, all at once (each takes seconds)."""
         lab = Lab(self._store, state)
         (Path(state.state_dir) / "serial").mkdir(parents=True, exist_ok=True)
-        for g in state.guests:
-            if lab.running_on(g.name):
-                continue
-            host = next(h for h in state.hosts if h.name == g.initial_host)
+        missing = [g for g in state.guests if not lab.running_on(g.name)]
+        hosts = {h.name: h for h in state.hosts}
+
+        def boot(g: GuestRecord) -> None:
+            host = hosts[g.initial_host]
             cfg = domains.DomainConfig(
                 name=g.name,
                 memory_mib=g.memory_mib,
@@ -756,12 +775,17 @@ class _Starter:
             finally:
                 conn.close()
             LOG.info("started guest=%s host=%s", g.name, host.name)
-            for guest, pid in _qemu_pids_of_host(host):
-                if guest == g.name:
-                    rec = record_process(Role.QEMU, host.name, pid, guest)
-                    if rec:
-                        state = state.with_process(rec)
-            self._store.save(state)
+
+        with ThreadPoolExecutor(max_workers=8, thread_name_prefix="lab-boot") as pool:
+            futures = [pool.submit(boot, g) for g in missing]
+        for h in state.hosts:
+            for guest, pid in _qemu_pids_of_host(h):
+                rec = record_process(Role.QEMU, h.name, pid, guest)
+                if rec and state.process(Role.QEMU, h.name, guest) != rec:
+                    state = state.with_process(rec)
+        self._store.save(state)
+        for future in futures:
+            future.result()  # the first boot failure, once every started QEMU is recorded
         return state
 
     def _agent_binary(self) -> str | None:
