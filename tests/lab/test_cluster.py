@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import signal
+import socket
+import sys
 import threading
 import time
 from pathlib import Path
@@ -153,9 +156,20 @@ def _recorded(state_dir: Path) -> list[tuple[int, int]]:
 
 
 def test_up_then_down_leaves_nothing(lifecycle_config: cluster.LabConfig) -> None:
-    lab, _ = cluster.Lab.up(2, [SMALL_GUEST], lifecycle_config)
-    recorded = _recorded(lifecycle_config.state_dir)
-    assert {Role.LIBVIRTD, Role.QEMU} <= {p.role for p in lab.state.processes}
+    stand_in = Path(__file__).with_name("stand_in_agent.py")
+    script = lifecycle_config.state_dir.parent / "agent.sh"
+    script.write_text(f'#!/bin/sh\nexec {sys.executable} {stand_in} "$@"\n')
+    script.chmod(0o755)
+    config = dataclasses.replace(lifecycle_config, agents=True, agent_binary=str(script))
+    lab, report = cluster.Lab.up(2, [SMALL_GUEST], config)
+    recorded = _recorded(config.state_dir)
+    assert report.agent_failures == ()
+    assert {Role.LIBVIRTD, Role.QEMU, Role.AGENT} <= {p.role for p in lab.state.processes}
+    ports = {h.agent_address for h in lab.hosts}
+    assert len(ports) == len(lab.hosts)
+    for address in ports:
+        host, port = address.rsplit(":", 1)
+        socket.create_connection((host, int(port)), timeout=5).close()
     lab.down()
     _assert_nothing_left(LIFECYCLE_PREFIX, lifecycle_config.state_dir, recorded)
 
