@@ -37,7 +37,15 @@ from typing import Any
 import libvirt
 
 from . import domains, errors, network
-from .guest import GuestSpec, build_guest, guest_cmdline
+from .guest import (
+    GuestEvent,
+    GuestFailure,
+    GuestReady,
+    GuestSpec,
+    build_guest,
+    guest_cmdline,
+    parse_serial,
+)
 from .state import (
     GuestRecord,
     HostRecord,
@@ -89,6 +97,8 @@ class LabConfig:
     agent_port_base: int | None = None
     agent_binary: str | None = None
     ready_timeout_s: float = 30.0
+    wait_guests: bool = True
+    guest_ready_timeout_s: float = 300.0
     agent_ready_timeout_s: float = 15.0
     kernel: Path | None = None
 
@@ -360,6 +370,38 @@ class Lab:
                     return ""
         raise KeyError(name)
 
+    def guest_events(self, name: str) -> list[GuestEvent]:
+        """The guest's serial log parsed into its events (ready, progress, error)."""
+        return parse_serial(self.guest_serial(name))
+
+    def wait_guests_ready(self, timeout_s: float = 60.0) -> dict[str, GuestReady]:
+        """Wait until every guest printed its ready line; GuestStartFailed on error or timeout."""
+        ready: dict[str, GuestReady] = {}
+        deadline = time.monotonic() + timeout_s
+        while True:
+            for g in self._state.guests:
+                if g.name in ready:
+                    continue
+                outcome = [
+                    e for e in self.guest_events(g.name) if isinstance(e, GuestReady | GuestFailure)
+                ]
+                if outcome and isinstance(outcome[-1], GuestFailure):
+                    failure = outcome[-1]
+                    details = " ".join(f"{k}={v}" for k, v in failure.details.items())
+                    raise errors.GuestStartFailed(
+                        g.name, g.initial_host, f"guest reported {failure.reason} {details}"
+                    )
+                if outcome and isinstance(outcome[-1], GuestReady):
+                    ready[g.name] = outcome[-1]
+            if len(ready) == len(self._state.guests):
+                return ready
+            if time.monotonic() >= deadline:
+                late = [g.name for g in self._state.guests if g.name not in ready]
+                raise errors.GuestStartFailed(
+                    ",".join(late), "?", f"no ready line on the serial port after {timeout_s}s"
+                )
+            time.sleep(0.2)
+
     def running_on(self, guest_name: str) -> list[LabHost]:
         """Every lab host whose daemon has this guest running (not paused for migration)."""
         found = []
@@ -572,6 +614,9 @@ class _Starter:
         state = self._choose_cpu(state)
         state = self._ensure_guests(state)
         self._phase("guests")
+        if self._config.wait_guests:
+            Lab(self._store, state).wait_guests_ready(self._config.guest_ready_timeout_s)
+            self._phase("guests-ready")
 
         failures: list[str] = []
         if state.agents:

@@ -58,6 +58,17 @@ def _parser() -> argparse.ArgumentParser:
         type=int,
         help="Agent of host i listens on 127.0.0.1:<base+i> (default: free ports).",
     )
+    up.add_argument(
+        "--no-wait",
+        action="store_true",
+        help="Do not wait for the guests to report ready on their serial ports.",
+    )
+    up.add_argument(
+        "--ready-timeout",
+        type=float,
+        default=300.0,
+        help="Seconds to wait for every guest's ready line (default 300).",
+    )
     up.add_argument("--kernel", type=Path, help="Guest kernel to boot instead of building one.")
     up.add_argument(
         "--recover",
@@ -84,6 +95,8 @@ def _up(args: argparse.Namespace) -> int:
         agents=not args.no_agents,
         agent_port_base=args.agent_port_base,
         kernel=args.kernel,
+        wait_guests=not args.no_wait,
+        guest_ready_timeout_s=args.ready_timeout,
     )
     t0 = time.monotonic()
     lab, report = cluster.Lab.up(args.hosts, plans, config, recover=args.recover)

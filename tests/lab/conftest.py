@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from hostmaint.lab import cluster
-from hostmaint.lab.guest import GuestSpec
+from hostmaint.lab.guest import GuestMode, GuestSpec
 
 # Subnets of the test labs; override when they collide with something on the machine.
 SESSION_SUBNET = os.environ.get("HOSTMAINT_LAB_TEST_SUBNET", "10.213.1.0/24")
@@ -21,18 +21,18 @@ LIFECYCLE_PREFIX = "hm-labx"
 # so it converges at once and its transfer is dominated by the link.
 MIGRATING_GUEST = GuestSpec(
     name="hm-labt-mig",
-    memory_mib=512,
+    memory_mib=256,
     working_set_mib=16,
     dirty_rate_mibps=2,
-    mode="paced",
-    fill_mib=384,
+    mode=GuestMode.PACED,
+    fill_mib=192,
 )
 IDLE_GUEST = GuestSpec(
     name="hm-labt-idle",
     memory_mib=128,
     working_set_mib=8,
     dirty_rate_mibps=1,
-    mode="paced",
+    mode=GuestMode.PACED,
     fill_mib=8,
 )
 

@@ -84,24 +84,25 @@ def test_accel_is_tcg_without_a_kvm_device(tmp_path: Path) -> None:
 def test_guest_spec_from_toml(tmp_path: Path) -> None:
     spec = tmp_path / "spec.toml"
     spec.write_text(
-        '[[guests]]\nname = "a"\nmemory_mib = 256\nworking_set_mib = 192\n'
+        '[[guests]]\nname = "a"\nmemory_mib = 256\nworking_set_mib = 128\n'
         'dirty_rate_mibps = 40\nmode = "paced"\nfill_mib = 64\nhost = 1\n'
         '[[guests]]\nname = "b"\nmemory_mib = 128\nworking_set_mib = 8\n'
         'dirty_rate_mibps = 1\nmode = "paced"\nfill_mib = 8\n'
     )
     plans = cluster.load_guest_plans(spec)
     assert [(p.spec.name, p.host_index) for p in plans] == [("a", 1), ("b", None)]
-    assert plans[0].spec.working_set_mib == 192
+    assert plans[0].spec.working_set_mib == 128
+
+
+GUEST_A = '[[guests]]\nname = "a"\nmemory_mib = 256\nworking_set_mib = 8\ndirty_rate_mibps = 1\n'
 
 
 @pytest.mark.parametrize(
     ("text", "reason"),
     [
         ('[[guests]]\nname = "a"\nmemory_mib = 256\ncolour = "red"\n', "unknown keys"),
-        (
-            '[[guests]]\nname = "a"\nmemory_mib = 1\n[[guests]]\nname = "a"\nmemory_mib = 1\n',
-            "unique",
-        ),
+        (GUEST_A + GUEST_A, "unique"),
+        (GUEST_A.replace("256", "64"), "memory_mib"),
         ("guests = 3\n", "array of tables"),
         ("[[guests]\n", None),
     ],
