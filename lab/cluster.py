@@ -98,6 +98,8 @@ class LabConfig:
     agent_binary: str | None = None
     ready_timeout_s: float = 30.0
     wait_guests: bool = True
+    # A fresh `up` that fails stops what it started; False keeps it (and its logs) to debug.
+    rollback_on_failure: bool = True
     guest_ready_timeout_s: float = 300.0
     agent_ready_timeout_s: float = 15.0
     kernel: Path | None = None
@@ -312,8 +314,16 @@ class Lab:
         check_prerequisites()
         plans = [g if isinstance(g, GuestPlan) else GuestPlan(g) for g in guests]
         store = StateStore(config.state_dir)
-        with store.locked():
-            return _Starter(store, config).run(n_hosts, plans, recover=recover)
+        fresh = not store.exists()
+        try:
+            with store.locked():
+                return _Starter(store, config).run(n_hosts, plans, recover=recover)
+        except BaseException as exc:  # an interrupted fresh up is rolled back too
+            if not (fresh and store.exists() and config.rollback_on_failure):
+                raise
+            LOG.warning("up failed, rolling back: %s", exc)
+            down(config.state_dir)
+            raise
 
     # ---- views --------------------------------------------------------------------------
 
@@ -469,6 +479,8 @@ class Lab:
 def down(state_dir: Path) -> list[str]:
     """Stop everything a lab recorded and remove its state; returns what was done."""
     store = StateStore(state_dir)
+    if not store.exists():
+        return [f"no lab state in {state_dir}: nothing to stop"]
     with store.locked():
         done = _teardown(store, store.load())
     store.remove_dir()

@@ -59,6 +59,11 @@ def _parser() -> argparse.ArgumentParser:
         help="Agent of host i listens on 127.0.0.1:<base+i> (default: free ports).",
     )
     up.add_argument(
+        "--keep-on-failure",
+        action="store_true",
+        help="When a fresh up fails, leave what it started (and its logs) for debugging.",
+    )
+    up.add_argument(
         "--no-wait",
         action="store_true",
         help="Do not wait for the guests to report ready on their serial ports.",
@@ -97,6 +102,7 @@ def _up(args: argparse.Namespace) -> int:
         kernel=args.kernel,
         wait_guests=not args.no_wait,
         guest_ready_timeout_s=args.ready_timeout,
+        rollback_on_failure=not args.keep_on_failure,
     )
     t0 = time.monotonic()
     lab, report = cluster.Lab.up(args.hosts, plans, config, recover=args.recover)

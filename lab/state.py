@@ -221,7 +221,14 @@ class Liveness:
     dead: tuple[ProcessRecord, ...] = field(default_factory=tuple)
 
 
+# A lab is whole while these run. QEMU records are not among them: a guest's
+# QEMU ends on its source host whenever the guest migrates away.
+ESSENTIAL_ROLES = (Role.LIBVIRTD, Role.AGENT)
+
+
 def liveness(state: LabState) -> Liveness:
-    alive = tuple(p for p in state.processes if p.is_alive())
-    dead = tuple(p for p in state.processes if not p.is_alive())
+    """Which of the lab's daemons and agents still run."""
+    essential = [p for p in state.processes if p.role in ESSENTIAL_ROLES]
+    alive = tuple(p for p in essential if p.is_alive())
+    dead = tuple(p for p in essential if not p.is_alive())
     return Liveness(alive=alive, dead=dead)

@@ -46,9 +46,25 @@ def _host_uuid(uri: str) -> str:
     return caps[start : caps.index("</uuid>")]
 
 
+def _processes_mentioning(path: Path) -> list[int]:
+    """Live processes whose command line names a path under the lab's state dir."""
+    found = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            cmdline = (proc / "cmdline").read_bytes()
+        except OSError:
+            continue
+        if str(path).encode() in cmdline and start_ticks_of(int(proc.name)) is not None:
+            found.append(int(proc.name))
+    return found
+
+
 def _assert_nothing_left(prefix: str, state_dir: Path, pids: list[tuple[int, int]]) -> None:
     still = [pid for pid, ticks in pids if start_ticks_of(pid) == ticks]
     assert still == [], f"processes left running: {still}"
+    assert _processes_mentioning(state_dir) == []
     left_ns = sorted(ns for ns in network.list_netns() if ns.startswith(f"{prefix}-"))
     assert left_ns == [], f"network namespaces left: {left_ns}"
     assert not state_dir.exists(), f"state left: {list(state_dir.rglob('*'))[:10]}"
@@ -148,6 +164,13 @@ def test_live_migration_over_the_shaped_link(lab: cluster.Lab) -> None:
     burst_bits = network.burst_bytes(lab.rate_mbit) * 8
     assert peak_bits <= rate_bits * 1.02 + burst_bits
     assert rx_bytes * 8 / elapsed_s <= rate_bits * 1.02
+    # The guest's QEMU on the source has gone with it: the lab is still whole, not crashed.
+    assert lab.status()["dead_processes"] == []
+    config = cluster.LabConfig(
+        prefix=lab.state.prefix, state_dir=lab.state_dir, subnet=lab.state.subnet
+    )
+    with pytest.raises(errors.LabAlreadyRunning):
+        cluster.Lab.up(2, [], config)
 
 
 def _recorded(state_dir: Path) -> list[tuple[int, int]]:
@@ -171,6 +194,18 @@ def test_up_then_down_leaves_nothing(lifecycle_config: cluster.LabConfig) -> Non
         socket.create_connection((host, int(port)), timeout=5).close()
     lab.down()
     _assert_nothing_left(LIFECYCLE_PREFIX, lifecycle_config.state_dir, recorded)
+
+
+def test_failed_up_rolls_back(lifecycle_config: cluster.LabConfig) -> None:
+    missing_kernel = lifecycle_config.state_dir.parent / "missing.elf"
+    config = dataclasses.replace(lifecycle_config, kernel=missing_kernel)
+    with pytest.raises(errors.GuestStartFailed) as info:
+        cluster.Lab.up(2, [SMALL_GUEST], config)
+    assert info.value.guest == SMALL_GUEST.name
+    _assert_nothing_left(LIFECYCLE_PREFIX, config.state_dir, [])
+    assert cluster.down(config.state_dir) == [
+        f"no lab state in {config.state_dir}: nothing to stop"
+    ]
 
 
 def test_crash_then_refuse_recover_and_down(lifecycle_config: cluster.LabConfig) -> None:
