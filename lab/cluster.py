@@ -98,6 +98,7 @@ class LabConfig:
     agent_binary: str | None = None
     ready_timeout_s: float = 30.0
     wait_guests: bool = True
+    force_tcg: bool = False
     # A fresh `up` that fails stops what it started; False keeps it (and its logs) to debug.
     rollback_on_failure: bool = True
     guest_ready_timeout_s: float = 300.0
@@ -662,7 +663,10 @@ class _Starter:
                 f"{cfg.state_dir}: another lab uses prefix {cfg.prefix!r}"
             )
         notes = prepare_machine()
-        accel, accel_reason = domains.detect_accel()
+        if cfg.force_tcg:
+            accel, accel_reason = domains.Accel.TCG, "TCG forced by the lab's configuration"
+        else:
+            accel, accel_reason = domains.detect_accel()
         state_dir = cfg.state_dir.resolve()
         kernel: Path = cfg.kernel or build_guest(state_dir / "guest")
         hosts = []

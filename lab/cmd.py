@@ -59,6 +59,11 @@ def _parser() -> argparse.ArgumentParser:
         help="Agent of host i listens on 127.0.0.1:<base+i> (default: free ports).",
     )
     up.add_argument(
+        "--tcg",
+        action="store_true",
+        help="Use TCG even when /dev/kvm works (otherwise chosen automatically).",
+    )
+    up.add_argument(
         "--keep-on-failure",
         action="store_true",
         help="When a fresh up fails, leave what it started (and its logs) for debugging.",
@@ -103,6 +108,7 @@ def _up(args: argparse.Namespace) -> int:
         wait_guests=not args.no_wait,
         guest_ready_timeout_s=args.ready_timeout,
         rollback_on_failure=not args.keep_on_failure,
+        force_tcg=args.tcg,
     )
     t0 = time.monotonic()
     lab, report = cluster.Lab.up(args.hosts, plans, config, recover=args.recover)
