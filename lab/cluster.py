@@ -1,8 +1,8 @@
 """Several KVM "hosts" on one machine: the lab's composition and lifecycle.
 
 Each lab host is a libvirtd in its own network namespace (an address on the
-lab's private bridge, its NIC shaped both ways) and its own private mount
-namespace (its own /run/libvirt, /var/lib/libvirt, /etc/libvirt, ... bound
+lab's private bridge, its NIC shaped both ways), its own UTS namespace (its
+hostname is the lab host's name) and its own private mount namespace (its own /run/libvirt, /var/lib/libvirt, /etc/libvirt, ... bound
 from the lab's state directory), with its own host UUID and pid file,
 reachable from outside as qemu+unix:///system?socket=<its run dir>/libvirt-sock.
 Beside each daemon runs one hostmaint agent on 127.0.0.1.
@@ -741,8 +741,13 @@ class _Starter:
         binds = "; ".join(
             f"mount --bind {base / sub} {target}" for sub, target in MOUNT_POINTS.items()
         )
-        script = f"set -e; {binds}; exec {LIBVIRTD} --pid-file {base / 'libvirtd.pid'}"
-        cmd = ["ip", "netns", "exec", h.netns, "unshare", "--mount", "--propagation", "private"]
+        # Its own UTS namespace too, so each lab host reports its own hostname.
+        script = (
+            f"set -e; hostname {h.name}; {binds}; "
+            f"exec {LIBVIRTD} --pid-file {base / 'libvirtd.pid'}"
+        )
+        cmd = ["ip", "netns", "exec", h.netns, "unshare", "--mount", "--uts"]
+        cmd += ["--propagation", "private"]
         out_path = base / "libvirtd.out"
         with out_path.open("ab") as out:
             proc = subprocess.Popen(

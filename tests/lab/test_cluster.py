@@ -70,12 +70,18 @@ def _assert_nothing_left(prefix: str, state_dir: Path, pids: list[tuple[int, int
     assert not state_dir.exists(), f"state left: {list(state_dir.rglob('*'))[:10]}"
 
 
-def test_hosts_are_separate_daemons_with_own_uuid_and_netns(lab: cluster.Lab) -> None:
+def test_hosts_are_separate_daemons_with_own_uuid_hostname_and_netns(lab: cluster.Lab) -> None:
     daemons = [lab.state.process(Role.LIBVIRTD, h.name) for h in lab.hosts]
     assert all(d is not None and d.is_alive() for d in daemons)
     pids = [d.pid for d in daemons if d is not None]
     assert len({_netns_of(pid) for pid in pids}) == len(pids)
     assert all(_netns_of(pid) != _netns_of(os.getpid()) for pid in pids)
+    for h in lab.hosts:
+        conn = libvirt.open(h.uri)
+        try:
+            assert conn.getHostname() == h.name
+        finally:
+            conn.close()
     uuids = {_host_uuid(h.uri) for h in lab.hosts}
     assert uuids == {h.uuid for h in lab.state.hosts}
     assert len({h.migration_address for h in lab.hosts}) == len(lab.hosts)
