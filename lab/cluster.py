@@ -20,15 +20,13 @@ import ipaddress
 import logging
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import sys
 import threading
 import time
-import tomllib
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,6 +35,7 @@ from typing import Any
 import libvirt
 
 from . import domains, errors, network
+from .domains import GuestPlan, load_guest_plans
 from .guest import (
     GuestEvent,
     GuestFailure,
@@ -51,12 +50,13 @@ from .state import (
     HostRecord,
     LabState,
     Phase,
-    ProcessRecord,
     Role,
     StateStore,
     liveness,
     record_process,
     start_ticks_of,
+    stop_process,
+    wait_until,
 )
 
 LOG = logging.getLogger(__name__)
@@ -117,14 +117,6 @@ class LabConfig:
 
 
 @dataclass(frozen=True)
-class GuestPlan:
-    """A guest to boot, on a given lab host index or (None) spread round-robin."""
-
-    spec: GuestSpec
-    host_index: int | None = None
-
-
-@dataclass(frozen=True)
 class LabHost:
     name: str
     index: int
@@ -144,40 +136,6 @@ class UpReport:
     agent_failures: tuple[str, ...]
     recovered: tuple[str, ...]
     phases_s: tuple[tuple[str, float], ...]
-
-
-def load_guest_plans(path: Path) -> list[GuestPlan]:
-    """Read a TOML spec: `[[guests]]` tables with the GuestSpec fields and an optional `host`."""
-    try:
-        raw = tomllib.loads(path.read_text())
-    except (OSError, tomllib.TOMLDecodeError) as exc:
-        raise errors.SpecError(path, str(exc)) from exc
-    return guest_plans_from_dict(raw, path)
-
-
-def guest_plans_from_dict(raw: dict[str, Any], path: Path | None = None) -> list[GuestPlan]:
-    entries = raw.get("guests", [])
-    if not isinstance(entries, list):
-        raise errors.SpecError(path, "`guests` must be an array of tables ([[guests]])")
-    known = {f.name for f in dataclasses.fields(GuestSpec)}
-    plans = []
-    for entry in entries:
-        entry = dict(entry)
-        host = entry.pop("host", None)
-        unknown = set(entry) - known
-        if unknown:
-            raise errors.SpecError(path, f"unknown keys {sorted(unknown)} (known: {sorted(known)})")
-        try:
-            spec = GuestSpec(**entry)
-        except (TypeError, ValueError) as exc:
-            raise errors.SpecError(path, f"guest {entry.get('name')}: {exc}") from exc
-        if host is not None and not isinstance(host, int):
-            raise errors.SpecError(path, f"guest {spec.name}: host must be a host index")
-        plans.append(GuestPlan(spec=spec, host_index=host))
-    names = [p.spec.name for p in plans]
-    if len(set(names)) != len(names):
-        raise errors.SpecError(path, "guest names must be unique")
-    return plans
 
 
 def check_prerequisites() -> None:
@@ -236,36 +194,6 @@ def _log_tail(path: Path, lines: int = 5) -> str:
         return " | ".join(path.read_text(errors="replace").strip().splitlines()[-lines:])
     except OSError:
         return ""
-
-
-def _wait_until(pred: Callable[[], bool], timeout_s: float, interval_s: float = 0.2) -> bool:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if pred():
-            return True
-        time.sleep(interval_s)
-    return pred()
-
-
-def _gone(record: ProcessRecord) -> bool:
-    """True once the process has exited; collects it if it is a child of ours (no zombie)."""
-    try:
-        os.waitpid(record.pid, os.WNOHANG)
-    except ChildProcessError:
-        pass  # not our child: init reaps it
-    return not record.is_alive()
-
-
-def stop_process(record: ProcessRecord, grace_s: float = 10.0) -> bool:
-    """SIGTERM, then SIGKILL after grace_s, a process we recorded; False if it was gone."""
-    if not record.is_alive():
-        return False
-    LOG.info("stopping role=%s host=%s pid=%d", record.role.value, record.host, record.pid)
-    os.kill(record.pid, signal.SIGTERM)
-    if not _wait_until(lambda: _gone(record), grace_s, 0.1) and record.is_alive():
-        os.kill(record.pid, signal.SIGKILL)
-        _wait_until(lambda: _gone(record), 5.0, 0.1)
-    return True
 
 
 def _ignore_libvirt_error(_ctx: object, _err: object) -> None:
@@ -773,7 +701,7 @@ class _Starter:
                 return True
             return False
 
-        if not _wait_until(ready, self._config.ready_timeout_s) or proc.poll() is not None:
+        if not wait_until(ready, self._config.ready_timeout_s) or proc.poll() is not None:
             reason = (
                 f"exited with {proc.returncode}"
                 if proc.poll() is not None
@@ -891,7 +819,7 @@ class _Starter:
         if new is not None:
             state = state.with_process(new)
             self._store.save(state)
-        ok = _wait_until(
+        ok = wait_until(
             lambda: proc.poll() is not None or _port_open(h.agent_port),
             self._config.agent_ready_timeout_s,
         )

@@ -1,4 +1,4 @@
-"""Domain XML for lab guests, and the choice of accelerator and CPU model.
+"""Lab guests: their spec file, their domain XML, the choice of accelerator and CPU model.
 
 A lab guest is a multiboot kernel booted directly (`<kernel>` + `<cmdline>`),
 one vCPU, no disk or NIC, its serial port written to a file in the lab's
@@ -8,12 +8,18 @@ migrations: every lab host sees the same file).
 
 from __future__ import annotations
 
+import dataclasses
 import fcntl
 import os
+import tomllib
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
+from typing import Any
+
+from . import errors
+from .guest import GuestSpec
 
 MIN_MEMORY_MIB = 128
 MAX_MEMORY_MIB = 2048
@@ -121,3 +127,45 @@ def domain_xml(cfg: DomainConfig) -> str:
     _sub(devices, "controller", type="usb", model="none")
     _sub(devices, "memballoon", model="none")
     return ET.tostring(dom, encoding="unicode")
+
+
+@dataclass(frozen=True)
+class GuestPlan:
+    """A guest to boot, on a given lab host index or (None) spread round-robin."""
+
+    spec: GuestSpec
+    host_index: int | None = None
+
+
+def load_guest_plans(path: Path) -> list[GuestPlan]:
+    """Read a TOML spec: `[[guests]]` tables with the GuestSpec fields and an optional `host`."""
+    try:
+        raw = tomllib.loads(path.read_text())
+    except (OSError, tomllib.TOMLDecodeError) as exc:
+        raise errors.SpecError(path, str(exc)) from exc
+    return guest_plans_from_dict(raw, path)
+
+
+def guest_plans_from_dict(raw: dict[str, Any], path: Path | None = None) -> list[GuestPlan]:
+    entries = raw.get("guests", [])
+    if not isinstance(entries, list):
+        raise errors.SpecError(path, "`guests` must be an array of tables ([[guests]])")
+    known = {f.name for f in dataclasses.fields(GuestSpec)}
+    plans = []
+    for entry in entries:
+        entry = dict(entry)
+        host = entry.pop("host", None)
+        unknown = set(entry) - known
+        if unknown:
+            raise errors.SpecError(path, f"unknown keys {sorted(unknown)} (known: {sorted(known)})")
+        try:
+            spec = GuestSpec(**entry)
+        except (TypeError, ValueError) as exc:
+            raise errors.SpecError(path, f"guest {entry.get('name')}: {exc}") from exc
+        if host is not None and not isinstance(host, int):
+            raise errors.SpecError(path, f"guest {spec.name}: host must be a host index")
+        plans.append(GuestPlan(spec=spec, host_index=host))
+    names = [p.spec.name for p in plans]
+    if len(set(names)) != len(names):
+        raise errors.SpecError(path, "guest names must be unique")
+    return plans

@@ -13,14 +13,19 @@ import dataclasses
 import errno
 import fcntl
 import json
+import logging
 import os
-from collections.abc import Iterator
+import signal
+import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
 from typing import Any
 
 from . import errors
+
+LOG = logging.getLogger(__name__)
 
 STATE_FILE = "lab.json"
 LOCK_FILE = "lock"
@@ -232,3 +237,33 @@ def liveness(state: LabState) -> Liveness:
     alive = tuple(p for p in essential if p.is_alive())
     dead = tuple(p for p in essential if not p.is_alive())
     return Liveness(alive=alive, dead=dead)
+
+
+def wait_until(pred: Callable[[], bool], timeout_s: float, interval_s: float = 0.2) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if pred():
+            return True
+        time.sleep(interval_s)
+    return pred()
+
+
+def _gone(record: ProcessRecord) -> bool:
+    """True once the process has exited; collects it if it is a child of ours (no zombie)."""
+    try:
+        os.waitpid(record.pid, os.WNOHANG)
+    except ChildProcessError:
+        pass  # not our child: init reaps it
+    return not record.is_alive()
+
+
+def stop_process(record: ProcessRecord, grace_s: float = 10.0) -> bool:
+    """SIGTERM, then SIGKILL after grace_s, a process we recorded; False if it was gone."""
+    if not record.is_alive():
+        return False
+    LOG.info("stopping role=%s host=%s pid=%d", record.role.value, record.host, record.pid)
+    os.kill(record.pid, signal.SIGTERM)
+    if not wait_until(lambda: _gone(record), grace_s, 0.1) and record.is_alive():
+        os.kill(record.pid, signal.SIGKILL)
+        wait_until(lambda: _gone(record), 5.0, 0.1)
+    return True
