@@ -1,0 +1,86 @@
+"""The local multi-host lab, brought up once per test session and down at its end."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from hostmaint.lab import cluster
+from hostmaint.lab.guest import GuestMode, GuestSpec
+
+# Subnets of the test labs; override when they collide with something on the machine.
+SESSION_SUBNET = os.environ.get("HOSTMAINT_LAB_TEST_SUBNET", "10.213.1.0/24")
+LIFECYCLE_SUBNET = os.environ.get("HOSTMAINT_LAB_TEST_SUBNET2", "10.213.2.0/24")
+SESSION_PREFIX = "hm-labt"
+LIFECYCLE_PREFIX = "hm-labx"
+# The guest that migrates: most of its memory written once, a small slow working set,
+# so it converges at once and its transfer is dominated by the link.
+MIGRATING_GUEST = GuestSpec(
+    name="hm-labt-mig",
+    memory_mib=256,
+    working_set_mib=16,
+    dirty_rate_mibps=2,
+    mode=GuestMode.PACED,
+    fill_mib=192,
+)
+IDLE_GUEST = GuestSpec(
+    name="hm-labt-idle",
+    memory_mib=128,
+    working_set_mib=8,
+    dirty_rate_mibps=1,
+    mode=GuestMode.PACED,
+    fill_mib=8,
+)
+
+
+def lab_unavailable_reason() -> str | None:
+    if os.geteuid() != 0:
+        return "the lab needs root (network namespaces, mounts)"
+    for binary in (cluster.LIBVIRTD, cluster.QEMU):
+        if not os.access(binary, os.X_OK):
+            return f"{binary} is not installed"
+    for tool in ("ip", "tc", "unshare"):
+        if shutil.which(tool) is None:
+            return f"{tool} is not installed"
+    return None
+
+
+def require_lab() -> None:
+    reason = lab_unavailable_reason()
+    if reason is not None:
+        pytest.skip(reason)
+
+
+@pytest.fixture(scope="session")
+def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[cluster.Lab]:
+    require_lab()
+    config = cluster.LabConfig(
+        prefix=SESSION_PREFIX,
+        state_dir=tmp_path_factory.mktemp("lab"),
+        subnet=SESSION_SUBNET,
+    )
+    lab, report = cluster.Lab.up(2, [MIGRATING_GUEST, IDLE_GUEST], config)
+    print(f"\nlab up: accel={report.accel} ({report.accel_reason}) cpu={report.cpu_model!r}")
+    print(f"lab up phases: {report.phases_s}")
+    for failure in report.agent_failures:
+        print(f"lab agent failure (tolerated): {failure}")
+    try:
+        yield lab
+    finally:
+        lab.down()
+
+
+@pytest.fixture
+def lifecycle_config(tmp_path: Path) -> cluster.LabConfig:
+    """A second, short-lived lab beside the session's: its own prefix, subnet and state."""
+    require_lab()
+    return cluster.LabConfig(
+        prefix=LIFECYCLE_PREFIX,
+        state_dir=tmp_path / "lab",
+        subnet=LIFECYCLE_SUBNET,
+        agents=False,
+    )
