@@ -19,6 +19,7 @@ import dataclasses
 import ipaddress
 import logging
 import os
+import shlex
 import shutil
 import socket
 import subprocess
@@ -429,7 +430,7 @@ def _qemu_pids_of_host(host: HostRecord) -> list[tuple[str, int]]:
         if (
             cmdline
             and cmdline[0].endswith(b"qemu-system-x86_64")
-            and (f"guest={guest}".encode() in b" ".join(cmdline))
+            and f"guest={guest},".encode() in b" ".join(cmdline)
         ):
             found.append((guest, pid))
     return found
@@ -536,6 +537,11 @@ class _Starter:
         else:
             if n_hosts < 1:
                 raise errors.LabError(f"n_hosts={n_hosts} must be at least 1")
+            for plan in plans:
+                if plan.host_index is not None and not 0 <= plan.host_index < n_hosts:
+                    raise errors.SpecError(
+                        None, f"guest {plan.spec.name}: no lab host {plan.host_index}"
+                    )
             state, accel_reason, notes = self._fresh_state(n_hosts, plans)
         self._phase("prepare")
 
@@ -614,8 +620,6 @@ class _Starter:
         guests = []
         for k, plan in enumerate(plans):
             index = k % n_hosts if plan.host_index is None else plan.host_index
-            if not 0 <= index < n_hosts:
-                raise errors.SpecError(None, f"guest {plan.spec.name}: no lab host {index}")
             guests.append(
                 GuestRecord(
                     name=plan.spec.name,
@@ -667,12 +671,13 @@ class _Starter:
         self._write_host_config(h)
         base = Path(h.host_dir)
         binds = "; ".join(
-            f"mount --bind {base / sub} {target}" for sub, target in MOUNT_POINTS.items()
+            f"mount --bind {shlex.quote(str(base / sub))} {target}"
+            for sub, target in MOUNT_POINTS.items()
         )
         # Its own UTS namespace too, so each lab host reports its own hostname.
         script = (
-            f"set -e; hostname {h.name}; {binds}; "
-            f"exec {LIBVIRTD} --pid-file {base / 'libvirtd.pid'}"
+            f"set -e; hostname {shlex.quote(h.name)}; {binds}; "
+            f"exec {LIBVIRTD} --pid-file {shlex.quote(str(base / 'libvirtd.pid'))}"
         )
         cmd = ["ip", "netns", "exec", h.netns, "unshare", "--mount", "--uts"]
         cmd += ["--propagation", "private"]
