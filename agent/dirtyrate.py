@@ -52,8 +52,10 @@ class DirtyRateMeter:
         self._driver = driver
         self._wait = wait
         self._clock = clock
-        self._lock = threading.Lock()
+        self._lock = threading.Condition()
         self._cache: dict[str, DirtyRate] = {}
+        # QEMU runs one measurement per domain at a time: later callers wait their turn.
+        self._busy: set[str] = set()
         # Domains where dirty-bitmap failed: page-sampling is their best.
         self._no_bitmap: set[str] = set()
 
@@ -81,6 +83,26 @@ class DirtyRateMeter:
         With method None each domain gets the best method it supports, and a
         domain whose QEMU refuses dirty-bitmap falls back to page-sampling.
         """
+        wanted = list(dict.fromkeys(domain_uuids))
+        deadline = self._clock() + MAX_WINDOW_S * 2
+        with self._lock:
+            while self._busy.intersection(wanted):
+                if self._clock() > deadline:
+                    raise errors.OperationRefused(
+                        ",".join(wanted), "measure dirty rate", "another measurement is running"
+                    )
+                self._lock.wait(_POLL_S)
+            self._busy.update(wanted)
+        try:
+            return self._measure(wanted, window_s, method)
+        finally:
+            with self._lock:
+                self._busy.difference_update(wanted)
+                self._lock.notify_all()
+
+    def _measure(
+        self, domain_uuids: Sequence[str], window_s: int, method: DirtyRateMethod | None
+    ) -> dict[str, DirtyRate]:
         started: list[str] = []
         for uuid in domain_uuids:
             chosen = method
