@@ -12,12 +12,12 @@ from dataclasses import dataclass
 
 import grpc
 import pytest
-from tests.lab.conftest import require_lab
 
 from hostmaint.lab import cluster
 from hostmaint.lab.guest import GuestMode, GuestProgress, GuestSpec
 from hostmaint.protos import agent_pb2 as pb
 from hostmaint.protos import agent_pb2_grpc
+from tests.lab.conftest import require_lab
 
 pytestmark = pytest.mark.lab
 MIB = 1024 * 1024
