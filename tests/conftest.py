@@ -1,0 +1,38 @@
+"""Session-wide rules: where the machine can run the lab or the real Nova, those tests must run.
+
+`scripts/test.sh` sets HOSTMAINT_REQUIRE=lab,nova when the machine has what
+they need (root and a usable /dev/kvm; Nova's own virtualenv can be built),
+and the run fails if any test of those kinds was skipped anyway.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+_skipped: dict[str, list[str]] = {}
+
+
+def _required() -> set[str]:
+    return {k.strip() for k in os.environ.get("HOSTMAINT_REQUIRE", "").split(",") if k.strip()}
+
+
+def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    if not report.skipped:
+        return
+    for kind in _required():
+        if kind in report.keywords:
+            _skipped.setdefault(kind, []).append(f"{report.nodeid}: {report.longrepr}")
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    if _skipped:
+        reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+        for kind, tests in _skipped.items():
+            line = f"{len(tests)} {kind} test(s) skipped although this machine can run them"
+            if reporter is not None:
+                reporter.write_line(line, red=True)
+                for t in tests[:5]:
+                    reporter.write_line(f"  {t}")
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
