@@ -85,11 +85,10 @@ def cpu_xml(cpu: CpuDefinition) -> str:
     """The <cpu> XML to hand libvirt for a definition (its own XML when it has one)."""
     if cpu.xml:
         return cpu.xml
+    # A guest CPU: no <arch> (libvirt would read the XML as a host CPU and refuse `mode`).
     root = ET.Element("cpu")
     if cpu.mode:
         root.set("mode", cpu.mode)
-    if cpu.arch:
-        ET.SubElement(root, "arch").text = cpu.arch
     if cpu.model:
         ET.SubElement(root, "model").text = cpu.model
     if cpu.vendor:

@@ -467,6 +467,8 @@ class LibvirtDriver:
         """The running job's stats (or the last completed job's); None when there is none."""
         dom = self._domain(domain_uuid)
         with self._translated("job stats", domain_uuid):
+            if not completed and not dom.isActive():
+                return None  # shut off (or just migrated away and not yet undefined): no job
             flags = libvirt.VIR_DOMAIN_JOB_STATS_COMPLETED if completed else 0
             raw = dom.jobStats(flags)
             state, reason = dom.state(0)

@@ -177,6 +177,38 @@ def prepare_machine() -> list[str]:
     return notes
 
 
+def cgroup_mounts(mounts: str | None = None) -> str:
+    """Shell commands that mount the machine's cgroup hierarchies again.
+
+    `ip netns exec` mounts a fresh /sys for the namespace, with an empty
+    /sys/fs/cgroup: without these, libvirt finds no CPU controller and vCPU
+    quotas (the agent's throttling) are refused.
+    """
+    if mounts is None:
+        mounts = Path("/proc/self/mounts").read_text()
+    cmds = []
+    for line in mounts.splitlines():
+        parts = line.split()
+        if len(parts) < 4 or not parts[1].startswith("/sys/fs/cgroup"):
+            continue
+        fstype, target, options = parts[2], parts[1], parts[3].split(",")
+        if fstype == "cgroup2":
+            cmds.append(f"mount -t cgroup2 none {shlex.quote(target)}")
+        elif fstype == "cgroup":
+            keep = [
+                o
+                for o in options
+                if o not in ("rw", "ro", "relatime", "noatime", "nosuid", "nodev", "noexec")
+            ]
+            cmds.append(
+                f"mkdir -p {shlex.quote(target)} && "
+                f"mount -t cgroup -o {shlex.quote(','.join(keep))} cgroup {shlex.quote(target)}"
+            )
+        elif fstype == "tmpfs" and target == "/sys/fs/cgroup":
+            cmds.insert(0, "mount -t tmpfs -o mode=755 cgroup_root /sys/fs/cgroup")
+    return "".join(f"{c}; " for c in cmds)
+
+
 def _free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
@@ -676,7 +708,7 @@ class _Starter:
         )
         # Its own UTS namespace too, so each lab host reports its own hostname.
         script = (
-            f"set -e; hostname {shlex.quote(h.name)}; {binds}; "
+            f"set -e; hostname {shlex.quote(h.name)}; {cgroup_mounts()}{binds}; "
             f"exec {LIBVIRTD} --pid-file {shlex.quote(str(base / 'libvirtd.pid'))}"
         )
         cmd = ["ip", "netns", "exec", h.netns, "unshare", "--mount", "--uts"]
