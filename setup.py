@@ -24,7 +24,7 @@ setup(
         "hostmaint.agent": ["py.typed"],
         "hostmaint.coordinator": ["py.typed"],
         "hostmaint.common": ["py.typed"],
-        "hostmaint.lab": ["py.typed", "guest/*"],
+        "hostmaint.lab": ["py.typed", "guest_src/*"],
     },
     install_requires=[
         "grpcio>=1.76,<2",

@@ -1,6 +1,6 @@
 """The lab guest: a tiny multiboot kernel whose memory behaviour is known exactly.
 
-The sources live in ``lab/guest/`` (``boot.S``, ``guest.c``, ``guest.ld``);
+The sources live in ``lab/guest_src/`` (``boot.S``, ``guest.c``, ``guest.ld``);
 :func:`build_guest` compiles them with ``gcc -m32 -ffreestanding`` into a
 32-bit multiboot ELF that QEMU boots with ``-kernel`` (libvirt ``<kernel>``)
 and parameterises through the kernel command line (``-append`` /
@@ -57,7 +57,7 @@ from pathlib import Path
 
 LOG = logging.getLogger(__name__)
 
-SOURCE_DIR = Path(__file__).resolve().parent / "guest"
+SOURCE_DIR = Path(__file__).resolve().parent / "guest_src"
 SOURCES = ("boot.S", "guest.c", "guest.ld")
 LINE_PREFIX = "hmguest"
 
