@@ -66,6 +66,7 @@ class ExecutorSettings:
     max_attempts: int = 2
     dirty_rate_window_s: int = 2
     migration_addresses: dict[str, str] | None = None
+    watch_start_timeout_s: float = _WATCH_START_TIMEOUT_S
 
 
 class EventBus:
@@ -684,7 +685,10 @@ class Executor:
     def _watch_agent(self, run: _Run, row: VmRow, ref: MigrationRef, w: _Watch) -> VmRow:
         agent = self.registry.client(run.host)
         for p in agent.watch(
-            row.vm_uuid, self.settings.poll_interval_s, _WATCH_START_TIMEOUT_S, _WATCH_DEADLINE_S
+            row.vm_uuid,
+            self.settings.poll_interval_s,
+            self.settings.watch_start_timeout_s,
+            _WATCH_DEADLINE_S,
         ):
             if p.final:
                 w.downtime_ms, w.final_phase, w.error = float(p.downtime_ms), p.phase, p.error
