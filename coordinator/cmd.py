@@ -110,6 +110,7 @@ class Coordinator:
                 dirty_rate_window_s=d.dirty_rate_window_s,
                 migration_addresses=dict(conf.libvirt_driver.migration_addresses),
                 watch_start_timeout_s=d.watch_start_timeout_s,
+                escalation_settle_s=d.escalation_settle_s,
             ),
             clock=time.time,
             stopped=self.stopped,

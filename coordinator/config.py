@@ -129,6 +129,13 @@ drain_opts = [
         help="Seconds added to every prediction before a migration counts as behind.",
     ),
     cfg.FloatOpt(
+        "escalation_settle_s",
+        default=8.0,
+        min=0,
+        help="Seconds an escalation step (downtime raise, throttle) gets to show its effect "
+        "before the next is taken.",
+    ),
+    cfg.FloatOpt(
         "watch_start_timeout_s",
         default=30.0,
         min=0.1,

@@ -67,6 +67,7 @@ class ExecutorSettings:
     dirty_rate_window_s: int = 2
     migration_addresses: dict[str, str] | None = None
     watch_start_timeout_s: float = _WATCH_START_TIMEOUT_S
+    escalation_settle_s: float = escalation.Limits.settle_s
 
 
 class EventBus:
@@ -794,6 +795,7 @@ class Executor:
             cpu_bound=run.policy.allow_auto_converge and row.vm_uuid in run.cpu_bound,
             stall_factor=self.settings.stall_factor,
             stall_grace_s=self.settings.stall_grace_s,
+            settle_s=self.settings.escalation_settle_s,
         )
 
     def _escalate(
