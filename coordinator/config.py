@@ -128,6 +128,20 @@ drain_opts = [
         min=0,
         help="Seconds added to every prediction before a migration counts as behind.",
     ),
+    cfg.FloatOpt(
+        "escalation_settle_s",
+        default=8.0,
+        min=0,
+        help="Seconds an escalation step (downtime raise, throttle) gets to show its effect "
+        "before the next is taken.",
+    ),
+    cfg.FloatOpt(
+        "watch_start_timeout_s",
+        default=30.0,
+        min=0.1,
+        help="Seconds the source agent waits for a started migration's job to appear in "
+        "libvirt before the coordinator follows the cloud's migration record instead.",
+    ),
     cfg.IntOpt("max_attempts", default=2, min=1, max=10, help="Attempts per VM."),
     cfg.IntOpt(
         "dirty_rate_window_s",

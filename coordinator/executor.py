@@ -66,6 +66,8 @@ class ExecutorSettings:
     max_attempts: int = 2
     dirty_rate_window_s: int = 2
     migration_addresses: dict[str, str] | None = None
+    watch_start_timeout_s: float = _WATCH_START_TIMEOUT_S
+    escalation_settle_s: float = escalation.Limits.settle_s
 
 
 class EventBus:
@@ -684,7 +686,10 @@ class Executor:
     def _watch_agent(self, run: _Run, row: VmRow, ref: MigrationRef, w: _Watch) -> VmRow:
         agent = self.registry.client(run.host)
         for p in agent.watch(
-            row.vm_uuid, self.settings.poll_interval_s, _WATCH_START_TIMEOUT_S, _WATCH_DEADLINE_S
+            row.vm_uuid,
+            self.settings.poll_interval_s,
+            self.settings.watch_start_timeout_s,
+            _WATCH_DEADLINE_S,
         ):
             if p.final:
                 w.downtime_ms, w.final_phase, w.error = float(p.downtime_ms), p.phase, p.error
@@ -790,6 +795,7 @@ class Executor:
             cpu_bound=run.policy.allow_auto_converge and row.vm_uuid in run.cpu_bound,
             stall_factor=self.settings.stall_factor,
             stall_grace_s=self.settings.stall_grace_s,
+            settle_s=self.settings.escalation_settle_s,
         )
 
     def _escalate(
