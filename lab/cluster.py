@@ -193,7 +193,9 @@ def cgroup_mounts(mounts: str | None = None) -> str:
             continue
         fstype, target, options = parts[2], parts[1], parts[3].split(",")
         if fstype == "cgroup2":
-            cmds.append(f"mount -t cgroup2 none {shlex.quote(target)}")
+            cmds.append(
+                f"mkdir -p {shlex.quote(target)} && mount -t cgroup2 none {shlex.quote(target)}"
+            )
         elif fstype == "cgroup":
             keep = [
                 o
