@@ -1,7 +1,12 @@
-"""Pure modules import no I/O libraries: checked in a fresh interpreter."""
+"""Pure modules: importing them pulls in no I/O library, and they never read the clock.
+
+Checked in a fresh interpreter, so nothing imported by other tests hides a leak.
+"""
 
 from __future__ import annotations
 
+import importlib
+import inspect
 import subprocess
 import sys
 
@@ -12,6 +17,16 @@ PURE_MODULES = [
     "hostmaint.agent.inventory",
     "hostmaint.agent.tuning",
     "hostmaint.agent.types",
+    "hostmaint.coordinator.model",
+    "hostmaint.coordinator.planner",
+    "hostmaint.coordinator.simulator",
+    "hostmaint.coordinator.baselines",
+    "hostmaint.coordinator.scenarios",
+    "hostmaint.coordinator.calibrate",
+    "hostmaint.coordinator.bench",
+    "hostmaint.coordinator.dispatch",
+    "hostmaint.coordinator.escalation",
+    "hostmaint.coordinator.cliview",
 ]
 
 
@@ -24,3 +39,10 @@ def test_pure_module_imports_no_io(module: str) -> None:
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "", f"{module} imports {out.stdout.strip()}"
+
+
+@pytest.mark.parametrize("module", PURE_MODULES)
+def test_pure_module_never_reads_the_clock(module: str) -> None:
+    src = inspect.getsource(importlib.import_module(module))
+    for clock in ("import time", "from time", "datetime", "monotonic("):
+        assert clock not in src, f"{module} reads the clock ({clock})"

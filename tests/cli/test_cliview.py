@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
-
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -370,12 +367,3 @@ def test_redraw_moves_up_over_the_previous_frame() -> None:
     assert cliview.redraw(0, "a\nb") == "\x1b[Ja\nb\n"
     assert cliview.redraw(2, "c") == "\x1b[2F\x1b[Jc\n"
     assert cliview.frame_height("a\nb\nc") == 3
-
-
-def test_cliview_imports_no_io_library() -> None:
-    code = (
-        "import sys, hostmaint.coordinator.cliview\n"
-        "print(','.join(m for m in ('grpc', 'libvirt', 'psutil', 'oslo_config') if m in sys.modules))"
-    )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    assert out.stdout.strip() == ""
