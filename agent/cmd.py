@@ -3,12 +3,10 @@
 from __future__ import annotations
 
 import logging
-import signal
 import sys
 import threading
 import time
 from collections.abc import Sequence
-from types import FrameType
 
 from oslo_config import cfg
 
@@ -115,34 +113,12 @@ class Agent:
 
 
 def load_config(argv: Sequence[str]) -> cfg.ConfigOpts:
-    conf = cfg.ConfigOpts()
-    config.register_opts(conf)
-    conf(list(argv), project="hostmaint", prog="hostmaint-agent", default_config_files=[])
-    return conf
+    return daemon.load_config(argv, "hostmaint-agent", config.register_opts)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    logging.basicConfig(
-        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s [%(threadName)s] %(message)s"
-    )
     conf = load_config(sys.argv[1:] if argv is None else argv)
-    try:
-        agent = Agent(conf)
-    except daemon.InsecureRefused as e:
-        LOG.error("%s", e)
-        return 2
-    agent.start()
-    LOG.info("hostmaint-agent serving port=%d uri=%s", agent.port, conf.libvirt.uri)
-
-    def on_signal(signum: int, _frame: FrameType | None) -> None:
-        LOG.info("stopping on signal %d", signum)
-        agent.stopped.set()
-
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
-    agent.stopped.wait()
-    agent.stop()
-    return 0
+    return daemon.serve(lambda: Agent(conf), "hostmaint-agent")
 
 
 if __name__ == "__main__":

@@ -4,15 +4,20 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import socket
+import threading
 from collections.abc import Callable, Sequence
 from concurrent import futures
 from dataclasses import dataclass
 from pathlib import Path
+from types import FrameType
+from typing import Protocol
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
+from oslo_config import cfg
 
 LOG = logging.getLogger(__name__)
 LOOPBACK_HOSTS = frozenset({"127.0.0.1", "localhost", "::1", "[::1]"})
@@ -129,3 +134,45 @@ def channel(address: str, tls: TlsFiles | None = None) -> grpc.Channel:
     if tls is not None and tls.configured:
         return grpc.secure_channel(address, tls.channel_credentials())
     return grpc.insecure_channel(address)
+
+
+class Daemon(Protocol):
+    stopped: threading.Event
+
+    def start(self) -> None: ...
+
+    def stop(self) -> None: ...
+
+
+def load_config(
+    argv: Sequence[str], prog: str, register: Callable[[cfg.ConfigOpts], None]
+) -> cfg.ConfigOpts:
+    """A private ConfigOpts with the daemon's options, read from --config-file."""
+    conf = cfg.ConfigOpts()
+    register(conf)
+    conf(list(argv), project="hostmaint", prog=prog, default_config_files=[])
+    return conf
+
+
+def serve(build: Callable[[], Daemon], prog: str) -> int:
+    """Builds the daemon, serves until SIGTERM or SIGINT, then stops it cleanly."""
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s [%(threadName)s] %(message)s"
+    )
+    try:
+        d = build()
+    except InsecureRefused as e:
+        LOG.error("%s", e)
+        return 2
+    d.start()
+
+    def on_signal(signum: int, _frame: FrameType | None) -> None:
+        LOG.info("stopping on signal %d", signum)
+        d.stopped.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    LOG.info("%s serving", prog)
+    d.stopped.wait()
+    d.stop()
+    return 0

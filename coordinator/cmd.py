@@ -3,13 +3,11 @@
 from __future__ import annotations
 
 import logging
-import signal
 import sys
 import threading
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from types import FrameType
 
 from oslo_config import cfg
 
@@ -144,34 +142,12 @@ class Coordinator:
 
 
 def load_config(argv: Sequence[str]) -> cfg.ConfigOpts:
-    conf = cfg.ConfigOpts()
-    config.register_opts(conf)
-    conf(list(argv), project="hostmaint", prog="hostmaint-coordinator", default_config_files=[])
-    return conf
+    return daemon.load_config(argv, "hostmaint-coordinator", config.register_opts)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    logging.basicConfig(
-        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s [%(threadName)s] %(message)s"
-    )
     conf = load_config(sys.argv[1:] if argv is None else argv)
-    try:
-        coordinator = Coordinator(conf)
-    except daemon.InsecureRefused as e:
-        LOG.error("%s", e)
-        return 2
-    coordinator.start()
-    LOG.info("hostmaint-coordinator serving port=%d driver=%s", coordinator.port, conf.driver.name)
-
-    def on_signal(signum: int, _frame: FrameType | None) -> None:
-        LOG.info("stopping on signal %d", signum)
-        coordinator.stopped.set()
-
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
-    coordinator.stopped.wait()
-    coordinator.stop()
-    return 0
+    return daemon.serve(lambda: Coordinator(conf), "hostmaint-coordinator")
 
 
 if __name__ == "__main__":
