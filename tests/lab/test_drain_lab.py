@@ -24,12 +24,12 @@ from hostmaint.lab.demo import (
     CoordinatorProcess,
     coordinator_config,
     free_port,
+    move_guests_to,
     placement,
     placement_problems,
 )
 from hostmaint.lab.guest import GuestMode, GuestSpec
 from hostmaint.lab.state import Role, stop_process
-from hostmaint.protos import agent_pb2 as apb
 from hostmaint.protos import agent_pb2_grpc, coordinator_pb2_grpc
 from hostmaint.protos import coordinator_pb2 as cpb
 from tests.lab.conftest import require_lab
@@ -39,7 +39,7 @@ SUBNET = "10.213.21.0/24"
 PREFIX = "hm-ldt"
 LIMIT_MS = 1000
 T = 30
-HOT = GuestSpec(f"{PREFIX}-hot", 256, 24, 60, GuestMode.PACED, 0)
+HOT = GuestSpec(f"{PREFIX}-hot", 256, 32, 80, GuestMode.PACED, 0)
 GUESTS = [
     GuestSpec(f"{PREFIX}-fill", 256, 16, 2, GuestMode.PACED, 96),
     GuestSpec(f"{PREFIX}-busy", 256, 32, 12, GuestMode.PACED, 16),
@@ -104,46 +104,9 @@ def _uuid(lab: cluster.Lab, guest: str) -> str:
         conn.close()
 
 
-def _move_home(site: Site) -> None:
-    """Every guest back on host 0, through the agents (a raised limit for the hot one)."""
-    home = site.source
-    for guest in NAMES:
-        here = site.lab.where(guest)
-        if here.name == home.name:
-            continue
-        uuid = _uuid(site.lab, guest)
-        channel, stub = _stub(here)
-        try:
-            stub.Migrate(
-                apb.MigrateRequest(
-                    domain_uuid=uuid,
-                    destination_uri=home.uri,
-                    options=apb.MigrateOptions(
-                        max_downtime_ms=10_000,
-                        migration_uri=f"tcp://{home.migration_address}",
-                    ),
-                ),
-                timeout=T,
-            )
-            final = None
-            for sample in stub.WatchMigration(
-                apb.WatchMigrationRequest(domain_uuid=uuid, interval_s=0.5, start_timeout_s=10),
-                timeout=300,
-            ):
-                final = sample
-            assert final is not None and final.final, f"{guest}: no end of its move home"
-            assert final.phase == apb.MIGRATION_PHASE_COMPLETED, final.error
-        finally:
-            channel.close()
-        deadline = time.monotonic() + 30
-        while site.lab.running_on(guest) != [home] and time.monotonic() < deadline:
-            time.sleep(0.5)
-        assert site.lab.where(guest).name == home.name
-
-
 @pytest.fixture(autouse=True)
 def guests_home(site: Site) -> None:
-    _move_home(site)
+    move_guests_to(site.lab, NAMES, site.source)
 
 
 def _policy() -> cpb.DrainPolicy:
