@@ -26,6 +26,7 @@ Real downtime is what QEMU reports for the finished job on the destination.
 from __future__ import annotations
 
 import argparse
+import itertools
 import os
 import sys
 import tempfile
@@ -142,10 +143,19 @@ def _migrate_one(
             timeout=30,
         )
         final = None
-        for sample in stub.WatchMigration(
+        samples = stub.WatchMigration(
             apb.WatchMigrationRequest(domain_uuid=uuid, interval_s=0.5, start_timeout_s=10),
             timeout=3600,
-        ):
+        )
+        try:
+            first = next(samples)
+        except grpc.RpcError as e:
+            if e.code() != grpc.StatusCode.NOT_FOUND:  # gone already: finished before the watch
+                raise
+            samples = iter(())
+        else:
+            samples = itertools.chain([first], samples)
+        for sample in samples:
             final = sample
             if sample.final:
                 break
