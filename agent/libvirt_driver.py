@@ -470,8 +470,9 @@ class LibvirtDriver:
             if not completed and not dom.isActive():
                 return None  # shut off (or just migrated away and not yet undefined): no job
             flags = libvirt.VIR_DOMAIN_JOB_STATS_COMPLETED if completed else 0
-            raw = dom.jobStats(flags)
-            state, reason = dom.state(0)
+            # The bindings answer None rather than raise once the domain is gone.
+            raw = dom.jobStats(flags) or {}
+            state, reason = dom.state(0) or (libvirt.VIR_DOMAIN_NOSTATE, 0)
         if int(raw.get("type", libvirt.VIR_DOMAIN_JOB_NONE)) == libvirt.VIR_DOMAIN_JOB_NONE:
             return None
         operation = raw.get("operation")
@@ -487,7 +488,10 @@ class LibvirtDriver:
     def max_downtime_ms(self, domain_uuid: str) -> int:
         dom = self._domain(domain_uuid)
         with self._translated("get max downtime", domain_uuid):
-            return int(dom.migrateGetMaxDowntime(0))
+            value = dom.migrateGetMaxDowntime(0)
+        if value is None:  # the bindings answer None once the job is gone
+            raise errors.OperationRefused(domain_uuid, "get max downtime", "no migration job")
+        return int(value)
 
     def set_max_downtime(self, domain_uuid: str, downtime_ms: int) -> None:
         dom = self._domain(domain_uuid)

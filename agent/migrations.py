@@ -201,6 +201,8 @@ class MigrationTracker:
             stats = self._driver.job_stats(domain_uuid)
         except errors.DomainNotFound:
             return None  # the domain left this host: the migration just finished
+        except errors.OperationRefused:
+            return None  # the domain stopped running here: the migration just finished
         except errors.Unsupported:
             raise errors.Unsupported(
                 "watch migration", "this hypervisor reports no job statistics"
