@@ -279,7 +279,7 @@ class MigrationTracker:
         if outcome is not None:
             return outcome
         completed = self._completed_stats(domain_uuid)
-        if completed is not None:
+        if completed is not None and completed.phase.final:
             return _Outcome(completed.phase, completed.error, completed, self._clock())
         if migrated or not self._still_here(domain_uuid):
             return _Outcome(MigrationPhase.COMPLETED, "", None, self._clock())

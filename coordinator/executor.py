@@ -186,7 +186,8 @@ class Executor:
             self._params,
         )
         extra = [(i.uuid, i.name, _not_live_reason(i.state, policy_pb)) for i in inputs.not_live]
-        return views.plan_to_pb(host, plan, inputs.link_bandwidth_bytes_per_s, extra), plan, inputs
+        plan_pb = views.plan_to_pb(host, plan, inputs.link_bandwidth_bytes_per_s, inputs.vms, extra)
+        return plan_pb, plan, inputs
 
     # -- drains ---------------------------------------------------------------------
 

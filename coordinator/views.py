@@ -9,7 +9,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 
 from hostmaint.coordinator import errors
 from hostmaint.coordinator.journal import DrainRow, VmRow
-from hostmaint.coordinator.model import DrainPolicy, Tuning
+from hostmaint.coordinator.model import DrainPolicy, Tuning, VmSpec
 from hostmaint.coordinator.planner import DrainPlan
 from hostmaint.protos import coordinator_pb2 as cpb
 
@@ -92,6 +92,7 @@ def plan_to_pb(
     host: str,
     plan: DrainPlan,
     link_bytes_per_s: float,
+    vms: Sequence[VmSpec] = (),
     extra_unmovable: Sequence[tuple[str, str, str]] = (),
 ) -> cpb.DrainPlan:
     msg = cpb.DrainPlan(
@@ -100,7 +101,9 @@ def plan_to_pb(
         lower_bound_s=plan.lower_bound_s,
         link_bandwidth_bytes_per_s=link_bytes_per_s,
     )
+    specs = {v.uuid: v for v in vms}
     for m in plan.migrations:
+        spec = specs.get(m.vm_uuid)
         msg.migrations.append(
             cpb.PlannedMigration(
                 vm_uuid=m.vm_uuid,
@@ -112,6 +115,8 @@ def plan_to_pb(
                 predicted_downtime_ms=round(m.predicted_downtime_ms),
                 tuning=TUNINGS[m.tuning],
                 qemu_max_downtime_ms=round(m.settings.downtime_limit_ms),
+                memory_bytes=spec.memory_bytes if spec is not None else 0,
+                dirty_rate_bytes_per_s=spec.dirty_rate_bytes_per_s if spec is not None else 0.0,
             )
         )
     for u in plan.unmovable:

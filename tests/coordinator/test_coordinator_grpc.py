@@ -43,6 +43,8 @@ def test_plan_accounts_for_every_vm(cluster: Cluster) -> None:
     assert "paused" in unmovable[FROZEN.uuid]
     assert {m.vm_uuid for m in plan.migrations} == {WEB.uuid, DB.uuid}, unmovable
     assert all(m.target_host == "host2" for m in plan.migrations)
+    sizes = {m.vm_uuid: m.memory_bytes for m in plan.migrations}
+    assert sizes == {WEB.uuid: WEB.memory_mib * 2**20, DB.uuid: DB.memory_mib * 2**20}
     assert plan.predicted_makespan_s >= plan.lower_bound_s > 0
     # Planning changes nothing: host1 is still enabled and has no drain.
     code, _ = _status(lambda: cluster.stub.GetDrain(cpb.GetDrainRequest(host="host1"), timeout=T))
