@@ -52,7 +52,7 @@ setup(
             "hostmaint-agent=hostmaint.agent.cmd:main",
             "hostmaint-coordinator=hostmaint.coordinator.cmd:main",
             "hostmaint=hostmaint.coordinator.cli:main",
-            "hostmaint-lab=hostmaint.lab.cmd:main",
+            "hostmaint-lab=hostmaint.lab.cli:main",
         ],
         "oslo.config.opts": [
             "hostmaint.agent=hostmaint.agent.config:list_opts",
