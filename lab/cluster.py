@@ -651,6 +651,10 @@ class _Starter:
                     agent_port=port,
                 )
             )
+        # KVM guests run on the host's TSC: tell them its rate instead of letting
+        # them calibrate it against the RTC, which a loaded host gets wrong.
+        khz = domains.host_tsc_khz() if accel is domains.Accel.KVM else None
+        tsc = f" tsc_khz={khz}" if khz else ""
         guests = []
         for k, plan in enumerate(plans):
             index = k % n_hosts if plan.host_index is None else plan.host_index
@@ -658,7 +662,7 @@ class _Starter:
                 GuestRecord(
                     name=plan.spec.name,
                     memory_mib=plan.spec.memory_mib,
-                    cmdline=guest_cmdline(plan.spec),
+                    cmdline=guest_cmdline(plan.spec) + tsc,
                     initial_host=names[index],
                     serial_path=str(state_dir / "serial" / f"{plan.spec.name}.log"),
                 )

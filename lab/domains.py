@@ -93,6 +93,26 @@ class DomainConfig:
             )
 
 
+def host_tsc_khz(cpuinfo: str | None = None) -> int | None:
+    """The host's TSC frequency where it is constant (KVM guests see the same TSC)."""
+    if cpuinfo is None:
+        try:
+            cpuinfo = Path("/proc/cpuinfo").read_text()
+        except OSError:
+            return None
+    flags: set[str] = set()
+    mhz = None
+    for line in cpuinfo.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() == "flags" and not flags:
+            flags = set(value.split())
+        elif key.strip() == "cpu MHz" and mhz is None:
+            mhz = float(value)
+    if mhz is None or not {"constant_tsc", "nonstop_tsc"} <= flags:
+        return None
+    return round(mhz * 1000)
+
+
 def _sub(parent: ET.Element, tag: str, text: str | None = None, **attrs: str) -> ET.Element:
     elem = ET.SubElement(parent, tag, attrs)
     if text is not None:
