@@ -302,6 +302,12 @@ class MigrationTracker:
         except errors.DomainNotFound:
             return False
 
+    def has_outcome(self, domain_uuid: str) -> bool:
+        """Whether a job of this domain ended here recently (or it migrated away)."""
+        with self._lock:
+            self._prune()
+            return domain_uuid in self._outcomes or domain_uuid in self._migrated_away
+
     def vcpu_throttle_pct(self, domain_uuid: str) -> int:
         with self._lock:
             return self._throttles.get(domain_uuid, 0)

@@ -119,7 +119,11 @@ class AgentService:
             raise errors.InvalidArgument("start_timeout_s", f"at most {MAX_START_TIMEOUT_S} s")
         interval = interval_s or self._default_watch_interval_s
         interval = min(max(interval, MIN_WATCH_INTERVAL_S), MAX_WATCH_INTERVAL_S)
-        self.driver.domain(uuid)  # NOT_FOUND before any streaming
+        try:
+            self.driver.domain(uuid)  # NOT_FOUND before any streaming
+        except errors.DomainNotFound:
+            if not self.tracker.has_outcome(uuid):
+                raise  # a migration that just moved it away still has its result to tell
         return self.tracker.watch(uuid, interval, start_timeout_s)
 
     def tune(

@@ -144,6 +144,7 @@ class HostClockRate:
         self._thread.join()
 
     def mib_per_s(self) -> float:
+        assert len(self._points) >= 2, "the guest printed no progress lines"
         (t0, m0), (t1, m1) = self._points[0], self._points[-1]
         assert t1 - t0 >= 4, f"too few progress lines: {self._points}"
         return (m1 - m0) / (t1 - t0)
@@ -172,16 +173,23 @@ def test_dirty_bitmap_matches_the_guest(site: Site, guest: str) -> None:
     assert listed.domains[0].dirty_rate.bytes_per_s == rate.bytes_per_s  # cached for planning
 
 
-def test_page_sampling_underestimates(site: Site) -> None:
-    """page-sampling hashes 512 pages per GiB: a paced writer's rate is mostly missed."""
-    bitmap = _measure(site, "hm-laba-r20", pb.DIRTY_RATE_METHOD_DIRTY_BITMAP).bytes_per_s
+def test_page_sampling_is_an_estimate(site: Site) -> None:
+    """page-sampling hashes 512 sampled pages per GiB each window: a guess, not a count.
+
+    Seen on these machines: for a 20 MiB/s writer it read 0 over 2 s and 11 over
+    4 s in one run, 17 against dirty-bitmap's 16 in another. The agent uses it
+    only where dirty-bitmap is refused.
+    """
+    bitmap = _measure(site, "hm-laba-r20", pb.DIRTY_RATE_METHOD_DIRTY_BITMAP)
     sampled = _measure(site, "hm-laba-r20", pb.DIRTY_RATE_METHOD_PAGE_SAMPLING)
-    assert sampled.method == pb.DIRTY_RATE_METHOD_PAGE_SAMPLING
     print(
-        f"20 MiB/s guest: dirty-bitmap {bitmap / MIB:.1f}, page-sampling {sampled.bytes_per_s / MIB:.1f}"
+        f"20 MiB/s guest: dirty-bitmap {bitmap.bytes_per_s / MIB:.1f}, "
+        f"page-sampling {sampled.bytes_per_s / MIB:.1f}"
     )
-    assert bitmap > 0
-    assert sampled.bytes_per_s < bitmap
+    assert bitmap.method == pb.DIRTY_RATE_METHOD_DIRTY_BITMAP
+    assert sampled.method == pb.DIRTY_RATE_METHOD_PAGE_SAMPLING
+    assert sampled.window_s == bitmap.window_s == 4
+    assert bitmap.bytes_per_s > 0
 
 
 def _migrate(
@@ -223,8 +231,9 @@ def _progress_count(site: Site, guest: str) -> int:
 
 
 def test_migrate_and_watch(site: Site) -> None:
-    guest = "hm-laba-r5"
-    uuid, target, source = _migrate(site, guest)
+    # 64 MiB rewritten at 20 MiB/s over a 32 MiB/s cap: several rounds, then it converges.
+    guest = "hm-laba-r20"
+    uuid, target, source = _migrate(site, guest, pb.MigrateOptions(bandwidth_bytes_per_s=32 * MIB))
     samples, _ = _watch(source, uuid)
     final = samples[-1]
     assert final.final and final.phase == pb.MIGRATION_PHASE_COMPLETED, final
