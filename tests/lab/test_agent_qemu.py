@@ -276,18 +276,25 @@ def _abort(source: agent_pb2_grpc.HostAgentStub, uuid: str) -> None:
 
 def test_raising_max_downtime_makes_it_converge(site: Site) -> None:
     uuid, target, source = _stalled(site, pb.MigrateOptions())
-    before = source.TuneMigration(
-        pb.TuneMigrationRequest(domain_uuid=uuid, max_downtime_ms=60_000), timeout=T
+    # A raise that does not fit what is left: still stalled, and never lowered again.
+    first = source.TuneMigration(
+        pb.TuneMigrationRequest(domain_uuid=uuid, max_downtime_ms=400), timeout=T
     )
-    assert before.max_downtime_ms == 60_000
+    assert first.max_downtime_ms == 400
     with pytest.raises(grpc.RpcError) as lower:
         source.TuneMigration(
             pb.TuneMigrationRequest(domain_uuid=uuid, max_downtime_ms=100), timeout=T
         )
     assert lower.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert "never lowered" in lower.value.details()
+    # What is left (about the working set) moves in a few seconds: converges at once.
+    source.TuneMigration(
+        pb.TuneMigrationRequest(domain_uuid=uuid, max_downtime_ms=60_000), timeout=T
+    )
     samples, _ = _watch(source, uuid)
     assert samples[-1].phase == pb.MIGRATION_PHASE_COMPLETED, samples[-1]
     assert site.lab.where(STALL.name).name == target.name
+    print(f"converged after the raise: real downtime {samples[-1].downtime_ms} ms")
 
 
 def test_postcopy_makes_it_converge(site: Site) -> None:
