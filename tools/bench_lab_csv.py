@@ -50,10 +50,12 @@ MIB = 1024 * 1024
 RPC_TIMEOUT_S = 60.0
 WATCH_INTERVAL_S = 0.25
 WATCH_ATTEMPTS = 20
-SETTLE_S = 1.0
-NOT_FOUND = (
-    grpc.StatusCode.NOT_FOUND
-)  # between steps: the previous target's guest resumes its writing
+SETTLE_S = 1.0  # between steps: the previous target's guest resumes its writing
+RETRY_CODES = (
+    grpc.StatusCode.FAILED_PRECONDITION,
+    grpc.StatusCode.NOT_FOUND,
+    grpc.StatusCode.UNKNOWN,
+)
 
 CALIBRATE_COLUMNS = (
     "size_mib",
@@ -281,6 +283,7 @@ class Bench:
         self.out = out
         self.rows = 0
         self.converged = 0
+        self.failed_steps = 0
 
     def close(self) -> None:
         for c in self.channels.values():
@@ -409,7 +412,8 @@ class Bench:
                 # Race: the agent sampled while the source's domain stopped after the
                 # switch-over ("domain is not running", then "no domain"): the final
                 # sample is lost; the target keeps the completed job's statistics.
-                if exc.code() not in (grpc.StatusCode.FAILED_PRECONDITION, NOT_FOUND):
+                # The agent also failed a sample here once (UNKNOWN): watch again as well.
+                if exc.code() not in RETRY_CODES:
                     raise
                 if job.target in self.lab.running_on(job.spec.name):
                     last = _completed_on_target(job)
@@ -423,6 +427,8 @@ class Bench:
                 stream.cancel()
             if last.final:
                 break
+        if not last.final and job.target in self.lab.running_on(job.spec.name):
+            last = _completed_on_target(job)
         wall_s = time.monotonic() - job.started
         during = self._progress(job.spec.name)[job.events_before :]
         converged = last.final and last.phase == pb.MIGRATION_PHASE_COMPLETED
@@ -505,12 +511,17 @@ def main(argv: Sequence[str] | None = None) -> int:
             bench = Bench(lab, report.accel, out)
             try:
                 for step in steps:
-                    bench.run(step)
+                    try:
+                        bench.run(step)
+                    except Exception:  # loop boundary: one failed step must not end the run
+                        LOG.exception("step failed, going on: %s", step)
+                        bench.failed_steps += 1
             finally:
                 bench.close()
         total_s = time.monotonic() - t0
         print(
-            f"{bench.rows} rows ({bench.converged} converged) in {args.out}; "
+            f"{bench.rows} rows ({bench.converged} converged, {bench.failed_steps} steps failed) "
+            f"in {args.out}; "
             f"lab up {up_s:.0f}s, whole run {total_s:.0f}s"
         )
         for name in lab.guest_names:
