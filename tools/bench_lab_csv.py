@@ -383,6 +383,27 @@ class Bench:
         except grpc.RpcError as exc:  # the job may have ended between the sample and the call
             LOG.warning("tune refused guest=%s fields=%s: %s", job.spec.name, fields, exc)
 
+    def _outcome_without_watch(
+        self, job: _Running, last: pb.MigrationProgress
+    ) -> pb.MigrationProgress:
+        """The final sample was lost: where the guest runs once it settles tells the outcome."""
+        deadline = time.monotonic() + UNKNOWN_OUTCOME_WAIT_S
+        while True:
+            hosts = [h.name for h in self.lab.running_on(job.spec.name)]
+            done = _outcome_of_placement(job.source.name, job.target.name, hosts)
+            if done is True:
+                return _completed_on_target(job)
+            if done is False:
+                failed = pb.MigrationProgress()
+                failed.CopyFrom(last)
+                failed.final = True
+                failed.phase = pb.MIGRATION_PHASE_FAILED
+                failed.error = "no final sample; the guest still runs on the source"
+                return failed
+            if time.monotonic() >= deadline:
+                raise OutcomeUnknown(job.spec.name, hosts)
+            time.sleep(0.5)
+
     def _follow(self, job: _Running, step: Step) -> Result:
         last = pb.MigrationProgress()
         throttle = 0
@@ -427,8 +448,8 @@ class Bench:
                 stream.cancel()
             if last.final:
                 break
-        if not last.final and job.target in self.lab.running_on(job.spec.name):
-            last = _completed_on_target(job)
+        if not last.final:
+            last = self._outcome_without_watch(job, last)
         wall_s = time.monotonic() - job.started
         during = self._progress(job.spec.name)[job.events_before :]
         converged = last.final and last.phase == pb.MIGRATION_PHASE_COMPLETED
@@ -448,6 +469,27 @@ class Bench:
             sent_mib=last.memory_processed_bytes / MIB,
             error=last.error,
         )
+
+
+UNKNOWN_OUTCOME_WAIT_S = 15.0
+
+
+class OutcomeUnknown(Exception):
+    def __init__(self, guest: str, running_on: list[str]) -> None:
+        super().__init__(f"guest {guest}: no final sample, running on {running_on}")
+        self.guest = guest
+        self.running_on = running_on
+
+
+def _outcome_of_placement(
+    job_source: str, job_target: str, running_on: Sequence[str]
+) -> bool | None:
+    """Completed (True), not (False), or unknown (None) from where the guest runs."""
+    if list(running_on) == [job_target]:
+        return True
+    if list(running_on) == [job_source]:
+        return False
+    return None
 
 
 def _completed_on_target(job: _Running) -> pb.MigrationProgress:

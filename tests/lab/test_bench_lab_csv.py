@@ -115,3 +115,10 @@ def test_mean_rate_of_progress_lines() -> None:
     ]
     assert bench.mean_rate(lines) == 10.0
     assert bench.mean_rate([]) is None
+
+
+def test_outcome_from_where_the_guest_runs() -> None:
+    assert bench._outcome_of_placement("h0", "h1", ["h1"]) is True
+    assert bench._outcome_of_placement("h0", "h1", ["h0"]) is False
+    assert bench._outcome_of_placement("h0", "h1", []) is None  # paused at the switch-over
+    assert bench._outcome_of_placement("h0", "h1", ["h0", "h1"]) is None
