@@ -144,7 +144,9 @@ def predict_row(
     horizon = _horizon_s(row)
     link = Link(row.link_mbit * 1e6 / 8)
     res = simulate(vms, _Give(vms, _row_settings(row), horizon), link, params, seed=1)
-    first = next(r for r in res.vms if r.uuid == "lab-0")
+    first = next((r for r in res.vms if r.uuid == "lab-0"), None)
+    if first is None:  # the simulator ran out of events before it ended: it did not converge
+        return False, horizon, math.nan, 0
     ok = first.outcome is Outcome.COMPLETED
     return ok, first.end_s - first.start_s, first.downtime_ms, first.rounds
 
