@@ -4,10 +4,14 @@ Run: ``python -m hostmaint.coordinator.calibrate lab.csv [--fit]``.
 
 The CSV has the columns ``size_mib, fill_mib, working_set_mib, dirty_rate_mibps, mode,
 link_mbit, concurrency, downtime_limit_ms, total_s, downtime_ms, iterations, converged``.
+``fill_mib`` is static non-zero data beside the working set (the lab guest's ``fill=``), so
+a row's non-zero memory is ``fill_mib + working_set_mib`` (at most ``size_mib``).
 ``mode`` names the tuning the row ran with (``precopy``/``none``, ``auto_converge``,
 ``postcopy``), optionally suffixed ``/cpu`` or ``/paced`` for the writer kind (paced when
 absent). A row runs ``concurrency`` identical migrations at once through the simulator
-and compares the first one's total time and real downtime with the measured ones.
+and compares the first one's total time and real downtime with the measured ones. A row
+with ``converged`` false gives in ``total_s`` how long the lab let it run before aborting:
+the model is held to the same bound (converging later is still "not converged").
 
 Public API: ``LabRow``, ``read_rows(lines)``, ``predict_row(row, params)``,
 ``errors(rows, params) -> ErrorReport`` (median and 90th percentile of the relative error
@@ -88,7 +92,7 @@ def _row_vm(row: LabRow, i: int) -> VmSpec:
         uuid=f"lab-{i}",
         name=f"lab-{i}",
         memory_bytes=int(row.size_mib * MIB),
-        nonzero_bytes=int(min(row.size_mib, row.fill_mib) * MIB),
+        nonzero_bytes=int(min(row.size_mib, row.fill_mib + row.working_set_mib) * MIB),
         dirty_rate_bytes_per_s=row.dirty_rate_mibps * MIB,
         working_set_bytes=int(max(1.0, row.working_set_mib) * MIB),
         writer=writer,
@@ -122,15 +126,27 @@ class _Give(QueueStrategy):
         mig.abort()
 
 
+def _horizon_s(row: LabRow) -> float:
+    """How long the simulated migration may run: a row the lab gave up on (not converged,
+    with the time it ran) is judged by the same bound; converged rows get ample time."""
+    if not math.isfinite(row.total_s) or row.total_s <= 0.0:
+        return 600.0
+    if not row.converged:
+        return row.total_s
+    return max(60.0, 3.0 * row.total_s)
+
+
 def predict_row(
     row: LabRow, params: ModelParams = DEFAULT_PARAMS
 ) -> tuple[bool, float, float, int]:
     """(converged, total_s, downtime_ms, rounds) of the first of the row's migrations."""
     vms = [_row_vm(row, i) for i in range(row.concurrency)]
-    horizon = max(60.0, 3.0 * row.total_s) if math.isfinite(row.total_s) else 600.0
+    horizon = _horizon_s(row)
     link = Link(row.link_mbit * 1e6 / 8)
     res = simulate(vms, _Give(vms, _row_settings(row), horizon), link, params, seed=1)
-    first = next(r for r in res.vms if r.uuid == "lab-0")
+    first = next((r for r in res.vms if r.uuid == "lab-0"), None)
+    if first is None:  # the simulator ran out of events before it ended: it did not converge
+        return False, horizon, math.nan, 0
     ok = first.outcome is Outcome.COMPLETED
     return ok, first.end_s - first.start_s, first.downtime_ms, first.rounds
 

@@ -80,3 +80,37 @@ def test_main_prints_report(tmp_path: Path, capsys: pytest.CaptureFixture[str]) 
     assert calibrate.main([str(path)]) == 0
     out = capsys.readouterr().out
     assert "total_s error: median=" in out and "downtime_ms error" in out
+
+
+def _row(converged: bool, total_s: float) -> calibrate.LabRow:
+    return calibrate.LabRow(
+        size_mib=256,
+        fill_mib=256,
+        working_set_mib=64,
+        dirty_rate_mibps=5,
+        mode="precopy",
+        link_mbit=400,
+        concurrency=1,
+        downtime_limit_ms=300,
+        total_s=total_s,
+        downtime_ms=float("nan"),
+        iterations=0,
+        converged=converged,
+    )
+
+
+def test_a_row_given_up_on_holds_the_model_to_the_same_bound() -> None:
+    ok, model_total_s, _, _ = calibrate.predict_row(_row(True, 0.0))
+    assert ok
+    early = _row(False, model_total_s / 2)  # the lab aborted before the model would finish
+    assert not calibrate.predict_row(early)[0]
+    assert calibrate.errors([early]).convergence_mismatch == 0
+    late = _row(False, model_total_s * 2)  # it waited long enough: a real disagreement
+    assert calibrate.errors([late]).convergence_mismatch == 1
+
+
+def test_fill_sits_beside_the_working_set() -> None:
+    row = dataclasses.replace(_row(True, 10.0), size_mib=256, fill_mib=32, working_set_mib=32)
+    assert calibrate._row_vm(row, 0).nonzero_bytes == 64 * 2**20
+    full = dataclasses.replace(row, fill_mib=250)
+    assert calibrate._row_vm(full, 0).nonzero_bytes == 256 * 2**20  # never above the size

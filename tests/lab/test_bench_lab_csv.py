@@ -1,0 +1,124 @@
+"""The lab ground-truth bench's plan and rows (no lab needed): what calibrate reads back."""
+
+from __future__ import annotations
+
+import csv
+import io
+
+import pytest
+
+from hostmaint.coordinator import calibrate
+from hostmaint.coordinator.model import WriterKind
+from tools import bench_lab_csv as bench
+
+
+def _result(converged: bool, total_s: float = 12.5) -> bench.Result:
+    return bench.Result(
+        guest="hm-lc-c8",
+        source="h0",
+        target="h1",
+        phase="completed" if converged else "cancelled",
+        converged=converged,
+        total_s=total_s,
+        wall_s=total_s + 1.0,
+        downtime_ms=320.0 if converged else None,
+        iterations=7,
+        rate_before_mibps=3.5,
+        rate_during_mibps=2.5,
+        max_throttle_pct=30,
+        sent_mib=140.0,
+        error="",
+    )
+
+
+def _csv(rows: list[dict[str, str]]) -> str:
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=list(bench.COLUMNS))
+    w.writeheader()
+    w.writerows(rows)
+    return buf.getvalue()
+
+
+def test_columns_start_with_what_calibrate_reads() -> None:
+    assert bench.COLUMNS[: len(bench.CALIBRATE_COLUMNS)] == bench.CALIBRATE_COLUMNS
+    assert set(calibrate.LabRow.__dataclass_fields__) == set(bench.CALIBRATE_COLUMNS)
+    assert bench.EXTRA_COLUMNS[:3] == ("load_1m", "accel", "started_at")
+
+
+def test_plan_is_valid_and_groups_are_identical() -> None:
+    bench.check_steps(bench.GUESTS, bench.STEPS)
+    quick = [g for g in bench.GUESTS if g.name in bench.QUICK_GUESTS]
+    bench.check_steps(quick, bench.QUICK_STEPS)
+    by_name = {g.name: g for g in bench.GUESTS}
+    groups = [s for s in bench.STEPS if len(s.guests) > 1]
+    assert {len(s.guests) for s in groups} == {2, 3}
+    for step in groups:
+        shapes = {
+            (g.memory_mib, g.fill_mib, g.working_set_mib, g.dirty_rate_mibps, g.mode)
+            for g in (by_name[n] for n in step.guests)
+        }
+        assert len(shapes) == 1, step
+    sizes = {g.memory_mib for g in bench.GUESTS}
+    assert min(sizes) == 256 and max(sizes) == 1024
+    assert {g.mode for g in bench.GUESTS} == {bench.PACED, bench.CPU}
+    assert min(g.dirty_rate_mibps for g in bench.GUESTS) == 0
+    link_mibps = 400e6 / 8 / 2**20
+    assert max(g.dirty_rate_mibps for g in bench.GUESTS) > link_mibps
+
+
+def test_every_guest_starts_on_one_host() -> None:
+    assert {p.host_index for p in bench.plans(bench.GUESTS)} == {0}
+
+
+def test_unknown_or_repeated_guest_is_refused() -> None:
+    with pytest.raises(ValueError, match="unknown"):
+        bench.check_steps(bench.GUESTS, [bench.Step(("hm-lc-nope",))])
+    with pytest.raises(ValueError, match="twice"):
+        bench.check_steps(bench.GUESTS, [bench.Step(("hm-lc-a1", "hm-lc-a1"))])
+
+
+@pytest.mark.parametrize("converged", [True, False])
+def test_rows_read_back_by_calibrate(converged: bool) -> None:
+    spec = next(g for g in bench.GUESTS if g.name == "hm-lc-c8")
+    step = bench.Step((spec.name,), bench.Tuning.AUTO_CONVERGE, 1000, 45.0)
+    row = bench.row_of(
+        spec,
+        step,
+        _result(converged),
+        link_mbit=400,
+        load_1m=3.21,
+        accel="kvm",
+        started_at="2026-01-01T00:00:00+00:00",
+    )
+    assert list(row) == list(bench.COLUMNS)
+    (back,) = calibrate.read_rows(io.StringIO(_csv([row])))
+    assert back.mode == "auto_converge/cpu"
+    assert calibrate._row_vm(back, 0).writer is WriterKind.CPU
+    assert calibrate._row_settings(back).auto_converge
+    assert (back.size_mib, back.fill_mib, back.working_set_mib) == (
+        spec.memory_mib,
+        spec.fill_mib,
+        spec.working_set_mib,
+    )
+    assert back.dirty_rate_mibps == spec.dirty_rate_mibps
+    assert (back.concurrency, back.downtime_limit_ms, back.iterations) == (1, 1000, 7)
+    assert back.converged is converged
+    assert back.total_s == 12.5  # an aborted row keeps how long it ran
+    assert (back.downtime_ms == 320.0) if converged else (back.downtime_ms != back.downtime_ms)
+
+
+def test_mean_rate_of_progress_lines() -> None:
+    from hostmaint.lab.guest import GuestMode, GuestProgress
+
+    lines = [
+        GuestProgress(float(t), 0, 0.0, r, 1.0, 64, GuestMode.PACED) for t, r in ((1, 8), (2, 12))
+    ]
+    assert bench.mean_rate(lines) == 10.0
+    assert bench.mean_rate([]) is None
+
+
+def test_outcome_from_where_the_guest_runs() -> None:
+    assert bench._outcome_of_placement("h0", "h1", ["h1"]) is True
+    assert bench._outcome_of_placement("h0", "h1", ["h0"]) is False
+    assert bench._outcome_of_placement("h0", "h1", []) is None  # paused at the switch-over
+    assert bench._outcome_of_placement("h0", "h1", ["h0", "h1"]) is None
