@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Callable, Iterator, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TypeVar
 
@@ -217,7 +218,14 @@ class AgentRegistry:
         return status
 
     def probe_all(self) -> list[AgentStatus]:
-        return [self.probe(h) for h in self.hosts()]
+        """Every agent at once: one slow or dead agent costs one timeout, not one each."""
+        hosts = self.hosts()
+        if not hosts:
+            return []
+        with ThreadPoolExecutor(
+            max_workers=min(16, len(hosts)), thread_name_prefix="probe"
+        ) as pool:
+            return list(pool.map(self.probe, hosts))
 
     def last(self, host: str) -> AgentStatus | None:
         with self._lock:

@@ -444,6 +444,9 @@ class Executor:
             else:
                 self.journal.end_step(step.id, False, "interrupted by a coordinator restart")
         for row in self.journal.vms(run.drain_id):
+            if row.state == "migrating" and not row.migration_ref:
+                # Dispatched, but the coordinator died before the start was journaled.
+                row = self._reconcile_unstarted(run, row)
             if row.state == "migrating":
                 self._adopt(run, row)
             elif row.state == "queued" and row.vm_uuid not in (run.planned or {}):
@@ -486,6 +489,22 @@ class Executor:
                 )
                 return
         self.journal.end_step(step_id, False, "not started before the restart")
+
+    def _reconcile_unstarted(self, run: _Run, row: VmRow) -> VmRow:
+        if self._moved(run, row):
+            return self.journal.update_vm(
+                run.drain_id, row.vm_uuid, state="completed", finished_at=self._clock()
+            )
+        found = self._started_anyway(row.vm_uuid)
+        if found is not None:
+            return self.journal.update_vm(
+                run.drain_id,
+                row.vm_uuid,
+                migration_ref=_ref_json(found),
+                attempts=row.attempts + 1,
+                started_at=row.started_at or self._clock(),
+            )
+        return self.journal.update_vm(run.drain_id, row.vm_uuid, state="queued")
 
     def _adopt(self, run: _Run, row: VmRow) -> None:
         LOG.info("re-attaching to migration vm=%s drain=%s", row.vm_uuid, run.drain_id[:8])

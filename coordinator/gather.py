@@ -109,8 +109,9 @@ def gather(
     domains = {d.uuid: d for d in source.list_domains()}
     live = [i for i in instances if i.state is InstanceState.ACTIVE]
     not_live = tuple(i for i in instances if i.state is not InstanceState.ACTIVE)
-    if measure and live:
-        wanted = [i.uuid for i in live if i.uuid in domains]
+    if measure and any(i.uuid in domains and not domains[i.uuid].migrating for i in live):
+        # A domain migrating now (a resumed drain) reports its rate in the job stats instead.
+        wanted = [i.uuid for i in live if i.uuid in domains and not domains[i.uuid].migrating]
         try:
             rates = source.measure_dirty_rate(wanted, dirty_rate_window_s)
             for uuid, rate in rates.items():

@@ -35,6 +35,7 @@ from types import FrameType
 
 import grpc
 import libvirt
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from hostmaint.coordinator import cliview
 from hostmaint.protos import agent_pb2 as apb
@@ -159,15 +160,20 @@ class CoordinatorProcess:
         LOG.info("started coordinator pid=%d port=%d", self.proc.pid, self.port)
         deadline = time.monotonic() + ready_timeout_s
         with grpc.insecure_channel(self.address) as channel:
-            stub = coordinator_pb2_grpc.CoordinatorStub(channel)
+            health = health_pb2_grpc.HealthStub(channel)
             while True:
                 if self.proc.poll() is not None:
                     raise errors.LabError(
                         f"coordinator exited with {self.proc.returncode}: see {self.log_path}"
                     )
                 try:
-                    stub.ListAgents(cpb.ListAgentsRequest(), timeout=5)
-                    return
+                    answer = health.Check(
+                        health_pb2.HealthCheckRequest(service="hostmaint.v1.Coordinator"),
+                        timeout=5,
+                    )
+                    if answer.status == health_pb2.HealthCheckResponse.SERVING:
+                        return
+                    raise grpc.RpcError()
                 except grpc.RpcError:
                     if time.monotonic() > deadline:
                         raise errors.LabError(
