@@ -470,8 +470,13 @@ class LibvirtDriver:
             if not completed and not dom.isActive():
                 return None  # shut off (or just migrated away and not yet undefined): no job
             flags = libvirt.VIR_DOMAIN_JOB_STATS_COMPLETED if completed else 0
-            # The bindings answer None rather than raise once the domain is gone.
-            raw = dom.jobStats(flags) or {}
+            try:
+                # The bindings answer None rather than raise once the domain is gone.
+                raw = dom.jobStats(flags) or {}
+            except libvirt.libvirtError as e:
+                if e.get_error_code() != libvirt.VIR_ERR_OPERATION_INVALID or completed:
+                    raise
+                return None  # race: the domain stopped (migrated away) since isActive()
             state, reason = dom.state(0) or (libvirt.VIR_DOMAIN_NOSTATE, 0)
         if int(raw.get("type", libvirt.VIR_DOMAIN_JOB_NONE)) == libvirt.VIR_DOMAIN_JOB_NONE:
             return None
