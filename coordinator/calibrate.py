@@ -45,6 +45,21 @@ from hostmaint.coordinator.model import (
 from hostmaint.coordinator.simulator import simulate
 
 GOAL_MEDIAN_ERROR = 0.15
+# The columns a ground-truth CSV must have (tools/bench_lab_csv.py writes them first).
+CSV_COLUMNS = (
+    "size_mib",
+    "fill_mib",
+    "working_set_mib",
+    "dirty_rate_mibps",
+    "mode",
+    "link_mbit",
+    "concurrency",
+    "downtime_limit_ms",
+    "total_s",
+    "downtime_ms",
+    "iterations",
+    "converged",
+)
 FIT_FIELDS = ("switchover_ms", "link_efficiency", "setup_s", "finish_s", "iteration_s")
 
 

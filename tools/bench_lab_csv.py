@@ -38,6 +38,7 @@ from typing import IO
 
 import grpc
 
+from hostmaint.coordinator import calibrate
 from hostmaint.lab import cluster
 from hostmaint.lab.domains import GuestPlan
 from hostmaint.lab.guest import GuestMode, GuestProgress, GuestSpec
@@ -57,20 +58,7 @@ RETRY_CODES = (
     grpc.StatusCode.UNKNOWN,
 )
 
-CALIBRATE_COLUMNS = (
-    "size_mib",
-    "fill_mib",
-    "working_set_mib",
-    "dirty_rate_mibps",
-    "mode",
-    "link_mbit",
-    "concurrency",
-    "downtime_limit_ms",
-    "total_s",
-    "downtime_ms",
-    "iterations",
-    "converged",
-)
+CALIBRATE_COLUMNS = calibrate.CSV_COLUMNS
 EXTRA_COLUMNS = (
     "load_1m",
     "accel",

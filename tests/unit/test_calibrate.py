@@ -12,20 +12,7 @@ import pytest
 from hostmaint.coordinator import calibrate
 from hostmaint.coordinator.model import DEFAULT_PARAMS
 
-COLUMNS = [
-    "size_mib",
-    "fill_mib",
-    "working_set_mib",
-    "dirty_rate_mibps",
-    "mode",
-    "link_mbit",
-    "concurrency",
-    "downtime_limit_ms",
-    "total_s",
-    "downtime_ms",
-    "iterations",
-    "converged",
-]
+COLUMNS = list(calibrate.CSV_COLUMNS)
 CASES = [
     (256, 256, 192, 40, "precopy", 400, 1, 300),
     (256, 128, 64, 0, "precopy", 400, 1, 300),
