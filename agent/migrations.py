@@ -121,9 +121,20 @@ class MigrationTracker:
         job.thread.start()
         self._await_job(request.domain_uuid, job)
         if request.max_downtime_ms:
-            self._driver.set_max_downtime(request.domain_uuid, request.max_downtime_ms)
             with self._lock:
                 job.downtime_floor_ms = request.max_downtime_ms
+            try:
+                self._driver.set_max_downtime(request.domain_uuid, request.max_downtime_ms)
+            except (errors.DomainNotFound, errors.OperationRefused):
+                # The job ended before its limit could be set: a short migration that
+                # completed is a success, anything else is the caller's error.
+                if self._sample(request.domain_uuid) is not None:
+                    raise  # refused while the job still runs
+                outcome = self._await_outcome(request.domain_uuid)
+                if outcome.phase is not MigrationPhase.COMPLETED:
+                    raise errors.OperationRefused(
+                        request.domain_uuid, "migrate", outcome.error or "failed"
+                    ) from None
         return started_at
 
     def _await_job(self, domain_uuid: str, job: _Job) -> None:
