@@ -4,7 +4,10 @@ The rule the plan was simulated with, applied live: in plan order, with
 backfilling, while there is a free slot on the source, the target has a free
 slot, and the bandwidth the pre-copying migrations need to converge plus the
 candidate's own need fits the link. The first migration always starts, so a
-VM that needs the whole link still moves.
+VM that needs the whole link still moves. Nothing starts while a migration
+holds the link: one whose downtime limit was raised to the edge of the
+operator's limit at its current bandwidth share, which a new start would cut
+just before its switch-over (and so stretch its real downtime past the limit).
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ class Slot:
     target: str | None
     need_bytes_per_s: float
     in_precopy: bool = True
+    holds_link: bool = False
 
 
 def ready_to_start(
@@ -32,6 +36,8 @@ def ready_to_start(
     link_bytes_per_s: float,
 ) -> list[Slot]:
     busy = list(running)
+    if any(b.holds_link for b in busy):
+        return []
     chosen: list[Slot] = []
     for item in queue:
         if len(busy) >= max_parallel:

@@ -1,7 +1,9 @@
 """When a running migration falls behind, the cheapest next step the policy allows (pure).
 
 The ladder, cheapest first: raise QEMU's downtime limit to the most the
-operator's limit permits (it converges at once when what is left fits);
+operator's limit permits at the bandwidth the migration gets now (it converges
+at once when what is left fits; the dispatcher then starts nothing new beside
+it, so its share cannot drop before the switch-over);
 throttle the vCPUs of a CPU-bound writer, in steps; switch to post-copy when
 the policy allows it (Nova: force-complete); abort, to retry elsewhere or
 report. Each step gets time to show its effect before the next.
@@ -12,6 +14,8 @@ from __future__ import annotations
 import enum
 from collections.abc import Sequence
 from dataclasses import dataclass
+
+from hostmaint.coordinator.model import DEFAULT_PARAMS, ModelParams, qemu_downtime_limit_ms
 
 
 class Action(enum.StrEnum):
@@ -37,7 +41,7 @@ class Observation:
 @dataclass(frozen=True)
 class Limits:
     predicted_total_s: float
-    qemu_downtime_cap_ms: int  # the most the operator's limit allows QEMU, after the margin
+    qemu_downtime_cap_ms: int  # the most the operator's limit allows QEMU, alone on the link
     allow_postcopy: bool
     postcopy_permitted: bool  # the migration was started with post-copy allowed
     cpu_bound: bool  # throttling the vCPUs slows its writer
@@ -45,6 +49,8 @@ class Limits:
     stall_grace_s: float = 10.0
     settle_s: float = 8.0  # time a step gets before the next
     throttle_steps_pct: tuple[int, ...] = (40, 70, 90)
+    operator_cap_ms: float = 0.0  # the real downtime allowed; 0: use qemu_downtime_cap_ms as is
+    params: ModelParams = DEFAULT_PARAMS
 
 
 @dataclass(frozen=True)
@@ -94,8 +100,9 @@ def next_step(history: Sequence[Observation], limits: Limits, done: Escalation) 
     why = behind(history, limits)
     if not why:
         return Decision(Action.NONE)
-    if not done.downtime_raised and now.max_downtime_ms < limits.qemu_downtime_cap_ms:
-        return Decision(Action.RAISE_DOWNTIME, limits.qemu_downtime_cap_ms, why)
+    raise_to = raised_downtime_ms(now, limits)
+    if not done.downtime_raised and now.max_downtime_ms < raise_to:
+        return Decision(Action.RAISE_DOWNTIME, raise_to, why)
     if limits.cpu_bound:
         for step in limits.throttle_steps_pct:
             if step > done.throttle_pct:
@@ -103,6 +110,21 @@ def next_step(history: Sequence[Observation], limits: Limits, done: Escalation) 
     if limits.allow_postcopy and limits.postcopy_permitted:
         return Decision(Action.POSTCOPY, 0, why)
     return Decision(Action.ABORT, 0, why)
+
+
+def raised_downtime_ms(now: Observation, limits: Limits) -> int:
+    """QEMU's limit keeping the real downtime under the operator's at the current bandwidth.
+
+    QEMU switches over when what is left fits its limit at the bandwidth it measures, so
+    the final copy takes the limit only if that bandwidth holds: a migration sharing the
+    link gets a limit for its share (the dispatcher holds new starts while it runs).
+    """
+    if not limits.operator_cap_ms or now.bandwidth_bytes_per_s <= 0:
+        return limits.qemu_downtime_cap_ms
+    at_now = qemu_downtime_limit_ms(
+        limits.operator_cap_ms, now.bandwidth_bytes_per_s, limits.params
+    )
+    return max(1, min(limits.qemu_downtime_cap_ms, int(at_now)))
 
 
 def applied(done: Escalation, decision: Decision, at_s: float) -> Escalation:

@@ -565,7 +565,13 @@ class Executor:
         assert run.planned is not None
         planned = run.planned.get(row.vm_uuid)
         need = planned.need_bytes_per_s if planned is not None else 0.0
-        return Slot(row.vm_uuid, row.target_host or row.planned_target or None, need)
+        raised = any(t.startswith(escalation.Action.RAISE_DOWNTIME) for t in row.tuning_applied)
+        return Slot(
+            row.vm_uuid,
+            row.target_host or row.planned_target or None,
+            need,
+            holds_link=row.state == "migrating" and raised,
+        )
 
     def _spawn(self, run: _Run, row: VmRow, adopt: bool) -> threading.Thread:
         thread = threading.Thread(
@@ -816,6 +822,8 @@ class Executor:
             stall_factor=self.settings.stall_factor,
             stall_grace_s=self.settings.stall_grace_s,
             settle_s=self.settings.escalation_settle_s,
+            operator_cap_ms=float(cap),
+            params=self._params,
         )
 
     def _escalate(

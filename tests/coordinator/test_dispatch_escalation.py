@@ -7,6 +7,7 @@ from hypothesis import strategies as st
 
 from hostmaint.coordinator import escalation as esc
 from hostmaint.coordinator.dispatch import Slot, ready_to_start
+from hostmaint.coordinator.model import margin_ms
 
 MB = 1e6
 
@@ -108,3 +109,46 @@ def test_a_step_gets_time_to_work() -> None:
     stuck = _history([500] * 20)
     done = esc.applied(esc.Escalation(), esc.Decision(esc.Action.RAISE_DOWNTIME, 800), 36.0)
     assert esc.next_step(stuck, LIMITS, done).action is esc.Action.NONE  # 38 s - 36 s < settle
+
+
+def test_nothing_starts_beside_a_migration_that_holds_the_link() -> None:
+    queue = [Slot("next", "t2", 1 * MB)]
+    held = [Slot("hot", "t1", 10 * MB, holds_link=True)]
+    free = [Slot("hot", "t1", 10 * MB)]
+    kwargs = {"max_parallel": 4, "max_parallel_per_target": 2, "link_bytes_per_s": 100 * MB}
+    assert ready_to_start(queue, held, **kwargs) == []
+    assert [s.vm_uuid for s in ready_to_start(queue, free, **kwargs)] == ["next"]
+
+
+@given(st.floats(1 * MB, 500 * MB), st.integers(200, 5000))
+def test_a_raised_limit_keeps_the_real_downtime_under_the_cap(bw: float, cap_ms: int) -> None:
+    """If the final copy runs at the bandwidth QEMU measured, real downtime <= the cap."""
+    limits = esc.Limits(
+        20.0,
+        100_000,
+        allow_postcopy=False,
+        postcopy_permitted=False,
+        cpu_bound=False,
+        operator_cap_ms=float(cap_ms),
+    )
+    now = esc.Observation(40.0, 30, 10**9, bw, 300)
+    raised = esc.raised_downtime_ms(now, limits)
+    assert raised >= 1
+    assert raised + margin_ms(bw, limits.params) <= cap_ms or raised == 1
+
+
+def test_a_raise_at_a_shared_bandwidth_is_lower() -> None:
+    limits = esc.Limits(
+        20.0,
+        100_000,
+        allow_postcopy=False,
+        postcopy_permitted=False,
+        cpu_bound=False,
+        operator_cap_ms=1000.0,
+    )
+    alone = esc.raised_downtime_ms(esc.Observation(40.0, 30, 10**9, 47 * MB, 300), limits)
+    shared = esc.raised_downtime_ms(esc.Observation(40.0, 30, 10**9, 12 * MB, 300), limits)
+    assert 0 < shared < alone < 1000
+    # The cloud's view carries no bandwidth: the precomputed cap stands.
+    blind = esc.raised_downtime_ms(esc.Observation(40.0, 30, 10**9, 0.0, 0), limits)
+    assert blind == 100_000
