@@ -150,8 +150,13 @@ class TlsCluster:
 
 
 @pytest.fixture
-def tls_cluster(tmp_path: Path, pki: Pki) -> Iterator[TlsCluster]:
-    """Two TLS agents and a coordinator reaching them with its client certificate."""
+def tls_cluster(tmp_path: Path, pki: Pki, request: pytest.FixtureRequest) -> Iterator[TlsCluster]:
+    """Two TLS agents and a coordinator reaching them with its client certificate.
+
+    Parametrize indirectly with "operator" to give the coordinator a certificate
+    whose identity the agents do not allow.
+    """
+    identity = getattr(request, "param", "coordinator")
     agents: dict[str, Agent] = {}
     try:
         for name, doms in (("host1", DOMAINS), ("host2", [])):
@@ -166,7 +171,7 @@ def tls_cluster(tmp_path: Path, pki: Pki) -> Iterator[TlsCluster]:
                 )
             )
         conf = coordinator_config([])
-        server, client = pki.coordinator_server, pki.coordinator
+        server, client = pki.coordinator_server, getattr(pki, identity)
         for group, files in (("grpc", server), ("agents", client)):
             conf.set_override("cert_file", str(files.cert_file), group=group)
             conf.set_override("key_file", str(files.key_file), group=group)

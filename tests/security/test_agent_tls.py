@@ -3,17 +3,28 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
 
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from hostmaint.agent.cmd import SERVICE_NAME, Agent
+from hostmaint.common import daemon
 from hostmaint.common.pki import CertFiles
 from hostmaint.protos import agent_pb2 as pb
 from hostmaint.protos import agent_pb2_grpc
 from tests.agent.conftest import WEB
-from tests.security.conftest import PEER_URI, T, Pki, agent_stub, domains
+from tests.security.conftest import (
+    PEER_URI,
+    Pki,
+    T,
+    agent_conf,
+    agent_stub,
+    domains,
+    start_agent,
+    tls_of,
+)
 
 Call = Callable[[agent_pb2_grpc.HostAgentStub], object]
 MIGRATE: Call = lambda s: s.Migrate(  # noqa: E731
@@ -64,9 +75,6 @@ def test_the_wrong_identity_reads_but_may_not_change(tls_agent: Agent, pki: Pki)
 
 
 def test_health_is_open_to_any_certificate_of_the_ca(tls_agent: Agent, pki: Pki) -> None:
-    from hostmaint.common import daemon
-    from tests.security.conftest import tls_of
-
     with daemon.channel(f"127.0.0.1:{tls_agent.port}", tls_of(pki.operator)) as channel:
         answer = health_pb2_grpc.HealthStub(channel).Check(
             health_pb2.HealthCheckRequest(service=SERVICE_NAME), timeout=T
@@ -91,3 +99,18 @@ def test_plaintext_mutations_on_loopback(plaintext_agent: Agent) -> None:
     with agent_stub(plaintext_agent.port, None) as stub:
         code, details = status(TUNE, stub)
         assert code == grpc.StatusCode.FAILED_PRECONDITION, details
+
+
+def test_plaintext_mutations_never(node: Path) -> None:
+    agent = start_agent(agent_conf(node, plaintext_mutations="never"))
+    try:
+        before = domains(agent, None)
+        with agent_stub(agent.port, None) as stub:
+            for name, call in MUTATIONS.items():
+                code, details = status(call, stub)
+                assert code == grpc.StatusCode.PERMISSION_DENIED, name
+                assert "client certificate" in details
+            assert stub.GetHost(pb.GetHostRequest(), timeout=T).domain_count == len(before)
+        assert domains(agent, None) == before
+    finally:
+        agent.stop()
