@@ -131,6 +131,14 @@ def check_migration_uri(uri: str) -> str:
     return m["host"].strip("[]")
 
 
+def _uri_matches(uri: str, entry: str) -> bool:
+    """Exact, or a shell-style pattern when the entry has * or [ (a ? alone is literal:
+    libvirt URIs carry their parameters after one)."""
+    if uri == entry:
+        return True
+    return ("*" in entry or "[" in entry) and fnmatch.fnmatchcase(uri, entry)
+
+
 @dataclass(frozen=True)
 class DestinationPolicy:
     """Where this agent may send domains: libvirt URIs and migration stream hosts.
@@ -147,7 +155,7 @@ class DestinationPolicy:
                 "destination_uri",
                 "this agent allows no destinations ([migration] allowed_destinations is empty)",
             )
-        if not any(fnmatch.fnmatchcase(destination_uri, d) for d in self.destinations):
+        if not any(_uri_matches(destination_uri, d) for d in self.destinations):
             raise errors.InvalidArgument(
                 "destination_uri", f"{destination_uri[:128]} is not an allowed destination"
             )

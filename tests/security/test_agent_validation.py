@@ -259,3 +259,11 @@ def test_uri_parsing() -> None:
     assert check_destination_uri("qemu+unix:///system?socket=/s") == ""
     assert check_migration_uri("tcp://[fe80::1]:49152") == "fe80::1"
     assert check_migration_uri("tcp://10.0.0.2") == "10.0.0.2"
+
+
+def test_a_question_mark_in_an_exact_destination_is_literal() -> None:
+    exact = "qemu+unix:///system?socket=/run/h1/libvirt-sock"
+    policy = DestinationPolicy((exact,))
+    policy.check(exact, "", "")
+    with pytest.raises(errors.InvalidArgument):
+        policy.check("qemu+unix:///systemXsocket=/run/h1/libvirt-sock", "", "")
