@@ -86,6 +86,7 @@ def test_discovered_remote_agent_without_tls_is_unreachable() -> None:
     allowed = AgentRegistry(
         {"host9": "192.0.2.9:7710"}, timeout_s=1.0, tls=None, clock=lambda: 0.0, insecure=True
     )
+    assert allowed.client("host9").address == "192.0.2.9:7710"  # configured: no refusal
     allowed.close()
 
 
@@ -93,6 +94,7 @@ def test_tls_agents_need_no_insecure(pki: Pki) -> None:
     registry = AgentRegistry(
         {"host9": "192.0.2.9:7710"}, timeout_s=1.0, tls=tls_of(pki.coordinator), clock=lambda: 0.0
     )
+    assert registry.client("host9").address == "192.0.2.9:7710"
     registry.close()
     partial = dataclasses.replace(tls_of(pki.coordinator), ca_file="")
     with pytest.raises(daemon.TlsConfigError):
