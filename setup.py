@@ -36,6 +36,7 @@ setup(
         "oslo.config>=9.0",
         "openstacksdk>=3.0",
         "SQLAlchemy>=2.0,<2.1",
+        "cryptography>=42",
     ],
     extras_require={
         "test": [

@@ -16,14 +16,36 @@ from hostmaint.agent.hoststats import shared_path_checker
 from hostmaint.agent.libvirt_driver import LibvirtDriver, start_event_loop
 from hostmaint.agent.migrations import MigrationTracker
 from hostmaint.agent.service import AgentService
-from hostmaint.agent.servicer import HostAgentServicer
+from hostmaint.agent.servicer import MUTATING_METHODS, HostAgentServicer
+from hostmaint.agent.servicer import SERVICE_NAME as SERVICE_NAME
 from hostmaint.agent.types import DirtyRateMethod
-from hostmaint.common import daemon
+from hostmaint.common import authz, daemon
 from hostmaint.protos import agent_pb2_grpc
 
 LOG = logging.getLogger(__name__)
-SERVICE_NAME = "hostmaint.v1.HostAgent"
 _RECONNECT_S = 2.0
+
+
+def _log_policy(conf: cfg.ConfigOpts, tls: daemon.TlsFiles, policy: authz.Policy) -> None:
+    """States at start who may change domains and where they may go."""
+    if tls.configured:
+        if policy.allowed_identities:
+            LOG.info(
+                "Migrate and TuneMigration allowed to identities=%s",
+                ",".join(sorted(policy.allowed_identities)),
+            )
+        else:
+            LOG.warning(
+                "no [grpc] allowed_coordinators: Migrate and TuneMigration are refused to "
+                "every client"
+            )
+    else:
+        LOG.warning(
+            "no TLS: Migrate and TuneMigration over plaintext plaintext_mutations=%s",
+            policy.plaintext,
+        )
+    if not conf.migration.allowed_destinations:
+        LOG.warning("no [migration] allowed_destinations: every migration is refused")
 
 
 class Agent:
@@ -48,15 +70,24 @@ class Agent:
             default_watch_interval_s=conf.migration.watch_interval_s,
             migration_interface=conf.migration.interface,
             allowed_destinations=conf.migration.allowed_destinations,
+            allowed_migration_hosts=conf.migration.allowed_migration_hosts,
         )
         servicer = HostAgentServicer(self.service, clock=time.time)
+        tls = daemon.TlsFiles(conf.grpc.cert_file, conf.grpc.key_file, conf.grpc.ca_file)
+        policy = authz.Policy.of(
+            MUTATING_METHODS,
+            conf.grpc.allowed_coordinators,
+            authz.PlaintextPolicy(conf.grpc.plaintext_mutations),
+        )
+        _log_policy(conf, tls, policy)
         self.server = daemon.build_server(
             conf.grpc.listen,
             lambda s: agent_pb2_grpc.add_HostAgentServicer_to_server(servicer, s),
             [SERVICE_NAME],
-            tls=daemon.TlsFiles(conf.grpc.cert_file, conf.grpc.key_file, conf.grpc.ca_file),
+            tls=tls,
             insecure=conf.grpc.insecure,
             max_workers=conf.grpc.max_workers,
+            interceptors=[daemon.Authorizer(policy)],
         )
         self._threads: list[threading.Thread] = []
 

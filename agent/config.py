@@ -24,11 +24,48 @@ grpc_opts = [
         "insecure",
         default=False,
         help="Serve plaintext gRPC on a non-loopback address. Only for labs: anyone who "
-        "reaches the port can then tune and start migrations.",
+        "reaches the port can then read the host, and tune and start migrations if "
+        "plaintext_mutations is always. Without TLS and without this the agent refuses "
+        "to start on any address but loopback.",
     ),
-    cfg.StrOpt("cert_file", default="", help="The server certificate (PEM) for mutual TLS."),
+    cfg.StrOpt(
+        "cert_file",
+        default="",
+        help="The server certificate (PEM) for mutual TLS. With cert_file, key_file and "
+        "ca_file set every client must present a certificate signed by ca_file.",
+    ),
     cfg.StrOpt("key_file", default="", help="The server private key (PEM) for mutual TLS."),
     cfg.StrOpt("ca_file", default="", help="The CA (PEM) that signs the clients' certificates."),
+    cfg.ListOpt(
+        "allowed_coordinators",
+        default=[],
+        help="Client identities (a certificate's common name or one of its DNS subject "
+        "alternative names) that may call the RPCs that change domains: Migrate and "
+        "TuneMigration. Any other client with a certificate from ca_file may still read "
+        "(GetHost, ListDomains, MeasureDirtyRate, CheckCpuCompatibility, WatchMigration, "
+        "health). Empty: no client over TLS may change anything.",
+    ),
+    cfg.StrOpt(
+        "plaintext_mutations",
+        default="loopback",
+        choices=[
+            (
+                "loopback",
+                "Allowed to callers on this machine only (the default, for "
+                "development and labs on 127.0.0.1).",
+            ),
+            (
+                "always",
+                "Allowed to anyone who reaches the port (with insecure = true: "
+                "anyone on the network).",
+            ),
+            ("never", "Refused over plaintext: only mutual TLS identities may change domains."),
+        ],
+        help="Whether Migrate and TuneMigration are served over plaintext gRPC, which "
+        "carries no identity. Has no effect when TLS is configured. The default trusts "
+        "every local process, which suits a development host or a lab on loopback; set "
+        "never on a host with untrusted local users.",
+    ),
     cfg.FloatOpt(
         "grace_s",
         default=10.0,
@@ -88,7 +125,17 @@ migration_opts = [
     cfg.ListOpt(
         "allowed_destinations",
         default=[],
-        help="The only libvirt URIs Migrate may send domains to. Empty allows any qemu URI.",
+        help="The libvirt URIs Migrate may send domains to, each exact "
+        "(qemu+tls://host2/system) or a shell-style pattern (qemu+tls://*.compute.example/"
+        "system). A destination must use a qemu scheme (qemu+tcp, qemu+tls, qemu+ssh, "
+        "qemu+unix, qemu). Empty: every migration is refused until peers are configured.",
+    ),
+    cfg.ListOpt(
+        "allowed_migration_hosts",
+        default=[],
+        help="Hosts the migration stream (MigrateOptions.migration_uri, tcp://host[:port]) "
+        "may go to: names, addresses or networks (10.1.0.0/24), besides the host names of "
+        "allowed_destinations. Any other migration_uri is refused.",
     ),
 ]
 

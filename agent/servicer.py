@@ -30,6 +30,9 @@ from hostmaint.protos import agent_pb2_grpc
 
 LOG = logging.getLogger(__name__)
 T = TypeVar("T")
+SERVICE_NAME = "hostmaint.v1.HostAgent"
+# The RPCs that change a domain or its migration: only allowed coordinators call them.
+MUTATING_METHODS = frozenset(f"/{SERVICE_NAME}/{name}" for name in ("Migrate", "TuneMigration"))
 
 STATUS_CODES: dict[type[errors.AgentError], grpc.StatusCode] = {
     errors.InvalidArgument: grpc.StatusCode.INVALID_ARGUMENT,

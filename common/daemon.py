@@ -7,17 +7,19 @@ import os
 import signal
 import socket
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent import futures
 from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
-from typing import Protocol
+from typing import Any, Protocol
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from oslo_config import cfg
+
+from hostmaint.common import authz
 
 LOG = logging.getLogger(__name__)
 LOOPBACK_HOSTS = frozenset({"127.0.0.1", "localhost", "::1", "[::1]"})
@@ -36,6 +38,15 @@ def sd_notify(state: str) -> bool:
     return True
 
 
+class TlsConfigError(Exception):
+    """TLS is half configured, or a configured file cannot be read."""
+
+    def __init__(self, what: str, problem: str) -> None:
+        super().__init__(f"TLS {what}: {problem}")
+        self.what = what
+        self.problem = problem
+
+
 @dataclass(frozen=True)
 class TlsFiles:
     cert_file: str
@@ -46,7 +57,26 @@ class TlsFiles:
     def configured(self) -> bool:
         return bool(self.cert_file and self.key_file and self.ca_file)
 
+    def check(self, what: str) -> None:
+        """Raises TlsConfigError when some but not all files are set, or one is unreadable.
+
+        A half-configured TLS must never fall back to plaintext silently.
+        """
+        names = {"cert_file": self.cert_file, "key_file": self.key_file, "ca_file": self.ca_file}
+        if not any(names.values()):
+            return
+        missing = sorted(k for k, v in names.items() if not v)
+        if missing:
+            raise TlsConfigError(what, f"needs cert_file, key_file and ca_file; {missing} unset")
+        for key, path in names.items():
+            try:
+                with open(path, "rb") as f:
+                    f.read(1)
+            except OSError as e:
+                raise TlsConfigError(what, f"{key} {path}: {e.strerror}") from e
+
     def server_credentials(self) -> grpc.ServerCredentials:
+        """Mutual TLS: a client without a certificate signed by the CA is refused."""
         return grpc.ssl_server_credentials(
             [(Path(self.key_file).read_bytes(), Path(self.cert_file).read_bytes())],
             root_certificates=Path(self.ca_file).read_bytes(),
@@ -62,16 +92,111 @@ class TlsFiles:
 
 
 class InsecureRefused(Exception):
-    def __init__(self, listen: str) -> None:
+    def __init__(self, listen: str, option: str = "[grpc] insecure") -> None:
         super().__init__(
-            f"refusing plaintext gRPC on {listen}: configure TLS, listen on loopback, "
-            "or set [grpc] insecure = true"
+            f"refusing plaintext gRPC on {listen}: configure TLS, use loopback, "
+            f"or set {option} = true"
         )
         self.listen = listen
+        self.option = option
 
 
 def listen_host(listen: str) -> str:
     return listen.rsplit(":", 1)[0]
+
+
+def is_loopback_address(address: str) -> bool:
+    """True when host:port names this machine's loopback (or a unix socket)."""
+    if address.startswith("unix:"):
+        return True
+    return listen_host(address) in LOOPBACK_HOSTS
+
+
+def check_plaintext_target(address: str, tls: TlsFiles | None, insecure: bool, option: str) -> None:
+    """A client's rule: plaintext to another machine only when `insecure` says so."""
+    if tls is not None and tls.configured:
+        return
+    if is_loopback_address(address):
+        return
+    if not insecure:
+        raise InsecureRefused(address, option)
+    LOG.warning(
+        "INSECURE: plaintext gRPC to %s, no authentication or encryption (%s = true)",
+        address,
+        option,
+    )
+
+
+def peer_of(context: grpc.ServicerContext) -> authz.Peer:
+    """The caller as the authorisation decision sees it: transport, identities, address."""
+    auth = context.auth_context()
+    secure = b"ssl" in auth.get("transport_security_type", [])
+    identities: set[str] = set()
+    if secure:
+        for key in ("x509_common_name", "peer_dns"):
+            identities.update(v.decode("utf-8", "replace") for v in auth.get(key, []))
+    return authz.Peer(
+        authz.Transport.TLS if secure else authz.Transport.PLAINTEXT,
+        frozenset(identities),
+        context.peer() or "",
+    )
+
+
+class Authorizer(grpc.ServerInterceptor):  # type: ignore[misc]
+    """Refuses protected methods with PERMISSION_DENIED unless `authz.decide` allows them."""
+
+    def __init__(self, policy: authz.Policy) -> None:
+        self._policy = policy
+
+    def _check(self, method: str, context: grpc.ServicerContext) -> None:
+        peer = peer_of(context)
+        decision = authz.decide(self._policy, peer, method)
+        if decision.allowed:
+            return
+        LOG.warning(
+            "denied method=%s peer=%s identities=%s reason=%s",
+            method,
+            peer.address,
+            ",".join(sorted(peer.identities)) or "-",
+            decision.reason,
+        )
+        context.abort(grpc.StatusCode.PERMISSION_DENIED, decision.reason)
+
+    def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], grpc.RpcMethodHandler | None],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler | None:
+        handler = continuation(handler_call_details)
+        method: str = handler_call_details.method
+        if handler is None or method not in self._policy.protected_methods:
+            return handler
+        if handler.unary_unary is not None:
+            inner_uu = handler.unary_unary
+
+            def unary_unary(request: Any, context: grpc.ServicerContext) -> Any:
+                self._check(method, context)
+                return inner_uu(request, context)
+
+            return grpc.unary_unary_rpc_method_handler(
+                unary_unary,
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
+            )
+        if handler.unary_stream is not None:
+            inner_us = handler.unary_stream
+
+            def unary_stream(request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
+                self._check(method, context)
+                yield from inner_us(request, context)
+
+            return grpc.unary_stream_rpc_method_handler(
+                unary_stream,
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
+            )
+        # Client-streaming methods: none are protected today; refuse rather than pass.
+        raise TypeError(f"cannot protect streaming-request method {method}")
 
 
 @dataclass
@@ -103,13 +228,17 @@ def build_server(
     tls: TlsFiles,
     insecure: bool,
     max_workers: int = 32,
+    interceptors: Sequence[grpc.ServerInterceptor] = (),
 ) -> Server:
     """A gRPC server with our services, health and reflection, bound to `listen`.
 
+    With TLS configured every client must present a certificate the CA signed.
     Plaintext is refused off loopback unless `insecure` says so.
     """
+    tls.check("[grpc]")
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="grpc"),
+        interceptors=list(interceptors),
         options=[("grpc.so_reuseport", 0)],
     )
     register(server)
@@ -119,11 +248,19 @@ def build_server(
     reflection.enable_server_reflection(names, server)
     if tls.configured:
         port = server.add_secure_port(listen, tls.server_credentials())
+        LOG.info("serving mutual TLS listen=%s ca=%s", listen, tls.ca_file)
     else:
-        if listen_host(listen) not in LOOPBACK_HOSTS and not insecure:
+        loopback = is_loopback_address(listen)
+        if not loopback and not insecure:
             raise InsecureRefused(listen)
-        if listen_host(listen) not in LOOPBACK_HOSTS:
-            LOG.warning("serving plaintext gRPC off loopback listen=%s (insecure)", listen)
+        if loopback:
+            LOG.warning("serving plaintext gRPC on loopback listen=%s (no TLS configured)", listen)
+        else:
+            LOG.warning(
+                "INSECURE: serving plaintext gRPC off loopback listen=%s: no authentication, "
+                "no encryption; anyone who reaches the port is trusted ([grpc] insecure = true)",
+                listen,
+            )
         port = server.add_insecure_port(listen)
     result = Server(server, health_servicer, port, tuple(service_names))
     result.set_serving(False)
@@ -161,7 +298,7 @@ def serve(build: Callable[[], Daemon], prog: str) -> int:
     )
     try:
         d = build()
-    except InsecureRefused as e:
+    except (InsecureRefused, TlsConfigError) as e:
         LOG.error("%s", e)
         return 2
     d.start()

@@ -25,6 +25,7 @@ from hostmaint.protos import agent_pb2_grpc
 
 LOG = logging.getLogger(__name__)
 AGENT_SERVICE = "hostmaint.v1.HostAgent"
+INSECURE_OPTION = "[agents] insecure"
 T = TypeVar("T")
 _TRANSPORT = frozenset(
     {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED}
@@ -152,10 +153,19 @@ class AgentRegistry:
         tls: daemon.TlsFiles | None,
         clock: Callable[[], float],
         discover: Callable[[], Mapping[str, str]] | None = None,
+        insecure: bool = False,
     ) -> None:
+        """Plaintext to an agent off loopback is refused unless `insecure`.
+
+        Raises daemon.InsecureRefused at once for a configured address that breaks
+        the rule; a discovered one is refused when first used.
+        """
         self._static = dict(addresses)
         self._timeout_s = timeout_s
         self._tls = tls
+        self._insecure = insecure
+        for address in self._static.values():
+            daemon.check_plaintext_target(address, tls, insecure, INSECURE_OPTION)
         self._clock = clock
         self._discover = discover
         self._lock = threading.Lock()
@@ -193,13 +203,24 @@ class AgentRegistry:
         if client is not None:
             return client
         address = self.address(host)
+        if host not in self._static:
+            try:
+                daemon.check_plaintext_target(address, self._tls, self._insecure, INSECURE_OPTION)
+            except daemon.InsecureRefused as e:
+                raise errors.AgentUnavailable(host, address, str(e)) from e
         client = AgentClient(host, address, daemon.channel(address, self._tls), self._timeout_s)
         with self._lock:
             return self._clients.setdefault(host, client)
 
     def probe(self, host: str) -> AgentStatus:
         """Health plus a fresh host report; never raises for a down agent."""
-        client = self.client(host)
+        try:
+            client = self.client(host)
+        except errors.AgentUnavailable as e:
+            status = AgentStatus(host, e.address, Health.UNREACHABLE, str(e), None, self._clock())
+            with self._lock:
+                self._status[host] = status
+            return status
         health = client.health()
         report = None
         error = ""

@@ -62,10 +62,15 @@ class Coordinator:
             Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
         self.journal = Journal(make_engine(url), clock=time.time)
         tls = daemon.TlsFiles(conf.agents.cert_file, conf.agents.key_file, conf.agents.ca_file)
+        tls.check("[agents]")
         self.driver: MigrationDriver
         if conf.driver.name == "libvirt":
             self.registry = AgentRegistry(
-                conf.agents.hosts, timeout_s=conf.agents.timeout_s, tls=tls, clock=time.time
+                conf.agents.hosts,
+                timeout_s=conf.agents.timeout_s,
+                tls=tls,
+                clock=time.time,
+                insecure=conf.agents.insecure,
             )
             self.driver = DirectDriver(
                 self.registry,
@@ -87,6 +92,7 @@ class Coordinator:
                 tls=tls,
                 clock=time.time,
                 discover=discover,
+                insecure=conf.agents.insecure,
             )
             self.driver = cloud
         d = conf.drain

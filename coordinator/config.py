@@ -9,9 +9,16 @@ grpc_opts = [
     cfg.BoolOpt(
         "insecure",
         default=False,
-        help="Serve plaintext gRPC on a non-loopback address. Only for labs.",
+        help="Serve plaintext gRPC on a non-loopback address. Only for labs: anyone who "
+        "reaches the port can then start and cancel drains. Without TLS and without this "
+        "the coordinator refuses to start on any address but loopback.",
     ),
-    cfg.StrOpt("cert_file", default="", help="The server certificate (PEM) for mutual TLS."),
+    cfg.StrOpt(
+        "cert_file",
+        default="",
+        help="The server certificate (PEM) for mutual TLS. With cert_file, key_file and "
+        "ca_file set every client (the CLI) must present a certificate signed by ca_file.",
+    ),
     cfg.StrOpt("key_file", default="", help="The server private key (PEM) for mutual TLS."),
     cfg.StrOpt("ca_file", default="", help="The CA (PEM) that signs the clients' certificates."),
     cfg.FloatOpt("grace_s", default=10.0, min=0, help="Seconds in-flight calls get on stop."),
@@ -39,9 +46,21 @@ agents_opts = [
     cfg.FloatOpt(
         "health_interval_s", default=10.0, min=0.5, help="Seconds between two health probes."
     ),
-    cfg.StrOpt("cert_file", default="", help="Client certificate (PEM) for the agents."),
+    cfg.StrOpt(
+        "cert_file",
+        default="",
+        help="Client certificate (PEM) for the agents. Its common name or a DNS subject "
+        "alternative name must be in each agent's [grpc] allowed_coordinators for "
+        "migrations and tuning.",
+    ),
     cfg.StrOpt("key_file", default="", help="Client key (PEM) for the agents."),
     cfg.StrOpt("ca_file", default="", help="The CA (PEM) of the agents' certificates."),
+    cfg.BoolOpt(
+        "insecure",
+        default=False,
+        help="Talk plaintext gRPC to agents that are not on loopback. Only for labs: "
+        "without TLS and without this the coordinator refuses to reach such agents.",
+    ),
 ]
 
 driver_opts = [

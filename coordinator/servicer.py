@@ -21,6 +21,10 @@ T = TypeVar("T")
 _HOST = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,254}$")
 _UUID = re.compile(r"^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$")
 MAX_REASON = 255
+MAX_POLICY_VMS = 10_000
+MAX_DRAIN_ID = 64
+MAX_TARGET_HOSTS = 1_000
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
 STATUS_CODES: dict[type[errors.CoordinatorError], grpc.StatusCode] = {
     errors.InvalidArgument: grpc.StatusCode.INVALID_ARGUMENT,
@@ -60,12 +64,34 @@ def check_host(host: str, known: list[str] | None = None) -> str:
     return host
 
 
+def check_drain_id(drain_id: str) -> str:
+    """Drain ids are UUIDs: an over-long or garbled one is invalid, any other non-UUID unknown."""
+    if len(drain_id) > MAX_DRAIN_ID or _CONTROL.search(drain_id):
+        raise errors.InvalidArgument("drain_id", f"{drain_id[:64]!r} is not a drain id (a UUID)")
+    if not _UUID.match(drain_id):
+        raise errors.DrainNotFound(repr(drain_id))
+    return drain_id.lower()
+
+
+def check_reason(reason: str) -> str:
+    if len(reason) > MAX_REASON:
+        raise errors.InvalidArgument("reason", f"at most {MAX_REASON} characters")
+    if _CONTROL.search(reason):
+        raise errors.InvalidArgument("reason", "must not contain control characters")
+    return reason
+
+
 def check_policy_fields(policy: cpb.DrainPolicy) -> None:
+    """The policy's names and sizes; its numbers are checked by the executor's policy()."""
+    if len(policy.vm_max_downtime_ms) > MAX_POLICY_VMS:
+        raise errors.InvalidArgument("policy.vm_max_downtime_ms", f"at most {MAX_POLICY_VMS} VMs")
     for uuid in policy.vm_max_downtime_ms:
         if not _UUID.match(uuid):
             raise errors.InvalidArgument(
                 "policy.vm_max_downtime_ms", f"{uuid[:64]!r} is not a UUID"
             )
+    if len(policy.target_hosts) > MAX_TARGET_HOSTS:
+        raise errors.InvalidArgument("policy.target_hosts", f"at most {MAX_TARGET_HOSTS} hosts")
     for host in policy.target_hosts:
         check_host(host)
 
@@ -78,9 +104,15 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServicer):
     def _known_host(self, host: str) -> str:
         return check_host(host, self._registry.hosts())
 
+    def _policy(self, policy: cpb.DrainPolicy) -> None:
+        check_policy_fields(policy)
+        self._executor.policy(policy)  # numbers and enums, before anything is read or changed
+
     def _drain_id(self, host: str, drain_id: str) -> str:
+        if host:
+            check_host(host)
         if drain_id:
-            return drain_id
+            return check_drain_id(drain_id)
         self._known_host(host)
         latest = self._executor.journal.latest_drain(host)
         if latest is None:
@@ -92,7 +124,7 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServicer):
         self, request: cpb.PlanDrainRequest, context: grpc.ServicerContext
     ) -> cpb.DrainPlan:
         host = self._known_host(request.host)
-        check_policy_fields(request.policy)
+        self._policy(request.policy)
         plan_pb, _, _ = self._executor.plan(host, request.policy)
         return plan_pb
 
@@ -101,9 +133,8 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServicer):
     ) -> Iterator[cpb.DrainEvent]:
         try:
             host = self._known_host(request.host)
-            check_policy_fields(request.policy)
-            if len(request.reason) > MAX_REASON:
-                raise errors.InvalidArgument("reason", f"at most {MAX_REASON} characters")
+            self._policy(request.policy)
+            check_reason(request.reason)
             finished = self._executor.finished_drain(host)
             if finished is not None:
                 # Re-running a finished drain is a no-op: it is reported again.

@@ -839,6 +839,7 @@ class _Starter:
         if binary is None:
             return state, f"agent of {h.name}: hostmaint-agent not found"
         conf = Path(h.host_dir) / "agent.conf"
+        peers = [p for p in state.hosts if p.name != h.name]
         conf.write_text(
             "[DEFAULT]\n"
             f"host = {h.name}\n"
@@ -848,6 +849,9 @@ class _Starter:
             "[grpc]\n"
             f"listen = 127.0.0.1:{h.agent_port}\n"
             "insecure = true\n"
+            "[migration]\n"
+            f"allowed_destinations = {','.join(p.uri for p in peers)}\n"
+            f"allowed_migration_hosts = {','.join(p.address for p in peers)}\n"
         )
         out_path = Path(h.host_dir) / "agent.log"
         with out_path.open("ab") as out:
