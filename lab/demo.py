@@ -158,6 +158,14 @@ class CoordinatorProcess:
                 start_new_session=True,
             )
         LOG.info("started coordinator pid=%d port=%d", self.proc.pid, self.port)
+        try:
+            self._await_serving(ready_timeout_s)
+        except BaseException:
+            self.kill()  # a coordinator that never became ready is not left behind
+            raise
+
+    def _await_serving(self, ready_timeout_s: float) -> None:
+        assert self.proc is not None
         deadline = time.monotonic() + ready_timeout_s
         with grpc.insecure_channel(self.address) as channel:
             health = health_pb2_grpc.HealthStub(channel)
