@@ -349,6 +349,8 @@ class Migration:
     def fire(self, bw: float) -> None:
         """Handle the event that ``time_to_event`` said is due now."""
         if self.phase is Phase.PRECOPY:
+            if self.rounds == 1 and self.zero_scan_s > _EPS_S:
+                return  # the non-zero pages are out: the zero tail comes before the sync
             self._sync(bw)
             return
         if self.phase_bytes > _EPS_BYTES:
