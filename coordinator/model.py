@@ -28,9 +28,19 @@ Functions:
 ``Migration`` is the mutable state machine of one migration used by both
 ``predict`` and the drain simulator, so both share exactly the same physics:
 
-* round 1 sends every non-zero page (zero pages cost ``zero_page_cost_fraction``
-  of their size); every later round sends the pages dirtied during the previous one;
-* unique bytes dirtied since the last bitmap sync are ``min(working_set, rate * t)``;
+* round 1 sends every non-zero page, the static data first and the working set last
+  (the copy walks RAM upwards), then scans the zero pages at ``zero_scan_bytes_per_s``
+  (CPU-bound, no bandwidth; each costs ``zero_page_cost_fraction`` of a page on the link);
+  every later round sends the pages dirtied behind the copy cursor during the previous one;
+* a write to a page the round has not sent yet is free (the page goes once); a write to a
+  working-set page outside the round, or behind the cursor, is resent next round: behind
+  the cursor lands ``behind_write_factor`` of a uniformly placed writer's share (a writer
+  walking in the copy's direction stays ahead of it; fitted), at least ``rate - bw`` for
+  a writer that laps the cursor, and all of it during the zero tail; at most the part of
+  the working set not waiting to be sent;
+* so a round that ends on zero pages leaves only what was dirtied behind the cursor for
+  the switch-over: the real downtime is that over the bandwidth, plus the device state
+  and the fixed ``switchover_ms`` (fitted to the lab with ``calibrate --fit``);
 * QEMU syncs the dirty bitmap when what is left of the round drops below
   ``threshold = bandwidth * downtime_limit`` (checked every iteration of at most
   ``iteration_s``), then completes when ``pending < threshold``;
