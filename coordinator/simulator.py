@@ -45,7 +45,7 @@ from hostmaint.coordinator.model import (
 
 LOG = logging.getLogger(__name__)
 
-MAX_EVENTS = 200_000  # a drain that needs more steps than this is stuck: it fails
+MAX_EVENTS = 2_000_000  # a drain that needs more steps than this is stuck: it fails
 MIN_STEP_S = 1e-6  # a step that is not zero is at least this long (no creeping towards a limit)
 
 
