@@ -42,7 +42,7 @@ from hostmaint.coordinator.model import (
     VmSpec,
     WriterKind,
 )
-from hostmaint.coordinator.simulator import simulate
+from hostmaint.coordinator.simulator import Job, simulate
 
 GOAL_MEDIAN_ERROR = 0.15
 # The columns a ground-truth CSV must have (tools/bench_lab_csv.py writes them first).
@@ -60,7 +60,16 @@ CSV_COLUMNS = (
     "iterations",
     "converged",
 )
-FIT_FIELDS = ("switchover_ms", "link_efficiency", "setup_s", "finish_s", "iteration_s")
+FIT_FIELDS = (
+    "switchover_ms",
+    "device_state_bytes",
+    "link_efficiency",
+    "setup_s",
+    "finish_s",
+    "iteration_s",
+    "zero_scan_bytes_per_s",
+    "behind_write_factor",
+)
 
 
 @dataclass(frozen=True)
@@ -77,6 +86,8 @@ class LabRow:
     downtime_ms: float
     iterations: int
     converged: bool
+    started_at: str = ""  # optional column: rows of one group of migrations share it
+    wall_s: float = math.nan  # optional column: request to observed end, wall clock
 
 
 def read_rows(lines: Iterable[str]) -> list[LabRow]:
@@ -96,6 +107,8 @@ def read_rows(lines: Iterable[str]) -> list[LabRow]:
                 downtime_ms=float(rec["downtime_ms"] or "nan"),
                 iterations=int(float(rec["iterations"] or 0)),
                 converged=rec["converged"].strip().lower() in ("1", "true", "yes", "y"),
+                started_at=(rec.get("started_at") or "").strip(),
+                wall_s=float(rec.get("wall_s") or "nan"),
             )
         )
     return rows
@@ -126,16 +139,34 @@ def _row_settings(row: LabRow) -> Settings:
 
 
 class _Give(QueueStrategy):
-    def __init__(self, vms: Sequence[VmSpec], settings: Settings, horizon_s: float) -> None:
+    """Start each VM at its offset (all at 0 by default); abort what runs past the horizon."""
+
+    def __init__(
+        self,
+        vms: Sequence[VmSpec],
+        settings: Settings,
+        horizon_s: float,
+        offsets_s: Sequence[float] | None = None,
+    ) -> None:
         super().__init__("lab", vms, max_parallel=len(vms))
         self.settings = settings
         self.horizon_s = horizon_s
+        self.offsets = dict(zip((v.uuid for v in vms), offsets_s or [0.0] * len(vms), strict=True))
 
     def settings_for(self, vm: VmSpec) -> Settings:
         return self.settings
 
+    def next_jobs(self, now_s: float, running: Sequence[Migration]) -> list[Job]:
+        due = [v for v in self.queue if self.offsets[v.uuid] <= now_s + 1e-9]
+        self.queue = [v for v in self.queue if v not in due]
+        return [Job(v, self.settings) for v in due]
+
+    def next_start_s(self) -> float:
+        return min((self.offsets[v.uuid] for v in self.queue), default=math.inf)
+
     def next_control_s(self, mig: Migration) -> float:
-        return self.horizon_s
+        # past the switch-over the lab no longer aborts: the migration is completing
+        return mig.start_s + self.horizon_s if mig.in_precopy else math.inf
 
     def control(self, mig: Migration, now_s: float) -> None:
         mig.abort()
@@ -152,18 +183,79 @@ def _horizon_s(row: LabRow) -> float:
 
 
 def predict_row(
-    row: LabRow, params: ModelParams = DEFAULT_PARAMS
+    row: LabRow, params: ModelParams = DEFAULT_PARAMS, offsets_s: Sequence[float] | None = None
 ) -> tuple[bool, float, float, int]:
-    """(converged, total_s, downtime_ms, rounds) of the first of the row's migrations."""
-    vms = [_row_vm(row, i) for i in range(row.concurrency)]
+    """(converged, total_s, downtime_ms, rounds) of the first of the row's migrations.
+
+    With ``offsets_s`` (one per migration of the row's group), migration ``i`` starts
+    ``offsets_s[i]`` seconds after the first, and the result is the one of migration ``index``
+    where ``offsets_s[index] == 0`` is not required: see ``predict_group``.
+    """
+    return predict_group(row, params, offsets_s)[0]
+
+
+def predict_group(
+    row: LabRow, params: ModelParams = DEFAULT_PARAMS, offsets_s: Sequence[float] | None = None
+) -> list[tuple[bool, float, float, int]]:
+    """The row's ``concurrency`` identical migrations, started at ``offsets_s`` (default all
+    at once): (converged, total_s, downtime_ms, rounds) of each, in order."""
+    n = row.concurrency if offsets_s is None else len(offsets_s)
+    vms = [_row_vm(row, i) for i in range(n)]
     horizon = _horizon_s(row)
     link = Link(row.link_mbit * 1e6 / 8)
-    res = simulate(vms, _Give(vms, _row_settings(row), horizon), link, params, seed=1)
-    first = next((r for r in res.vms if r.uuid == "lab-0"), None)
-    if first is None:  # the simulator ran out of events before it ended: it did not converge
-        return False, horizon, math.nan, 0
-    ok = first.outcome is Outcome.COMPLETED
-    return ok, first.end_s - first.start_s, first.downtime_ms, first.rounds
+    res = simulate(vms, _Give(vms, _row_settings(row), horizon, offsets_s), link, params, seed=1)
+    by_uuid = {r.uuid: r for r in res.vms}
+    out = []
+    for vm in vms:
+        r = by_uuid.get(vm.uuid)
+        if r is None:  # the simulator ran out of events before it ended: it did not converge
+            out.append((False, horizon, math.nan, 0))
+            continue
+        ok = r.outcome is Outcome.COMPLETED
+        out.append((ok, r.end_s - r.start_s, r.downtime_ms, r.rounds))
+    return out
+
+
+def group_offsets(rows: Sequence[LabRow]) -> list[float] | None:
+    """Start offsets of a group's migrations, from the lab's own columns.
+
+    The lab starts a group's migrations one request after another, so they do not start
+    together: a migration's job began about ``wall_s - total_s`` (request to observed end,
+    less the job's own time) after its request. None when the columns are missing.
+    """
+    lags = [r.wall_s - r.total_s for r in rows]
+    if len(rows) < 2 or not all(math.isfinite(x) for x in lags):
+        return None
+    first = min(lags)
+    return [lag - first for lag in lags]
+
+
+def _groups(rows: Sequence[LabRow]) -> list[list[LabRow]]:
+    """Consecutive rows of one concurrent step (same ``started_at`` and set-up)."""
+    out: list[list[LabRow]] = []
+    for row in rows:
+        prev = out[-1][-1] if out else None
+        same = (
+            prev is not None
+            and row.concurrency > 1
+            and row.started_at
+            and row.started_at == prev.started_at
+            and dataclasses.replace(row, total_s=0, downtime_ms=0, iterations=0, converged=True)
+            == dataclasses.replace(
+                prev,
+                total_s=0,
+                downtime_ms=0,
+                iterations=0,
+                converged=True,
+                wall_s=row.wall_s,
+            )
+            and len(out[-1]) < row.concurrency
+        )
+        if same:
+            out[-1].append(row)
+        else:
+            out.append([row])
+    return out
 
 
 @dataclass(frozen=True)
@@ -191,8 +283,14 @@ def errors(rows: Sequence[LabRow], params: ModelParams = DEFAULT_PARAMS) -> Erro
     tot: list[float] = []
     down: list[float] = []
     mismatch = 0
-    for row in rows:
-        ok, total_s, downtime_ms, _ = predict_row(row, params)
+    predicted: list[tuple[LabRow, tuple[bool, float, float, int]]] = []
+    for group in _groups(rows):
+        offsets = group_offsets(group) if len(group) == group[0].concurrency else None
+        if offsets is None:
+            predicted.extend((row, predict_row(row, params)) for row in group)
+        else:
+            predicted.extend(zip(group, predict_group(group[0], params, offsets), strict=True))
+    for row, (ok, total_s, downtime_ms, _) in predicted:
         if ok != row.converged:
             mismatch += 1
             continue

@@ -28,9 +28,19 @@ Functions:
 ``Migration`` is the mutable state machine of one migration used by both
 ``predict`` and the drain simulator, so both share exactly the same physics:
 
-* round 1 sends every non-zero page (zero pages cost ``zero_page_cost_fraction``
-  of their size); every later round sends the pages dirtied during the previous one;
-* unique bytes dirtied since the last bitmap sync are ``min(working_set, rate * t)``;
+* round 1 sends every non-zero page, the static data first and the working set last
+  (the copy walks RAM upwards), then scans the zero pages at ``zero_scan_bytes_per_s``
+  (CPU-bound, no bandwidth; each costs ``zero_page_cost_fraction`` of a page on the link);
+  every later round sends the pages dirtied behind the copy cursor during the previous one;
+* a write to a page the round has not sent yet is free (the page goes once); a write to a
+  working-set page outside the round, or behind the cursor, is resent next round: behind
+  the cursor lands ``behind_write_factor`` of a uniformly placed writer's share (a writer
+  walking in the copy's direction stays ahead of it; fitted), at least ``rate - bw`` for
+  a writer that laps the cursor, and all of it during the zero tail; at most the part of
+  the working set not waiting to be sent;
+* so a round that ends on zero pages leaves only what was dirtied behind the cursor for
+  the switch-over: the real downtime is that over the bandwidth, plus the device state
+  and the fixed ``switchover_ms`` (fitted to the lab with ``calibrate --fit``);
 * QEMU syncs the dirty bitmap when what is left of the round drops below
   ``threshold = bandwidth * downtime_limit`` (checked every iteration of at most
   ``iteration_s``), then completes when ``pending < threshold``;
@@ -154,21 +164,25 @@ class DrainPolicy:
 class ModelParams:
     qemu_default_downtime_ms: float = 300.0
     qemu_max_downtime_ms: float = 2_000_000.0
-    switchover_ms: float = 25.0  # fixed cost of stopping, switching and resuming
+    switchover_ms: float = 16.0  # fixed cost of stopping, switching and resuming (fitted)
     device_state_bytes: int = 2 * MIB
     iteration_s: float = 0.05  # QEMU's MAX_WAIT per iteration of the send loop
     link_efficiency: float = 0.94  # payload per link byte (TCP/IP and page headers)
-    zero_page_cost_fraction: float = 0.002  # zero pages: header and scan, as sent bytes
+    zero_page_cost_fraction: float = 0.002  # zero pages: the page header on the link
+    zero_scan_bytes_per_s: float = 1.342e9  # QEMU finding zero pages (CPU-bound), fitted
+    # writes behind the copy cursor, as a share of a uniformly placed writer's (fitted: the
+    # lab's sequential writers, walking in the copy's direction, stay ahead of it)
+    behind_write_factor: float = 0.032
     throttle_trigger_pct: float = 50.0
     throttle_initial_pct: float = 20.0
     throttle_increment_pct: float = 10.0
     throttle_max_pct: float = 99.0
     throttle_period_s: float = 1.0
     cpu_max_dirty_bytes_per_s: float = 4.0 * GIB  # the vCPUs writing flat out
-    # Fixed costs around the transfer, fitted to the lab's ground truth (bench/): a migration
-    # that converges in one round took 1.3-2.2 s beyond its bytes at the link's rate.
-    setup_s: float = 0.8  # prepare target, start QEMU there: no bandwidth used
-    finish_s: float = 0.6  # post-migration clean-up on both hosts
+    # Fixed costs around the transfer, fitted to the lab's ground truth (bench/, with
+    # ``python -m hostmaint.coordinator.calibrate bench/lab-groundtruth.csv --fit``).
+    setup_s: float = 1.0  # prepare target, start QEMU there: no bandwidth used
+    finish_s: float = 0.24  # post-migration clean-up on both hosts
     max_rounds: int = 5000
     max_precopy_bytes_factor: float = 10.0  # pre-copy resending more than this is "no"
     downtime_headroom: float = 0.85  # of (cap - margin): bandwidth may drop at switch-over
@@ -257,8 +271,10 @@ class Migration:
         self.working_set = float(max(1, vm.working_set_estimate_bytes))
         zero = max(0, vm.memory_bytes - vm.sent_bytes)
         self.first_round_bytes = vm.sent_bytes + zero * params.zero_page_cost_fraction
-        self.remaining = 0.0  # of the current pre-copy round
-        self.dirty_raw = 0.0  # bytes written since the last sync (not unique)
+        self.zero_scan_s = zero / params.zero_scan_bytes_per_s  # round 1's tail of zero pages
+        self.remaining = 0.0  # link bytes left in the current pre-copy round
+        self.new_dirty = 0.0  # unique bytes dirtied behind the copy cursor since the last sync
+        self.round_ws = self.working_set  # working-set bytes the current round sends
         self.rounds = 0
         self.throttle_pct = 0.0
         self.high_cnt = 0
@@ -285,7 +301,13 @@ class Migration:
 
     # -- bandwidth ---------------------------------------------------------
     def wants_bandwidth(self) -> bool:
-        return self.phase_bytes > _EPS_BYTES or self.phase is Phase.PRECOPY
+        if self.phase is Phase.PRECOPY:
+            return not self._in_zero_tail()
+        return self.phase_bytes > _EPS_BYTES
+
+    def _in_zero_tail(self) -> bool:
+        """Round 1 has sent its non-zero pages and is scanning the zero pages after them."""
+        return self.rounds == 1 and self.remaining <= _EPS_BYTES and self.zero_scan_s > _EPS_S
 
     def threshold(self, bw: float) -> float:
         return bw * self.downtime_limit_ms / 1000.0
@@ -298,8 +320,12 @@ class Migration:
         if self.phase in (Phase.DONE, Phase.ABORTED):
             return math.inf
         if self.phase is Phase.PRECOPY:
+            if self._in_zero_tail():
+                return self.zero_scan_s
             if bw <= 0.0:
                 return math.inf
+            if self.rounds == 1 and self.zero_scan_s > _EPS_S:
+                return self.remaining / bw  # then the zero tail, then the sync
             return max(0.0, (self.remaining - self._sync_level(bw)) / bw)
         if self.phase_bytes > _EPS_BYTES:
             return math.inf if bw <= 0.0 else self.phase_bytes / bw
@@ -308,9 +334,13 @@ class Migration:
     def advance(self, dt: float, bw: float) -> None:
         if dt <= 0.0 or self.phase in (Phase.DONE, Phase.ABORTED):
             return
-        self.dirty_raw += self.dirty_rate() * dt
         self.now_s += dt
         if self.phase is Phase.PRECOPY:
+            if self._in_zero_tail():
+                self._dirty_behind(dt, 0.0)  # remaining is 0: every write is behind
+                self.zero_scan_s -= dt
+                return
+            self._dirty_behind(dt, bw)
             sent = min(self.remaining, bw * dt)
             self.remaining -= sent
             self._sent(sent)
@@ -329,6 +359,8 @@ class Migration:
     def fire(self, bw: float) -> None:
         """Handle the event that ``time_to_event`` said is due now."""
         if self.phase is Phase.PRECOPY:
+            if self.rounds == 1 and self.zero_scan_s > _EPS_S:
+                return  # the non-zero pages are out: the zero tail comes before the sync
             self._sync(bw)
             return
         if self.phase_bytes > _EPS_BYTES:
@@ -340,7 +372,7 @@ class Migration:
             self.phase = Phase.PRECOPY
             self.remaining = self.first_round_bytes
             self.rounds = 1
-            self.dirty_raw = 0.0
+            self.new_dirty = 0.0
             self.period_start_s = self.now_s
             self.last_progress_s = self.now_s
         elif self.phase is Phase.SWITCHOVER:
@@ -357,17 +389,49 @@ class Migration:
             self.outcome = Outcome.COMPLETED
             self.end_s = self.now_s
 
-    def _new_dirty(self) -> float:
-        """Bytes newly marked dirty since the last sync, net of overlap with what is left."""
-        new = min(self.working_set, self.dirty_raw)
-        base = self.working_set if self.rounds > 1 else max(self.first_round_bytes, 1.0)
-        overlap = self.remaining * min(1.0, new / base)
-        return max(0.0, new - overlap)
+    def _dirty_behind(self, dt: float, bw: float) -> None:
+        """Add the unique bytes the guest dirties in ``dt`` that the next round must resend.
+
+        The copy walks RAM upwards; the working set ``W`` sits above the static data, so the
+        working-set pages of the round (``round_ws``: all of ``W`` in round 1, the pages
+        dirtied in the previous round later) are the last ones it sends, and the unsent part
+        of them is ``min(round_ws, remaining)``. A write lands anywhere in ``W``:
+
+        * on a page the round has not sent yet: free, the page goes once with its new content;
+        * on a working-set page outside the round: resent next round;
+        * on a page the round already sent (behind the cursor): resent, but a writer walking
+          its working set in the copy's direction mostly stays on one side of the cursor, so
+          only ``behind_write_factor`` of the uniform share lands there (fitted to the lab);
+          a writer faster than the cursor laps it: at least ``rate - bw`` lands behind;
+        * while round 1 scans its zero pages the cursor is past all of ``W``.
+
+        The resend is at most the part of ``W`` not waiting to be sent this round.
+        """
+        rate = self.dirty_rate()
+        if rate <= 0.0 or dt <= 0.0:
+            return
+        ws = self.working_set
+        in_round = min(ws, self.round_ws)
+        r0 = self.remaining
+        outside = (ws - in_round) / ws
+        if bw <= 0.0:  # the zero tail (nothing left to send), or a link with no share
+            behind = rate * dt * (1.0 if r0 < _EPS_BYTES else outside)
+        else:
+            free_s = min(dt, max(0.0, (r0 - in_round) / bw))  # the cursor before the ws pages
+            span = dt - free_s
+            u1 = min(in_round, r0)
+            u2 = max(0.0, u1 - bw * span)
+            sent_share = span * (in_round - (u1 + u2) / 2.0) / ws
+            uniform = rate * (dt * outside + sent_share * self.params.behind_write_factor)
+            lapping = max(0.0, rate - bw) * span
+            behind = max(lapping, uniform)
+        cap = ws - min(in_round, max(0.0, r0 - bw * dt))
+        self.new_dirty = min(cap, self.new_dirty + behind)
 
     def _sync(self, bw: float) -> None:
-        new = self._new_dirty()
+        new = self.new_dirty
         pending = self.remaining + new
-        self.dirty_raw = 0.0
+        self.new_dirty = 0.0
         self.period_dirty += new
         if self.settings.auto_converge and self.now_s - self.period_start_s >= (
             self.params.throttle_period_s
@@ -386,6 +450,7 @@ class Migration:
             self.min_pending = pending
             self.last_progress_s = self.now_s
         self.remaining = pending
+        self.round_ws = min(self.working_set, pending)
         if pending <= 0.0 or pending < self.threshold(bw):
             self._switchover()
         elif self.settings.postcopy_after_first_round and self.settings.postcopy_permitted:
@@ -424,8 +489,8 @@ class Migration:
     def start_postcopy(self) -> bool:
         if not self.settings.postcopy_permitted or self.phase is not Phase.PRECOPY:
             return False
-        self.remaining += self._new_dirty()
-        self.dirty_raw = 0.0
+        self.remaining += self.new_dirty
+        self.new_dirty = 0.0
         self.postcopy = True
         self.paused_at_s = self.now_s
         self.phase = Phase.POSTCOPY_SWITCH

@@ -83,6 +83,12 @@ class DrainPlan:
     predicted_makespan_s: float
     lower_bound_s: float
     concurrency: int
+    deadline_s: float | None = None  # the policy's
+    warnings: tuple[str, ...] = ()  # e.g. the predicted makespan exceeds the deadline
+
+    @property
+    def meets_deadline(self) -> bool:
+        return self.deadline_s is None or self.predicted_makespan_s <= self.deadline_s
 
 
 def need_bandwidth(vm: VmSpec, settings: Settings, full_bw: float, params: ModelParams) -> float:
@@ -181,8 +187,9 @@ def _place(
     if not targets:
         return None
     best: TargetHost | None = None
-    best_free = -1
+    best_key: tuple[int, int] | None = None  # (soft group conflicts, -free memory)
     why: list[str] = []
+    together = _affinity_targets(vm, targets, used)
     for t in targets:
         placed = used[t.name]
         free_mem = t.free_memory_bytes - sum(p.memory_bytes for p in placed)
@@ -197,8 +204,12 @@ def _place(
             why.append(f"{t.name}: CPU model not supported")
         elif not _groups_ok(vm, t, placed):
             why.append(f"{t.name}: anti-affinity")
-        elif free_mem > best_free:
-            best, best_free = t, free_mem
+        elif together is not None and t.name not in together:
+            why.append(f"{t.name}: affinity")
+        else:
+            key = (_soft_conflicts(vm, t, placed), -free_mem)
+            if best_key is None or key < best_key:
+                best, best_key = t, key
     if best is None:
         return Unmovable(
             vm.uuid,
@@ -208,13 +219,43 @@ def _place(
     return best.name
 
 
+def _members(g_id: str, t: TargetHost, placed: Sequence[VmSpec]) -> int:
+    """Members of group ``g_id`` on ``t``: already there (at least one) or placed by the plan."""
+    there = 1 if g_id in t.server_groups else 0
+    return there + sum(1 for p in placed if any(g.id == g_id for g in p.server_groups))
+
+
 def _groups_ok(vm: VmSpec, t: TargetHost, placed: Sequence[VmSpec]) -> bool:
+    """Hard anti-affinity: no other member of the group on the target."""
+    return all(
+        _members(g.id, t, placed) == 0 for g in vm.server_groups if g.policy == "anti-affinity"
+    )
+
+
+def _affinity_targets(
+    vm: VmSpec, targets: Sequence[TargetHost], used: dict[str, list[VmSpec]]
+) -> set[str] | None:
+    """Hard affinity: the targets where the group's members are or go (None: any target)."""
+    allowed: set[str] | None = None
     for g in vm.server_groups:
-        if g.policy != "anti-affinity":
+        if g.policy != "affinity":
             continue
-        if g.id in t.server_groups or any(g in p.server_groups for p in placed):
-            return False
-    return True
+        hosts = {t.name for t in targets if _members(g.id, t, used[t.name]) > 0}
+        if hosts:
+            allowed = hosts if allowed is None else allowed & hosts
+    return allowed
+
+
+def _soft_conflicts(vm: VmSpec, t: TargetHost, placed: Sequence[VmSpec]) -> int:
+    """Soft policies, as a cost to minimise: members of a soft-anti-affinity group already on
+    the target, and for a soft-affinity group a target without its members."""
+    cost = 0
+    for g in vm.server_groups:
+        if g.policy == "soft-anti-affinity":
+            cost += _members(g.id, t, placed)
+        elif g.policy == "soft-affinity":
+            cost += 0 if _members(g.id, t, placed) > 0 else 1
+    return cost
 
 
 def plan_drain(
@@ -267,11 +308,13 @@ def plan_drain(
                 "plan", order, k, policy.max_parallel_per_target, link_bw, cap_ms, params
             )
             res = simulate([i.vm for i in order], strat, link, params, seed=0, policy=policy)
-            key = res.makespan_s + 1e6 * (res.failed + res.over_downtime)
+            late = policy.deadline_s is not None and res.makespan_s > policy.deadline_s
+            # failures first, then a plan that meets the deadline, then the soonest
+            key = res.makespan_s + 1e6 * (res.failed + res.over_downtime) + (1e5 if late else 0)
             if best is None or key < best[0]:
                 best = (key, k, res, order)
     if best is None:
-        return DrainPlan((), tuple(unmovable), 0.0, lower, 0)
+        return DrainPlan((), tuple(unmovable), 0.0, lower, 0, policy.deadline_s)
     _, k, res, order = best
     starts = {r.uuid: r for r in res.vms}
     by_start = sorted(order, key=lambda i: starts[i.vm.uuid].start_s)
@@ -290,7 +333,17 @@ def plan_drain(
         )
         for pos, i in enumerate(by_start)
     )
-    return DrainPlan(planned, tuple(unmovable), res.makespan_s, lower, k)
+    warnings: list[str] = []
+    if policy.deadline_s is not None and res.makespan_s > policy.deadline_s:
+        warnings.append(
+            f"predicted makespan {res.makespan_s:.0f} s exceeds the deadline "
+            f"{policy.deadline_s:.0f} s (lower bound {lower:.0f} s)"
+        )
+    if res.event_cap_hit:
+        warnings.append("the plan's simulation did not end: its prediction is unreliable")
+    return DrainPlan(
+        planned, tuple(unmovable), res.makespan_s, lower, k, policy.deadline_s, tuple(warnings)
+    )
 
 
 def _fastest_settings(

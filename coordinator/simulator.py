@@ -10,15 +10,22 @@ Public API
     steps, timeouts, watchdogs) and starts. ``vms`` are the *true* VMs.
 ``Strategy`` (Protocol) decides what to start and how to steer running migrations:
     ``next_jobs(now_s, running)``, ``next_control_s(mig)``, ``control(mig, now_s)``,
-    ``remaining()``.
+    ``remaining()``; optionally ``next_start_s()``, when it will next have a job to start
+    while it has none now (a delayed start; the simulator waits for it).
 ``Job`` a migration to start: VM, ``Settings``, target host name or None.
 ``VmResult`` / ``SimResult``: per-VM outcome, start/end, downtime, rounds, bytes,
-    post-copy use, downtime cap exceeded; makespan and the bytes the link carried
-    (``link_bytes``, equal to the sum of the VMs' bytes: bytes are conserved).
+    post-copy use, downtime cap exceeded;
+    makespan and the bytes the link carried
+    (``link_bytes``, equal to the sum of the VMs' bytes: bytes are conserved);
+    ``event_cap_hit``: the run took ``max_events`` steps without ending, so what still ran
+    was aborted and the drain counts as failed (``failed`` > 0).
+``MAX_EVENTS``, ``MIN_STEP_S``: the step cap (``simulate(..., max_events=)``) and the
+    shortest non-zero step, so a run always ends.
 """
 
 from __future__ import annotations
 
+import logging
 import math
 import random
 from collections.abc import Sequence
@@ -36,7 +43,10 @@ from hostmaint.coordinator.model import (
     VmSpec,
 )
 
-MAX_EVENTS = 2_000_000
+LOG = logging.getLogger(__name__)
+
+MAX_EVENTS = 2_000_000  # a drain that needs more steps than this is stuck: it fails
+MIN_STEP_S = 1e-6  # a step that is not zero is at least this long (no creeping towards a limit)
 
 
 @dataclass(frozen=True)
@@ -80,6 +90,7 @@ class SimResult:
     makespan_s: float
     link_bytes: float
     never_started: tuple[str, ...]
+    event_cap_hit: bool = False
 
     @property
     def failed(self) -> int:
@@ -116,6 +127,7 @@ def simulate(
     params: ModelParams = DEFAULT_PARAMS,
     seed: int = 0,
     policy: DrainPolicy | None = None,
+    max_events: int = MAX_EVENTS,
 ) -> SimResult:
     rng = random.Random(seed)
     caps_ms = {
@@ -128,13 +140,19 @@ def simulate(
     targets: dict[int, str | None] = {}
     done: list[VmResult] = []
     link_bytes = 0.0
-    for _ in range(MAX_EVENTS):
+    capped = True
+    for _ in range(max(1, max_events)):
         for job in strategy.next_jobs(now, running):
             setup = params.setup_s * rng.uniform(0.8, 1.2)
             mig = Migration(job.vm, job.settings, params, start_s=now, setup_s=setup)
             targets[id(mig)] = job.target
             running.append(mig)
+        next_start = _next_start_s(strategy)
         if not running:
+            if next_start > now and math.isfinite(next_start):
+                now = next_start
+                continue
+            capped = False
             break
         active = [m for m in running if m.wants_bandwidth()]
         caps = [min(stream_cap, m.bandwidth_cap or math.inf) for m in active]
@@ -142,11 +160,15 @@ def simulate(
         dt = math.inf
         for m in running:
             dt = min(dt, m.time_to_event(bw.get(id(m), 0.0)), strategy.next_control_s(m) - now)
+        if next_start > now:
+            dt = min(dt, next_start - now)
         if math.isinf(dt):
             for m in running:  # nothing can move any more: give up on what is left
                 m.abort()
             dt = 0.0
         dt = max(dt, 0.0)
+        if 0.0 < dt < MIN_STEP_S:
+            dt = MIN_STEP_S
         for m in running:
             before = m.bytes_sent
             m.advance(dt, bw.get(id(m), 0.0))
@@ -161,10 +183,27 @@ def simulate(
         for m in [m for m in running if m.finished]:
             running.remove(m)
             done.append(_result(m, targets.pop(id(m)), caps_ms[m.vm.uuid]))
+    if capped:
+        LOG.warning(
+            "drain simulation hit its step cap strategy=%s steps=%d", strategy.name, max_events
+        )
+        for m in running:  # stuck: what still runs is given up, and the drain has failed
+            m.abort()
+            m.outcome = Outcome.ABORTED
+            m.end_s = m.now_s
+            done.append(_result(m, targets.pop(id(m)), caps_ms[m.vm.uuid]))
     makespan = max((r.end_s for r in done), default=0.0)
     started = {r.uuid for r in done}
     never = tuple(v.uuid for v in vms if v.uuid not in started)
-    return SimResult(strategy.name, tuple(done), makespan, link_bytes, never)
+    return SimResult(strategy.name, tuple(done), makespan, link_bytes, never, capped)
+
+
+def _next_start_s(strategy: Strategy) -> float:
+    hook = getattr(strategy, "next_start_s", None)
+    if hook is None or strategy.remaining() == 0:
+        return math.inf
+    value = hook()
+    return float(value) if isinstance(value, (int, float)) else math.inf
 
 
 def _cap(policy: DrainPolicy | None) -> float:

@@ -8,6 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from hostmaint.coordinator.model import (
+    DEFAULT_PARAMS,
     GIB,
     MIB,
     DrainPolicy,
@@ -92,17 +93,22 @@ def test_capacity_and_anti_affinity_leave_vms_unmovable() -> None:
 
 
 def test_dirty_vms_run_one_after_the_other() -> None:
-    """Two lab guests: serial converges, sharing the link would not."""
+    """Two lab guests: serial converges, sharing the link would not. The second starts
+    once the first's pre-copy is over (its switch-over and clean-up need no bandwidth)."""
     lab = dict(
-        memory_bytes=256 * MIB,
-        working_set_bytes=192 * MIB,
+        memory_bytes=512 * MIB,
+        nonzero_bytes=160 * MIB,
+        working_set_bytes=160 * MIB,
         dirty_rate_bytes_per_s=40 * MIB,
         writer=WriterKind.PACED,
     )
     vms = [vm(0, **lab), vm(1, **lab)]
     plan = plan_drain(vms, [], Link(400e6 / 8), DrainPolicy(max_downtime_ms=500.0))
     a, b = plan.migrations
-    assert b.start_s >= a.start_s + a.predicted_total_s - 1e-6
+    precopy_end_s = (
+        a.start_s + a.predicted_total_s - DEFAULT_PARAMS.finish_s - a.predicted_downtime_ms / 1000.0
+    )
+    assert b.start_s >= precopy_end_s - 1e-6
     assert plan.predicted_makespan_s >= plan.lower_bound_s
 
 
@@ -121,3 +127,46 @@ def test_plan_invariants_on_random_hosts(seed: int, n: int, mix: str) -> None:
     plan = plan_drain(sc.reported, targets, sc.link, pol)
     check_plan(plan, list(sc.reported), targets, pol)
     assert plan.predicted_makespan_s >= plan.lower_bound_s - 1e-6
+
+
+def test_soft_anti_affinity_prefers_separate_targets_but_does_not_require_them() -> None:
+    soft = ServerGroup("g-soft", "soft-anti-affinity")
+    vms = [vm(i, nonzero_bytes=GIB, server_groups=(soft,)) for i in range(3)]
+    roomy = [TargetHost("t1", 64 * GIB, 64), TargetHost("t2", 16 * GIB, 64)]
+    plan = plan_drain(vms, roomy, LINK, DrainPolicy())
+    used = [m.target for m in plan.migrations]
+    assert len(plan.migrations) == 3 and {"t1", "t2"} <= set(used)  # spread while it can
+    check_plan(plan, vms, roomy, DrainPolicy())
+    # one target: the soft group still moves (hard anti-affinity would leave two behind)
+    one = [TargetHost("t1", 64 * GIB, 64)]
+    assert len(plan_drain(vms, one, LINK, DrainPolicy()).migrations) == 3
+    hard = [dataclasses.replace(v, server_groups=(ServerGroup("g", "anti-affinity"),)) for v in vms]
+    plan = plan_drain(hard, one, LINK, DrainPolicy())
+    assert len(plan.migrations) == 1 and len(plan.unmovable) == 2
+
+
+def test_affinity_members_land_together() -> None:
+    aff = ServerGroup("g-aff", "affinity")
+    vms = [vm(i, nonzero_bytes=GIB, server_groups=(aff,)) for i in range(3)]
+    targets = [TargetHost("t1", 64 * GIB, 64), TargetHost("t2", 64 * GIB, 64)]
+    plan = plan_drain(vms, targets, LINK, DrainPolicy())
+    assert len({m.target for m in plan.migrations}) == 1
+    # a member already runs on t2: the others must join it
+    there = [
+        TargetHost("t1", 64 * GIB, 64),
+        TargetHost("t2", 32 * GIB, 64, server_groups=frozenset({"g-aff"})),
+    ]
+    plan = plan_drain(vms, there, LINK, DrainPolicy())
+    assert {m.target for m in plan.migrations} == {"t2"}
+
+
+def test_a_deadline_shorter_than_the_drain_is_reported() -> None:
+    vms = [vm(i, nonzero_bytes=2 * GIB) for i in range(4)]
+    loose = plan_drain(vms, [], LINK, DrainPolicy(deadline_s=3600.0))
+    assert loose.meets_deadline and loose.warnings == ()
+    tight = plan_drain(vms, [], LINK, DrainPolicy(deadline_s=1.0))
+    assert not tight.meets_deadline and tight.deadline_s == 1.0
+    assert any("deadline" in w for w in tight.warnings)
+    assert tight.predicted_makespan_s > 1.0
+    # no deadline: nothing to meet
+    assert plan_drain(vms, [], LINK, DrainPolicy()).meets_deadline

@@ -8,9 +8,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from hostmaint.coordinator import baselines
-from hostmaint.coordinator.model import MIB, Link, Outcome, VmSpec, WriterKind
+from hostmaint.coordinator.model import MIB, Link, Migration, Outcome, Settings, VmSpec, WriterKind
 from hostmaint.coordinator.scenarios import make_scenario
-from hostmaint.coordinator.simulator import share_bandwidth, simulate
+from hostmaint.coordinator.simulator import Job, share_bandwidth, simulate
 
 LAB_LINK = Link(400e6 / 8)
 
@@ -83,3 +83,58 @@ def test_simulator_conserves_bytes(seed: int, n: int, par: int) -> None:
     for v, spec in ((v, {s.uuid: s for s in sc.truth}[v.uuid]) for v in res.vms):
         if v.outcome is Outcome.COMPLETED:
             assert v.bytes_sent >= spec.sent_bytes
+
+
+class _Stubborn:
+    """A strategy whose watchdog fires at the same instant for ever and never acts."""
+
+    name = "stubborn"
+
+    def __init__(self, vms: list[VmSpec]) -> None:
+        self.queue = list(vms)
+
+    def remaining(self) -> int:
+        return len(self.queue)
+
+    def next_jobs(self, now_s: float, running: object) -> list[Job]:
+        jobs = [Job(v, Settings(300.0)) for v in self.queue]
+        self.queue = []
+        return jobs
+
+    def next_control_s(self, mig: Migration) -> float:
+        return 1.0
+
+    def control(self, mig: Migration, now_s: float) -> None:
+        return None
+
+
+def test_a_stuck_strategy_hits_the_step_cap_and_fails_the_drain() -> None:
+    vms = [lab_vm(0)]
+    res = simulate(vms, _Stubborn(vms), LAB_LINK, max_events=500)
+    assert res.event_cap_hit
+    assert res.failed == 1
+    assert all(v.outcome is Outcome.ABORTED for v in res.vms)
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    seed=st.integers(0, 10_000),
+    n=st.integers(1, 12),
+    gbit=st.sampled_from([1.0, 10.0, 25.0]),
+    mix=st.sampled_from(["idle", "mixed", "heavy"]),
+    parallel=st.integers(1, 6),
+)
+def test_random_drains_terminate(seed: int, n: int, gbit: float, mix: str, parallel: int) -> None:
+    sc = make_scenario("t", seed, n, gbit, mix)
+    truth = list(sc.truth)
+    strategies = [
+        baselines.kubevirt_default(truth),
+        baselines.KubeVirtStrategy(truth, max_parallel=parallel),
+        baselines.nova_hardened(truth),
+    ]
+    for strat in strategies:
+        res = simulate(truth, strat, sc.link, seed=seed, max_events=20_000)
+        # it ends: every VM has a result, and a stuck run says so and counts as failed
+        assert len(res.vms) + len(res.never_started) == len(truth)
+        assert not res.event_cap_hit or res.failed > 0
+        assert all(v.outcome is not Outcome.RUNNING for v in res.vms)
