@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 from hostmaint.coordinator.model import (
     DEFAULT_PARAMS,
     MIB,
+    SEQUENTIAL_WRITER_BEHIND_FACTOR,
     DrainPolicy,
     Link,
     Outcome,
@@ -125,13 +126,18 @@ def test_lab_guest_alone_converges_sharing_does_not() -> None:
         dirty_rate_bytes_per_s=40 * MIB,
         writer=WriterKind.PACED,
     )
+    lab = dataclasses.replace(DEFAULT_PARAMS, behind_write_factor=SEQUENTIAL_WRITER_BEHIND_FACTOR)
     bw = 400e6 / 8 * DEFAULT_PARAMS.link_efficiency
-    alone = run_alone(v, bw, Settings(300.0))
-    half = run_alone(v, bw / 2, Settings(300.0))
+    alone = run_alone(v, bw, Settings(300.0), lab)
+    half = run_alone(v, bw / 2, Settings(300.0), lab)
     assert alone.outcome is Outcome.COMPLETED
     assert alone.end_s is not None and 4.0 < alone.end_s < 7.0
     assert 0.3 < alone.downtime_s < 0.45
     assert half.outcome is Outcome.NOT_CONVERGED
+    # The planner's default writer is uniform: it expects more re-sent rounds, never fewer.
+    planned = run_alone(v, bw, Settings(300.0))
+    assert planned.outcome is Outcome.COMPLETED
+    assert planned.end_s is not None and planned.end_s >= alone.end_s
 
 
 def test_auto_converge_steps_and_writer_kinds() -> None:
