@@ -7,6 +7,7 @@ from setuptools import setup
 PACKAGES = {
     "hostmaint.agent": "agent",
     "hostmaint.coordinator": "coordinator",
+    "hostmaint.coordinator.drivers": "coordinator/drivers",
     "hostmaint.protos": "protos",
     "hostmaint.lab": "lab",
     "hostmaint.common": "common",
@@ -22,7 +23,12 @@ setup(
     package_data={
         "hostmaint.protos": ["*.proto", "*.pyi", "py.typed"],
         "hostmaint.agent": ["py.typed"],
-        "hostmaint.coordinator": ["py.typed"],
+        "hostmaint.coordinator": [
+            "py.typed",
+            "migrations/*.py",
+            "migrations/script.py.mako",
+            "migrations/versions/*.py",
+        ],
         "hostmaint.common": ["py.typed"],
         "hostmaint.lab": ["py.typed", "guest_src/*"],
     },
@@ -37,6 +43,7 @@ setup(
         "openstacksdk>=3.0",
         "SQLAlchemy>=2.0,<2.1",
         "cryptography>=42",
+        "alembic>=1.13,<2",
     ],
     extras_require={
         "test": [
@@ -47,11 +54,16 @@ setup(
             "grpcio-tools>=1.76,<2",
             "mypy-protobuf>=3.6",
         ],
+        # The journal on PostgreSQL (postgresql+psycopg://).
+        "postgres": ["psycopg[binary]>=3.1,<4"],
+        # Several coordinators: leader election and host locks ([coordination]).
+        "ha": ["tooz>=6.0", "etcd3gw>=2.0"],
     },
     entry_points={
         "console_scripts": [
             "hostmaint-agent=hostmaint.agent.cmd:main",
             "hostmaint-coordinator=hostmaint.coordinator.cmd:main",
+            "hostmaint-coordinator-db=hostmaint.coordinator.migrations.cli:main",
             "hostmaint=hostmaint.coordinator.cli:main",
             "hostmaint-lab=hostmaint.lab.cli:main",
         ],

@@ -171,14 +171,67 @@ drain_opts = [
     ),
 ]
 
+# -- journal schema and high availability ([database] additions, [coordination]) ----
+
+database_schema_opts = [
+    cfg.BoolOpt(
+        "auto_upgrade",
+        default=True,
+        help="Upgrade the journal's schema to the newest revision when the coordinator "
+        "starts (creating it in an empty database). With false, schema changes are "
+        "applied by an operator with `hostmaint-coordinator-db upgrade`, and the "
+        "coordinator refuses to start on an older schema.",
+    ),
+]
+
+coordination_opts = [
+    cfg.StrOpt(
+        "backend_url",
+        default="",
+        secret=True,
+        help="The coordination service (a tooz URL) through which several coordinators "
+        "elect one leader and lock the hosts they drain, e.g. etcd3+http://etcd1:2379. "
+        "Empty: one coordinator process, no coordination service.",
+    ),
+    cfg.StrOpt(
+        "group",
+        default="hostmaint-coordinator",
+        help="The coordinators' group in the coordination service; coordinators sharing "
+        "one journal share one group.",
+    ),
+    cfg.StrOpt(
+        "member_id",
+        default="",
+        help="This coordinator's name in the group. Default: the host name and process id.",
+    ),
+    cfg.IntOpt(
+        "lease_ttl_s",
+        default=10,
+        min=3,
+        max=300,
+        help="Seconds the leadership and the host locks of a coordinator that stopped "
+        "heartbeating outlive it: the longest a standby waits before taking over.",
+    ),
+    cfg.FloatOpt(
+        "heartbeat_interval_s",
+        default=2.0,
+        min=0.1,
+        help="Seconds between two heartbeats that keep the leases alive; also how often a "
+        "standby tries to take the leadership. Must stay well below lease_ttl_s.",
+    ),
+]
+
+# -- end of journal schema and high availability --------------------------------------
+
 GROUPS = {
     "grpc": grpc_opts,
-    "database": database_opts,
+    "database": database_opts + database_schema_opts,
     "agents": agents_opts,
     "driver": driver_opts,
     "libvirt_driver": libvirt_driver_opts,
     "nova": nova_opts,
     "drain": drain_opts,
+    "coordination": coordination_opts,
 }
 
 

@@ -6,7 +6,10 @@ intent on restart and checks the world before doing anything again. One row
 per host in `host_locks` makes a second drain of the same host fail in the
 database itself, whatever coordinator tries.
 
-SQLAlchemy Core over any URL: SQLite by default, PostgreSQL in production.
+SQLAlchemy Core over any URL: SQLite by default, PostgreSQL in production
+(postgresql+psycopg://...). The schema is the tables below; the Alembic
+revisions in `hostmaint.coordinator.migrations` create and change it, and a
+test keeps the two equal.
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import IntegrityError
 
-from hostmaint.coordinator import errors
+from hostmaint.coordinator import errors, migrations
 
 metadata = sa.MetaData()
 
@@ -187,11 +190,21 @@ def make_engine(url: str) -> Engine:
 
 
 class Journal:
-    def __init__(self, engine: Engine, clock: Callable[[], float]) -> None:
+    """The journal on `engine`.
+
+    With `upgrade` (the default) the database's schema is brought to the newest
+    revision first, creating it in an empty database; without, the schema must
+    be at that revision already (migrations.SchemaOutOfDate otherwise).
+    """
+
+    def __init__(self, engine: Engine, clock: Callable[[], float], upgrade: bool = True) -> None:
         self._engine = engine
         self._clock = clock
         self._lock = threading.Lock()  # SQLite allows one writer; keep ours in line
-        metadata.create_all(engine)
+        if upgrade:
+            migrations.upgrade(engine)
+        else:
+            migrations.check(engine)
 
     @contextmanager
     def _tx(self) -> Iterator[Connection]:

@@ -9,11 +9,17 @@ export PATH="$PWD/.venv/bin:$PATH"
 echo "== lint"; ruff check . && ruff format --check .
 echo "== mypy"; bash scripts/typecheck.sh
 echo "== protos"; python tools/genprotos.py --check
-# Where the machine can run the lab (root, a usable /dev/kvm) and the real Nova,
-# a skipped lab or Nova test fails the run (tests/conftest.py).
+# Where the machine can run the lab (root, a usable /dev/kvm), the real Nova,
+# PostgreSQL or etcd, a skipped test of that kind fails the run (tests/conftest.py).
 required=nova
 if [ "$(id -u)" -eq 0 ] && [ -r /dev/kvm ] && [ -w /dev/kvm ]; then
   required="lab,$required"
+fi
+if compgen -G "/usr/lib/postgresql/*/bin/postgres" >/dev/null; then
+  required="$required,postgres"
+fi
+if [ -x /usr/bin/etcd ]; then
+  required="$required,etcd"
 fi
 export HOSTMAINT_REQUIRE=${HOSTMAINT_REQUIRE-$required}
 echo "== tests (required: $HOSTMAINT_REQUIRE)"

@@ -2,7 +2,11 @@
 
 `scripts/test.sh` sets HOSTMAINT_REQUIRE=lab,nova when the machine has what
 they need (root and a usable /dev/kvm; Nova's own virtualenv can be built),
-and the run fails if any test of those kinds was skipped anyway.
+and the run fails if any test of those kinds was skipped anyway. The same
+holds for `postgres` (the journal on a throwaway PostgreSQL cluster; Debian's
+server binaries under /usr/lib/postgresql/*/bin) and `etcd` (coordination
+through tooz on a throwaway etcd; Debian's /usr/bin/etcd), which test.sh
+requires where those binaries are installed.
 """
 
 from __future__ import annotations
@@ -16,6 +20,11 @@ _skipped: dict[str, list[str]] = {}
 
 def _required() -> set[str]:
     return {k.strip() for k in os.environ.get("HOSTMAINT_REQUIRE", "").split(",") if k.strip()}
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "postgres: needs PostgreSQL's server binaries")
+    config.addinivalue_line("markers", "etcd: needs etcd's server binary")
 
 
 def pytest_runtest_logreport(report: pytest.TestReport) -> None:

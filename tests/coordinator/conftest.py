@@ -15,6 +15,7 @@ from hostmaint.coordinator.cmd import load_config as coordinator_config
 from hostmaint.protos import coordinator_pb2_grpc
 from tests.agent.conftest import DOMAINS
 from tests.agent.nodexml import write_node
+from tests.coordinator.pgcluster import BIN_GLOB, SERVER_USER, PostgresCluster, find_bindir
 
 
 def start_agent(node: Path) -> Agent:
@@ -65,3 +66,29 @@ def cluster(tmp_path: Path) -> Iterator[Cluster]:
         coordinator.stop()
         for a in agents.values():
             a.stop()
+
+
+@pytest.fixture(scope="session")
+def postgres_cluster() -> Iterator[PostgresCluster]:
+    """One throwaway PostgreSQL cluster for the session (unix socket only, no TCP)."""
+    bindir = find_bindir()
+    if bindir is None:
+        pytest.skip(f"no PostgreSQL server under {BIN_GLOB} (Debian package postgresql)")
+    try:
+        cluster = PostgresCluster(bindir)
+    except KeyError:
+        pytest.skip(f"running as root and there is no {SERVER_USER!r} user to run PostgreSQL")
+    try:
+        cluster.start()
+        yield cluster
+    finally:
+        cluster.stop()
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
+def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """An empty journal database: a SQLite file, then a new PostgreSQL database."""
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'journal.db'}"
+    cluster: PostgresCluster = request.getfixturevalue("postgres_cluster")
+    return cluster.create_database()

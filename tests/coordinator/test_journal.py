@@ -1,10 +1,10 @@
-"""The drain journal on a real SQLite database."""
+"""The drain journal on real databases: a SQLite file and a PostgreSQL cluster."""
 
 from __future__ import annotations
 
 import itertools
 import threading
-from pathlib import Path
+from collections.abc import Iterator
 
 import pytest
 
@@ -13,9 +13,11 @@ from hostmaint.coordinator.journal import Journal, VmRow, make_engine
 
 
 @pytest.fixture
-def journal(tmp_path: Path) -> Journal:
+def journal(db_url: str) -> Iterator[Journal]:
     ticks = itertools.count(1000)
-    return Journal(make_engine(f"sqlite:///{tmp_path / 'j.db'}"), clock=lambda: float(next(ticks)))
+    engine = make_engine(db_url)
+    yield Journal(engine, clock=lambda: float(next(ticks)))
+    engine.dispose()
 
 
 def test_one_drain_per_host(journal: Journal) -> None:
@@ -30,9 +32,9 @@ def test_one_drain_per_host(journal: Journal) -> None:
     assert journal.drain(first.id).state == "completed"
 
 
-def test_racing_creators_get_one_drain(tmp_path: Path) -> None:
-    url = f"sqlite:///{tmp_path / 'race.db'}"
-    journals = [Journal(make_engine(url), clock=lambda: 1.0) for _ in range(4)]
+def test_racing_creators_get_one_drain(db_url: str) -> None:
+    engines = [make_engine(db_url) for _ in range(4)]
+    journals = [Journal(e, clock=lambda: 1.0) for e in engines]
     won: list[str] = []
     lost: list[str] = []
     barrier = threading.Barrier(len(journals))
@@ -49,6 +51,8 @@ def test_racing_creators_get_one_drain(tmp_path: Path) -> None:
         t.start()
     for t in threads:
         t.join()
+    for e in engines:
+        e.dispose()
     assert len(won) == 1
     assert lost == won * 3
 
