@@ -326,9 +326,7 @@ def _score(rep: ErrorReport) -> float:
     return sum(parts) + rep.convergence_mismatch
 
 
-def fit(
-    rows: Sequence[LabRow], params: ModelParams = LAB_PARAMS, passes: int = 2
-) -> ModelParams:
+def fit(rows: Sequence[LabRow], params: ModelParams = LAB_PARAMS, passes: int = 2) -> ModelParams:
     """Coordinate search: scale each overhead by a few factors, keep what lowers the error."""
     best = params
     best_score = _score(errors(rows, best))
