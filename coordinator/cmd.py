@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import os
+import signal
 import sys
 import threading
 import time
@@ -12,7 +14,7 @@ from pathlib import Path
 from oslo_config import cfg
 
 from hostmaint.common import daemon
-from hostmaint.coordinator import config
+from hostmaint.coordinator import config, ha
 from hostmaint.coordinator.agents import AgentRegistry
 from hostmaint.coordinator.drivers import nova
 from hostmaint.coordinator.drivers.base import MigrationDriver
@@ -60,7 +62,19 @@ class Coordinator:
         url = conf.database.url
         if url.startswith("sqlite:///") and not url.startswith("sqlite:///:memory:"):
             Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
-        self.journal = Journal(make_engine(url), clock=time.time)
+        self.journal = Journal(
+            make_engine(url), clock=time.time, upgrade=conf.database.auto_upgrade
+        )
+        c = conf.coordination
+        self.coordination = ha.from_config(
+            c.backend_url,
+            c.group,
+            c.member_id,
+            c.lease_ttl_s,
+            c.heartbeat_interval_s,
+            on_elected=self._elected,
+            on_lost=self._lost,
+        )
         tls = daemon.TlsFiles(conf.agents.cert_file, conf.agents.key_file, conf.agents.ca_file)
         tls.check("[agents]")
         self.driver: MigrationDriver
@@ -118,6 +132,7 @@ class Coordinator:
             ),
             clock=time.time,
             stopped=self.stopped,
+            coordination=self.coordination,
         )
         servicer = CoordinatorServicer(self.executor, self.registry)
         self.server = daemon.build_server(
@@ -134,16 +149,32 @@ class Coordinator:
 
     def start(self) -> None:
         self.server.server.start()
+        # Elected at once when alone; otherwise a standby until the leader's lease lapses.
+        self.coordination.start()
+        if not self.coordination.is_leader():
+            LOG.info("standby member=%s: drains start on the leader", self.coordination.member_id)
+            daemon.sd_notify(f"READY=1\nSTATUS=standby on port {self.port}")
+
+    def _elected(self) -> None:
+        """Leader now: take over the drains the previous leader left, then serve."""
+        LOG.info("leader member=%s", self.coordination.member_id)
         resumed = self.executor.resume_all()
         if resumed:
             LOG.info("resumed drains=%s", ",".join(resumed))
         self.server.set_serving(True)
         daemon.sd_notify(f"READY=1\nSTATUS=serving on port {self.port}")
 
+    def _lost(self, what: str) -> None:
+        """A lease lapsed: another coordinator may act now, so this one must stop at once."""
+        LOG.critical("lost %s: stopping so another coordinator can take over", what)
+        self.stopped.set()  # drain threads end without finishing their drains in the journal
+        os.kill(os.getpid(), signal.SIGTERM)
+
     def stop(self) -> None:
         daemon.sd_notify("STOPPING=1")
         self.stopped.set()
         self.server.stop(self.conf.grpc.grace_s)
+        self.coordination.stop()
         self.registry.close()
 
 

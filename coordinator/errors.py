@@ -67,3 +67,11 @@ class CloudUnavailable(CoordinatorError):
     def __init__(self, detail: str) -> None:
         super().__init__(f"the cloud API is unavailable: {detail}")
         self.detail = detail
+
+
+class NotLeader(CoordinatorError):
+    """Another coordinator leads: this one answers reads only (callers retry elsewhere)."""
+
+    def __init__(self, member_id: str) -> None:
+        super().__init__(f"coordinator {member_id} is a standby, not the leader")
+        self.member_id = member_id

@@ -34,6 +34,7 @@ from hostmaint.coordinator.drivers.base import (
     Unavailable,
 )
 from hostmaint.coordinator.gather import Inputs, gather
+from hostmaint.coordinator.ha import Coordination, SingleProcess
 from hostmaint.coordinator.journal import DrainRow, Journal, VmRow
 from hostmaint.coordinator.model import (
     DEFAULT_PARAMS,
@@ -144,8 +145,11 @@ class Executor:
         clock: Callable[[], float] = time.time,
         stopped: threading.Event | None = None,
         params: ModelParams = DEFAULT_PARAMS,
+        coordination: Coordination | None = None,
     ) -> None:
         self.driver = driver
+        # Who leads and who holds each host's drain: one process alone by default.
+        self.coordination: Coordination = coordination or SingleProcess()
         self.registry = registry
         self.journal = journal
         self.settings = settings
@@ -194,6 +198,8 @@ class Executor:
     def start_drain(self, host: str, policy_pb: cpb.DrainPolicy, reason: str) -> str:
         """Checks, records and starts a drain; the caller follows its events."""
         policy = self.policy(policy_pb)
+        if not self.coordination.is_leader():
+            raise errors.NotLeader(self.coordination.member_id)
         latest = self.journal.latest_drain(host)
         if latest is not None and latest.state in ("planning", "running", "cancelling"):
             raise errors.DrainConflict(host, latest.id)
@@ -202,7 +208,13 @@ class Executor:
             raise errors.PreconditionFailed(
                 f"drain of {host}", f"its agent is not serving ({status.health}: {status.error})"
             )
-        drain = self.journal.create_drain(host, views.policy_to_json(policy_pb), reason)
+        if not self.coordination.lock_host(host):
+            raise errors.DrainConflict(host, "held by another coordinator")
+        try:
+            drain = self.journal.create_drain(host, views.policy_to_json(policy_pb), reason)
+        except BaseException:
+            self.coordination.unlock_host(host)
+            raise
         run = _Run(drain.id, host, policy, policy_pb, EventBus())
         self._launch(run)
         return drain.id
@@ -225,6 +237,9 @@ class Executor:
             with self._lock:
                 if drain.id in self._runs:
                     continue
+            if not self.coordination.lock_host(drain.host):
+                LOG.warning("drain left to its holder drain=%s host=%s", drain.id, drain.host)
+                continue
             policy_pb = views.policy_from_json(drain.policy)
             run = _Run(drain.id, drain.host, self.policy(policy_pb), policy_pb, EventBus())
             LOG.info("resuming drain drain=%s host=%s state=%s", drain.id, drain.host, drain.state)
@@ -354,6 +369,8 @@ class Executor:
                 self._publish(run, cpb.DRAIN_EVENT_KIND_FINISHED, message=str(e), status=True)
         finally:
             run.bus.close()
+            if not self._stopped.is_set():
+                self.coordination.unlock_host(run.host)  # the drain ended here
 
     def _step(
         self, run: _Run, action: str, vm_uuid: str, detail: dict[str, object], fn: Callable[[], str]

@@ -33,6 +33,7 @@ STATUS_CODES: dict[type[errors.CoordinatorError], grpc.StatusCode] = {
     errors.DrainConflict: grpc.StatusCode.ABORTED,
     errors.PreconditionFailed: grpc.StatusCode.FAILED_PRECONDITION,
     errors.AgentUnavailable: grpc.StatusCode.UNAVAILABLE,
+    errors.NotLeader: grpc.StatusCode.UNAVAILABLE,
     errors.AgentRefused: grpc.StatusCode.FAILED_PRECONDITION,
     errors.CloudUnavailable: grpc.StatusCode.UNAVAILABLE,
 }
