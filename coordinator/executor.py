@@ -526,6 +526,8 @@ class Executor:
         for step in self.journal.open_steps(run.drain_id):
             if step.action in ("start_migration", "cold_migrate"):
                 self._reconcile_start(run, step.id, step.vm_uuid)
+            elif step.action == "confirm_migration":
+                self._reconcile_confirm(run, step.id, step.vm_uuid)
             else:
                 self.journal.end_step(step.id, False, "interrupted by a coordinator restart")
         for row in self.journal.vms(run.drain_id):
@@ -574,6 +576,28 @@ class Executor:
                 )
                 return
         self.journal.end_step(step_id, False, "not started before the restart")
+
+    def _reconcile_confirm(self, run: _Run, step_id: int, vm_uuid: str) -> None:
+        """A confirmation with no outcome: the cloud's record says whether it arrived.
+
+        Either way the re-attached follower re-reads the record and confirms
+        only a migration still waiting for it.
+        """
+        row = self.journal.vm(run.drain_id, vm_uuid)
+        try:
+            status = self.driver.get_migration(_ref_from_json(row.migration_ref))
+        except (DriverError, ValueError) as e:
+            LOG.warning("cannot check the confirmation after restart vm=%s error=%s", vm_uuid, e)
+            status = None
+        if status is None or status.state in (
+            MigrationState.AWAITING_CONFIRM,
+            MigrationState.UNKNOWN,
+        ):
+            self.journal.end_step(step_id, False, "not confirmed before the restart")
+        else:
+            self.journal.end_step(
+                step_id, True, f"confirmed before the restart ({status.cloud_status})"
+            )
 
     def _reconcile_unstarted(self, run: _Run, row: VmRow) -> VmRow:
         # A cold migration moves the VM before it is confirmed: look for it first.

@@ -183,34 +183,58 @@ def test_cold_migration_refused_by_nova_fails_with_the_reason_and_changes_nothin
     assert lab.service("host1")["status"] == "disabled"
 
 
-def test_coordinator_killed_during_a_cold_migrate_request_resumes_without_a_second(
-    lab: DrainLab, fault_proxy: FaultProxy
+@pytest.mark.parametrize(
+    ("in_flight", "start_result", "confirm_results"),
+    [
+        # Killed while Nova receives the migrate action: the open intent is
+        # reconciled with Nova's record, then the one migration is confirmed.
+        ("migrate", "started before the restart", ["confirmed"]),
+        # Killed while Nova receives the confirmation: it is not sent again.
+        ("confirm", None, ["confirmed before the restart (confirmed)"]),
+    ],
+)
+def test_coordinator_killed_during_a_cold_migration_resumes_without_repeating_it(
+    lab: DrainLab,
+    fault_proxy: FaultProxy,
+    in_flight: str,
+    start_result: str | None,
+    confirm_results: list[str],
 ) -> None:
     stopped = _server_in(lab, "os-stop", "SHUTOFF")
     endpoint = f"{fault_proxy.url}/v2.1"
-    # The migrate action is held by the proxy, then reaches Nova anyway.
-    held = fault_proxy.add(Fault(method="POST", path=ACTION.format(stopped), delay_s=2.0, times=1))
+    # The server's first (migrate) or second (confirm) action is held by the
+    # proxy, then reaches Nova anyway.
+    skip = 0 if in_flight == "migrate" else 1
+    held = fault_proxy.add(
+        Fault(method="POST", path=ACTION.format(stopped), delay_s=2.0, skip=skip, times=1)
+    )
     lab.start_agents(("host1", "host2", "host3"))
     proc = lab.spawn_coordinator(endpoint)
     stream = lab.drain(non_live_action=COLD)
-    wait_until(lambda: held.matched == 1, T, "the migrate request is in flight")
+    wait_until(lambda: held.matched == 1, T, f"the {in_flight} request is in flight")
     proc.kill()
     proc.wait(T)
     stream.cancel()
-    wait_until(lambda: bool(fault_proxy.seen("POST", ACTION.format(stopped))), T, "forwarded")
-    (post,) = fault_proxy.seen("POST", ACTION.format(stopped))
-    assert post.forwarded and post.status == 202
+    posts = skip + 1
+    wait_until(
+        lambda: len(fault_proxy.seen("POST", ACTION.format(stopped))) == posts, T, "forwarded"
+    )
+    # Nova accepted each (migrate answers 202, confirmResize 204).
+    assert [(p.status, p.forwarded) for p in fault_proxy.seen("POST")] == [
+        (202, True),
+        (204, True),
+    ][:posts]
 
     lab.start_coordinator(endpoint)
-    assert lab.stub is not None
+    stub = lab.stub
+    assert stub is not None
     wait_until(
-        lambda: lab.stub is not None
-        and lab.stub.GetDrain(cpb.GetDrainRequest(host="host1"), timeout=T).state
+        lambda: stub.GetDrain(cpb.GetDrainRequest(host="host1"), timeout=T).state
         == cpb.DRAIN_STATE_COMPLETED,
         90.0,
         "the resumed drain completes",
     )
-    status = lab.stub.GetDrain(cpb.GetDrainRequest(host="host1"), timeout=T)
+    status = stub.GetDrain(cpb.GetDrainRequest(host="host1"), timeout=T)
     (vm,) = status.vms
     assert (vm.state, vm.attempts) == (cpb.VM_STATE_COMPLETED, 1)
     (record,) = _cold_migrations(lab, stopped)
@@ -218,11 +242,12 @@ def test_coordinator_killed_during_a_cold_migrate_request_resumes_without_a_seco
     host, server_status, power, task = _state(lab, stopped)
     assert host == record["dest_compute"] != "host1"
     assert (server_status, power, task) == ("SHUTOFF", SHUTDOWN, None)
-    # The open intent was reconciled with Nova, not sent again; then confirmed once.
     (start,) = lab.steps(status.drain_id, "cold_migrate")
-    assert (start.state, start.result) == ("done", "started before the restart")
-    (confirm,) = lab.steps(status.drain_id, "confirm_migration")
-    assert confirm.state == "done"
+    assert start.state == "done"
+    if start_result is not None:
+        assert start.result == start_result
+    confirms = lab.steps(status.drain_id, "confirm_migration")
+    assert [(s.state, s.result) for s in confirms] == [("done", r) for r in confirm_results]
     # Both coordinators' requests for the server: the one migrate, then the one confirm.
     assert len(fault_proxy.seen("POST", ACTION.format(stopped))) == 2
     assert not [s for s in lab.steps(status.drain_id) if s.state == "intent"]
