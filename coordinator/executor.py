@@ -1099,6 +1099,17 @@ class Executor:
 
     def _start_cold(self, run: _Run, row: VmRow) -> MigrationRef | None:
         """Journals the intent, then asks the cloud once; a refusal fails the VM at once."""
+        try:
+            state = self.driver.get_instance(row.vm_uuid).state
+        except DriverError as e:
+            LOG.warning("cannot re-check the VM's state vm=%s error=%s", row.vm_uuid, e)
+            state = None  # the cloud checks the state itself
+        if state is not None and state not in _COLD_STATES:
+            # Started since the plan: a cold migration would stop it.
+            self._fail_cold(
+                run, row, f"the VM is {state} now: not cold-migrated (that would stop it)"
+            )
+            return None
         target = row.target_host or row.planned_target or None
         detail = {"attempt": row.attempts + 1, "target": target or ""}
         step = self.journal.begin_step(run.drain_id, "cold_migrate", row.vm_uuid, detail)

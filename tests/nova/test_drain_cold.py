@@ -183,6 +183,26 @@ def test_cold_migration_refused_by_nova_fails_with_the_reason_and_changes_nothin
     assert lab.service("host1")["status"] == "disabled"
 
 
+def test_server_started_since_the_plan_is_not_cold_migrated(lab: DrainLab) -> None:
+    stopped = _server_in(lab, "os-stop", "SHUTOFF")
+    live = lab.server(migration_s=4)
+    lab.start()
+    stream = lab.drain(non_live_action=COLD)
+    stream.wait_for(lambda e: e.kind == cpb.DRAIN_EVENT_KIND_MIGRATION_STARTED)
+    # While the live migration runs, someone starts the stopped server.
+    lab.admin.action(stopped, {"os-start": None})
+    lab.admin.wait_server(stopped, {"ACTIVE"})
+    finished = stream.finished()
+    assert finished.status.state == cpb.DRAIN_STATE_INCOMPLETE, finished.status
+    vms = {v.vm_uuid: v for v in finished.status.vms}
+    assert vms[live].state == cpb.VM_STATE_COMPLETED
+    assert vms[stopped].state == cpb.VM_STATE_FAILED
+    assert vms[stopped].error == "the VM is active now: not cold-migrated (that would stop it)"
+    assert _state(lab, stopped)[:2] == ("host1", "ACTIVE")
+    assert lab.admin.migrations(stopped) == []
+    assert lab.steps(finished.drain_id, "cold_migrate") == []
+
+
 @pytest.mark.parametrize(
     ("in_flight", "start_result", "confirm_results"),
     [
