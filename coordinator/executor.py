@@ -6,6 +6,16 @@ WatchMigration (or the cloud's migration record when the agent cannot watch),
 escalates with the cheapest step the policy allows when it falls behind, and
 records the result. Every step goes to the journal as an intent first, so a
 restarted coordinator resumes each drain without starting a migration twice.
+
+VMs that cannot move live because of their state (shut off, paused,
+suspended) follow the policy's `non_live_action`: REPORT leaves them in place
+with the reason; COLD_MIGRATE cold-migrates them through a driver that can
+(Nova; the libvirt driver cannot, and they are reported as before). Cold
+migrations run one at a time once no live migration is queued or running: a
+cold migration of a VM on local disks copies the disk over the same network,
+which the live migrations' link plan does not account for. Each is journaled
+(`cold_migrate`, then `confirm_migration`), followed on the cloud's migration
+record until it awaits confirmation, confirmed, and followed to its end.
 """
 
 from __future__ import annotations
@@ -24,6 +34,8 @@ from hostmaint.coordinator.dispatch import Slot, ready_to_start
 from hostmaint.coordinator.drivers.base import (
     Conflict,
     DriverError,
+    Instance,
+    InstanceState,
     InvalidRequest,
     LiveMigrationOptions,
     MigrationDriver,
@@ -33,6 +45,7 @@ from hostmaint.coordinator.drivers.base import (
     NotFound,
     Unavailable,
 )
+from hostmaint.coordinator.drivers.direct import DirectDriver
 from hostmaint.coordinator.gather import Inputs, gather
 from hostmaint.coordinator.ha import Coordination, SingleProcess
 from hostmaint.coordinator.journal import DrainRow, Journal, VmRow
@@ -55,6 +68,11 @@ _WATCH_DEADLINE_S = 6 * 3600.0
 _SETTLE_AFTER_WATCH_S = 120.0
 _EVENTS_KEPT = 5000
 _HISTORY_KEPT = 600
+# The journal row's `tuning` of a VM moved by a cold migration (not a model Tuning).
+COLD = "cold"
+# The states in which a VM may be cold-migrated instead of live-migrated.
+_COLD_STATES = frozenset({InstanceState.SHUTOFF, InstanceState.PAUSED, InstanceState.SUSPENDED})
+_CONFIRM_ATTEMPTS = 3
 
 
 @dataclass(frozen=True)
@@ -189,9 +207,63 @@ class Executor:
             policy,
             self._params,
         )
-        extra = [(i.uuid, i.name, _not_live_reason(i.state, policy_pb)) for i in inputs.not_live]
+        # Without a proto field for them, cold migrations are listed with the VMs
+        # that stay, their reason saying that they will be cold-migrated.
+        extra = [(i.uuid, i.name, self._non_live(i, inputs, policy_pb)[2]) for i in inputs.not_live]
         plan_pb = views.plan_to_pb(host, plan, inputs.link_bandwidth_bytes_per_s, inputs.vms, extra)
         return plan_pb, plan, inputs
+
+    def cold_migration_supported(self) -> bool:
+        """Whether the driver can cold-migrate: the libvirt driver cannot (no image service)."""
+        return not isinstance(self.driver, DirectDriver)
+
+    def _non_live(
+        self, inst: Instance, inputs: Inputs, policy_pb: cpb.DrainPolicy
+    ) -> tuple[bool, str | None, str]:
+        """What becomes of a VM that cannot move live: (cold-migrate it, target, reason).
+
+        A target only when the operator restricted the targets (the allowed
+        healthy host with the most free memory); otherwise the cloud's
+        scheduler chooses, checking capacity and server groups itself.
+        """
+        state = inst.state
+        if policy_pb.non_live_action != cpb.NON_LIVE_ACTION_COLD_MIGRATE:
+            return (
+                False,
+                None,
+                f"the VM is {state}: not live-migratable; left in place (policy: report)",
+            )
+        if not self.cold_migration_supported():
+            return (
+                False,
+                None,
+                f"the VM is {state}: not live-migratable, and this driver cannot cold-migrate; "
+                "left in place",
+            )
+        if state not in _COLD_STATES:
+            return (
+                False,
+                None,
+                f"the VM is {state}: it cannot be migrated in this state; left in place",
+            )
+        target = None
+        if policy_pb.target_hosts:
+            healthy = [t for t in inputs.targets if t.healthy]
+            if not healthy:
+                return (
+                    False,
+                    None,
+                    f"the VM is {state}: no allowed target is available for a cold migration; "
+                    "left in place",
+                )
+            target = max(healthy, key=lambda t: t.free_memory_bytes).name
+        where = target or "a host of the scheduler's choice"
+        return (
+            True,
+            target,
+            f"the VM is {state}: to be cold-migrated to {where} once the live migrations "
+            "are done (policy: cold migrate)",
+        )
 
     # -- drains ---------------------------------------------------------------------
 
@@ -443,10 +515,23 @@ class Executor:
             )
             pos += 1
         for inst in inputs.not_live:
-            reason = _not_live_reason(inst.state, run.policy_pb)
-            rows.append(
-                VmRow(run.drain_id, inst.uuid, inst.name, pos, "unmovable", run.host, error=reason)
-            )
+            cold, target, reason = self._non_live(inst, inputs, run.policy_pb)
+            if cold:
+                row = VmRow(
+                    run.drain_id,
+                    inst.uuid,
+                    inst.name,
+                    pos,
+                    "queued",
+                    run.host,
+                    planned_target=target or "",
+                    tuning=COLD,
+                )
+            else:
+                row = VmRow(
+                    run.drain_id, inst.uuid, inst.name, pos, "unmovable", run.host, error=reason
+                )
+            rows.append(row)
             pos += 1
         return rows
 
@@ -456,8 +541,10 @@ class Executor:
         self._remember(run, plan, inputs)
         # Predictions of the first plan stay in the journal; the fresh plan supplies settings.
         for step in self.journal.open_steps(run.drain_id):
-            if step.action == "start_migration":
+            if step.action in ("start_migration", "cold_migrate"):
                 self._reconcile_start(run, step.id, step.vm_uuid)
+            elif step.action == "confirm_migration":
+                self._reconcile_confirm(run, step.id, step.vm_uuid)
             else:
                 self.journal.end_step(step.id, False, "interrupted by a coordinator restart")
         for row in self.journal.vms(run.drain_id):
@@ -507,12 +594,37 @@ class Executor:
                 return
         self.journal.end_step(step_id, False, "not started before the restart")
 
-    def _reconcile_unstarted(self, run: _Run, row: VmRow) -> VmRow:
-        if self._moved(run, row):
-            return self.journal.update_vm(
-                run.drain_id, row.vm_uuid, state="completed", finished_at=self._clock()
+    def _reconcile_confirm(self, run: _Run, step_id: int, vm_uuid: str) -> None:
+        """A confirmation with no outcome: the cloud's record says whether it arrived.
+
+        Either way the re-attached follower re-reads the record and confirms
+        only a migration still waiting for it.
+        """
+        row = self.journal.vm(run.drain_id, vm_uuid)
+        try:
+            status = self.driver.get_migration(_ref_from_json(row.migration_ref))
+        except (DriverError, ValueError) as e:
+            LOG.warning("cannot check the confirmation after restart vm=%s error=%s", vm_uuid, e)
+            status = None
+        if status is None or status.state in (
+            MigrationState.AWAITING_CONFIRM,
+            MigrationState.UNKNOWN,
+        ):
+            self.journal.end_step(step_id, False, "not confirmed before the restart")
+        else:
+            self.journal.end_step(
+                step_id, True, f"confirmed before the restart ({status.cloud_status})"
             )
-        found = self._started_anyway(row.vm_uuid)
+
+    def _reconcile_unstarted(self, run: _Run, row: VmRow) -> VmRow:
+        # A cold migration moves the VM before it is confirmed: look for it first.
+        found = self._started_anyway(row.vm_uuid) if _is_cold(row) else None
+        if found is None:
+            if self._moved(run, row):
+                return self.journal.update_vm(
+                    run.drain_id, row.vm_uuid, state="completed", finished_at=self._clock()
+                )
+            found = self._started_anyway(row.vm_uuid)
         if found is not None:
             return self.journal.update_vm(
                 run.drain_id,
@@ -546,11 +658,15 @@ class Executor:
                 queued = []
                 if drain.abort_running and not cancelled_running:
                     cancelled_running = True
+                    # A cold migration cannot be aborted: it is confirmed and ends.
                     for r in running_rows:
-                        self._abort(run, r, "drain cancelled")
+                        if not _is_cold(r):
+                            self._abort(run, r, "drain cancelled")
             alive = {u for u, t in threads.items() if t.is_alive()}
             if not queued and not running_rows and not alive:
                 break
+            cold = [r for r in queued if _is_cold(r)]
+            queued = [r for r in queued if not _is_cold(r)]
             running = [self._slot(run, r) for r in running_rows]
             queue = [self._slot(run, r) for r in queued]
             for slot in ready_to_start(
@@ -562,6 +678,10 @@ class Executor:
             ):
                 row = next(r for r in queued if r.vm_uuid == slot.vm_uuid)
                 row = self.journal.update_vm(run.drain_id, row.vm_uuid, state="migrating")
+                self._spawn(run, row, adopt=False)
+            if cold and not queued and not running_rows and not alive:
+                # One at a time, alone: its disk copy would share the live migrations' link.
+                row = self.journal.update_vm(run.drain_id, cold[0].vm_uuid, state="migrating")
                 self._spawn(run, row, adopt=False)
             with self._wake:
                 self._wake.wait(self.settings.poll_interval_s)
@@ -605,6 +725,9 @@ class Executor:
 
     def _run_vm(self, run: _Run, row: VmRow, adopt: bool) -> None:
         try:
+            if _is_cold(row):
+                self._run_cold(run, row, adopt)
+                return
             ref = _ref_from_json(row.migration_ref) if adopt else self._start(run, row)
             if ref is None:
                 return
@@ -613,7 +736,9 @@ class Executor:
             self._finish_vm(run, row, ok, downtime_ms, error)
         except Exception as e:  # thread boundary: the VM's row must not stay "migrating"
             LOG.exception("migration thread crashed vm=%s", row.vm_uuid)
-            if not self._stopped.is_set():
+            if not self._stopped.is_set() and _is_cold(row):
+                self._fail_cold(run, row, f"internal error: {e}")
+            elif not self._stopped.is_set():
                 self._finish_vm(
                     run,
                     self.journal.vm(run.drain_id, row.vm_uuid),
@@ -970,6 +1095,122 @@ class Executor:
         )
         self._publish(run, cpb.DRAIN_EVENT_KIND_MIGRATION_FAILED, vm=row, message=error)
 
+    # -- one cold migration ---------------------------------------------------------
+
+    def _run_cold(self, run: _Run, row: VmRow, adopt: bool) -> None:
+        """Starts (or re-attaches to) a cold migration, confirms it and records its end."""
+        ref = _ref_from_json(row.migration_ref) if adopt else self._start_cold(run, row)
+        if ref is None:
+            return
+        row = self.journal.vm(run.drain_id, row.vm_uuid)
+        ok, dest, error = self._follow_cold(run, row, ref)
+        if self._stopped.is_set():
+            return
+        if not ok:
+            self._fail_cold(run, row, error)
+            return
+        if dest and dest != row.target_host:
+            row = self.journal.update_vm(run.drain_id, row.vm_uuid, target_host=dest)
+        # The VM did not run before and does not run after: no downtime to speak of.
+        self._finish_vm(run, row, True, 0.0, "")
+
+    def _start_cold(self, run: _Run, row: VmRow) -> MigrationRef | None:
+        """Journals the intent, then asks the cloud once; a refusal fails the VM at once."""
+        try:
+            state = self.driver.get_instance(row.vm_uuid).state
+        except DriverError as e:
+            LOG.warning("cannot re-check the VM's state vm=%s error=%s", row.vm_uuid, e)
+            state = None  # the cloud checks the state itself
+        if state is not None and state not in _COLD_STATES:
+            # Started since the plan: a cold migration would stop it.
+            self._fail_cold(
+                run, row, f"the VM is {state} now: not cold-migrated (that would stop it)"
+            )
+            return None
+        target = row.target_host or row.planned_target or None
+        detail = {"attempt": row.attempts + 1, "target": target or ""}
+        step = self.journal.begin_step(run.drain_id, "cold_migrate", row.vm_uuid, detail)
+        try:
+            ref = self.driver.cold_migrate(row.vm_uuid, target)
+        except Unavailable as e:
+            if e.may_have_acted:
+                found = self._started_anyway(row.vm_uuid)
+                if found is not None:
+                    self.journal.end_step(step, True, "started (answer lost)")
+                    return self._started(run, row, found, target)
+            self.journal.end_step(step, False, str(e))
+            self._fail_cold(run, row, str(e), count_attempt=True)
+            return None
+        except DriverError as e:
+            self.journal.end_step(step, False, str(e))
+            self._fail_cold(run, row, str(e), count_attempt=True)
+            return None
+        self.journal.end_step(step, True, _ref_json(ref))
+        return self._started(run, row, ref, target)
+
+    def _follow_cold(self, run: _Run, row: VmRow, ref: MigrationRef) -> tuple[bool, str, str]:
+        """Polls the cloud's record to its end, confirming it when it waits for that.
+
+        Returns (completed, destination host, error). The record is re-read
+        before every confirmation, so a resumed drain whose confirmation had
+        reached the cloud (the record is then `confirming` or `confirmed`)
+        does not confirm twice.
+        """
+        started = row.started_at or self._clock()
+        failed_confirms = 0
+        dest = ""
+        while not self._stopped.is_set():
+            try:
+                status = self.driver.get_migration(ref)
+            except DriverError as e:
+                LOG.warning("cold migration status unavailable vm=%s error=%s", row.vm_uuid, e)
+                status = None
+            if status is not None:
+                dest = status.dest_host or dest
+                if status.state is MigrationState.COMPLETED:
+                    return True, dest, ""
+                if status.state.finished:
+                    return False, dest, f"cold migration {status.state} ({status.cloud_status})"
+                if status.state is MigrationState.AWAITING_CONFIRM:
+                    error = self._confirm(run, row, ref)
+                    if error:
+                        failed_confirms += 1
+                        if failed_confirms >= _CONFIRM_ATTEMPTS:
+                            return False, dest, f"confirming the cold migration failed: {error}"
+            if self._clock() - started > _WATCH_DEADLINE_S:
+                return False, dest, f"cold migration not finished after {_WATCH_DEADLINE_S:.0f} s"
+            self._stopped.wait(self.settings.poll_interval_s)
+        return False, dest, "coordinator stopping"
+
+    def _confirm(self, run: _Run, row: VmRow, ref: MigrationRef) -> str:
+        """Confirms a cold migration (a journaled step); returns the error, or ""."""
+
+        def act() -> str:
+            self.driver.confirm_migration(ref)
+            return "confirmed"
+
+        detail: dict[str, object] = {"migration_id": ref.migration_id}
+        try:
+            self._step(run, "confirm_migration", row.vm_uuid, detail, act)
+        except DriverError as e:
+            LOG.warning("cold migration confirm failed vm=%s error=%s", row.vm_uuid, e)
+            return str(e)
+        LOG.info("cold migration confirmed vm=%s drain=%s", row.vm_uuid, run.drain_id[:8])
+        return ""
+
+    def _fail_cold(self, run: _Run, row: VmRow, error: str, count_attempt: bool = False) -> None:
+        """A cold migration is tried once: the cloud refused it or it ended badly."""
+        row = self.journal.vm(run.drain_id, row.vm_uuid)
+        row = self.journal.update_vm(
+            run.drain_id,
+            row.vm_uuid,
+            state="failed",
+            attempts=row.attempts + (1 if count_attempt else 0),
+            error=error,
+            finished_at=self._clock(),
+        )
+        self._publish(run, cpb.DRAIN_EVENT_KIND_MIGRATION_FAILED, vm=row, message=error)
+
     def _other_target(self, run: _Run, row: VmRow, failed: str | None) -> str | None:
         """Another target for a retry: re-plan this VM alone, excluding the one that failed."""
         policy_pb = cpb.DrainPolicy()
@@ -993,10 +1234,8 @@ class Executor:
         return plan.migrations[0].target
 
 
-def _not_live_reason(state: object, policy_pb: cpb.DrainPolicy) -> str:
-    if policy_pb.non_live_action == cpb.NON_LIVE_ACTION_COLD_MIGRATE:
-        return f"the VM is {state}: cold migration is not supported by this driver yet"
-    return f"the VM is {state}: not live-migratable; left in place (policy: report)"
+def _is_cold(row: VmRow) -> bool:
+    return row.tuning == COLD
 
 
 def _ref_json(ref: MigrationRef) -> str:

@@ -126,6 +126,14 @@ def plan_to_pb(
     return msg
 
 
+def _tuning_pb(tuning: str) -> cpb.Tuning.ValueType:
+    """A journal row's tuning; a VM moved another way (a cold migration) has none."""
+    try:
+        return TUNINGS[Tuning(tuning)]
+    except (KeyError, ValueError):
+        return cpb.TUNING_UNSPECIFIED
+
+
 def vm_to_pb(row: VmRow) -> cpb.VmStatus:
     return cpb.VmStatus(
         vm_uuid=row.vm_uuid,
@@ -138,9 +146,7 @@ def vm_to_pb(row: VmRow) -> cpb.VmStatus:
         actual_total_s=row.actual_total_s,
         predicted_downtime_ms=round(row.predicted_downtime_ms),
         actual_downtime_ms=round(row.actual_downtime_ms),
-        tuning=TUNINGS.get(Tuning(row.tuning), cpb.TUNING_UNSPECIFIED)
-        if row.tuning
-        else cpb.TUNING_UNSPECIFIED,
+        tuning=_tuning_pb(row.tuning),
         tuning_applied=list(row.tuning_applied),
         error=row.error,
     )
