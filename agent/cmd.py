@@ -54,6 +54,7 @@ class Agent:
     def __init__(self, conf: cfg.ConfigOpts, stopped: threading.Event | None = None) -> None:
         self.conf = conf
         self.stopped = stopped or threading.Event()
+        self.exit_code = 0
         start_event_loop()
         self.driver = LibvirtDriver(
             conf.libvirt.uri,

@@ -275,6 +275,7 @@ def channel(address: str, tls: TlsFiles | None = None) -> grpc.Channel:
 
 class Daemon(Protocol):
     stopped: threading.Event
+    exit_code: int  # what `serve` returns once stopped: non-zero asks systemd for a restart
 
     def start(self) -> None: ...
 
@@ -312,4 +313,4 @@ def serve(build: Callable[[], Daemon], prog: str) -> int:
     LOG.info("%s serving", prog)
     d.stopped.wait()
     d.stop()
-    return 0
+    return d.exit_code

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import logging
-import os
-import signal
 import sys
 import threading
 import time
@@ -27,6 +25,7 @@ from hostmaint.protos import coordinator_pb2_grpc
 
 LOG = logging.getLogger(__name__)
 SERVICE_NAME = "hostmaint.v1.Coordinator"
+EXIT_LEASE_LOST = 75  # EX_TEMPFAIL: systemd's Restart=on-failure brings it back as a standby
 # Nova's test fixture stubs Keystone and trusts these headers.
 NOAUTH_HEADERS = {
     "X-Auth-User": "admin",
@@ -59,6 +58,7 @@ class Coordinator:
     def __init__(self, conf: cfg.ConfigOpts, stopped: threading.Event | None = None) -> None:
         self.conf = conf
         self.stopped = stopped or threading.Event()
+        self.exit_code = 0
         url = conf.database.url
         if url.startswith("sqlite:///") and not url.startswith("sqlite:///:memory:"):
             Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
@@ -167,8 +167,8 @@ class Coordinator:
     def _lost(self, what: str) -> None:
         """A lease lapsed: another coordinator may act now, so this one must stop at once."""
         LOG.critical("lost %s: stopping so another coordinator can take over", what)
+        self.exit_code = EXIT_LEASE_LOST
         self.stopped.set()  # drain threads end without finishing their drains in the journal
-        os.kill(os.getpid(), signal.SIGTERM)
 
     def stop(self) -> None:
         daemon.sd_notify("STOPPING=1")
