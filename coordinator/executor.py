@@ -782,7 +782,8 @@ class Executor:
                     self.journal.end_step(step, True, "started (answer lost)")
                     return self._started(run, row, found, target)
             self.journal.end_step(step, False, str(e))
-            self._retry_or_fail(run, row, str(e), target, count_attempt=False)
+            # An attempt too: a cloud that keeps failing must not be asked forever.
+            self._retry_or_fail(run, row, str(e), target, count_attempt=True)
             return None
         except (Conflict, InvalidRequest, NotFound, DriverError) as e:
             self.journal.end_step(step, False, str(e))

@@ -365,3 +365,22 @@ def test_coordinator_killed_with_a_request_in_flight_adopts_its_migration(
     starts = _each_started_once(lab, status.drain_id, vms)
     (step,) = [s for s in starts if s.vm_uuid == held]
     assert (step.state, step.result) == ("done", "started before the restart")
+
+
+def test_a_cloud_that_keeps_failing_the_start_is_asked_max_attempts_times(
+    lab: DrainLab, fault_proxy: FaultProxy
+) -> None:
+    vm = lab.server(migration_s=0.5)
+    fault_proxy.add(
+        Fault(method="POST", path=ACTION.format(vm), status=503, forward=False, times=None)
+    )
+    lab.start(endpoint=f"{fault_proxy.url}/v2.1")
+    finished = lab.drain().finished()
+    assert finished.status.state == cpb.DRAIN_STATE_INCOMPLETE, finished.status
+    (row,) = finished.status.vms
+    assert row.state == cpb.VM_STATE_FAILED and "503" in row.error
+    posts = fault_proxy.seen("POST", ACTION.format(vm))
+    starts = lab.steps(finished.drain_id, "start_migration")
+    assert len(posts) == len(starts) == row.attempts >= 1
+    assert lab.admin.server(vm)["OS-EXT-SRV-ATTR:host"] == "host1"
+    assert lab.live_migrations(vm) == []
