@@ -225,6 +225,7 @@ def render_plan(plan: pb.DrainPlan) -> str:
         ]
         lines.append(table(["VM", "uuid", "reason"], rows, right=frozenset()))
     lines += ["", _makespan_line(plan)]
+    lines += [f"warning: {w}" for w in plan.warnings]
     return "\n".join(lines)
 
 
@@ -237,6 +238,9 @@ def _makespan_line(plan: pb.DrainPlan) -> str:
             text += f", ratio {makespan / plan.lower_bound_s:.2f}"
     else:
         text += ", lower bound ?"
+    if plan.deadline_s > 0:
+        met = makespan <= plan.deadline_s
+        text += f", deadline {plan.deadline_s:.0f} s ({'met' if met else 'missed'})"
     return text
 
 

@@ -100,6 +100,8 @@ def plan_to_pb(
         predicted_makespan_s=plan.predicted_makespan_s,
         lower_bound_s=plan.lower_bound_s,
         link_bandwidth_bytes_per_s=link_bytes_per_s,
+        deadline_s=plan.deadline_s or 0.0,
+        warnings=list(plan.warnings),
     )
     specs = {v.uuid: v for v in vms}
     for m in plan.migrations:

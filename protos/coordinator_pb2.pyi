@@ -322,15 +322,23 @@ class DrainPlan(google.protobuf.message.Message):
     PREDICTED_MAKESPAN_S_FIELD_NUMBER: builtins.int
     LOWER_BOUND_S_FIELD_NUMBER: builtins.int
     LINK_BANDWIDTH_BYTES_PER_S_FIELD_NUMBER: builtins.int
+    DEADLINE_S_FIELD_NUMBER: builtins.int
+    WARNINGS_FIELD_NUMBER: builtins.int
     host: builtins.str
     predicted_makespan_s: builtins.float
     lower_bound_s: builtins.float
     """Bytes that must move divided by the link bandwidth."""
     link_bandwidth_bytes_per_s: builtins.float
+    deadline_s: builtins.float
+    """The policy's deadline (0: none) and whether the predicted makespan meets it."""
     @property
     def migrations(self) -> google.protobuf.internal.containers.RepeatedCompositeFieldContainer[Global___PlannedMigration]: ...
     @property
     def unmovable(self) -> google.protobuf.internal.containers.RepeatedCompositeFieldContainer[Global___UnmovableVm]: ...
+    @property
+    def warnings(self) -> google.protobuf.internal.containers.RepeatedScalarFieldContainer[builtins.str]:
+        """What the operator should know before starting: a missed deadline, a compromise."""
+
     def __init__(
         self,
         *,
@@ -340,8 +348,10 @@ class DrainPlan(google.protobuf.message.Message):
         predicted_makespan_s: builtins.float = ...,
         lower_bound_s: builtins.float = ...,
         link_bandwidth_bytes_per_s: builtins.float = ...,
+        deadline_s: builtins.float = ...,
+        warnings: collections.abc.Iterable[builtins.str] | None = ...,
     ) -> None: ...
-    def ClearField(self, field_name: typing.Literal["host", b"host", "link_bandwidth_bytes_per_s", b"link_bandwidth_bytes_per_s", "lower_bound_s", b"lower_bound_s", "migrations", b"migrations", "predicted_makespan_s", b"predicted_makespan_s", "unmovable", b"unmovable"]) -> None: ...
+    def ClearField(self, field_name: typing.Literal["deadline_s", b"deadline_s", "host", b"host", "link_bandwidth_bytes_per_s", b"link_bandwidth_bytes_per_s", "lower_bound_s", b"lower_bound_s", "migrations", b"migrations", "predicted_makespan_s", b"predicted_makespan_s", "unmovable", b"unmovable", "warnings", b"warnings"]) -> None: ...
 
 Global___DrainPlan: typing_extensions.TypeAlias = DrainPlan
 

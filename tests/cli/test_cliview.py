@@ -367,3 +367,16 @@ def test_redraw_moves_up_over_the_previous_frame() -> None:
     assert cliview.redraw(0, "a\nb") == "\x1b[Ja\nb\n"
     assert cliview.redraw(2, "c") == "\x1b[2F\x1b[Jc\n"
     assert cliview.frame_height("a\nb\nc") == 3
+
+
+def test_plan_shows_a_missed_deadline_and_the_warnings() -> None:
+    plan = pb.DrainPlan(
+        host="busy-1",
+        predicted_makespan_s=900.0,
+        lower_bound_s=600.0,
+        deadline_s=720.0,
+        warnings=["the predicted makespan 900 s exceeds the deadline 720 s"],
+    )
+    lines = cliview.render_plan(plan).splitlines()
+    assert lines[-2].endswith("deadline 720 s (missed)")
+    assert lines[-1] == "warning: the predicted makespan 900 s exceeds the deadline 720 s"

@@ -49,6 +49,15 @@ def test_plan_accounts_for_every_vm(cluster: Cluster) -> None:
     # Planning changes nothing: host1 is still enabled and has no drain.
     code, _ = _status(lambda: cluster.stub.GetDrain(cpb.GetDrainRequest(host="host1"), timeout=T))
     assert code == grpc.StatusCode.NOT_FOUND
+    assert plan.deadline_s == 0 and list(plan.warnings) == []
+
+
+def test_plan_warns_when_the_deadline_cannot_be_met(cluster: Cluster) -> None:
+    policy = cpb.DrainPolicy(deadline_s=0.5)
+    plan = cluster.stub.PlanDrain(cpb.PlanDrainRequest(host="host1", policy=policy), timeout=T)
+    assert plan.deadline_s == 0.5
+    assert plan.predicted_makespan_s > 0.5
+    assert any("deadline" in w for w in plan.warnings), plan.warnings
 
 
 @pytest.mark.parametrize(
