@@ -183,6 +183,8 @@ def vm_title(name: str, vm_uuid: str) -> str:
 def render_plan(plan: pb.DrainPlan) -> str:
     migrations = sorted(plan.migrations, key=lambda m: (m.position, m.start_s))
     head = f"plan for {plan.host}: {len(migrations)} to migrate, {len(plan.unmovable)} unmovable"
+    if plan.cold_migrations:
+        head += f", {len(plan.cold_migrations)} to cold-migrate"
     if plan.link_bandwidth_bytes_per_s > 0:
         head += f", link {plan.link_bandwidth_bytes_per_s / MIB:.0f} MiB/s"
     lines = [head, ""]
@@ -224,6 +226,13 @@ def render_plan(plan: pb.DrainPlan) -> str:
             for u in plan.unmovable
         ]
         lines.append(table(["VM", "uuid", "reason"], rows, right=frozenset()))
+    if plan.cold_migrations:
+        lines += ["", "cold migrations, after the live ones:"]
+        rows = [
+            [clip(c.name or "-", NAME_WIDTH), uuid8(c.vm_uuid), c.target_host or "(scheduler)"]
+            for c in plan.cold_migrations
+        ]
+        lines.append(table(["VM", "uuid", "target"], rows, right=frozenset()))
     lines += ["", _makespan_line(plan)]
     lines += [f"warning: {w}" for w in plan.warnings]
     return "\n".join(lines)

@@ -207,10 +207,17 @@ class Executor:
             policy,
             self._params,
         )
-        # Without a proto field for them, cold migrations are listed with the VMs
-        # that stay, their reason saying that they will be cold-migrated.
-        extra = [(i.uuid, i.name, self._non_live(i, inputs, policy_pb)[2]) for i in inputs.not_live]
-        plan_pb = views.plan_to_pb(host, plan, inputs.link_bandwidth_bytes_per_s, inputs.vms, extra)
+        stay: list[tuple[str, str, str]] = []
+        cold: list[tuple[str, str, str, str]] = []
+        for i in inputs.not_live:
+            moves, target, reason = self._non_live(i, inputs, policy_pb)
+            if moves:
+                cold.append((i.uuid, i.name, target or "", reason))
+            else:
+                stay.append((i.uuid, i.name, reason))
+        plan_pb = views.plan_to_pb(
+            host, plan, inputs.link_bandwidth_bytes_per_s, inputs.vms, stay, cold
+        )
         return plan_pb, plan, inputs
 
     def cold_migration_supported(self) -> bool:

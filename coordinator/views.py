@@ -94,7 +94,9 @@ def plan_to_pb(
     link_bytes_per_s: float,
     vms: Sequence[VmSpec] = (),
     extra_unmovable: Sequence[tuple[str, str, str]] = (),
+    cold: Sequence[tuple[str, str, str, str]] = (),
 ) -> cpb.DrainPlan:
+    """The plan as the API shows it; `cold` is (uuid, name, target or "", reason)."""
     msg = cpb.DrainPlan(
         host=host,
         predicted_makespan_s=plan.predicted_makespan_s,
@@ -125,6 +127,10 @@ def plan_to_pb(
         msg.unmovable.append(cpb.UnmovableVm(vm_uuid=u.vm_uuid, name=u.vm_name, reason=u.reason))
     for uuid, name, reason in extra_unmovable:
         msg.unmovable.append(cpb.UnmovableVm(vm_uuid=uuid, name=name, reason=reason))
+    for uuid, name, target, reason in cold:
+        msg.cold_migrations.append(
+            cpb.ColdMigration(vm_uuid=uuid, name=name, target_host=target, reason=reason)
+        )
     return msg
 
 

@@ -313,6 +313,35 @@ class UnmovableVm(google.protobuf.message.Message):
 Global___UnmovableVm: typing_extensions.TypeAlias = UnmovableVm
 
 @typing.final
+class ColdMigration(google.protobuf.message.Message):
+    """A VM that cannot move live (shut off, suspended) and will be cold-migrated
+    once the live migrations are done (policy: NON_LIVE_ACTION_COLD_MIGRATE).
+    """
+
+    DESCRIPTOR: google.protobuf.descriptor.Descriptor
+
+    VM_UUID_FIELD_NUMBER: builtins.int
+    NAME_FIELD_NUMBER: builtins.int
+    TARGET_HOST_FIELD_NUMBER: builtins.int
+    REASON_FIELD_NUMBER: builtins.int
+    vm_uuid: builtins.str
+    name: builtins.str
+    target_host: builtins.str
+    """Empty: the cloud's scheduler chooses."""
+    reason: builtins.str
+    def __init__(
+        self,
+        *,
+        vm_uuid: builtins.str = ...,
+        name: builtins.str = ...,
+        target_host: builtins.str = ...,
+        reason: builtins.str = ...,
+    ) -> None: ...
+    def ClearField(self, field_name: typing.Literal["name", b"name", "reason", b"reason", "target_host", b"target_host", "vm_uuid", b"vm_uuid"]) -> None: ...
+
+Global___ColdMigration: typing_extensions.TypeAlias = ColdMigration
+
+@typing.final
 class DrainPlan(google.protobuf.message.Message):
     DESCRIPTOR: google.protobuf.descriptor.Descriptor
 
@@ -324,6 +353,7 @@ class DrainPlan(google.protobuf.message.Message):
     LINK_BANDWIDTH_BYTES_PER_S_FIELD_NUMBER: builtins.int
     DEADLINE_S_FIELD_NUMBER: builtins.int
     WARNINGS_FIELD_NUMBER: builtins.int
+    COLD_MIGRATIONS_FIELD_NUMBER: builtins.int
     host: builtins.str
     predicted_makespan_s: builtins.float
     lower_bound_s: builtins.float
@@ -339,6 +369,8 @@ class DrainPlan(google.protobuf.message.Message):
     def warnings(self) -> google.protobuf.internal.containers.RepeatedScalarFieldContainer[builtins.str]:
         """What the operator should know before starting: a missed deadline, a compromise."""
 
+    @property
+    def cold_migrations(self) -> google.protobuf.internal.containers.RepeatedCompositeFieldContainer[Global___ColdMigration]: ...
     def __init__(
         self,
         *,
@@ -350,8 +382,9 @@ class DrainPlan(google.protobuf.message.Message):
         link_bandwidth_bytes_per_s: builtins.float = ...,
         deadline_s: builtins.float = ...,
         warnings: collections.abc.Iterable[builtins.str] | None = ...,
+        cold_migrations: collections.abc.Iterable[Global___ColdMigration] | None = ...,
     ) -> None: ...
-    def ClearField(self, field_name: typing.Literal["deadline_s", b"deadline_s", "host", b"host", "link_bandwidth_bytes_per_s", b"link_bandwidth_bytes_per_s", "lower_bound_s", b"lower_bound_s", "migrations", b"migrations", "predicted_makespan_s", b"predicted_makespan_s", "unmovable", b"unmovable", "warnings", b"warnings"]) -> None: ...
+    def ClearField(self, field_name: typing.Literal["cold_migrations", b"cold_migrations", "deadline_s", b"deadline_s", "host", b"host", "link_bandwidth_bytes_per_s", b"link_bandwidth_bytes_per_s", "lower_bound_s", b"lower_bound_s", "migrations", b"migrations", "predicted_makespan_s", b"predicted_makespan_s", "unmovable", b"unmovable", "warnings", b"warnings"]) -> None: ...
 
 Global___DrainPlan: typing_extensions.TypeAlias = DrainPlan
 

@@ -380,3 +380,15 @@ def test_plan_shows_a_missed_deadline_and_the_warnings() -> None:
     lines = cliview.render_plan(plan).splitlines()
     assert lines[-2].endswith("deadline 720 s (missed)")
     assert lines[-1] == "warning: the predicted makespan 900 s exceeds the deadline 720 s"
+
+
+def test_plan_lists_cold_migrations_apart_from_the_unmovable() -> None:
+    plan = pb.DrainPlan(
+        host="h1",
+        unmovable=[pb.UnmovableVm(vm_uuid="1" * 32, name="gpu", reason="PCI device")],
+        cold_migrations=[pb.ColdMigration(vm_uuid="2" * 32, name="off", reason="shutoff")],
+    )
+    text = cliview.render_plan(plan)
+    assert text.splitlines()[0] == "plan for h1: 0 to migrate, 1 unmovable, 1 to cold-migrate"
+    cold = text[text.index("cold migrations") :]
+    assert "off" in cold and "(scheduler)" in cold and "gpu" not in cold

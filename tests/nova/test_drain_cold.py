@@ -79,15 +79,14 @@ def test_cold_migrate_moves_a_stopped_server_after_the_live_ones_and_keeps_it_of
     lab.start()
     assert lab.stub is not None
 
-    # The plan says what will become of it (in the reason: the proto has no field for it).
+    # The plan says what will become of it.
     assert _cli(lab, "plan", "host1", "--cold-migrate-stopped", "--json") == cli.EXIT_OK
     plan = json.loads(capsys.readouterr().out)
     assert [m["vm_uuid"] for m in plan["migrations"]] == [live]
-    (unmovable,) = plan["unmovable"]
-    assert unmovable["vm_uuid"] == stopped
-    assert (
-        "shutoff: to be cold-migrated to a host of the scheduler's choice" in (unmovable["reason"])
-    )
+    assert plan["unmovable"] == []  # nothing stays behind
+    (cold,) = plan["cold_migrations"]
+    assert cold["vm_uuid"] == stopped
+    assert "shutoff: to be cold-migrated to a host of the scheduler's choice" in cold["reason"]
 
     code = _cli(lab, "drain", "host1", "--cold-migrate-stopped", "--progress", "lines")
     assert code == cli.EXIT_OK, capsys.readouterr()
