@@ -82,7 +82,9 @@ def main() -> int:
     parser.add_argument("--domains", type=int, default=200)
     parser.add_argument("--clients", type=int, default=50, help="client processes")
     parser.add_argument("--calls", type=int, default=40, help="calls of each RPC per client")
-    parser.add_argument("--max-workers", type=int, default=32, help="the agent's [grpc] max_workers")
+    parser.add_argument(
+        "--max-workers", type=int, default=32, help="the agent's [grpc] max_workers"
+    )
     args = parser.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="hm-load-agent-"))
     node = write_node(tmp / "node.xml", many_domains(args.domains), memory_kib=2**40 // 1024)

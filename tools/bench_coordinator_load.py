@@ -135,7 +135,10 @@ def main() -> int:
             cpu0 = sampler.cpu_s()
             t0 = time.perf_counter()
             results = drain_all(
-                f"127.0.0.1:{port}", list(layout.sources), drain_policy(layout.targets), args.timeout
+                f"127.0.0.1:{port}",
+                list(layout.sources),
+                drain_policy(layout.targets),
+                args.timeout,
             )
             wall = time.perf_counter() - t0
             cpu1 = sampler.cpu_s()
@@ -151,7 +154,9 @@ def main() -> int:
             a.stop()
     journal = Journal(make_engine(db_url), clock=time.time)
     problems = verify(layout, results, journal, report)
-    completed = sum(1 for r in results if r.final is not None and r.final.state == cpb.DRAIN_STATE_COMPLETED)
+    completed = sum(
+        1 for r in results if r.final is not None and r.final.state == cpb.DRAIN_STATE_COMPLETED
+    )
     events = sum(r.events for r in results)
     progress = sum(r.kinds["DRAIN_EVENT_KIND_PROGRESS"] for r in results)
     per_drain = [r.elapsed_s for r in results]

@@ -35,11 +35,12 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-@dataclass(frozen=True)
+@dataclass
 class Daemon:
     pid: int
     address: str
     log: Path
+    returncode: int | None = None  # set once it has stopped
 
 
 @contextmanager
@@ -65,13 +66,14 @@ def agent_daemon(node: Path, workdir: Path, max_workers: int = 32) -> Iterator[D
             stdout=out,
             stderr=subprocess.STDOUT,
         )
+    daemon = Daemon(proc.pid, f"127.0.0.1:{port}", log)
     try:
         ready = notify.recv(4096).decode()
         if "READY=1" not in ready:
             raise RuntimeError(f"the agent said {ready!r} instead of READY=1")
-        yield Daemon(proc.pid, f"127.0.0.1:{port}", log)
+        yield daemon
     finally:
-        notify.close()
+        # The notify socket stays open until the agent is gone: it sends STOPPING=1 on its way.
         if proc.poll() is None:
             proc.send_signal(signal.SIGTERM)
             try:
@@ -79,6 +81,8 @@ def agent_daemon(node: Path, workdir: Path, max_workers: int = 32) -> Iterator[D
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
+        daemon.returncode = proc.returncode
+        notify.close()
 
 
 @dataclass
