@@ -182,7 +182,14 @@ def main() -> int:
         f"  coordinator process CPU {cpu1 - cpu0:.2f} s over the drains "
         f"({cpu1:.2f} s since start), peak RSS {sampler.peak_rss / 2**20:.0f} MiB"
     )
-    print(f"  journal steps {sum(len(journal.steps(r.drain_id)) for r in results if r.drain_id)}")
+    steps = sum(len(journal.steps(r.drain_id)) for r in results if r.drain_id)
+    jcpu = sum(report.journal_cpu_s.values())
+    top = sorted(report.journal_cpu_s.items(), key=lambda kv: -kv[1])[:4]
+    print(
+        f"  journal: {sum(report.journal_calls.values())} calls, {jcpu:.2f} s CPU in them "
+        f"({jcpu / max(cpu1, 1e-9):.0%} of the coordinator's), {steps} steps; top "
+        + ", ".join(f"{k} {v:.1f} s/{report.journal_calls.get(k, 0)}" for k, v in top)
+    )
     if problems:
         print(f"PROBLEMS ({len(problems)}):")
         for p in problems[:20]:

@@ -14,14 +14,16 @@ from __future__ import annotations
 
 import threading
 import time
-from collections import Counter
-from collections.abc import Mapping, Sequence
+from collections import Counter, defaultdict
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
 from pathlib import Path
+from typing import Any
 
 import grpc
+from sqlalchemy.engine import Engine
 
 from hostmaint.agent.cmd import Agent
 from hostmaint.agent.cmd import load_config as agent_config
@@ -145,6 +147,63 @@ def start_agents(workdir: Path, layout: Layout) -> dict[str, Agent]:
     return agents
 
 
+_TIMED = (
+    "create_drain",
+    "drain",
+    "latest_drain",
+    "update_drain",
+    "finish_drain",
+    "save_plan",
+    "vms",
+    "vm",
+    "update_vm",
+    "begin_step",
+    "end_step",
+    "steps",
+    "disable_host",
+    "disabled_reason",
+)
+
+
+class TimedJournal(Journal):
+    """The journal, counting its calls and the thread CPU time of the outermost ones."""
+
+    def __init__(self, engine: Engine, clock: Callable[[], float]) -> None:
+        super().__init__(engine, clock)
+        self.calls: Counter[str] = Counter()
+        self.cpu_s: defaultdict[str, float] = defaultdict(float)
+        self._depth = threading.local()
+        self._count_lock = threading.Lock()
+
+    def _timed(self, name: str, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        depth = getattr(self._depth, "n", 0)
+        self._depth.n = depth + 1
+        t0 = time.thread_time()
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            self._depth.n = depth
+            spent = time.thread_time() - t0
+            with self._count_lock:
+                self.calls[name] += 1
+                if depth == 0:
+                    self.cpu_s[name] += spent
+
+
+def _timed_method(name: str) -> Callable[..., Any]:
+    plain = getattr(Journal, name)
+
+    def method(self: TimedJournal, *args: Any, **kwargs: Any) -> Any:
+        return self._timed(name, plain, self, *args, **kwargs)
+
+    method.__name__ = name
+    return method
+
+
+for _name in _TIMED:
+    setattr(TimedJournal, _name, _timed_method(_name))
+
+
 @dataclass(frozen=True)
 class CoordinatorSpec:
     """Everything a simulated coordinator needs; picklable, to build it in a child process."""
@@ -164,7 +223,7 @@ class SimCoordinator:
 
     def __init__(self, spec: CoordinatorSpec) -> None:
         self.stopped = threading.Event()
-        self.journal = Journal(make_engine(spec.db_url), clock=time.time)
+        self.journal = TimedJournal(make_engine(spec.db_url), clock=time.time)
         self.registry = AgentRegistry(
             spec.agent_addresses, timeout_s=10.0, tls=None, clock=time.time
         )
@@ -221,6 +280,8 @@ class SimReport:
     placement: dict[str, str]
     moves: list[Move]
     migrations_started: int
+    journal_calls: dict[str, int] = field(default_factory=dict)
+    journal_cpu_s: dict[str, float] = field(default_factory=dict)
 
 
 def serve_in_child(spec: CoordinatorSpec, conn: Connection) -> None:
@@ -232,8 +293,16 @@ def serve_in_child(spec: CoordinatorSpec, conn: Connection) -> None:
         while True:
             command = conn.recv()
             if command == "report":
-                d = coordinator.driver
-                conn.send(SimReport(d.placement(), d.moves(), d.migrations_started))
+                d, j = coordinator.driver, coordinator.journal
+                conn.send(
+                    SimReport(
+                        d.placement(),
+                        d.moves(),
+                        d.migrations_started,
+                        dict(j.calls),
+                        dict(j.cpu_s),
+                    )
+                )
             else:
                 break
     finally:
