@@ -348,7 +348,7 @@ class SimDriver:
             return {u: vm.host for u, vm in self._vms.items()}
 
     def moves(self) -> list[Move]:
-        """Every completed migration, in the order they completed."""
+        """Every completed migration, in the order the driver saw them end."""
         with self._lock:
             self._advance()
             return list(self._moves)
