@@ -443,6 +443,7 @@ class Lab:
         *,
         uuid: str = "",
         nova: domains.NovaMetadata | None = None,
+        wait: bool = True,
         ready_timeout_s: float = 300.0,
     ) -> None:
         """Boot one more guest on `host`, with a chosen domain uuid and Nova metadata.
@@ -451,7 +452,8 @@ class Lab:
         this makes a guest the lab's stand-in for a server Nova created. The
         guest is recorded like those of `up` (its serial log, its QEMU process);
         the uuid is not, so a recovered lab boots it again under a new one.
-        Returns once the guest printed its ready line.
+        With `wait`, returns once every guest printed its ready line; else at
+        once (boot several, then `wait_guests_ready`).
         """
         with self._store.locked():
             state = self._store.load()
@@ -498,7 +500,8 @@ class Lab:
                 self._store.save(state)
                 self._state = state
         LOG.info("started guest=%s host=%s uuid=%s", spec.name, h.name, uuid or "(libvirt's)")
-        self.wait_guests_ready(ready_timeout_s)
+        if wait:
+            self.wait_guests_ready(ready_timeout_s)
 
     # ---- teardown -----------------------------------------------------------------------
 

@@ -47,12 +47,14 @@ LIMIT_MS = 1000
 T = 30.0
 NOVA_START_TIMEOUT_S = 180.0
 DRAIN_TIMEOUT_S = 600.0
+# Guests boot slowly on a loaded 2-core machine.
+GUEST_READY_TIMEOUT_S = 900.0
 REASON = "maintenance: lab host firmware"
 # On the drained host: one guest that dirties its working set faster than a
 # round takes (several rounds, still converging at QEMU's default limit) and
 # one mostly static; on a second host, one that the drain must leave alone.
-DIRTY = GuestSpec(f"{PREFIX}-dirty", 256, 48, 24, GuestMode.PACED, 64)
-STATIC = GuestSpec(f"{PREFIX}-static", 256, 16, 2, GuestMode.PACED, 128)
+DIRTY = GuestSpec(f"{PREFIX}-dirty", 256, 48, 24, GuestMode.PACED, 32)
+STATIC = GuestSpec(f"{PREFIX}-static", 256, 16, 2, GuestMode.PACED, 96)
 BYSTANDER = GuestSpec(f"{PREFIX}-stay", 128, 8, 1, GuestMode.PACED, 8)
 
 
@@ -163,14 +165,23 @@ def _flavor(admin: NovaAdmin, memory_mib: int) -> tuple[str, str]:
     return str(resp.json()["flavor"]["id"]), name
 
 
-def _server_with_guest(site: Site, spec: GuestSpec, host: cluster.LabHost) -> str:
+def _server_with_guest(
+    site: Site, spec: GuestSpec, host: cluster.LabHost, wait: bool = True
+) -> str:
     """A Nova server on `host` and its lab guest: same uuid, Nova's metadata in the XML."""
     flavor_id, flavor_name = _flavor(site.admin, spec.memory_mib)
     server_id = site.admin.create_server(host.name, flavor=flavor_id, name=spec.name)
     server = site.admin.server(server_id)
     assert server["OS-EXT-SRV-ATTR:host"] == host.name
     meta = NovaMetadata(spec.name, flavor_name, server["tenant_id"], server["user_id"])
-    site.lab.add_guest(spec, host.name, uuid=server_id, nova=meta)
+    site.lab.add_guest(
+        spec,
+        host.name,
+        uuid=server_id,
+        nova=meta,
+        wait=wait,
+        ready_timeout_s=GUEST_READY_TIMEOUT_S,
+    )
     site.servers[spec.name] = server_id
     return server_id
 
@@ -191,12 +202,20 @@ def site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Site]:
         proc, nova = _start_nova(lab, work)
         admin = NovaAdmin(nova)
         site = Site(lab, nova, admin, work)
+        t0 = time.monotonic()
         for spec, host in (
             (DIRTY, lab.hosts[0]),
             (STATIC, lab.hosts[0]),
             (BYSTANDER, lab.hosts[1]),
         ):
-            _server_with_guest(site, spec, host)
+            _server_with_guest(site, spec, host, wait=False)
+        try:
+            lab.wait_guests_ready(GUEST_READY_TIMEOUT_S)
+        except Exception:
+            for name in lab.guest_names:
+                print(f"serial of {name}: {lab.guest_serial(name)[-500:]!r}")
+            raise
+        print(f"servers and their guests ready in {time.monotonic() - t0:.1f} s")
         try:
             yield site
         finally:
@@ -345,3 +364,116 @@ def test_drain_through_nova_moves_the_real_guests(site: Site) -> None:
         assert _service(site, source.name)["status"] == "enabled"
     finally:
         coordinator.stop()
+
+
+# Rewrites a working set faster than the lab link carries it: never converges by itself.
+HOT = GuestSpec(f"{PREFIX}-hot", 256, 96, 60, GuestMode.PACED, 0)
+ACTIVE = ("accepted", "queued", "pre-migrating", "preparing", "running")
+
+
+def _enable_all(site: Site) -> None:
+    resp = site.admin.http.get(f"{site.nova.url}/os-services", params={"binary": "nova-compute"})
+    resp.raise_for_status()
+    for s in resp.json()["services"]:
+        if s["status"] != "enabled":
+            site.admin.http.put(
+                f"{site.nova.url}/os-services/{s['id']}", json={"status": "enabled"}
+            ).raise_for_status()
+
+
+def _running_migration(site: Site, server_id: str, after: int) -> dict[str, Any]:
+    """The new live migration of the server once the lab driver reports its memory counters."""
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        for m in _live_migrations(site, server_id):
+            if int(m["id"]) <= after:
+                continue
+            assert m["status"] in (*ACTIVE, "completed"), m
+            if m["status"] == "running":
+                resp = site.admin.http.get(
+                    f"{site.nova.url}/servers/{server_id}/migrations/{m['id']}"
+                )
+                if resp.status_code == 200:
+                    record: dict[str, Any] = resp.json()["migration"]
+                    if record.get("memory_total_bytes"):
+                        return record
+        time.sleep(0.5)
+    raise AssertionError(f"no running live migration of {server_id} with progress in 120 s")
+
+
+def _settled(site: Site, server_id: str, migration_id: int) -> tuple[dict[str, Any], str]:
+    """The server once its task is over, and the migration's final status."""
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline:
+        server = site.admin.server(server_id)
+        status = next(
+            m["status"] for m in _live_migrations(site, server_id) if int(m["id"]) == migration_id
+        )
+        if server.get("OS-EXT-STS:task_state") is None and status not in ACTIVE:
+            return server, str(status)
+        time.sleep(0.5)
+    raise AssertionError(f"the migration {migration_id} of {server_id} did not end in 180 s")
+
+
+def _last_id(site: Site, server_id: str) -> int:
+    return max((int(m["id"]) for m in _live_migrations(site, server_id)), default=0)
+
+
+def test_abort_and_force_complete_act_on_the_real_job(site: Site) -> None:
+    """Nova's abort is abortJob on the QEMU job; its force-complete (no post-copy) pauses
+    the guest until the copy ends, and the guest runs again where it lands."""
+    lab = site.lab
+    home, away = lab.hosts[2], lab.hosts[0]
+    _enable_all(site)
+    server_id = _server_with_guest(site, HOT, home)
+    try:
+        move = {"os-migrateLive": {"host": away.name, "block_migration": "auto"}}
+        site.admin.action(server_id, move)
+        record = _running_migration(site, server_id, 0)
+        print(
+            f"\nhot: running, nova record memory_total={record['memory_total_bytes']} "
+            f"remaining={record['memory_remaining_bytes']}"
+        )
+        resp = site.admin.http.delete(
+            f"{site.nova.url}/servers/{server_id}/migrations/{record['id']}"
+        )
+        assert resp.status_code == 202, resp.text
+        server, status = _settled(site, server_id, int(record["id"]))
+        assert status == "cancelled"
+        assert server["OS-EXT-SRV-ATTR:host"] == home.name
+        assert server["status"] == "ACTIVE"
+        assert placement(lab, [HOT.name])[HOT.name] == [home.name]
+
+        site.admin.action(server_id, move)
+        record = _running_migration(site, server_id, int(record["id"]))
+        t0 = time.monotonic()
+        resp = site.admin.http.post(
+            f"{site.nova.url}/servers/{server_id}/migrations/{record['id']}/action",
+            json={"force_complete": None},
+        )
+        assert resp.status_code == 202, resp.text
+        server, status = _settled(site, server_id, int(record["id"]))
+        print(
+            f"hot: force-completed in {time.monotonic() - t0:.1f} s, "
+            f"QEMU downtime {last_downtime_ms(lab, HOT.name)} ms"
+        )
+        assert status == "completed"
+        assert server["OS-EXT-SRV-ATTR:host"] == away.name
+        assert server["status"] == "ACTIVE"
+        # Running (not left paused), exactly once.
+        assert placement(lab, [HOT.name])[HOT.name] == [away.name]
+    finally:
+        _destroy_guest(lab, HOT.name)
+        site.admin.delete_server(server_id)
+
+
+def _destroy_guest(lab: cluster.Lab, name: str) -> None:
+    """Stops a guest wherever it is (its QEMU costs CPU the other lab tests need)."""
+    for host in lab.hosts:
+        conn = libvirt.open(host.uri)
+        try:
+            conn.lookupByName(name).destroy()
+        except libvirt.libvirtError:
+            pass
+        finally:
+            conn.close()
