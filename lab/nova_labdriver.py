@@ -303,7 +303,9 @@ class LabLiveMigrateDriver(nova_fakedriver.PerServerLiveMigrateDriver):
             conn = self._open(uri)
             try:
                 dom = _blocking(conn.lookupByUUIDString, uuid)
-                stats = _blocking(dom.jobStats, lv.VIR_DOMAIN_JOB_STATS_COMPLETED)
+                # Kept for whoever reads them next (an agent, an operator's virsh).
+                flags = lv.VIR_DOMAIN_JOB_STATS_COMPLETED | lv.VIR_DOMAIN_JOB_STATS_KEEP_COMPLETED
+                stats = _blocking(dom.jobStats, flags)
             finally:
                 _blocking(conn.close)
         except lv.libvirtError as e:
