@@ -153,7 +153,7 @@ def _stop_nova(proc: subprocess.Popen[bytes]) -> None:
 def _flavor(admin: NovaAdmin, memory_mib: int) -> tuple[str, str]:
     """A flavor of the guest's size: (id, name)."""
     name = f"{PREFIX}-{memory_mib}"
-    body = {"flavor": {"name": name, "ram": memory_mib, "vcpus": 1, "disk": 1}}
+    body: dict[str, Any] = {"flavor": {"name": name, "ram": memory_mib, "vcpus": 1, "disk": 1}}
     resp = admin.http.post(f"{admin.nova.url}/flavors", json=body)
     if resp.status_code == 409:  # made by an earlier server of this size
         for f in admin.nova.flavors:
