@@ -434,6 +434,75 @@ class Lab:
             "agent_failures": list(self._state.agent_failures),
         }
 
+    # ---- guests added to a running lab -------------------------------------------------
+
+    def add_guest(
+        self,
+        spec: GuestSpec,
+        host: str,
+        *,
+        uuid: str = "",
+        nova: domains.NovaMetadata | None = None,
+        wait: bool = True,
+        ready_timeout_s: float = 300.0,
+    ) -> None:
+        """Boot one more guest on `host`, with a chosen domain uuid and Nova metadata.
+
+        A Nova instance's domain carries the instance uuid and Nova's metadata:
+        this makes a guest the lab's stand-in for a server Nova created. The
+        guest is recorded like those of `up` (its serial log, its QEMU process);
+        the uuid is not, so a recovered lab boots it again under a new one.
+        With `wait`, returns once every guest printed its ready line; else at
+        once (boot several, then `wait_guests_ready`).
+        """
+        with self._store.locked():
+            state = self._store.load()
+            if any(g.name == spec.name for g in state.guests):
+                raise errors.SpecError(None, f"guest {spec.name} exists already")
+            h = next((x for x in state.hosts if x.name == host), None)
+            if h is None:
+                raise errors.SpecError(None, f"guest {spec.name}: no lab host {host}")
+            accel = domains.Accel(state.accel)
+            khz = domains.host_tsc_khz() if accel is domains.Accel.KVM else None
+            record = GuestRecord(
+                name=spec.name,
+                memory_mib=spec.memory_mib,
+                cmdline=guest_cmdline(spec) + (f" tsc_khz={khz}" if khz else ""),
+                initial_host=h.name,
+                serial_path=str(Path(state.state_dir) / "serial" / f"{spec.name}.log"),
+            )
+            Path(record.serial_path).parent.mkdir(parents=True, exist_ok=True)
+            cfg = domains.DomainConfig(
+                name=record.name,
+                memory_mib=record.memory_mib,
+                kernel=Path(state.kernel),
+                cmdline=record.cmdline,
+                serial_path=Path(record.serial_path),
+                accel=accel,
+                cpu_model=state.cpu_model,
+                uuid=uuid,
+                nova=nova,
+            )
+            state = dataclasses.replace(state, guests=(*state.guests, record))
+            self._store.save(state)
+            conn = _open(h.uri)
+            try:
+                conn.createXML(domains.domain_xml(cfg), 0)
+            except libvirt.libvirtError as exc:
+                state = dataclasses.replace(state, guests=state.guests[:-1])
+                raise errors.GuestStartFailed(spec.name, h.name, str(exc)) from exc
+            finally:
+                conn.close()
+                for guest, pid in _qemu_pids_of_host(h):
+                    rec = record_process(Role.QEMU, h.name, pid, guest)
+                    if rec and state.process(Role.QEMU, h.name, guest) != rec:
+                        state = state.with_process(rec)
+                self._store.save(state)
+                self._state = state
+        LOG.info("started guest=%s host=%s uuid=%s", spec.name, h.name, uuid or "(libvirt's)")
+        if wait:
+            self.wait_guests_ready(ready_timeout_s)
+
     # ---- teardown -----------------------------------------------------------------------
 
     def down(self) -> list[str]:

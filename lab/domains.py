@@ -28,6 +28,9 @@ MAX_MEMORY_MIB = 2048
 PREFERRED_CPU_MODEL = "EPYC"
 KVM_GET_API_VERSION = 0xAE00
 KVM_API_VERSION = 12
+# Nova's libvirt driver writes its instance metadata in this namespace; the agent reads it.
+NOVA_NS = "http://openstack.org/xmlns/libvirt/nova/1.1"
+ET.register_namespace("nova", NOVA_NS)
 
 
 class Accel(str, Enum):
@@ -75,6 +78,16 @@ def choose_cpu_model(domcaps_xml: str) -> str:
 
 
 @dataclass(frozen=True)
+class NovaMetadata:
+    """The Nova instance a lab guest stands for, as Nova's libvirt driver describes it."""
+
+    name: str
+    flavor_name: str
+    project_uuid: str
+    user_uuid: str
+
+
+@dataclass(frozen=True)
 class DomainConfig:
     name: str
     memory_mib: int
@@ -84,6 +97,9 @@ class DomainConfig:
     accel: Accel
     cpu_model: str
     emulator: str = "/usr/bin/qemu-system-x86_64"
+    # "" lets libvirt choose; a Nova instance's domain carries the instance uuid.
+    uuid: str = ""
+    nova: NovaMetadata | None = None
 
     def __post_init__(self) -> None:
         if not MIN_MEMORY_MIB <= self.memory_mib <= MAX_MEMORY_MIB:
@@ -120,9 +136,27 @@ def _sub(parent: ET.Element, tag: str, text: str | None = None, **attrs: str) ->
     return elem
 
 
+def _nova_metadata(parent: ET.Element, nova: NovaMetadata, memory_mib: int) -> None:
+    def q(tag: str) -> str:
+        return f"{{{NOVA_NS}}}{tag}"
+
+    inst = _sub(parent, q("instance"))
+    _sub(inst, q("name"), nova.name)
+    flavor = _sub(inst, q("flavor"), name=nova.flavor_name)
+    _sub(flavor, q("memory"), str(memory_mib))
+    _sub(flavor, q("vcpus"), "1")
+    owner = _sub(inst, q("owner"))
+    _sub(owner, q("user"), "lab", uuid=nova.user_uuid)
+    _sub(owner, q("project"), "lab", uuid=nova.project_uuid)
+
+
 def domain_xml(cfg: DomainConfig) -> str:
     dom = ET.Element("domain", {"type": cfg.accel.domain_type})
     _sub(dom, "name", cfg.name)
+    if cfg.uuid:
+        _sub(dom, "uuid", cfg.uuid)
+    if cfg.nova is not None:
+        _nova_metadata(_sub(dom, "metadata"), cfg.nova, cfg.memory_mib)
     _sub(dom, "memory", str(cfg.memory_mib), unit="MiB")
     _sub(dom, "vcpu", "1")
     os_el = _sub(dom, "os")

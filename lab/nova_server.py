@@ -4,8 +4,11 @@ Runs inside Nova's own virtualenv (``scripts/nova-venv.sh`` creates
 ``.venv-nova``), never the project's: Nova pins many libraries. It starts
 Nova's API, conductor, scheduler, placement and one nova-compute service per
 host named on the command line through Nova's functional-test fixtures, with
-the per-server fake driver of ``nova_fakedriver.py``, and serves the API's
-WSGI application on ``127.0.0.1:<port>`` with eventlet's WSGI server.
+the per-server fake driver of ``nova_fakedriver.py`` (or, with ``--driver lab
+--lab-config FILE``, the driver of ``nova_labdriver.py``, whose live
+migrations move real lab guests between the lab hosts of the same names), and
+serves the API's WSGI application on ``127.0.0.1:<port>`` with eventlet's WSGI
+server.
 
     .venv-nova/bin/python lab/nova_server.py --port 0 --ready-file /tmp/nova.json \\
         host1 host2 host3
@@ -29,7 +32,9 @@ import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 DRIVER = "nova_fakedriver.PerServerLiveMigrateDriver"
+DRIVERS = {"fake": DRIVER, "lab": "nova_labdriver.LabLiveMigrateDriver"}
 _ENV_DURATION = "HOSTMAINT_NOVA_FAKE_MIGRATION_S"
+_ENV_LAB_CONFIG = "HOSTMAINT_NOVA_LAB_CONFIG"
 
 
 def _parse(argv):
@@ -53,6 +58,26 @@ def _parse(argv):
             "Nova's [DEFAULT] max_concurrent_live_migrations; its pool is one per "
             "process, so in this single process it bounds all hosts together"
         ),
+    )
+    parser.add_argument(
+        "--driver",
+        choices=sorted(DRIVERS),
+        default="fake",
+        help="fake: per-server fake migrations; lab: real migrations of lab guests",
+    )
+    parser.add_argument(
+        "--lab-config",
+        help="the lab driver's host map (JSON, see nova_labdriver.py); needed by --driver lab",
+    )
+    parser.add_argument(
+        "--permit-post-copy",
+        action="store_true",
+        help="[libvirt] live_migration_permit_post_copy (the lab driver's force-complete)",
+    )
+    parser.add_argument(
+        "--permit-auto-converge",
+        action="store_true",
+        help="[libvirt] live_migration_permit_auto_converge (used by the lab driver)",
     )
     parser.add_argument(
         "--response-validation",
@@ -82,6 +107,11 @@ def main(argv=None):
     args = _parse(argv if argv is not None else sys.argv[1:])
     started = time.monotonic()
     os.environ[_ENV_DURATION] = str(args.migration_s)
+    if args.driver == "lab":
+        if not args.lab_config:
+            print("--driver lab needs --lab-config", file=sys.stderr)
+            return 2
+        os.environ[_ENV_LAB_CONFIG] = os.path.abspath(args.lab_config)
     # Test-runner settings that would cut a long-lived process short.
     for name in ("OS_TEST_TIMEOUT", "OS_STDOUT_CAPTURE", "OS_STDERR_CAPTURE"):
         os.environ.pop(name, None)
@@ -95,6 +125,11 @@ def main(argv=None):
     # Nova loads `compute_driver` as `nova.virt.<name>`: let that package
     # find the fake driver beside this file.
     nova.virt.__path__.append(HERE)
+    if args.driver == "lab":
+        # Nova's test base refuses imports of libvirt once set up: load it now.
+        from nova.virt import nova_labdriver
+
+        nova_labdriver.preload_libvirt()
 
     hosts = list(dict.fromkeys(args.hosts))
 
@@ -109,7 +144,12 @@ def main(argv=None):
             self.flags(
                 api_paste_config=os.path.join(sys.prefix, "etc/nova/api-paste.ini"), group="wsgi"
             )
-            self.flags(compute_driver=DRIVER)
+            self.flags(compute_driver=DRIVERS[args.driver])
+            self.flags(
+                live_migration_permit_post_copy=args.permit_post_copy,
+                live_migration_permit_auto_converge=args.permit_auto_converge,
+                group="libvirt",
+            )
             # Nova's test configuration turns response-schema failures into
             # errors; a deployment only warns (Nova's default and advice).
             self.flags(response_validation=args.response_validation, group="api")
@@ -156,6 +196,7 @@ def main(argv=None):
             "port": port,
             "pid": os.getpid(),
             "hosts": hosts,
+            "driver": args.driver,
             "images": images,
             "image_id": images[0]["id"] if images else None,
             "flavors": _flavors(nova),
