@@ -136,6 +136,7 @@ class _Watch:
     final_phase: int = apb.MIGRATION_PHASE_UNSPECIFIED
     error: str = ""
     finished: bool = False
+    plan_applied: bool = False  # the planned QEMU downtime limit is in force on the job
 
 
 @dataclass
@@ -871,6 +872,9 @@ class Executor:
                 w.downtime_ms, w.final_phase, w.error = float(p.downtime_ms), p.phase, p.error
                 w.finished = True
                 return row
+            if not w.plan_applied and p.memory_total_bytes:
+                w.plan_applied = True
+                self._apply_planned_downtime(run, row, p.max_downtime_ms)
             obs = escalation.Observation(
                 elapsed_s=self._clock() - w.started,
                 iteration=p.iteration,
@@ -884,6 +888,32 @@ class Executor:
                 return row
         w.finished = True
         return row
+
+    def _apply_planned_downtime(self, run: _Run, row: VmRow, current_ms: int) -> None:
+        """The plan's QEMU downtime limit on a job the cloud started with its own.
+
+        The libvirt driver starts jobs with it; Nova starts them at its first
+        downtime step, so the source agent raises it (and holds it against Nova's
+        next steps).
+        """
+        assert run.planned is not None
+        planned = run.planned.get(row.vm_uuid)
+        want = round(planned.settings.downtime_limit_ms) if planned is not None else 0
+        if want <= current_ms:
+            return
+        try:
+            self.registry.client(run.host).tune(
+                apb.TuneMigrationRequest(domain_uuid=row.vm_uuid, max_downtime_ms=want)
+            )
+        except errors.CoordinatorError as e:
+            LOG.warning("planned downtime not applied vm=%s error=%s", row.vm_uuid, e)
+            return
+        LOG.info(
+            "planned downtime applied vm=%s from_ms=%d to_ms=%d", row.vm_uuid, current_ms, want
+        )
+        self._publish(
+            run, cpb.DRAIN_EVENT_KIND_TUNED, vm=row, message=f"planned max downtime {want} ms"
+        )
 
     def _watch_cloud(
         self, run: _Run, row: VmRow, ref: MigrationRef, w: _Watch, reattach: bool
