@@ -32,9 +32,13 @@ def sd_notify(state: str) -> bool:
         return False
     if address.startswith("@"):
         address = "\0" + address[1:]
-    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
-        sock.connect(address)
-        sock.sendall(state.encode())
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+            sock.connect(address)
+            sock.sendall(state.encode())
+    except OSError as e:  # the manager went away: a notification is never worth a crash
+        LOG.warning("systemd notification failed socket=%s error=%s", address, e)
+        return False
     return True
 
 

@@ -9,6 +9,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
+from hostmaint.common import daemon
 from tests.agent.conftest import DOMAINS
 from tests.agent.nodexml import write_node
 
@@ -110,3 +113,11 @@ def test_probe_reports_unreachable() -> None:
     )
     assert probe.returncode == 2
     assert "UNAVAILABLE" in probe.stdout or "DEADLINE" in probe.stdout
+
+
+def test_a_gone_notify_socket_is_logged_not_raised(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.setenv("NOTIFY_SOCKET", str(tmp_path / "gone.sock"))
+    assert daemon.sd_notify("STOPPING=1") is False
+    assert "systemd notification failed" in caplog.text
