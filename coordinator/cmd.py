@@ -163,6 +163,22 @@ class Coordinator:
             LOG.info("resumed drains=%s", ",".join(resumed))
         self.server.set_serving(True)
         daemon.sd_notify(f"READY=1\nSTATUS=serving on port {self.port}")
+        if self.executor.left_to_holders():
+            threading.Thread(target=self._resume_left, name="resume-left", daemon=True).start()
+
+    def _resume_left(self) -> None:
+        """Retries the drains whose host lock a dead leader still held at the election.
+
+        Its leases lapse at about the same time, but each in its own etcd lease:
+        the leadership may be free a moment before the host locks are.
+        """
+        interval_s = self.conf.coordination.heartbeat_interval_s
+        while not self.stopped.wait(interval_s) and self.coordination.is_leader():
+            resumed = self.executor.resume_all()
+            if resumed:
+                LOG.info("resumed drains=%s", ",".join(resumed))
+            if not self.executor.left_to_holders():
+                return
 
     def _lost(self, what: str) -> None:
         """A lease lapsed: another coordinator may act now, so this one must stop at once."""

@@ -327,6 +327,12 @@ class Executor:
             resumed.append(drain.id)
         return resumed
 
+    def left_to_holders(self) -> list[str]:
+        """The journal's active drains this coordinator does not run (resume_all left them)."""
+        with self._lock:
+            ours = set(self._runs)
+        return [d.id for d in self.journal.active_drains() if d.id not in ours]
+
     def _launch(self, run: _Run) -> None:
         with self._lock:
             self._runs[run.drain_id] = run

@@ -128,6 +128,7 @@ class DrainLab:
     stub: coordinator_pb2_grpc.CoordinatorStub | None = None
     db_path: Path | None = None
     processes: list[subprocess.Popen[bytes]] = field(default_factory=list)
+    ports: dict[str, int] = field(default_factory=dict)  # spawned coordinators by name
 
     @property
     def url(self) -> str:
@@ -216,11 +217,24 @@ class DrainLab:
         self.start_coordinator(endpoint, drain)
 
     def spawn_coordinator(
-        self, endpoint: str | None = None, drain: dict[str, float] | None = None
+        self,
+        endpoint: str | None = None,
+        drain: dict[str, float] | None = None,
+        *,
+        name: str = "coordinator",
+        db_url: str | None = None,
+        extra: dict[str, dict[str, object]] | None = None,
     ) -> subprocess.Popen[bytes]:
-        """hostmaint-coordinator in its own process (to be killed), serving a known port."""
+        """hostmaint-coordinator in its own process (to be killed), serving a known port.
+
+        `name` keeps several side by side (its config, log and entry in `ports`);
+        `db_url` replaces the lab's SQLite journal; `extra` adds config sections
+        (e.g. {"coordination": {...}}).
+        """
         self.db_path = self.db_path or self.tmp / "coordinator.db"
+        db_url = db_url or f"sqlite:///{self.db_path}"
         port = _free_port()
+        self.ports[name] = port
         agents = ",".join(f"{h}:127.0.0.1:{a.port}" for h, a in self.agents.items())
         settings = {**BASE_DRAIN, **(drain or {})}
         lines = [
@@ -228,7 +242,7 @@ class DrainLab:
             f"listen = 127.0.0.1:{port}",
             "grace_s = 0.5",
             "[database]",
-            f"url = sqlite:///{self.db_path}",
+            f"url = {db_url}",
             "[driver]",
             "name = nova",
             "[nova]",
@@ -239,11 +253,14 @@ class DrainLab:
             f"hosts = {agents}",
             "timeout_s = 5",
             "[drain]",
-            *(f"{name} = {value}" for name, value in settings.items()),
+            *(f"{option} = {value}" for option, value in settings.items()),
         ]
-        config = self.tmp / "coordinator.conf"
+        for section, options in (extra or {}).items():
+            lines += [f"[{section}]", *(f"{k} = {v}" for k, v in options.items())]
+        config = self.tmp / f"{name}.conf"
         config.write_text("\n".join(lines) + "\n")
-        with open(self.tmp / "coordinator.log", "ab") as log:
+        log_path = self.tmp / f"{name}.log"
+        with open(log_path, "ab") as log:
             proc = subprocess.Popen(
                 [sys.executable, "-m", "hostmaint.coordinator.cmd", "--config-file", str(config)],
                 stdout=log,
@@ -257,7 +274,7 @@ class DrainLab:
         try:
             grpc.channel_ready_future(self.channel).result(timeout=T)
         except grpc.FutureTimeoutError:
-            tail = (self.tmp / "coordinator.log").read_text(errors="replace")[-2000:]
+            tail = log_path.read_text(errors="replace")[-2000:]
             raise AssertionError(f"the coordinator did not serve in {T} s:\n{tail}") from None
         self.stub = coordinator_pb2_grpc.CoordinatorStub(self.channel)
         return proc
