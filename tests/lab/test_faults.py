@@ -28,6 +28,7 @@ from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import grpc
 import libvirt
@@ -43,7 +44,7 @@ from hostmaint.lab.demo import (
     move_guests_to,
 )
 from hostmaint.lab.guest import GuestMode, GuestSpec
-from hostmaint.lab.state import ProcessRecord, Role, stop_process, wait_until
+from hostmaint.lab.state import ProcessRecord, Role, wait_until
 from hostmaint.protos import agent_pb2 as apb
 from hostmaint.protos import agent_pb2_grpc, coordinator_pb2_grpc
 from hostmaint.protos import coordinator_pb2 as cpb
@@ -77,6 +78,8 @@ class Site:
     lab: cluster.Lab
     work: Path
     uuids: dict[str, str] = field(default_factory=dict)
+    # What a fault test saw, for the checks of known defects that follow it.
+    seen: dict[str, Any] = field(default_factory=dict)
 
     def host(self, index: int) -> cluster.LabHost:
         return self.lab.hosts[index]
@@ -505,12 +508,28 @@ def test_source_agent_killed_mid_migration_is_followed_and_reattached(site: Site
     assert carried_on or where_after_kill, "big's migration ended and big runs nowhere"
     assert fell_back, "the coordinator never noticed the lost watch"
     if samples:
-        assert samples[-1].final and samples[-1].phase == apb.MIGRATION_PHASE_COMPLETED
+        assert samples[-1].final
+        site.seen["adopted_final"] = samples[-1]
     assert status.state == cpb.DRAIN_STATE_COMPLETED, status
     assert _placement_problems(site.lab, {src.name}) == []
     steps = _steps(site.journal("agentkill"), status.drain_id)
     assert steps.by_vm[uuid] == 1, "big's migration was started again"
     assert max(steps.by_attempt.values()) == 1
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="agent: the final WatchMigration sample of a job the agent did not start says "
+    "PRECOPY, not COMPLETED: libvirt's job-completed event carries no 'type' parameter "
+    "(virDomainGetJobStats returns it separately), so job_stats_from_libvirt reads the event "
+    "as an active pre-copy job and MigrationTracker records that as the outcome",
+)
+def test_restarted_agent_reports_the_adopted_migration_completed(site: Site) -> None:
+    final = site.seen.get("adopted_final")
+    if final is None:
+        pytest.skip("the migration ended before the restarted agent could watch it")
+    assert isinstance(final, apb.MigrationProgress)
+    assert final.phase == apb.MIGRATION_PHASE_COMPLETED, final
 
 
 # ---- 3. libvirtd restarted on the source -------------------------------------------------
@@ -543,28 +562,48 @@ def test_source_libvirtd_restarted_during_a_drain(site: Site) -> None:
     outcome = cpb.DrainState.Name(status.state)
     print(f"\nsource libvirtd restarted while big migrated: {outcome}, retried={retried}")
     assert status.state in (cpb.DRAIN_STATE_COMPLETED, cpb.DRAIN_STATE_INCOMPLETE), status
-    if status.state == cpb.DRAIN_STATE_COMPLETED:
-        assert _placement_problems(site.lab, {src.name}) == []
-    else:
-        failed = [vm for vm in status.vms if vm.state != cpb.VM_STATE_COMPLETED]
-        assert failed and all(vm.error for vm in failed), status
-        assert _placement_problems(site.lab, set()) == []
-        for vm in failed:
-            assert [h.name for h in site.lab.running_on(vm.name)] == [src.name]
+    assert all(vm.error for vm in status.vms if vm.state != cpb.VM_STATE_COMPLETED), status
+    assert _placement_problems(site.lab, set()) == []
     assert BIG.name in states
-    agent = _agent_starts(marks)
     steps = _steps(site.journal("srclibvirtd"), status.drain_id)
     assert max(steps.by_attempt.values()) == 1
-    for g in NAMES:
-        # One start per attempt: a second start only after a failed first.
-        assert agent[site.uuids[g]] == states[g].attempts, (g, agent, states[g])
+    agent = _agent_starts(marks)
+    print(f"agent starts {[(g, agent[site.uuids[g]]) for g in NAMES]}")
+    # A VM is started again only after an attempt that failed (at most max_attempts).
+    assert all(agent[site.uuids[g]] <= max(1, states[g].attempts) for g in NAMES), agent
+    site.seen["srclibvirtd"] = (
+        src.name,
+        {vm.name: (vm.state, vm.error) for vm in status.vms},
+        {g: [h.name for h in site.lab.running_on(g)] for g in NAMES},
+    )
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="a start that raced the source libvirtd's restart is reported failed although the "
+    "VM moved: the agent's Migrate answered 'refused: libvirt unavailable' (its shared "
+    "connection was still broken) while migrateToURI3 on its own connection went ahead; the "
+    "executor retried, the driver refused the retry as 'runs on <target> already', and the "
+    "VM ended 'failed' on the drain's report though it runs on the target",
+)
+def test_source_libvirtd_restart_report_matches_where_the_vms_run(site: Site) -> None:
+    seen = site.seen.get("srclibvirtd")
+    if seen is None:
+        pytest.skip("the libvirtd restart test did not run to its end")
+    source, reported, where = seen
+    wrong = [
+        f"{g} reported {cpb.VmState.Name(state)} ({error}) but runs on {where[g]}"
+        for g, (state, error) in reported.items()
+        if (state == cpb.VM_STATE_COMPLETED) != (where[g] != [source])
+    ]
+    assert wrong == []
 
 
 # ---- 4. the target's libvirtd stopped mid-migration --------------------------------------
 
 
 def test_target_libvirtd_stopped_mid_migration_retries_on_the_other_target(site: Site) -> None:
-    """The target's libvirtd dies while `big` migrates to it.
+    """The target's libvirtd is killed while `big` migrates to it.
 
     The source's libvirt loses its peer connection and fails the migration; `big`
     keeps running on the source; the coordinator retries it on the other host
@@ -581,10 +620,16 @@ def test_target_libvirtd_stopped_mid_migration_retries_on_the_other_target(site:
         dead = site.lab.host(started.vm.target_host)
         daemon = site.lab.state.process(Role.LIBVIRTD, dead.name)
         assert daemon is not None
-        assert stop_process(daemon, grace_s=10)
+        # SIGKILL: a stopping libvirtd (SIGTERM) lets the incoming migration finish first.
+        _kill(daemon)
         failed = watch.wait_for(
             lambda e: e.vm.name == BIG.name
-            and e.kind in (cpb.DRAIN_EVENT_KIND_RETRIED, cpb.DRAIN_EVENT_KIND_MIGRATION_FAILED),
+            and e.kind
+            in (
+                cpb.DRAIN_EVENT_KIND_RETRIED,
+                cpb.DRAIN_EVENT_KIND_MIGRATION_FAILED,
+                cpb.DRAIN_EVENT_KIND_MIGRATION_COMPLETED,
+            ),
             300,
         )
         on_source = [h.name for h in site.lab.running_on(BIG.name) if h.name != dead.name]
