@@ -51,6 +51,7 @@ from .state import (
     HostRecord,
     LabState,
     Phase,
+    ProcessRecord,
     Role,
     StateStore,
     liveness,
@@ -502,6 +503,58 @@ class Lab:
         LOG.info("started guest=%s host=%s uuid=%s", spec.name, h.name, uuid or "(libvirt's)")
         if wait:
             self.wait_guests_ready(ready_timeout_s)
+
+    # ---- faults: a host's daemons stopped and started again ------------------------------
+
+    def _starter(self) -> _Starter:
+        s = self._state
+        config = LabConfig(
+            prefix=s.prefix,
+            state_dir=self.state_dir,
+            subnet=s.subnet,
+            rate_mbit=s.rate_mbit,
+            agents=s.agents,
+        )
+        return _Starter(self._store, config)
+
+    def restart_libvirtd(self, host_name: str, grace_s: float = 10.0) -> ProcessRecord:
+        """Stop the host's libvirtd if it runs (SIGTERM), start it again; its guests live on.
+
+        The new daemon finds the running QEMU processes through the status files in its
+        private run directory and reconnects to them, as after a package upgrade.
+        """
+        h = self._record(host_name)
+        with self._store.locked():
+            old = self._state.process(Role.LIBVIRTD, h.name)
+            if old is not None:
+                stop_process(old, grace_s)
+            self._state = self._starter()._ensure_daemon(self._state, h)
+            self._store.save(self._state)
+        new = self._state.process(Role.LIBVIRTD, h.name)
+        assert new is not None
+        return new
+
+    def restart_agent(self, host_name: str, grace_s: float = 5.0) -> ProcessRecord:
+        """Stop the host's agent if it runs (SIGTERM), start it again on the same port."""
+        h = self._record(host_name)
+        if not self._state.agents:
+            raise errors.LabError("this lab runs no agents")
+        with self._store.locked():
+            old = self._state.process(Role.AGENT, h.name)
+            if old is not None:
+                stop_process(old, grace_s)
+            self._state, failure = self._starter()._ensure_agent(self._state, h)
+            self._store.save(self._state)
+        new = self._state.process(Role.AGENT, h.name)
+        if failure or new is None or not new.is_alive():
+            raise errors.LabError(failure or f"agent of {h.name} did not start")
+        return new
+
+    def _record(self, host_name: str) -> HostRecord:
+        for h in self._state.hosts:
+            if h.name == host_name:
+                return h
+        raise KeyError(host_name)
 
     # ---- teardown -----------------------------------------------------------------------
 
