@@ -275,8 +275,11 @@ class LibvirtDriver:
     def _on_job_completed(
         self, _conn: object, dom: libvirt.virDomain, stats: dict[str, Any], _o: object
     ) -> None:
+        # libvirt sends this event for a job that completed, and its parameters carry no
+        # `type` (virDomainGetJobStats returns it apart): without one they read as running.
+        typed = {"type": libvirt.VIR_DOMAIN_JOB_COMPLETED, **stats}
         self._emit(
-            DomainEvent(dom.UUIDString(), "job-completed", "", job_stats_from_libvirt(stats))
+            DomainEvent(dom.UUIDString(), "job-completed", "", job_stats_from_libvirt(typed))
         )
 
     @contextmanager

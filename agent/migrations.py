@@ -151,6 +151,10 @@ class MigrationTracker:
                     return
             except errors.DomainNotFound:
                 return  # already gone: the migration completed at once
+            except errors.HypervisorUnavailable:
+                # The shared connection broke (libvirtd restarted); the migration runs on
+                # its own connection: keep looking (reconnecting) until it shows or ends.
+                LOG.info("libvirt connection lost while a migration starts vm=%s", domain_uuid)
             if self._wait(_APPEAR_POLL_S):
                 return
         raise errors.HypervisorError("migrate", 0, "the migration job did not start in time")

@@ -574,6 +574,12 @@ class Executor:
                         run.drain_id, row.vm_uuid, state="completed", finished_at=self._clock()
                     )
 
+    def _host_of(self, vm_uuid: str) -> str | None:
+        try:
+            return self.driver.get_instance(vm_uuid).host
+        except DriverError:
+            return None
+
     def _moved(self, run: _Run, row: VmRow) -> bool:
         try:
             inst = self.driver.get_instance(row.vm_uuid)
@@ -1110,6 +1116,28 @@ class Executor:
         self, run: _Run, row: VmRow, error: str, failed_target: str | None, count_attempt: bool
     ) -> None:
         row = self.journal.vm(run.drain_id, row.vm_uuid)
+        if self._moved(run, row):
+            # The attempt looked failed from here (its agent or libvirtd went away, the
+            # answer was lost) but the VM runs elsewhere now: where it runs is the truth.
+            LOG.warning("moved despite a failed attempt vm=%s error=%s", row.vm_uuid, error)
+            now = self._clock()
+            inst_host = self._host_of(row.vm_uuid)
+            row = self.journal.update_vm(
+                run.drain_id,
+                row.vm_uuid,
+                state="completed",
+                target_host=inst_host or row.target_host,
+                actual_total_s=now - (row.started_at or now),
+                finished_at=now,
+                error="",
+            )
+            self._publish(
+                run,
+                cpb.DRAIN_EVENT_KIND_MIGRATION_COMPLETED,
+                vm=row,
+                message=f"runs on {inst_host or 'another host'} (the attempt reported: {error})",
+            )
+            return
         attempts = row.attempts + (1 if count_attempt else 0)
         if attempts < self.settings.max_attempts:
             target = self._other_target(run, row, failed_target)

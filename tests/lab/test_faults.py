@@ -431,7 +431,7 @@ def test_coordinator_killed_at_random_points_resumes_without_repeating_a_step(
     baseline, duration_s = _kill_round(site, 0, None)
     rows.append(baseline)
     rng = random.Random(SEED)
-    span_s = duration_s * 1.05
+    span_s = duration_s * 0.85
     delays = [(i + rng.random()) * span_s / KILL_ROUNDS for i in range(KILL_ROUNDS)]
     print(f"\nbaseline drain {duration_s:.1f}s; kill points {[round(d, 1) for d in delays]}")
     try:
@@ -514,25 +514,14 @@ def test_source_agent_killed_mid_migration_is_followed_and_reattached(site: Site
     assert status.state in (cpb.DRAIN_STATE_COMPLETED, cpb.DRAIN_STATE_INCOMPLETE), status
     assert _placement_problems(site.lab, set()) == []
     assert [h.name for h in site.lab.running_on(BIG.name)] != [src.name]
-    site.seen["agentkill"] = _report_and_world(site, src.name, status)
+    _assert_report_matches_the_world(site, src.name, status)
+    final = site.seen.get("adopted_final")
+    if final is not None:  # the restarted agent watched the job to its end
+        assert isinstance(final, apb.MigrationProgress)
+        assert final.phase == apb.MIGRATION_PHASE_COMPLETED, final
     steps = _steps(site.journal("agentkill"), status.drain_id)
     assert steps.by_vm[uuid] == 1, "big's migration was started again"
     assert max(steps.by_attempt.values()) == 1
-
-
-@pytest.mark.xfail(
-    strict=True,
-    reason="agent: the final WatchMigration sample of a job the agent did not start says "
-    "PRECOPY, not COMPLETED: libvirt's job-completed event carries no 'type' parameter "
-    "(virDomainGetJobStats returns it separately), so job_stats_from_libvirt reads the event "
-    "as an active pre-copy job and MigrationTracker records that as the outcome",
-)
-def test_restarted_agent_reports_the_adopted_migration_completed(site: Site) -> None:
-    final = site.seen.get("adopted_final")
-    if final is None:
-        pytest.skip("the migration ended before the restarted agent could watch it")
-    assert isinstance(final, apb.MigrationProgress)
-    assert final.phase == apb.MIGRATION_PHASE_COMPLETED, final
 
 
 # ---- 3. libvirtd restarted on the source -------------------------------------------------
@@ -574,36 +563,16 @@ def test_source_libvirtd_restarted_during_a_drain(site: Site) -> None:
     print(f"agent starts {[(g, agent[site.uuids[g]]) for g in NAMES]}")
     # A VM is started again only after an attempt that failed (at most max_attempts).
     assert all(agent[site.uuids[g]] <= max(1, states[g].attempts) for g in NAMES), agent
-    site.seen["srclibvirtd"] = _report_and_world(site, src.name, status)
+    _assert_report_matches_the_world(site, src.name, status)
 
 
-def _report_and_world(site: Site, source: str, status: cpb.DrainStatus) -> tuple[Any, ...]:
-    return (
-        source,
-        {vm.name: (vm.state, vm.error) for vm in status.vms},
-        {g: [h.name for h in site.lab.running_on(g)] for g in NAMES},
-    )
-
-
-@pytest.mark.xfail(
-    strict=False,  # a race: it shows only when a migration ends while its agent is away
-    reason="a VM whose migration succeeded while its source agent (or libvirtd) was away can "
-    "be reported failed: the executor sees the attempt fail (Migrate answered 'refused: libvirt "
-    "unavailable' while migrateToURI3 went ahead on its own connection, or the watch was lost), "
-    "retries, and the driver refuses the retry with 'runs on <target> already' or 'no host has "
-    "domain'; the executor counts that as a failed attempt instead of checking where the VM "
-    "runs, so the drain ends incomplete with the VM 'failed' though it was moved",
-)
-@pytest.mark.parametrize("fault", ["agentkill", "srclibvirtd"])
-def test_drain_report_matches_where_the_vms_run(site: Site, fault: str) -> None:
-    seen = site.seen.get(fault)
-    if seen is None:
-        pytest.skip(f"the {fault} test did not run to its end")
-    source, reported, where = seen
+def _assert_report_matches_the_world(site: Site, source: str, status: cpb.DrainStatus) -> None:
+    """A VM is reported completed exactly when it runs somewhere other than the source."""
+    where = {g: [h.name for h in site.lab.running_on(g)] for g in NAMES}
     wrong = [
-        f"{g} reported {cpb.VmState.Name(state)} ({error}) but runs on {where[g]}"
-        for g, (state, error) in reported.items()
-        if (state == cpb.VM_STATE_COMPLETED) != (where[g] != [source])
+        f"{vm.name} reported {cpb.VmState.Name(vm.state)} ({vm.error}) but runs on {where[vm.name]}"
+        for vm in status.vms
+        if (vm.state == cpb.VM_STATE_COMPLETED) != (where[vm.name] != [source])
     ]
     assert wrong == []
 
