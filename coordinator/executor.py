@@ -168,7 +168,11 @@ class Executor:
     ) -> None:
         self.driver = driver
         # Who leads and who holds each host's drain: one process alone by default.
-        self.coordination: Coordination = coordination or SingleProcess()
+        if coordination is None:
+            alone = SingleProcess()
+            alone.start()  # nobody else to elect: the leader from the start
+            coordination = alone
+        self.coordination: Coordination = coordination
         self.registry = registry
         self.journal = journal
         self.settings = settings
