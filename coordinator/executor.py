@@ -560,7 +560,8 @@ class Executor:
         # Predictions of the first plan stay in the journal; the fresh plan supplies settings.
         for step in self.journal.open_steps(run.drain_id):
             if step.action in ("start_migration", "cold_migrate"):
-                self._reconcile_start(run, step.id, step.vm_uuid)
+                live = step.action == "start_migration"
+                self._reconcile_start(run, step.id, step.vm_uuid, live=live)
             elif step.action == "confirm_migration":
                 self._reconcile_confirm(run, step.id, step.vm_uuid)
             else:
@@ -591,7 +592,7 @@ class Executor:
             return False
         return inst.host is not None and inst.host != run.host
 
-    def _reconcile_start(self, run: _Run, step_id: int, vm_uuid: str) -> None:
+    def _reconcile_start(self, run: _Run, step_id: int, vm_uuid: str, live: bool = True) -> None:
         """An intent to start a migration with no outcome: find out whether it started."""
         row = self.journal.vm(run.drain_id, vm_uuid)
         ref = None
@@ -616,6 +617,24 @@ class Executor:
                     target_host=status.dest_host or row.planned_target,
                 )
                 return
+        host = self._host_of(vm_uuid)
+        if live and host is not None and host != run.host and row.state == "migrating":
+            # No record of the job any more (it ended with the process that watched it), but
+            # the VM runs elsewhere: this start happened, and it completed. (A cold migration
+            # that moved still waits for its confirmation: not this shortcut.)
+            self.journal.end_step(step_id, True, f"started before the restart; runs on {host}")
+            now = self._clock()
+            self.journal.update_vm(
+                run.drain_id,
+                vm_uuid,
+                state="completed",
+                attempts=row.attempts + 1,
+                started_at=row.started_at or now,
+                target_host=host,
+                finished_at=now,
+                error="",
+            )
+            return
         self.journal.end_step(step_id, False, "not started before the restart")
 
     def _reconcile_confirm(self, run: _Run, step_id: int, vm_uuid: str) -> None:
