@@ -70,6 +70,8 @@ CSV_COLUMNS = (
     "iterations",
     "converged",
 )
+# Read when present: a concurrent step's rows share `started_at`; `wall_s` is request to end.
+CSV_OPTIONAL_COLUMNS = ("started_at", "wall_s")
 FIT_FIELDS = (
     "switchover_ms",
     "device_state_bytes",

@@ -41,7 +41,9 @@ def _csv(rows: list[dict[str, str]]) -> str:
 
 def test_columns_start_with_what_calibrate_reads() -> None:
     assert bench.COLUMNS[: len(bench.CALIBRATE_COLUMNS)] == bench.CALIBRATE_COLUMNS
-    assert set(calibrate.LabRow.__dataclass_fields__) == set(bench.CALIBRATE_COLUMNS)
+    optional = set(calibrate.CSV_OPTIONAL_COLUMNS)
+    assert set(calibrate.LabRow.__dataclass_fields__) == set(bench.CALIBRATE_COLUMNS) | optional
+    assert optional <= set(bench.EXTRA_COLUMNS)  # the bench writes what calibrate can use
     assert bench.EXTRA_COLUMNS[:3] == ("load_1m", "accel", "started_at")
 
 
