@@ -29,11 +29,7 @@ from hostmaint.agent.cmd import Agent, load_config
 from hostmaint.protos import agent_pb2 as pb
 from hostmaint.protos import agent_pb2_grpc
 from tests.agent.nodexml import many_domains, write_node
-
-
-def _pct(values: list[float], p: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(p / 100 * len(ordered)))]
+from tools.procstats import percentile
 
 
 def bare_libvirt(uri: str, calls: int) -> list[float]:
@@ -106,11 +102,11 @@ def main() -> int:
     ms = 1000.0
     print(f"agent ListDomains, {args.domains} domains, {args.clients} clients x {args.calls} calls")
     print(
-        f"  p50 {_pct(lat, 50) * ms:.1f} ms  p99 {_pct(lat, 99) * ms:.1f} ms  "
+        f"  p50 {percentile(lat, 50) * ms:.1f} ms  p99 {percentile(lat, 99) * ms:.1f} ms  "
         f"mean {statistics.mean(lat) * ms:.1f} ms  errors {errors}"
     )
     print(
-        f"  health p50 {_pct(health_lat, 50) * ms:.2f} ms  p99 {_pct(health_lat, 99) * ms:.2f} ms"
+        f"  health p50 {percentile(health_lat, 50) * ms:.2f} ms  p99 {percentile(health_lat, 99) * ms:.2f} ms"
     )
     print(f"  throughput {len(lat) / wall:.1f} ListDomains/s")
     print(
@@ -118,8 +114,8 @@ def main() -> int:
         f"{wall:.2f} s wall, RSS {rss / 2**20:.0f} MiB (agent and clients in one process)"
     )
     print(
-        f"baseline: bare libvirt loop p50 {_pct(base, 50) * ms:.1f} ms; "
-        f"agent/baseline {_pct(lat, 50) / _pct(base, 50):.2f}x"
+        f"baseline: bare libvirt loop p50 {percentile(base, 50) * ms:.1f} ms; "
+        f"agent/baseline {percentile(lat, 50) / percentile(base, 50):.2f}x"
     )
     return 1 if errors else 0
 

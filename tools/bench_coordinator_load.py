@@ -24,11 +24,8 @@ import multiprocessing
 import statistics
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
-
-import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -45,55 +42,7 @@ from tests.coordinator.loadcluster import (
     start_agents,
     verify,
 )
-
-
-class PeakSampler:
-    """A process's peak RSS, sampled (and read from the kernel's high-water mark)."""
-
-    def __init__(self, pid: int, interval_s: float = 0.05) -> None:
-        self.process = psutil.Process(pid)
-        self.peak_rss = 0
-        self._interval_s = interval_s
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="rss-sampler", daemon=True)
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            self.sample()
-            self._stop.wait(self._interval_s)
-
-    def sample(self) -> None:
-        try:
-            self.peak_rss = max(self.peak_rss, self.process.memory_info().rss, self._hwm())
-        except psutil.Error:
-            pass  # the process ended: keep the last peak
-
-    def _hwm(self) -> int:
-        try:
-            for line in Path(f"/proc/{self.process.pid}/status").read_text().splitlines():
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) * 1024
-        except OSError:
-            pass
-        return 0
-
-    def cpu_s(self) -> float:
-        t = self.process.cpu_times()
-        return float(t.user + t.system)
-
-    def __enter__(self) -> PeakSampler:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *_: object) -> None:
-        self._stop.set()
-        self._thread.join()
-        self.sample()
-
-
-def _pct(values: list[float], p: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(p / 100 * len(ordered)))]
+from tools.procstats import PeakSampler, percentile
 
 
 def main() -> int:
@@ -171,8 +120,8 @@ def main() -> int:
         f"migrations/s {len(report.moves) / wall:.1f}  completed drains {completed}/{len(results)}"
     )
     print(
-        f"  per drain p50 {_pct(per_drain, 50):.2f} s  max {max(per_drain):.2f} s; "
-        f"simulated migration p50 {_pct(sim_s, 50) * 1000:.0f} ms "
+        f"  per drain p50 {percentile(per_drain, 50):.2f} s  max {max(per_drain):.2f} s; "
+        f"simulated migration p50 {percentile(sim_s, 50) * 1000:.0f} ms "
         f"(sum {sum(sim_s):.1f} s, mean {statistics.mean(sim_s) * 1000:.0f} ms)"
         if sim_s
         else "  no migrations"
