@@ -586,11 +586,8 @@ class Executor:
             return None
 
     def _moved(self, run: _Run, row: VmRow) -> bool:
-        try:
-            inst = self.driver.get_instance(row.vm_uuid)
-        except DriverError:
-            return False
-        return inst.host is not None and inst.host != run.host
+        host = self._host_of(row.vm_uuid)
+        return host is not None and host != run.host
 
     def _reconcile_start(self, run: _Run, step_id: int, vm_uuid: str, live: bool = True) -> None:
         """An intent to start a migration with no outcome: find out whether it started."""
@@ -1139,17 +1136,17 @@ class Executor:
         self, run: _Run, row: VmRow, error: str, failed_target: str | None, count_attempt: bool
     ) -> None:
         row = self.journal.vm(run.drain_id, row.vm_uuid)
-        if self._moved(run, row):
+        inst_host = self._host_of(row.vm_uuid)
+        if inst_host is not None and inst_host != run.host:
             # The attempt looked failed from here (its agent or libvirtd went away, the
             # answer was lost) but the VM runs elsewhere now: where it runs is the truth.
             LOG.warning("moved despite a failed attempt vm=%s error=%s", row.vm_uuid, error)
             now = self._clock()
-            inst_host = self._host_of(row.vm_uuid)
             row = self.journal.update_vm(
                 run.drain_id,
                 row.vm_uuid,
                 state="completed",
-                target_host=inst_host or row.target_host,
+                target_host=inst_host,
                 actual_total_s=now - (row.started_at or now),
                 finished_at=now,
                 error="",
@@ -1158,7 +1155,7 @@ class Executor:
                 run,
                 cpb.DRAIN_EVENT_KIND_MIGRATION_COMPLETED,
                 vm=row,
-                message=f"runs on {inst_host or 'another host'} (the attempt reported: {error})",
+                message=f"runs on {inst_host} (the attempt reported: {error})",
             )
             return
         attempts = row.attempts + (1 if count_attempt else 0)
