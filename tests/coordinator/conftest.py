@@ -7,6 +7,7 @@ from pathlib import Path
 
 import grpc
 import pytest
+from oslo_config import cfg
 
 from hostmaint.agent.cmd import Agent
 from hostmaint.agent.cmd import load_config as agent_config
@@ -30,6 +31,23 @@ def start_agent(node: Path) -> Agent:
     return agent
 
 
+def libvirt_coordinator_config(tmp_path: Path, agents: dict[str, Agent]) -> cfg.ConfigOpts:
+    """A coordinator on loopback with the libvirt driver over these test:/// agents."""
+    conf = coordinator_config([])
+    conf.set_override("listen", "127.0.0.1:0", group="grpc")
+    conf.set_override("grace_s", 0.5, group="grpc")
+    conf.set_override("url", f"sqlite:///{tmp_path / 'coordinator.db'}", group="database")
+    conf.set_override("name", "libvirt", group="driver")
+    conf.set_override(
+        "hosts", {h: f"127.0.0.1:{a.port}" for h, a in agents.items()}, group="agents"
+    )
+    conf.set_override("uris", {h: f"test:///{h}" for h in agents}, group="libvirt_driver")
+    conf.set_override("timeout_s", 5.0, group="agents")
+    conf.set_override("poll_interval_s", 0.1, group="drain")
+    conf.set_override("link_bandwidth_bytes_per_s", 1.25e9, group="drain")
+    return conf
+
+
 @dataclass
 class Cluster:
     agents: dict[str, Agent]
@@ -44,19 +62,7 @@ def cluster(tmp_path: Path) -> Iterator[Cluster]:
         "host1": start_agent(write_node(tmp_path / "host1.xml", DOMAINS)),
         "host2": start_agent(write_node(tmp_path / "host2.xml", [])),
     }
-    conf = coordinator_config([])
-    conf.set_override("listen", "127.0.0.1:0", group="grpc")
-    conf.set_override("grace_s", 0.5, group="grpc")
-    conf.set_override("url", f"sqlite:///{tmp_path / 'coordinator.db'}", group="database")
-    conf.set_override("name", "libvirt", group="driver")
-    conf.set_override(
-        "hosts", {h: f"127.0.0.1:{a.port}" for h, a in agents.items()}, group="agents"
-    )
-    conf.set_override("uris", {h: f"test:///{h}" for h in agents}, group="libvirt_driver")
-    conf.set_override("timeout_s", 5.0, group="agents")
-    conf.set_override("poll_interval_s", 0.1, group="drain")
-    conf.set_override("link_bandwidth_bytes_per_s", 1.25e9, group="drain")
-    coordinator = Coordinator(conf, threading.Event())
+    coordinator = Coordinator(libvirt_coordinator_config(tmp_path, agents), threading.Event())
     coordinator.start()
     channel = grpc.insecure_channel(f"127.0.0.1:{coordinator.port}")
     try:

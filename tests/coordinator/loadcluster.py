@@ -26,7 +26,6 @@ import grpc
 from sqlalchemy.engine import Engine
 
 from hostmaint.agent.cmd import Agent
-from hostmaint.agent.cmd import load_config as agent_config
 from hostmaint.common import daemon
 from hostmaint.coordinator.agents import AgentRegistry
 from hostmaint.coordinator.cmd import SERVICE_NAME
@@ -38,6 +37,7 @@ from hostmaint.coordinator.servicer import CoordinatorServicer
 from hostmaint.protos import coordinator_pb2 as cpb
 from hostmaint.protos import coordinator_pb2_grpc
 from tests.agent.nodexml import NovaMeta, TestDomain, rbd_disk, write_node
+from tests.coordinator.conftest import start_agent
 from tests.coordinator.simdriver import Move, SimDriver, SimHost
 
 LINK_BYTES_PER_S = 1.25e9  # 10 Gbit/s
@@ -119,18 +119,6 @@ class Layout:
     @property
     def vm_count(self) -> int:
         return sum(len(ds) for ds in self.sources.values())
-
-
-def start_agent(node: Path) -> Agent:
-    conf = agent_config([])
-    conf.set_override("uri", f"test://{node}", group="libvirt")
-    conf.set_override("listen", "127.0.0.1:0", group="grpc")
-    conf.set_override("enabled", False, group="dirty_rate")
-    conf.set_override("grace_s", 0.5, group="grpc")
-    agent = Agent(conf, threading.Event())
-    agent.driver.connect()
-    agent.start()
-    return agent
 
 
 def start_agents(workdir: Path, layout: Layout) -> dict[str, Agent]:

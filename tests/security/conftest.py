@@ -18,11 +18,11 @@ from hostmaint.agent.cmd import load_config as agent_config
 from hostmaint.common import daemon
 from hostmaint.common.pki import CertFiles, CertificateAuthority
 from hostmaint.coordinator.cmd import Coordinator
-from hostmaint.coordinator.cmd import load_config as coordinator_config
 from hostmaint.protos import agent_pb2 as pb
 from hostmaint.protos import agent_pb2_grpc
 from tests.agent.conftest import DOMAINS
 from tests.agent.nodexml import write_node
+from tests.coordinator.conftest import libvirt_coordinator_config
 
 T = 10
 COORDINATOR_ID = "coordinator.example"  # a DNS SAN of the coordinator's client certificate
@@ -170,23 +170,12 @@ def tls_cluster(tmp_path: Path, pki: Pki, request: pytest.FixtureRequest) -> Ite
                     allowed_coordinators=[COORDINATOR_ID],
                 )
             )
-        conf = coordinator_config([])
+        conf = libvirt_coordinator_config(tmp_path, agents)
         server, client = pki.coordinator_server, getattr(pki, identity)
         for group, files in (("grpc", server), ("agents", client)):
             conf.set_override("cert_file", str(files.cert_file), group=group)
             conf.set_override("key_file", str(files.key_file), group=group)
             conf.set_override("ca_file", str(files.ca_file), group=group)
-        conf.set_override("listen", "127.0.0.1:0", group="grpc")
-        conf.set_override("grace_s", 0.5, group="grpc")
-        conf.set_override("url", f"sqlite:///{tmp_path / 'coordinator.db'}", group="database")
-        conf.set_override("name", "libvirt", group="driver")
-        conf.set_override(
-            "hosts", {h: f"127.0.0.1:{a.port}" for h, a in agents.items()}, group="agents"
-        )
-        conf.set_override("uris", {h: f"test:///{h}" for h in agents}, group="libvirt_driver")
-        conf.set_override("timeout_s", 5.0, group="agents")
-        conf.set_override("poll_interval_s", 0.1, group="drain")
-        conf.set_override("link_bandwidth_bytes_per_s", 1.25e9, group="drain")
         coordinator = Coordinator(conf, threading.Event())
         coordinator.start()
         try:
