@@ -94,16 +94,6 @@ def _stub(host: cluster.LabHost) -> tuple[grpc.Channel, agent_pb2_grpc.HostAgent
     return channel, agent_pb2_grpc.HostAgentStub(channel)
 
 
-def _uuid(lab: cluster.Lab, guest: str) -> str:
-    import libvirt
-
-    conn = libvirt.open(lab.where(guest).uri)
-    try:
-        return str(conn.lookupByName(guest).UUIDString())
-    finally:
-        conn.close()
-
-
 @pytest.fixture(autouse=True)
 def guests_home(site: Site) -> None:
     move_guests_to(site.lab, NAMES, site.source)

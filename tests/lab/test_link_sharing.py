@@ -20,6 +20,7 @@ import grpc
 import pytest
 
 from hostmaint.lab import cluster
+from hostmaint.lab.demo import guest_uuid
 from hostmaint.lab.guest import GuestMode, GuestSpec
 from hostmaint.protos import agent_pb2 as pb
 from hostmaint.protos import agent_pb2_grpc
@@ -80,20 +81,10 @@ class Watched:
         return self.samples[-1] if self.samples and self.samples[-1].final else None
 
 
-def _uuid(site: Site, guest: str) -> str:
-    import libvirt
-
-    conn = libvirt.open(site.lab.where(guest).uri)
-    try:
-        return str(conn.lookupByName(guest).UUIDString())
-    finally:
-        conn.close()
-
-
 def _start(site: Site, guest: str) -> Watched:
     source, target = site.lab.hosts
     assert site.lab.where(guest).name == source.name
-    w = Watched(guest, _uuid(site, guest))
+    w = Watched(guest, guest_uuid(site.lab, guest))
     stub = site.stubs[source.name]
     stub.Migrate(
         pb.MigrateRequest(
