@@ -86,7 +86,7 @@ class NovaStrategy(QueueStrategy):
     ) -> None:
         super().__init__(name, vms, max_parallel)
         self.conf = conf
-        self.timed_out: set[int] = set()
+        self.timed_out: set[str] = set()  # VM uuids (an id() is reused once freed)
 
     def settings_for(self, vm: VmSpec) -> Settings:
         first = downtime_steps(self.conf, nova_data_gib(vm))[0][1]
@@ -106,7 +106,7 @@ class NovaStrategy(QueueStrategy):
             if limit_ms > mig.downtime_limit_ms:
                 elapsed_next = at_s
                 break
-        if id(mig) not in self.timed_out and self.conf.completion_timeout_s_per_gib > 0:
+        if mig.vm.uuid not in self.timed_out and self.conf.completion_timeout_s_per_gib > 0:
             elapsed_next = min(elapsed_next, self._timeout_s(mig))
         return mig.start_s + elapsed_next
 
@@ -115,9 +115,9 @@ class NovaStrategy(QueueStrategy):
         for at_s, limit_ms in downtime_steps(self.conf, nova_data_gib(mig.vm)):
             if at_s <= elapsed and limit_ms > mig.downtime_limit_ms:
                 mig.set_downtime_limit(limit_ms)
-        if id(mig) in self.timed_out or elapsed < self._timeout_s(mig):
+        if mig.vm.uuid in self.timed_out or elapsed < self._timeout_s(mig):
             return
-        self.timed_out.add(id(mig))
+        self.timed_out.add(mig.vm.uuid)
         if self.conf.timeout_action == "force_complete":
             if not mig.start_postcopy():
                 mig.pause()

@@ -31,6 +31,7 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from hostmaint.coordinator.dispatch import Slot, ready_to_start
 from hostmaint.coordinator.model import (
     DEFAULT_PARAMS,
     MIB,
@@ -118,7 +119,8 @@ class _Item:
 
 
 class PlanStrategy:
-    """Start VMs in order (backfilling) while slots, per-target slots and bandwidth allow."""
+    """Start VMs in order (backfilling) while slots, per-target slots and bandwidth allow,
+    as the executor does; a watchdog escalates a migration that runs far past its prediction."""
 
     def __init__(
         self,
@@ -138,38 +140,40 @@ class PlanStrategy:
         self.by_uuid = {i.vm.uuid: i for i in items}
         self.cap_ms = cap_ms
         self.params = params
-        self.escalations: dict[int, int] = {}
+        self.escalations: dict[str, int] = {}  # by VM uuid (an id() is reused once freed)
 
     def remaining(self) -> int:
         return len(self.queue)
 
     def next_jobs(self, now_s: float, running: Sequence[Migration]) -> list[Job]:
-        busy = [self.by_uuid[m.vm.uuid] for m in running]
-        jobs: list[Job] = []
-        for item in list(self.queue):
-            if len(busy) >= self.max_parallel:
-                break
-            load = sum(b.need for b, m in zip(busy, running, strict=False) if m.in_precopy)
-            load += sum(j.need for j in busy[len(running) :])
-            same = sum(1 for b in busy if item.target is not None and b.target == item.target)
-            if busy and (load + item.need > self.total_bw or same >= self.per_target):
-                continue
-            self.queue.remove(item)
-            busy.append(item)
-            jobs.append(Job(item.vm, item.settings, item.target))
+        """The executor's dispatch rule (``dispatch.ready_to_start``) over the plan's order."""
+        chosen = ready_to_start(
+            [self._slot(i) for i in self.queue],
+            [self._slot(self.by_uuid[m.vm.uuid], m.in_precopy) for m in running],
+            max_parallel=self.max_parallel,
+            max_parallel_per_target=self.per_target,
+            link_bytes_per_s=self.total_bw,
+        )
+        starting = {c.vm_uuid for c in chosen}
+        jobs = [Job(i.vm, i.settings, i.target) for i in self.queue if i.vm.uuid in starting]
+        self.queue = [i for i in self.queue if i.vm.uuid not in starting]
         return jobs
+
+    @staticmethod
+    def _slot(item: _Item, in_precopy: bool = True) -> Slot:
+        return Slot(item.vm.uuid, item.target, item.need, in_precopy)
 
     def next_control_s(self, mig: Migration) -> float:
         if not mig.in_precopy:
             return math.inf
         pred = self.by_uuid[mig.vm.uuid].prediction.total_s
-        level = self.escalations.get(id(mig), 0)
+        level = self.escalations.get(mig.vm.uuid, 0)
         return mig.start_s + (level + 1) * (2.0 * pred + 30.0)
 
     def control(self, mig: Migration, now_s: float) -> None:
         """Watchdog: raise the downtime limit to the cap, then post-copy, then abort."""
-        level = self.escalations.get(id(mig), 0)
-        self.escalations[id(mig)] = level + 1
+        level = self.escalations.get(mig.vm.uuid, 0)
+        self.escalations[mig.vm.uuid] = level + 1
         top = qemu_downtime_limit_ms(self.cap_ms[mig.vm.uuid], self.total_bw, self.params)
         if level == 0 and mig.downtime_limit_ms < top:
             mig.set_downtime_limit(top)
@@ -302,15 +306,10 @@ def plan_drain(
             sorted(items, key=lambda i: (-i.need, -i.vm.sent_bytes)),
             sorted(items, key=lambda i: -i.vm.sent_bytes),
             sorted(items, key=lambda i: (i.need, -i.vm.sent_bytes)),
+            sorted(items, key=lambda i: -i.prediction.total_s),
         )
         for order in orders:
-            strat = PlanStrategy(
-                "plan", order, k, policy.max_parallel_per_target, link_bw, cap_ms, params
-            )
-            res = simulate([i.vm for i in order], strat, link, params, seed=0, policy=policy)
-            late = policy.deadline_s is not None and res.makespan_s > policy.deadline_s
-            # failures first, then a plan that meets the deadline, then the soonest
-            key = res.makespan_s + 1e6 * (res.failed + res.over_downtime) + (1e5 if late else 0)
+            key, res = _evaluate(order, k, link, link_bw, cap_ms, policy, params)
             if best is None or key < best[0]:
                 best = (key, k, res, order)
     if best is None:
@@ -344,6 +343,24 @@ def plan_drain(
     return DrainPlan(
         planned, tuple(unmovable), res.makespan_s, lower, k, policy.deadline_s, tuple(warnings)
     )
+
+
+def _evaluate(
+    order: Sequence[_Item],
+    k: int,
+    link: Link,
+    link_bw: float,
+    cap_ms: dict[str, float],
+    policy: DrainPolicy,
+    params: ModelParams,
+) -> tuple[float, SimResult]:
+    """Simulate an order with at most ``k`` at once; its key (lower is better) and result."""
+    strat = PlanStrategy("plan", order, k, policy.max_parallel_per_target, link_bw, cap_ms, params)
+    res = simulate([i.vm for i in order], strat, link, params, seed=0, policy=policy)
+    late = policy.deadline_s is not None and res.makespan_s > policy.deadline_s
+    # failures first, then a plan that meets the deadline, then the soonest
+    key = res.makespan_s + 1e6 * (res.failed + res.over_downtime) + (1e5 if late else 0)
+    return key, res
 
 
 def _fastest_settings(

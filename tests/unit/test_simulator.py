@@ -63,6 +63,18 @@ def test_hardened_nova_switches_stalled_migration_to_postcopy() -> None:
     assert r.start_s + 30.0 <= r.end_s  # 15 s per GiB, at least 2 GiB
 
 
+def test_every_stalled_migration_of_a_queue_times_out() -> None:
+    """Each VM's timeout is its own: none is inherited from an earlier migration (timers were
+    keyed by id(), which a later migration can reuse: the baselines' results then varied
+    from one process to the next)."""
+    hot = [dataclasses.replace(lab_vm(i), dirty_rate_bytes_per_s=80 * MIB) for i in range(4)]
+    aborted = simulate(hot, baselines.nova_default(hot), LAB_LINK)
+    assert [r.outcome for r in aborted.vms] == [Outcome.ABORTED] * 4
+    assert all(abs(r.end_s - r.start_s - 1600.0) < 1e-6 for r in aborted.vms)
+    forced = simulate(hot, baselines.nova_hardened(hot), LAB_LINK)
+    assert [(r.outcome, r.postcopy) for r in forced.vms] == [(Outcome.COMPLETED, True)] * 4
+
+
 def test_nova_downtime_steps() -> None:
     steps = baselines.downtime_steps(baselines.NovaConf(), 3.0)
     assert steps[0] == (0.0, 50.0)
