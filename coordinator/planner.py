@@ -11,7 +11,8 @@ Public API
 ``PlannedMigration``: VM, target (None: the scheduler chooses), position, start time,
     predicted time and downtime, tuning and the QEMU ``Settings`` to start it with.
 ``Unmovable``: VM and reason. ``DrainPlan``: migrations, unmovable, predicted makespan,
-    lower bound (bytes that must move / link payload bandwidth), chosen concurrency.
+    lower bound (``bounds.lower_bound`` of the VMs it moves: what no drain within the
+    policy beats; its parts in ``bound``), chosen concurrency.
 ``PlanStrategy``: the schedule as a simulator strategy (used to plan, and by the
     benchmark to run the plan against the true VMs).
 
@@ -31,6 +32,7 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from hostmaint.coordinator.bounds import LowerBound, lower_bound
 from hostmaint.coordinator.dispatch import Slot, ready_to_start
 from hostmaint.coordinator.model import (
     DEFAULT_PARAMS,
@@ -82,10 +84,11 @@ class DrainPlan:
     migrations: tuple[PlannedMigration, ...]
     unmovable: tuple[Unmovable, ...]
     predicted_makespan_s: float
-    lower_bound_s: float
+    lower_bound_s: float  # bound.bound_s
     concurrency: int
     deadline_s: float | None = None  # the policy's
     warnings: tuple[str, ...] = ()  # e.g. the predicted makespan exceeds the deadline
+    bound: LowerBound | None = None  # the lower bound's parts
 
     @property
     def meets_deadline(self) -> bool:
@@ -290,7 +293,8 @@ def plan_drain(
             used[where].append(vm)
         base.append((vm, where, pred))
     cap_ms = {v.uuid: _cap(v, policy) for v in vms}
-    lower = sum(_must_move(v, params) for v, _, _ in base) / link_bw
+    bound = lower_bound([v for v, _, _ in base], link, policy, params)
+    lower = bound.bound_s
     best: tuple[float, int, SimResult, list[_Item]] | None = None
     for k in range(1, max(1, policy.max_parallel_per_source) + 1):
         worst = min(full_bw, link_bw / k)
@@ -313,7 +317,7 @@ def plan_drain(
             if best is None or key < best[0]:
                 best = (key, k, res, order)
     if best is None:
-        return DrainPlan((), tuple(unmovable), 0.0, lower, 0, policy.deadline_s)
+        return DrainPlan((), tuple(unmovable), 0.0, lower, 0, policy.deadline_s, bound=bound)
     _, k, res, order = best
     starts = {r.uuid: r for r in res.vms}
     by_start = sorted(order, key=lambda i: starts[i.vm.uuid].start_s)
@@ -341,7 +345,14 @@ def plan_drain(
     if res.event_cap_hit:
         warnings.append("the plan's simulation did not end: its prediction is unreliable")
     return DrainPlan(
-        planned, tuple(unmovable), res.makespan_s, lower, k, policy.deadline_s, tuple(warnings)
+        planned,
+        tuple(unmovable),
+        res.makespan_s,
+        lower,
+        k,
+        policy.deadline_s,
+        tuple(warnings),
+        bound,
     )
 
 
@@ -396,11 +407,6 @@ def _fastest_settings(
     if math.isinf(best_s) and policy.allow_postcopy:
         return Settings(top, postcopy_permitted=True, postcopy_after_first_round=True)
     return best
-
-
-def _must_move(vm: VmSpec, params: ModelParams) -> float:
-    zero = max(0, vm.memory_bytes - vm.sent_bytes)
-    return vm.sent_bytes + zero * params.zero_page_cost_fraction
 
 
 def plan_strategy(

@@ -20,7 +20,8 @@ Public API
     ``event_cap_hit``: the run took ``max_events`` steps without ending, so what still ran
     was aborted and the drain counts as failed (``failed`` > 0).
 ``MAX_EVENTS``, ``MIN_STEP_S``: the step cap (``simulate(..., max_events=)``) and the
-    shortest non-zero step, so a run always ends.
+    shortest non-zero step, so a run always ends. ``SETUP_JITTER``: set-up times vary by
+    this share around ``params.setup_s``.
 """
 
 from __future__ import annotations
@@ -47,6 +48,7 @@ LOG = logging.getLogger(__name__)
 
 MAX_EVENTS = 2_000_000  # a drain that needs more steps than this is stuck: it fails
 MIN_STEP_S = 1e-6  # a step that is not zero is at least this long (no creeping towards a limit)
+SETUP_JITTER = 0.2  # each migration's set-up takes params.setup_s times 1 +- this (seeded)
 
 
 @dataclass(frozen=True)
@@ -143,7 +145,7 @@ def simulate(
     capped = True
     for _ in range(max(1, max_events)):
         for job in strategy.next_jobs(now, running):
-            setup = params.setup_s * rng.uniform(0.8, 1.2)
+            setup = params.setup_s * rng.uniform(1.0 - SETUP_JITTER, 1.0 + SETUP_JITTER)
             mig = Migration(job.vm, job.settings, params, start_s=now, setup_s=setup)
             targets[id(mig)] = job.target
             running.append(mig)

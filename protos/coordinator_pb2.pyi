@@ -357,7 +357,10 @@ class DrainPlan(google.protobuf.message.Message):
     host: builtins.str
     predicted_makespan_s: builtins.float
     lower_bound_s: builtins.float
-    """Bytes that must move divided by the link bandwidth."""
+    """What no drain within the policy can beat: the largest of every page once over the
+    link, each VM's least bytes (its resends included) over the link, the VMs' shortest
+    run times over the parallel slots, and the longest VM's shortest run.
+    """
     link_bandwidth_bytes_per_s: builtins.float
     deadline_s: builtins.float
     """The policy's deadline (0: none) and whether the predicted makespan meets it."""

@@ -20,6 +20,7 @@ PURE_MODULES = [
     "hostmaint.agent.types",
     "hostmaint.coordinator.model",
     "hostmaint.coordinator.planner",
+    "hostmaint.coordinator.bounds",
     "hostmaint.coordinator.simulator",
     "hostmaint.coordinator.baselines",
     "hostmaint.coordinator.scenarios",
