@@ -1,7 +1,8 @@
 """Benchmark: hostmaint's plan against today's drains on seeded scenarios.
 
-Run: ``python -m hostmaint.coordinator.bench [--quick]``. For each scenario it plans
-with the reported VMs, then simulates the plan and every baseline against the true VMs,
+Run: ``python -m hostmaint.coordinator.bench [--quick] [--informed]``. For each scenario
+it plans with the VMs as the agents report them (``--informed``: with the working sets
+and writer kinds of most VMs known as well), then simulates the plan and every baseline against the true VMs,
 and prints the makespans, the ratios to Nova's default, to hardened Nova and to the lower
 bound, and per strategy the VMs that failed (aborted or never started), went over the
 downtime cap, or went through post-copy.
@@ -57,8 +58,13 @@ def _fmt_s(x: float) -> str:
 def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--quick", action="store_true", help="only the first three scenarios")
+    ap.add_argument(
+        "--informed",
+        action="store_true",
+        help="plan knowing most VMs' working sets and writer kinds (the agents report neither)",
+    )
     args = ap.parse_args(argv)
-    scenarios = standard_scenarios()[: 3 if args.quick else None]
+    scenarios = standard_scenarios(args.informed)[: 3 if args.quick else None]
     names = ["hostmaint", *BASELINES]
     out = sys.stdout
     out.write(

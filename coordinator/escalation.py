@@ -7,6 +7,10 @@ it, so its share cannot drop before the switch-over);
 throttle the vCPUs of a CPU-bound writer, in steps; switch to post-copy when
 the policy allows it (Nova: force-complete); abort, to retry elsewhere or
 report. Each step gets time to show its effect before the next.
+
+A migration the plan tuned for post-copy (no pre-copy setting converges in the
+model) switches as soon as its first pass over RAM is done, as planned, without
+waiting to fall behind.
 """
 
 from __future__ import annotations
@@ -36,6 +40,9 @@ class Observation:
     bandwidth_bytes_per_s: float
     max_downtime_ms: int
     postcopy: bool = False
+    # QEMU's dirty-bitmap sync count (libvirt's memory_iteration) is 1 through the first
+    # pass over RAM and 2 after it; False where no such count is known
+    first_pass_done: bool = False
 
 
 @dataclass(frozen=True)
@@ -51,6 +58,7 @@ class Limits:
     throttle_steps_pct: tuple[int, ...] = (40, 70, 90)
     operator_cap_ms: float = 0.0  # the real downtime allowed; 0: use qemu_downtime_cap_ms as is
     params: ModelParams = DEFAULT_PARAMS
+    postcopy_after_first_pass: bool = False  # the plan's post-copy tuning
 
 
 @dataclass(frozen=True)
@@ -95,6 +103,10 @@ def next_step(history: Sequence[Observation], limits: Limits, done: Escalation) 
     if not history or done.aborted or done.postcopy:
         return Decision(Action.NONE)
     now = history[-1]
+    postcopy_ok = limits.allow_postcopy and limits.postcopy_permitted
+    if limits.postcopy_after_first_pass and postcopy_ok and now.first_pass_done:
+        if not now.postcopy:
+            return Decision(Action.POSTCOPY, 0, "planned: post-copy after the first pass")
     if now.elapsed_s - done.level_at_s < limits.settle_s:
         return Decision(Action.NONE)
     why = behind(history, limits)
@@ -107,7 +119,7 @@ def next_step(history: Sequence[Observation], limits: Limits, done: Escalation) 
         for step in limits.throttle_steps_pct:
             if step > done.throttle_pct:
                 return Decision(Action.THROTTLE_VCPUS, step, why)
-    if limits.allow_postcopy and limits.postcopy_permitted:
+    if postcopy_ok:
         return Decision(Action.POSTCOPY, 0, why)
     return Decision(Action.ABORT, 0, why)
 

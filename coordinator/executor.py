@@ -914,6 +914,7 @@ class Executor:
                 bandwidth_bytes_per_s=p.bandwidth_bytes_per_s,
                 max_downtime_ms=p.max_downtime_ms,
                 postcopy=p.phase == apb.MIGRATION_PHASE_POSTCOPY,
+                first_pass_done=p.iteration >= 2,
             )
             row = self._observe(run, row, ref, w, obs, p)
             if self._stopped.is_set():
@@ -1036,6 +1037,7 @@ class Executor:
             settle_s=self.settings.escalation_settle_s,
             operator_cap_ms=float(cap),
             params=self._params,
+            postcopy_after_first_pass=bool(planned and planned.settings.postcopy_after_first_round),
         )
 
     def _escalate(

@@ -3,13 +3,16 @@
 Public API
 ----------
 ``Scenario``: name, seed, the true VMs (``truth``: what the simulator runs), what the
-    agents report of them (``reported``: the working set may be unknown, the writer kind
-    unknown), candidate ``targets``, the ``link`` and the ``policy``.
-``make_scenario(name, seed, n_vms, link_gbit, mix) -> Scenario`` with ``mix`` one of
-    ``idle``, ``mixed``, ``heavy``: memory 1-64 GiB, dirty rates from idle to above the
-    link, CPU-bound and paced writers.
-``standard_scenarios() -> list[Scenario]``: the benchmark's set (10 to 60 VMs, 10 and
-    25 Gbit links).
+    agents report of them (``reported``), candidate ``targets``, the ``link`` and the
+    ``policy``.
+``make_scenario(name, seed, n_vms, link_gbit, mix, informed=False) -> Scenario`` with
+    ``mix`` one of ``idle``, ``mixed``, ``heavy``: memory 1-64 GiB, dirty rates from idle
+    to above the link, CPU-bound and paced writers. ``reported`` holds what the agents
+    report today (memory, non-zero bytes, dirty rate: working set and writer kind
+    unknown); ``informed`` also reports the working set of 70 % of the VMs and the writer
+    kind of 80 %, what an agent estimating them could add. The true VMs are the same.
+``standard_scenarios(informed=False) -> list[Scenario]``: the benchmark's set (10 to 60
+    VMs, 10 and 25 Gbit links).
 """
 
 from __future__ import annotations
@@ -54,7 +57,9 @@ def _dirty(rng: random.Random, mix: str, link_bps: float) -> tuple[float, Writer
     return rng.uniform(0.2, 1.3) * link_bps, rng.choice([WriterKind.CPU, WriterKind.PACED])
 
 
-def make_scenario(name: str, seed: int, n_vms: int, link_gbit: float, mix: str) -> Scenario:
+def make_scenario(
+    name: str, seed: int, n_vms: int, link_gbit: float, mix: str, informed: bool = False
+) -> Scenario:
     rng = random.Random(seed)
     link_bps = link_gbit * 1e9 / 8
     stream_cap = 1.6e9 if link_gbit > 12 else None  # one TCP stream of QEMU's tops out
@@ -80,8 +85,8 @@ def make_scenario(name: str, seed: int, n_vms: int, link_gbit: float, mix: str) 
             server_groups=sg,
         )
         truth.append(vm)
-        known_ws = rng.random() < 0.7
-        known_writer = rng.random() < 0.8
+        known_ws = rng.random() < 0.7 and informed  # drawn either way: the same truth
+        known_writer = rng.random() < 0.8 and informed
         reported.append(
             dataclasses.replace(
                 vm,
@@ -109,7 +114,7 @@ def make_scenario(name: str, seed: int, n_vms: int, link_gbit: float, mix: str) 
     return Scenario(name, seed, tuple(truth), tuple(reported), targets, link, policy)
 
 
-def standard_scenarios() -> list[Scenario]:
+def standard_scenarios(informed: bool = False) -> list[Scenario]:
     specs = [
         ("mixed-10g-a", 11, 30, 10.0, "mixed"),
         ("mixed-10g-b", 12, 60, 10.0, "mixed"),
@@ -120,4 +125,4 @@ def standard_scenarios() -> list[Scenario]:
         ("heavy-10g", 17, 10, 10.0, "heavy"),
         ("heavy-25g", 18, 24, 25.0, "heavy"),
     ]
-    return [make_scenario(*s) for s in specs]
+    return [make_scenario(*s, informed=informed) for s in specs]

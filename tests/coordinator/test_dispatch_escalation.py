@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -152,3 +154,20 @@ def test_a_raise_at_a_shared_bandwidth_is_lower() -> None:
     # The cloud's view carries no bandwidth: the precomputed cap stands.
     blind = esc.raised_downtime_ms(esc.Observation(40.0, 30, 10**9, 0.0, 0), limits)
     assert blind == 100_000
+
+
+def test_a_planned_postcopy_switches_once_the_first_pass_is_done() -> None:
+    planned = dataclasses.replace(LIMITS, postcopy_after_first_pass=True)
+    first = esc.Observation(3.0, 1, 900 * MB, 50 * MB, 300)
+    after = dataclasses.replace(first, elapsed_s=9.0, iteration=2, first_pass_done=True)
+    assert esc.next_step([first], planned, esc.Escalation()).action is esc.Action.NONE
+    d = esc.next_step([first, after], planned, esc.Escalation())
+    assert (d.action, d.reason) == (esc.Action.POSTCOPY, "planned: post-copy after the first pass")
+    # not without the plan's tuning, the policy's leave or post-copy enabled at the start
+    assert esc.next_step([first, after], LIMITS, esc.Escalation()).action is esc.Action.NONE
+    for off in ({"allow_postcopy": False}, {"postcopy_permitted": False}):
+        limits = dataclasses.replace(planned, **off)  # type: ignore[arg-type]
+        assert esc.next_step([first, after], limits, esc.Escalation()).action is esc.Action.NONE
+    # once switched, nothing more
+    done = esc.applied(esc.Escalation(), d, 9.0)
+    assert esc.next_step([first, after], planned, done).action is esc.Action.NONE

@@ -103,10 +103,13 @@ def _policy() -> cpb.DrainPolicy:
     return cpb.DrainPolicy(max_downtime_ms=LIMIT_MS)
 
 
-def _drain_events(address: str, host: str) -> list[cpb.DrainEvent]:
+def _drain_events(
+    address: str, host: str, policy: cpb.DrainPolicy | None = None
+) -> list[cpb.DrainEvent]:
     with grpc.insecure_channel(address) as channel:
         stub = coordinator_pb2_grpc.CoordinatorStub(channel)
-        return list(stub.Drain(cpb.DrainRequest(host=host, policy=_policy(), reason="test")))
+        request = cpb.DrainRequest(host=host, policy=policy or _policy(), reason="test")
+        return list(stub.Drain(request))
 
 
 def _get(address: str, host: str) -> cpb.DrainStatus:
