@@ -123,7 +123,10 @@ class _Item:
 
 class PlanStrategy:
     """Start VMs in order (backfilling) while slots, per-target slots and bandwidth allow,
-    as the executor does; a watchdog escalates a migration that runs far past its prediction."""
+    as the executor does; a watchdog escalates a migration that runs far past its
+    prediction: it raises the downtime limit for the migration's share of the link (and,
+    as the executor does, starts nothing beside it until it ends), then post-copy, then
+    abort."""
 
     def __init__(
         self,
@@ -144,15 +147,22 @@ class PlanStrategy:
         self.cap_ms = cap_ms
         self.params = params
         self.escalations: dict[str, int] = {}  # by VM uuid (an id() is reused once freed)
+        self.raised: set[str] = set()  # VMs whose limit the watchdog raised: they hold the link
+        self.sharing = 1  # migrations running at the last dispatch
 
     def remaining(self) -> int:
         return len(self.queue)
 
     def next_jobs(self, now_s: float, running: Sequence[Migration]) -> list[Job]:
         """The executor's dispatch rule (``dispatch.ready_to_start``) over the plan's order."""
+        self.sharing = max(1, len(running))
+        busy = [
+            self._slot(self.by_uuid[m.vm.uuid], m.in_precopy, m.vm.uuid in self.raised)
+            for m in running
+        ]
         chosen = ready_to_start(
             [self._slot(i) for i in self.queue],
-            [self._slot(self.by_uuid[m.vm.uuid], m.in_precopy) for m in running],
+            busy,
             max_parallel=self.max_parallel,
             max_parallel_per_target=self.per_target,
             link_bytes_per_s=self.total_bw,
@@ -163,8 +173,8 @@ class PlanStrategy:
         return jobs
 
     @staticmethod
-    def _slot(item: _Item, in_precopy: bool = True) -> Slot:
-        return Slot(item.vm.uuid, item.target, item.need, in_precopy)
+    def _slot(item: _Item, in_precopy: bool = True, holds_link: bool = False) -> Slot:
+        return Slot(item.vm.uuid, item.target, item.need, in_precopy, holds_link)
 
     def next_control_s(self, mig: Migration) -> float:
         if not mig.in_precopy:
@@ -177,9 +187,11 @@ class PlanStrategy:
         """Watchdog: raise the downtime limit to the cap, then post-copy, then abort."""
         level = self.escalations.get(mig.vm.uuid, 0)
         self.escalations[mig.vm.uuid] = level + 1
-        top = qemu_downtime_limit_ms(self.cap_ms[mig.vm.uuid], self.total_bw, self.params)
+        share = self.total_bw / self.sharing
+        top = qemu_downtime_limit_ms(self.cap_ms[mig.vm.uuid], share, self.params)
         if level == 0 and mig.downtime_limit_ms < top:
             mig.set_downtime_limit(top)
+            self.raised.add(mig.vm.uuid)
         elif not mig.start_postcopy() and level >= 2:
             mig.abort()
 

@@ -8,8 +8,10 @@ Public API
 ``make_scenario(name, seed, n_vms, link_gbit, mix, informed=False) -> Scenario`` with
     ``mix`` one of ``idle``, ``mixed``, ``heavy``: memory 1-64 GiB, dirty rates from idle
     to above the link, CPU-bound and paced writers. ``reported`` holds what the agents
-    report today (memory, non-zero bytes, dirty rate: working set and writer kind
-    unknown); ``informed`` also reports the working set of 70 % of the VMs and the writer
+    report today (memory, non-zero bytes, and the dirty rate as libvirt measures it: the
+    unique pages dirtied in ``MEASURE_WINDOW_S``, so a writer whose working set is smaller
+    than a window of its writes reads as working set / window; working set and writer
+    kind unknown); ``informed`` also reports the working set of 70 % of the VMs and the writer
     kind of 80 %, what an agent estimating them could add. The true VMs are the same.
 ``standard_scenarios(informed=False) -> list[Scenario]``: the benchmark's set (10 to 60
     VMs, 10 and 25 Gbit links).
@@ -33,6 +35,7 @@ from hostmaint.coordinator.model import (
 )
 
 MEMORY_GIB = (1, 2, 2, 4, 4, 8, 8, 16, 32, 64)
+MEASURE_WINDOW_S = 2.0  # the coordinator's fresh dirty-rate window before planning
 
 
 @dataclass(frozen=True)
@@ -90,6 +93,7 @@ def make_scenario(
         reported.append(
             dataclasses.replace(
                 vm,
+                dirty_rate_bytes_per_s=min(rate, ws / MEASURE_WINDOW_S),
                 working_set_bytes=ws if known_ws else None,
                 writer=writer if known_writer else WriterKind.UNKNOWN,
             )
