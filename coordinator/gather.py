@@ -2,7 +2,8 @@
 
 The cloud (through the migration driver) says which VMs are on the host, their
 server groups and which hosts are enabled; the source agent says what libvirt
-knows (memory, dirty rate, CPU, blockers) and measures dirty rates afresh; each
+knows (memory, dirty rate, CPU, blockers) and measures dirty rates afresh over
+two windows (``dirty.writer_from`` reads a working set out of them); each
 candidate target's agent says its free memory and whether each distinct guest
 CPU runs there.
 """
@@ -15,6 +16,7 @@ from dataclasses import dataclass, field
 
 from hostmaint.coordinator import errors
 from hostmaint.coordinator.agents import AgentRegistry, Health
+from hostmaint.coordinator.dirty import Reading, writer_from
 from hostmaint.coordinator.drivers.base import (
     DriverError,
     Instance,
@@ -46,11 +48,15 @@ def _blockers(domain: apb.Domain | None) -> tuple[str, ...]:
 
 
 def _vm_spec(
-    instance: Instance, domain: apb.Domain | None, max_downtime_ms: float | None
+    instance: Instance,
+    domain: apb.Domain | None,
+    short: apb.DirtyRate | None,
+    max_downtime_ms: float | None,
 ) -> VmSpec:
     memory = domain.memory_max_bytes if domain is not None else instance.memory_mb * MIB
     nonzero = None
     rate = 0.0
+    working_set: int | None = None
     cpu_model = ""
     features: frozenset[str] = frozenset()
     if domain is not None:
@@ -58,6 +64,11 @@ def _vm_spec(
             nonzero = min(domain.rss_bytes, memory)
         if domain.HasField("dirty_rate"):
             rate = domain.dirty_rate.bytes_per_s
+            if short is not None:
+                rate, working_set = writer_from(
+                    Reading(short.bytes_per_s, short.window_s),
+                    Reading(rate, domain.dirty_rate.window_s),
+                )
         cpu_model = domain.cpu.model
         features = frozenset(f.name for f in domain.cpu.features if f.policy != "disable")
     return VmSpec(
@@ -66,6 +77,7 @@ def _vm_spec(
         memory_bytes=memory,
         nonzero_bytes=nonzero,
         dirty_rate_bytes_per_s=rate,
+        working_set_bytes=working_set,
         vcpus=max(1, instance.vcpus),
         cpu_model=cpu_model,
         cpu_features=features,
@@ -109,19 +121,27 @@ def gather(
     domains = {d.uuid: d for d in source.list_domains()}
     live = [i for i in instances if i.state is InstanceState.ACTIVE]
     not_live = tuple(i for i in instances if i.state is not InstanceState.ACTIVE)
+    shorts: dict[str, apb.DirtyRate] = {}
     if measure and any(i.uuid in domains and not domains[i.uuid].migrating for i in live):
         # A domain migrating now (a resumed drain) reports its rate in the job stats instead.
         wanted = [i.uuid for i in live if i.uuid in domains and not domains[i.uuid].migrating]
+        # Two windows: a working set rewritten within them reads as set / window (dirty.py).
+        short_s = max(1, dirty_rate_window_s // 2)
         try:
             rates = source.measure_dirty_rate(wanted, dirty_rate_window_s)
             for uuid, rate in rates.items():
                 domains[uuid].dirty_rate.CopyFrom(rate)
+            if short_s < dirty_rate_window_s:
+                shorts = source.measure_dirty_rate(list(rates), short_s)
         except errors.CoordinatorError as e:
-            note(f"fresh dirty-rate measurement failed, using the agent's last: {e}")
+            note(f"fresh dirty-rate measurement failed, planning with what was read: {e}")
     missing = [i.name for i in live if i.uuid not in domains]
     if missing:
         note("no libvirt domain for " + ", ".join(missing) + "; sizes from the flavor")
-    vms = tuple(_vm_spec(i, domains.get(i.uuid), vm_max_downtime_ms.get(i.uuid)) for i in live)
+    vms = tuple(
+        _vm_spec(i, domains.get(i.uuid), shorts.get(i.uuid), vm_max_downtime_ms.get(i.uuid))
+        for i in live
+    )
     bandwidth = link_bandwidth_bytes_per_s
     if bandwidth <= 0:
         speed = status.report.migration_nic_speed_mbps if status.report is not None else 0

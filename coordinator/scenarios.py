@@ -8,10 +8,10 @@ Public API
 ``make_scenario(name, seed, n_vms, link_gbit, mix, informed=False) -> Scenario`` with
     ``mix`` one of ``idle``, ``mixed``, ``heavy``: memory 1-64 GiB, dirty rates from idle
     to above the link, CPU-bound and paced writers. ``reported`` holds what the agents
-    report today (memory, non-zero bytes, and the dirty rate as libvirt measures it: the
-    unique pages dirtied in ``MEASURE_WINDOW_S``, so a writer whose working set is smaller
-    than a window of its writes reads as working set / window; working set and writer
-    kind unknown); ``informed`` also reports the working set of 70 % of the VMs and the writer
+    report today: memory, non-zero bytes, and the writer as the coordinator reads it from
+    two dirty-rate windows (``MEASURE_WINDOWS_S``; ``dirty.writer_from``: a working set
+    smaller than the windows' writes is found, the rate is then unknown and assumed
+    high); writer kind unknown; ``informed`` also reports the working set of 70 % of the VMs and the writer
     kind of 80 %, what an agent estimating them could add. The true VMs are the same.
 ``standard_scenarios(informed=False) -> list[Scenario]``: the benchmark's set (10 to 60
     VMs, 10 and 25 Gbit links).
@@ -23,6 +23,7 @@ import dataclasses
 import random
 from dataclasses import dataclass
 
+from hostmaint.coordinator.dirty import readings_of, writer_from
 from hostmaint.coordinator.model import (
     GIB,
     MIB,
@@ -35,7 +36,7 @@ from hostmaint.coordinator.model import (
 )
 
 MEMORY_GIB = (1, 2, 2, 4, 4, 8, 8, 16, 32, 64)
-MEASURE_WINDOW_S = 2.0  # the coordinator's fresh dirty-rate window before planning
+MEASURE_WINDOWS_S = (1.0, 2.0)  # the coordinator's fresh dirty-rate windows before planning
 
 
 @dataclass(frozen=True)
@@ -88,13 +89,14 @@ def make_scenario(
             server_groups=sg,
         )
         truth.append(vm)
+        seen_rate, seen_ws = writer_from(*readings_of(rate, ws, *MEASURE_WINDOWS_S))
         known_ws = rng.random() < 0.7 and informed  # drawn either way: the same truth
         known_writer = rng.random() < 0.8 and informed
         reported.append(
             dataclasses.replace(
                 vm,
-                dirty_rate_bytes_per_s=min(rate, ws / MEASURE_WINDOW_S),
-                working_set_bytes=ws if known_ws else None,
+                dirty_rate_bytes_per_s=seen_rate,
+                working_set_bytes=ws if known_ws else seen_ws,
                 writer=writer if known_writer else WriterKind.UNKNOWN,
             )
         )

@@ -21,6 +21,7 @@ PURE_MODULES = [
     "hostmaint.coordinator.model",
     "hostmaint.coordinator.planner",
     "hostmaint.coordinator.bounds",
+    "hostmaint.coordinator.dirty",
     "hostmaint.coordinator.simulator",
     "hostmaint.coordinator.baselines",
     "hostmaint.coordinator.scenarios",
