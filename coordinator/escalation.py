@@ -70,6 +70,7 @@ class Escalation:
     throttle_pct: int = 0
     postcopy: bool = False
     aborted: bool = False
+    postcopy_failed: bool = False  # the switch was refused: abort is the next step
 
 
 @dataclass(frozen=True)
@@ -103,7 +104,7 @@ def next_step(history: Sequence[Observation], limits: Limits, done: Escalation) 
     if not history or done.aborted or done.postcopy:
         return Decision(Action.NONE)
     now = history[-1]
-    postcopy_ok = limits.allow_postcopy and limits.postcopy_permitted
+    postcopy_ok = limits.allow_postcopy and limits.postcopy_permitted and not done.postcopy_failed
     if limits.postcopy_after_first_pass and postcopy_ok and now.first_pass_done:
         if not now.postcopy:
             return Decision(Action.POSTCOPY, 0, "planned: post-copy after the first pass")
@@ -139,14 +140,20 @@ def raised_downtime_ms(now: Observation, limits: Limits) -> int:
     return max(1, min(limits.qemu_downtime_cap_ms, int(at_now)))
 
 
-def applied(done: Escalation, decision: Decision, at_s: float) -> Escalation:
-    """The escalation state after carrying out a decision."""
-    if decision.action is Action.RAISE_DOWNTIME:
-        return Escalation(at_s, True, done.throttle_pct, done.postcopy, done.aborted)
-    if decision.action is Action.THROTTLE_VCPUS:
-        return Escalation(at_s, done.downtime_raised, decision.value, done.postcopy, done.aborted)
-    if decision.action is Action.POSTCOPY:
-        return Escalation(at_s, done.downtime_raised, done.throttle_pct, True, done.aborted)
-    if decision.action is Action.ABORT:
-        return Escalation(at_s, done.downtime_raised, done.throttle_pct, done.postcopy, True)
-    return done
+def applied(done: Escalation, decision: Decision, at_s: float, ok: bool = True) -> Escalation:
+    """The escalation state after carrying out a decision (``ok``: its call succeeded).
+
+    A failed step counts as taken, so the ladder moves on; but a refused post-copy
+    switch leaves the migration in pre-copy, where abort is the next step.
+    """
+    a = decision.action
+    if a is Action.NONE:
+        return done
+    return Escalation(
+        level_at_s=at_s,
+        downtime_raised=done.downtime_raised or a is Action.RAISE_DOWNTIME,
+        throttle_pct=decision.value if a is Action.THROTTLE_VCPUS else done.throttle_pct,
+        postcopy=done.postcopy or (a is Action.POSTCOPY and ok),
+        aborted=done.aborted or a is Action.ABORT,
+        postcopy_failed=done.postcopy_failed or (a is Action.POSTCOPY and not ok),
+    )

@@ -1076,7 +1076,7 @@ class Executor:
         except (errors.CoordinatorError, DriverError) as e:
             LOG.warning("tuning failed vm=%s action=%s error=%s", row.vm_uuid, label, e)
             self._publish(run, cpb.DRAIN_EVENT_KIND_TUNED, vm=row, message=f"{label} failed: {e}")
-            return row, escalation.applied(done, decision, at_s)
+            return row, escalation.applied(done, decision, at_s, ok=False)
         row = self.journal.update_vm(
             run.drain_id, row.vm_uuid, tuning_applied=[*row.tuning_applied, label]
         )

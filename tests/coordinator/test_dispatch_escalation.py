@@ -171,3 +171,24 @@ def test_a_planned_postcopy_switches_once_the_first_pass_is_done() -> None:
     # once switched, nothing more
     done = esc.applied(esc.Escalation(), d, 9.0)
     assert esc.next_step([first, after], planned, done).action is esc.Action.NONE
+
+
+def test_a_refused_postcopy_switch_leads_to_abort_not_to_nothing() -> None:
+    stuck = _history([500] * 20)  # 40 s, no progress
+    done = esc.applied(esc.Escalation(), esc.Decision(esc.Action.RAISE_DOWNTIME, 800), 0.0)
+    for pct in (40, 70, 90):
+        done = esc.applied(done, esc.Decision(esc.Action.THROTTLE_VCPUS, pct), 0.0)
+    d = esc.next_step(stuck, LIMITS, done)
+    assert d.action is esc.Action.POSTCOPY
+    refused = esc.applied(done, d, 35.0, ok=False)
+    assert not refused.postcopy and refused.postcopy_failed
+    assert esc.next_step(stuck, LIMITS, refused).action is esc.Action.NONE  # settling
+    later = _history([500] * 20, start_s=10.0)
+    assert esc.next_step(later, LIMITS, refused).action is esc.Action.ABORT
+    # a planned switch that was refused is not asked again either
+    planned = dataclasses.replace(LIMITS, postcopy_after_first_pass=True)
+    after = esc.Observation(9.0, 2, 900 * MB, 50 * MB, 300, first_pass_done=True)
+    first_try = esc.next_step([after], planned, esc.Escalation())
+    assert first_try.action is esc.Action.POSTCOPY
+    once = esc.applied(esc.Escalation(), first_try, 9.0, ok=False)
+    assert esc.next_step([after], planned, once).action is esc.Action.NONE
