@@ -37,7 +37,9 @@ from hostmaint.coordinator.model import (
     VmSpec,
     candidate_settings,
     effective_bandwidth,
+    first_round_bytes,
     run_alone,
+    zero_scan_s,
 )
 from hostmaint.coordinator.simulator import SETUP_JITTER
 
@@ -63,16 +65,11 @@ class VmFloor:
     run_s: float
 
 
-def first_copy_bytes(vm: VmSpec, params: ModelParams = DEFAULT_PARAMS) -> float:
-    zero = max(0, vm.memory_bytes - vm.sent_bytes)
-    return vm.sent_bytes + zero * params.zero_page_cost_fraction
-
-
 def vm_floor(
     vm: VmSpec, link: Link, policy: DrainPolicy, params: ModelParams = DEFAULT_PARAMS
 ) -> VmFloor:
     bw = effective_bandwidth(link, params)
-    first = first_copy_bytes(vm, params)
+    first = first_round_bytes(vm, params)
     setup_slack_s = params.setup_s * SETUP_JITTER  # a set-up can be this much shorter
     best_s, best_bytes = math.inf, math.inf
     # none, then the highest limit the cap allows: alone, with auto-converge, post-copy
@@ -82,8 +79,7 @@ def vm_floor(
             best_s = min(best_s, mig.end_s - mig.start_s - setup_slack_s)
             best_bytes = min(best_bytes, mig.bytes_sent)
     if math.isinf(best_s):  # converges with nothing allowed: its first copy at the least
-        zero_scan_s = max(0, vm.memory_bytes - vm.sent_bytes) / params.zero_scan_bytes_per_s
-        best_s = params.setup_s - setup_slack_s + first / bw + zero_scan_s
+        best_s = params.setup_s - setup_slack_s + first / bw + zero_scan_s(vm, params)
         best_bytes = first
     return VmFloor(first, best_bytes, best_s)
 

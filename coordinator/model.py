@@ -15,6 +15,8 @@ Values (frozen dataclasses, units in names):
 Enums (string valued): ``WriterKind``, ``Tuning``, ``Phase``, ``Outcome``.
 
 Functions:
+  ``first_round_bytes(vm, params)``, ``zero_scan_s(vm, params)``: round 1's link bytes
+      and its zero-page scan time.
   ``predict(vm, link, policy, params=DEFAULT_PARAMS) -> Prediction``
       the cheapest tuning that converges within the VM's downtime cap, tried in
       order: none, raise_downtime, auto_converge (CPU-bound writers only),
@@ -220,6 +222,20 @@ class Prediction:
     final_throttle_pct: float = 0.0
 
 
+def first_round_bytes(vm: VmSpec, params: ModelParams = DEFAULT_PARAMS) -> float:
+    """Link bytes of round 1: every non-zero page, and a header for each zero page."""
+    return vm.sent_bytes + _zero_bytes(vm) * params.zero_page_cost_fraction
+
+
+def zero_scan_s(vm: VmSpec, params: ModelParams = DEFAULT_PARAMS) -> float:
+    """Round 1's scan of the zero pages (CPU-bound, no bandwidth)."""
+    return _zero_bytes(vm) / params.zero_scan_bytes_per_s
+
+
+def _zero_bytes(vm: VmSpec) -> int:
+    return max(0, vm.memory_bytes - vm.sent_bytes)
+
+
 def effective_bandwidth(link: Link, params: ModelParams = DEFAULT_PARAMS) -> float:
     """Payload bandwidth one migration alone gets on the link."""
     bw = link.bandwidth_bytes_per_s * params.link_efficiency
@@ -274,9 +290,8 @@ class Migration:
         self.phase_fixed_s = params.setup_s if setup_s is None else setup_s
         self.phase_bytes = 0.0
         self.working_set = float(max(1, vm.working_set_estimate_bytes))
-        zero = max(0, vm.memory_bytes - vm.sent_bytes)
-        self.first_round_bytes = vm.sent_bytes + zero * params.zero_page_cost_fraction
-        self.zero_scan_s = zero / params.zero_scan_bytes_per_s  # round 1's tail of zero pages
+        self.first_round_bytes = first_round_bytes(vm, params)
+        self.zero_scan_s = zero_scan_s(vm, params)  # round 1's tail of zero pages
         self.remaining = 0.0  # link bytes left in the current pre-copy round
         self.new_dirty = 0.0  # unique bytes dirtied behind the copy cursor since the last sync
         self.round_ws = self.working_set  # working-set bytes the current round sends

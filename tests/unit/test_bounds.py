@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from hostmaint.coordinator import baselines
-from hostmaint.coordinator.bounds import first_copy_bytes, lower_bound, vm_floor
+from hostmaint.coordinator.bounds import lower_bound, vm_floor
 from hostmaint.coordinator.model import (
     DEFAULT_PARAMS as P,
 )
@@ -20,6 +20,7 @@ from hostmaint.coordinator.model import (
     Link,
     VmSpec,
     WriterKind,
+    first_round_bytes,
 )
 from hostmaint.coordinator.planner import plan_drain, plan_strategy
 from hostmaint.coordinator.scenarios import make_scenario
@@ -38,7 +39,7 @@ def test_an_idle_vm_sends_its_pages_once_and_takes_its_fixed_costs() -> None:
     vm = idle_vm(0)
     zero = 3 * GIB
     first = GIB + zero * P.zero_page_cost_fraction
-    assert first_copy_bytes(vm) == first
+    assert first_round_bytes(vm) == first
     floor = vm_floor(vm, LINK, POLICY)
     # no writes: what it sends is its first copy and the device state at switch-over
     assert math.isclose(floor.bytes_sent, first + P.device_state_bytes, rel_tol=1e-9)
