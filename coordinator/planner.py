@@ -12,7 +12,7 @@ Public API
     predicted time and downtime, tuning and the QEMU ``Settings`` to start it with.
 ``Unmovable``: VM and reason. ``DrainPlan``: migrations, unmovable, predicted makespan,
     lower bound (``bounds.lower_bound`` of the VMs it moves: what no drain within the
-    policy beats; its parts in ``bound``), chosen concurrency.
+    policy beats; ``bound`` holds its parts), chosen concurrency.
 ``PlanStrategy``: the schedule as a simulator strategy (used to plan, and by the
     benchmark to run the plan against the true VMs).
 
@@ -84,11 +84,14 @@ class DrainPlan:
     migrations: tuple[PlannedMigration, ...]
     unmovable: tuple[Unmovable, ...]
     predicted_makespan_s: float
-    lower_bound_s: float  # bound.bound_s
+    bound: LowerBound  # the lower bound and its parts
     concurrency: int
     deadline_s: float | None = None  # the policy's
     warnings: tuple[str, ...] = ()  # e.g. the predicted makespan exceeds the deadline
-    bound: LowerBound | None = None  # the lower bound's parts
+
+    @property
+    def lower_bound_s(self) -> float:
+        return self.bound.bound_s
 
     @property
     def meets_deadline(self) -> bool:
@@ -306,7 +309,6 @@ def plan_drain(
         base.append((vm, where, pred))
     cap_ms = {v.uuid: _cap(v, policy) for v in vms}
     bound = lower_bound([v for v, _, _ in base], link, policy, params)
-    lower = bound.bound_s
     best: tuple[float, int, SimResult, list[_Item]] | None = None
     for k in range(1, max(1, policy.max_parallel_per_source) + 1):
         worst = min(full_bw, link_bw / k)
@@ -329,7 +331,7 @@ def plan_drain(
             if best is None or key < best[0]:
                 best = (key, k, res, order)
     if best is None:
-        return DrainPlan((), tuple(unmovable), 0.0, lower, 0, policy.deadline_s, bound=bound)
+        return DrainPlan((), tuple(unmovable), 0.0, bound, 0, policy.deadline_s)
     _, k, res, order = best
     starts = {r.uuid: r for r in res.vms}
     by_start = sorted(order, key=lambda i: starts[i.vm.uuid].start_s)
@@ -352,7 +354,7 @@ def plan_drain(
     if policy.deadline_s is not None and res.makespan_s > policy.deadline_s:
         warnings.append(
             f"predicted makespan {res.makespan_s:.0f} s exceeds the deadline "
-            f"{policy.deadline_s:.0f} s (lower bound {lower:.0f} s)"
+            f"{policy.deadline_s:.0f} s (lower bound {bound.bound_s:.0f} s)"
         )
     if res.event_cap_hit:
         warnings.append("the plan's simulation did not end: its prediction is unreliable")
@@ -360,11 +362,10 @@ def plan_drain(
         planned,
         tuple(unmovable),
         res.makespan_s,
-        lower,
+        bound,
         k,
         policy.deadline_s,
         tuple(warnings),
-        bound,
     )
 
 
