@@ -43,6 +43,9 @@ class Observation:
     # QEMU's dirty-bitmap sync count (libvirt's memory_iteration) is 1 through the first
     # pass over RAM and 2 after it; False where no such count is known
     first_pass_done: bool = False
+    # the link over the migrations running (some may not send yet): the least bandwidth it
+    # can count on once they all do; 0 where not known
+    fair_share_bytes_per_s: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -78,6 +81,19 @@ class Decision:
     action: Action
     value: int = 0
     reason: str = ""
+
+
+HOLD_AHEAD_S = 5.0
+
+
+def near_switchover(now: Observation) -> bool:
+    """The migration may switch over soon: its first pass is done, or what is left of it
+    goes in ``HOLD_AHEAD_S`` at its bandwidth. A migration whose limit was set for the
+    whole link holds the link from then: a new start would cut its share. Without a
+    bandwidth reading it may."""
+    if now.first_pass_done or now.postcopy or now.bandwidth_bytes_per_s <= 0:
+        return True
+    return now.remaining_bytes / now.bandwidth_bytes_per_s <= HOLD_AHEAD_S
 
 
 def behind(history: Sequence[Observation], limits: Limits) -> str:
@@ -134,8 +150,11 @@ def raised_downtime_ms(now: Observation, limits: Limits) -> int:
     """
     if not limits.operator_cap_ms or now.bandwidth_bytes_per_s <= 0:
         return limits.qemu_downtime_cap_ms
+    worst = now.bandwidth_bytes_per_s
+    if now.fair_share_bytes_per_s > 0:  # a neighbour still setting up will take its share
+        worst = min(worst, now.fair_share_bytes_per_s)
     at_now = qemu_downtime_limit_ms(
-        limits.operator_cap_ms, now.bandwidth_bytes_per_s, limits.params
+        limits.operator_cap_ms, now.bandwidth_bytes_per_s, limits.params, worst
     )
     return max(1, min(limits.qemu_downtime_cap_ms, int(at_now)))
 

@@ -151,6 +151,8 @@ class _Run:
     thread: threading.Thread | None = None
     cpu_bound: frozenset[str] = frozenset()
     threads: dict[str, threading.Thread] = field(default_factory=dict)
+    # each running migration's latest progress sample (dispatch reads it; dict ops are atomic)
+    latest: dict[str, escalation.Observation] = field(default_factory=dict)
 
 
 class Executor:
@@ -743,11 +745,16 @@ class Executor:
         planned = run.planned.get(row.vm_uuid)
         need = planned.need_bytes_per_s if planned is not None else 0.0
         raised = any(t.startswith(escalation.Action.RAISE_DOWNTIME) for t in row.tuning_applied)
+        # A migration planned with the whole link's limit holds it once it may switch over
+        # (before any progress is seen, from its start).
+        latest = run.latest.get(row.vm_uuid)
+        late = latest is None or escalation.near_switchover(latest)
+        planned_hold = planned is not None and planned.holds_link and late
         return Slot(
             row.vm_uuid,
             row.target_host or row.planned_target or None,
             need,
-            holds_link=row.state == "migrating" and raised,
+            holds_link=row.state == "migrating" and (raised or planned_hold),
         )
 
     def _spawn(self, run: _Run, row: VmRow, adopt: bool) -> threading.Thread:
@@ -915,12 +922,18 @@ class Executor:
                 max_downtime_ms=p.max_downtime_ms,
                 postcopy=p.phase == apb.MIGRATION_PHASE_POSTCOPY,
                 first_pass_done=p.iteration >= 2,
+                fair_share_bytes_per_s=self._fair_share(run),
             )
             row = self._observe(run, row, ref, w, obs, p)
             if self._stopped.is_set():
                 return row
         w.finished = True
         return row
+
+    def _fair_share(self, run: _Run) -> float:
+        """The link over this drain's running migrations (some may still be setting up)."""
+        running = sum(1 for t in run.threads.values() if t.is_alive())
+        return run.link_bytes_per_s * self._params.link_efficiency / max(1, running)
 
     def _apply_planned_downtime(self, run: _Run, row: VmRow, current_ms: int) -> None:
         """The plan's QEMU downtime limit on a job the cloud started with its own.
@@ -997,6 +1010,7 @@ class Executor:
     ) -> VmRow:
         w.history.append(obs)
         del w.history[:-_HISTORY_KEPT]
+        run.latest[row.vm_uuid] = obs
         self._publish(run, cpb.DRAIN_EVENT_KIND_PROGRESS, vm=row, progress=progress)
         decision = escalation.next_step(w.history, w.limits, w.done)
         if decision.action is not escalation.Action.NONE:

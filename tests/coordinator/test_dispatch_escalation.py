@@ -154,6 +154,19 @@ def test_a_raise_at_a_shared_bandwidth_is_lower() -> None:
     # The cloud's view carries no bandwidth: the precomputed cap stands.
     blind = esc.raised_downtime_ms(esc.Observation(40.0, 30, 10**9, 0.0, 0), limits)
     assert blind == 100_000
+    # Alone on the link for now, but a neighbour still setting up will take half of it.
+    now = esc.Observation(40.0, 30, 10**9, 47 * MB, 300, fair_share_bytes_per_s=23.5 * MB)
+    before_neighbour = esc.raised_downtime_ms(now, limits)
+    assert before_neighbour < alone
+    assert before_neighbour + margin_ms(23.5 * MB) <= 1000 * 0.5 + 1  # half the bandwidth
+
+
+def test_a_migration_may_switch_over_soon_once_its_first_pass_nears_its_end() -> None:
+    early = esc.Observation(3.0, 1, 900 * MB, 50 * MB, 300)  # 18 s of the first pass left
+    assert not esc.near_switchover(early)
+    assert esc.near_switchover(dataclasses.replace(early, remaining_bytes=200 * MB))
+    assert esc.near_switchover(dataclasses.replace(early, iteration=2, first_pass_done=True))
+    assert esc.near_switchover(dataclasses.replace(early, bandwidth_bytes_per_s=0.0))
 
 
 def test_a_planned_postcopy_switches_once_the_first_pass_is_done() -> None:
