@@ -54,7 +54,7 @@ from hostmaint.coordinator.model import (
     qemu_downtime_limit_ms,
     run_alone,
 )
-from hostmaint.coordinator.simulator import Job, SimResult, simulate
+from hostmaint.coordinator.simulator import Job, SimResult, VmResult, simulate
 
 CANNOT_CONVERGE_REASON = "cannot converge: skip or stop the VM's workload"
 POLL_S = 1.0  # the executor's default progress sampling interval
@@ -130,6 +130,9 @@ class _Item:
     settings: Settings
     need: float
     holds_link: bool = False
+    # the VM the plan's simulation runs when it is not ``vm``: a writer planned at its
+    # rate floor is simulated at its assumed rate, so the plan counts the ladder's cost
+    simulated: VmSpec | None = None
 
 
 class PlanStrategy:
@@ -347,12 +350,12 @@ def plan_drain(
     link_bw = link.bandwidth_bytes_per_s * params.link_efficiency
     used: dict[str, list[VmSpec]] = {t.name: [] for t in targets}
     unmovable: list[Unmovable] = []
-    base: list[tuple[VmSpec, str | None, Prediction]] = []
+    base: list[tuple[VmSpec, str | None, Prediction, VmSpec | None]] = []
     for vm in sorted(vms, key=lambda v: -v.memory_bytes):
         if vm.blockers:
             unmovable.append(Unmovable(vm.uuid, vm.name, "blocked: " + ", ".join(vm.blockers)))
             continue
-        vm, pred = _with_rate_assumed(vm, full_bw, policy, params)
+        vm, pred, assumed = _with_rate_assumed(vm, full_bw, policy, params)
         if pred.tuning is Tuning.CANNOT_CONVERGE:
             unmovable.append(Unmovable(vm.uuid, vm.name, CANNOT_CONVERGE_REASON))
             continue
@@ -362,16 +365,16 @@ def plan_drain(
             continue
         if where is not None:
             used[where].append(vm)
-        base.append((vm, where, pred))
+        base.append((vm, where, pred, assumed))
     cap_ms = {v.uuid: _cap(v, policy) for v in vms}
-    bound = lower_bound([v for v, _, _ in base], link, policy, params)
+    bound = lower_bound([b[0] for b in base], link, policy, params)
     best: tuple[float, int, SimResult, list[_Item]] | None = None
     choices: dict[tuple[int, str], _Item] = {}  # (k, VM): its pre-copy choice instead of post-copy
     for k in range(1, max(1, policy.max_parallel_per_source) + 1):
         worst = min(full_bw, link_bw / k)
         items = []
-        for vm, where, pred in base:
-            fast, precopy = _options(vm, where, pred, full_bw, worst, policy, params)
+        for vm, where, pred, assumed in base:
+            fast, precopy = _options(vm, where, pred, assumed, full_bw, worst, policy, params)
             items.append(fast)
             if precopy is not None:
                 choices[(k, vm.uuid)] = precopy
@@ -398,7 +401,7 @@ def plan_drain(
             target=i.target,
             position=pos,
             start_s=starts[i.vm.uuid].start_s,
-            predicted_total_s=starts[i.vm.uuid].end_s - starts[i.vm.uuid].start_s,
+            predicted_total_s=_predicted_total_s(i, starts[i.vm.uuid]),
             predicted_downtime_ms=starts[i.vm.uuid].downtime_ms,
             tuning=i.prediction.tuning,
             settings=i.settings,
@@ -426,6 +429,14 @@ def plan_drain(
     )
 
 
+def _predicted_total_s(item: _Item, run: VmResult) -> float:
+    """The plan's time for the VM: as simulated, but for a VM planned at its rate floor
+    (simulated at its assumed rate) the time at the floor, which the ladder checks."""
+    if item.simulated is not None:
+        return item.prediction.total_s
+    return run.end_s - run.start_s
+
+
 def _evaluate(
     order: Sequence[_Item],
     k: int,
@@ -447,7 +458,8 @@ def _evaluate(
         policy.allow_postcopy,
         throttle_helps([i.vm for i in order], policy),
     )
-    res = simulate([i.vm for i in order], strat, link, params, seed=0, policy=policy)
+    vms = [i.simulated or i.vm for i in order]
+    res = simulate(vms, strat, link, params, seed=0, policy=policy)
     late = policy.deadline_s is not None and res.makespan_s > policy.deadline_s
     # failures first, then a plan that meets the deadline, then the soonest
     key = res.makespan_s + 1e6 * (res.failed + res.over_downtime) + (1e5 if late else 0)
@@ -456,26 +468,30 @@ def _evaluate(
 
 def _with_rate_assumed(
     vm: VmSpec, full_bw: float, policy: DrainPolicy, params: ModelParams
-) -> tuple[VmSpec, Prediction]:
-    """The VM as planned and its prediction. A VM whose rate is known only to be at least
-    its floor is planned at its assumed (high) rate when that still moves it by pre-copy
-    without throttling or holding the link; otherwise at its floor, and a faster writer
-    falls behind and meets the escalation ladder (raise, throttle, post-copy)."""
+) -> tuple[VmSpec, Prediction, VmSpec | None]:
+    """The VM as planned, its prediction, and the VM at its assumed rate when it is planned
+    at its rate floor instead.
+
+    A VM whose rate is known only to be at least its floor is planned at its assumed (high)
+    rate when that still moves it by pre-copy without throttling or holding the link;
+    otherwise at its floor, where a faster writer falls behind and meets the escalation
+    ladder (raise, throttle, post-copy)."""
     pred = predict_at(vm, full_bw, policy, params)
     floor = vm.dirty_rate_floor_bytes_per_s
     if floor is None or pred.tuning in (Tuning.NONE, Tuning.RAISE_DOWNTIME):
-        return vm, pred
+        return vm, pred, None
     at_floor = dataclasses.replace(vm, dirty_rate_bytes_per_s=floor)
     floor_pred = predict_at(at_floor, full_bw, policy, params)
     if floor_pred.tuning in (Tuning.CANNOT_CONVERGE, Tuning.POSTCOPY):
-        return vm, pred
-    return at_floor, floor_pred
+        return vm, pred, None
+    return at_floor, floor_pred, vm
 
 
 def _options(
     vm: VmSpec,
     where: str | None,
     pred: Prediction,
+    assumed: VmSpec | None,
     full_bw: float,
     worst_bw: float,
     policy: DrainPolicy,
@@ -485,27 +501,45 @@ def _options(
 
     A pre-copy that throttles the guest (auto-converge) or needs the link to itself costs
     the drain time; post-copy, where the policy allows it and it is sooner alone, is the
-    fast way then, and the pre-copy one is kept for ``_fewer_postcopies``.
+    fast way then, and the pre-copy one is kept for ``_fewer_postcopies``. So is a VM
+    planned at its rate floor (``assumed``: the VM at its assumed rate): post-copy at the
+    assumed rate is its fast way, and its pre-copy is simulated at the assumed rate, so
+    the plan takes it only where the ladder's rescue of a fast writer costs little.
     """
     settings, holds = _fastest_settings(vm, pred, full_bw, worst_bw, policy, params)
     need = need_bandwidth(vm, settings, full_bw, params)
     if policy.allow_postcopy and not settings.postcopy_permitted:
         s = settings  # permit post-copy at start so the ladder can use it later
         settings = Settings(s.downtime_limit_ms, s.auto_converge, True, False)
+    if assumed is not None and policy.allow_postcopy:
+        precopy = _Item(vm, where, pred, settings, need, holds, simulated=assumed)
+        return _postcopy_item(assumed, where, pred, full_bw, worst_bw, policy, params), precopy
     precopy = _Item(vm, where, pred, settings, need, holds)
     costly = holds or settings.auto_converge
     if not (policy.allow_postcopy and costly) or pred.tuning is Tuning.POSTCOPY:
         return precopy, None
+    fast = _postcopy_item(vm, where, pred, full_bw, worst_bw, policy, params)
+    pre_run = run_alone(vm, full_bw, settings, params)
+    if pre_run.end_s is None or fast.prediction.total_s >= pre_run.end_s:
+        return precopy, None
+    return fast, precopy
+
+
+def _postcopy_item(
+    vm: VmSpec,
+    where: str | None,
+    pred: Prediction,
+    full_bw: float,
+    worst_bw: float,
+    policy: DrainPolicy,
+    params: ModelParams,
+) -> _Item:
     top = qemu_downtime_limit_ms(_cap(vm, policy), full_bw, params, worst_bw)
     post = Settings(top, postcopy_permitted=True, postcopy_after_first_round=True)
-    pre_run = run_alone(vm, full_bw, settings, params)
-    post_run = run_alone(vm, full_bw, post, params)
-    if post_run.end_s is None or pre_run.end_s is None or post_run.end_s >= pre_run.end_s:
-        return precopy, None
-    fast_pred = dataclasses.replace(
-        pred, tuning=Tuning.POSTCOPY, total_s=post_run.end_s, settings=post
-    )
-    return _Item(vm, where, fast_pred, post, 0.0), precopy
+    run = run_alone(vm, full_bw, post, params)
+    total_s = run.end_s if run.end_s is not None else math.inf
+    post_pred = dataclasses.replace(pred, tuning=Tuning.POSTCOPY, total_s=total_s, settings=post)
+    return _Item(vm, where, post_pred, post, 0.0)
 
 
 def _fewer_postcopies(
