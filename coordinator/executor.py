@@ -151,8 +151,6 @@ class _Run:
     thread: threading.Thread | None = None
     cpu_bound: frozenset[str] = frozenset()
     threads: dict[str, threading.Thread] = field(default_factory=dict)
-    # each running migration's latest progress sample (dispatch reads it; dict ops are atomic)
-    latest: dict[str, escalation.Observation] = field(default_factory=dict)
 
 
 class Executor:
@@ -745,16 +743,13 @@ class Executor:
         planned = run.planned.get(row.vm_uuid)
         need = planned.need_bytes_per_s if planned is not None else 0.0
         raised = any(t.startswith(escalation.Action.RAISE_DOWNTIME) for t in row.tuning_applied)
-        # A migration planned with the whole link's limit holds it once it may switch over
-        # (before any progress is seen, from its start).
-        latest = run.latest.get(row.vm_uuid)
-        late = latest is None or escalation.near_switchover(latest)
-        planned_hold = planned is not None and planned.holds_link and late
+        # planned with the whole link's limit: it starts alone and runs alone
+        planned_alone = planned is not None and planned.holds_link
         return Slot(
             row.vm_uuid,
             row.target_host or row.planned_target or None,
             need,
-            holds_link=row.state == "migrating" and (raised or planned_hold),
+            holds_link=planned_alone or (row.state == "migrating" and raised),
         )
 
     def _spawn(self, run: _Run, row: VmRow, adopt: bool) -> threading.Thread:
@@ -1010,7 +1005,6 @@ class Executor:
     ) -> VmRow:
         w.history.append(obs)
         del w.history[:-_HISTORY_KEPT]
-        run.latest[row.vm_uuid] = obs
         self._publish(run, cpb.DRAIN_EVENT_KIND_PROGRESS, vm=row, progress=progress)
         decision = escalation.next_step(w.history, w.limits, w.done)
         if decision.action is not escalation.Action.NONE:
@@ -1050,6 +1044,7 @@ class Executor:
             stall_grace_s=self.settings.stall_grace_s,
             settle_s=self.settings.escalation_settle_s,
             operator_cap_ms=float(cap),
+            link_bytes_per_s=run.link_bytes_per_s * self._params.link_efficiency,
             params=self._params,
             postcopy_after_first_pass=bool(planned and planned.settings.postcopy_after_first_round),
         )

@@ -74,8 +74,8 @@ class PlannedMigration:
     tuning: Tuning
     settings: Settings
     need_bytes_per_s: float
-    # nothing starts beside it while it runs: its limit is set for the whole link, and a
-    # new start would cut its bandwidth before the switch-over
+    # it runs alone (starts when nothing runs, nothing starts beside it): its limit is set
+    # for the whole link, which a neighbour's sending would cut at the switch-over
     holds_link: bool = False
 
 
@@ -171,6 +171,7 @@ class PlanStrategy:
                 postcopy_permitted=i.settings.postcopy_permitted,
                 cpu_bound=i.vm.uuid in cpu_bound,
                 operator_cap_ms=cap_ms[i.vm.uuid],
+                link_bytes_per_s=total_bw,
                 params=params,
                 postcopy_after_first_pass=i.settings.postcopy_after_first_round,
             )
@@ -190,12 +191,7 @@ class PlanStrategy:
         """The executor's dispatch rule (``dispatch.ready_to_start``) over the plan's order."""
         self.sharing = max(1, len(running))
         busy = [
-            self._slot(
-                self.by_uuid[m.vm.uuid],
-                m.in_precopy,
-                m.vm.uuid in self.raised
-                or (self.by_uuid[m.vm.uuid].holds_link and self._near_switchover(m)),
-            )
+            self._slot(self.by_uuid[m.vm.uuid], m.in_precopy, m.vm.uuid in self.raised)
             for m in running
         ]
         chosen = ready_to_start(
@@ -210,13 +206,9 @@ class PlanStrategy:
         self.queue = [i for i in self.queue if i.vm.uuid not in starting]
         return jobs
 
-    def _near_switchover(self, mig: Migration) -> bool:
-        history = self.history.get(mig.vm.uuid) or []
-        return not mig.in_precopy or (bool(history) and escalation.near_switchover(history[-1]))
-
     @staticmethod
-    def _slot(item: _Item, in_precopy: bool = True, holds_link: bool = False) -> Slot:
-        return Slot(item.vm.uuid, item.target, item.need, in_precopy, holds_link)
+    def _slot(item: _Item, in_precopy: bool = True, raised: bool = False) -> Slot:
+        return Slot(item.vm.uuid, item.target, item.need, in_precopy, raised or item.holds_link)
 
     def next_control_s(self, mig: Migration) -> float:
         if not mig.in_precopy:

@@ -161,12 +161,22 @@ def test_a_raise_at_a_shared_bandwidth_is_lower() -> None:
     assert before_neighbour + margin_ms(23.5 * MB) <= 1000 * 0.5 + 1  # half the bandwidth
 
 
-def test_a_migration_may_switch_over_soon_once_its_first_pass_nears_its_end() -> None:
-    early = esc.Observation(3.0, 1, 900 * MB, 50 * MB, 300)  # 18 s of the first pass left
-    assert not esc.near_switchover(early)
-    assert esc.near_switchover(dataclasses.replace(early, remaining_bytes=200 * MB))
-    assert esc.near_switchover(dataclasses.replace(early, iteration=2, first_pass_done=True))
-    assert esc.near_switchover(dataclasses.replace(early, bandwidth_bytes_per_s=0.0))
+def test_a_migration_planned_for_the_whole_link_starts_alone() -> None:
+    alone = Slot("big", None, 10 * MB, holds_link=True)
+    small = Slot("small", None, 1 * MB)
+    running = [Slot("r", None, 1 * MB)]
+    started = ready_to_start(
+        [alone, small],
+        running,
+        max_parallel=4,
+        max_parallel_per_target=4,
+        link_bytes_per_s=MB * 100,
+    )
+    assert started == [small]  # it waits; the small one backfills
+    started = ready_to_start(
+        [alone, small], [], max_parallel=4, max_parallel_per_target=4, link_bytes_per_s=MB * 100
+    )
+    assert started == [alone]  # alone, and nothing beside it
 
 
 def test_a_planned_postcopy_switches_once_the_first_pass_is_done() -> None:
