@@ -9,7 +9,8 @@ Public API
     (memory, vCPUs), CPU compatibility, health and (anti-)affinity are never violated;
     the schedule respects ``max_parallel_per_source`` / ``_per_target``.
 ``PlannedMigration``: VM, target (None: the scheduler chooses), position, start time,
-    predicted time and downtime, tuning and the QEMU ``Settings`` to start it with.
+    predicted time and downtime, tuning and the QEMU ``Settings`` to start it with, and
+    whether it runs alone (``holds_link``).
 ``Unmovable``: VM and reason. ``DrainPlan``: migrations, unmovable, predicted makespan,
     lower bound (``bounds.lower_bound`` of the VMs it moves: what no drain within the
     policy beats; ``bound`` holds its parts), chosen concurrency.
@@ -22,7 +23,16 @@ of the pre-copying migrations plus its own fit the link, so sharing never stops 
 dirty VM from converging. Several orders and concurrency caps are simulated with the
 reported VMs and the shortest makespan wins: two dirty VMs at half bandwidth each
 resend more dirty pages (or never converge) than one after the other, while idle VMs
-gain from overlapping their fixed set-up costs and per-stream bandwidth caps.
+gain from overlapping their fixed set-up costs and per-stream bandwidth caps. The
+simulation steers each migration with the executor's escalation ladder.
+
+Tuning: each VM's downtime limit holds for the share it may drop to at the switch-over
+(the link over the concurrency); one that converges only with the whole link's limit
+runs alone. Where post-copy is sooner than a costly pre-copy (throttled, alone, or a
+writer of unknown rate planned at its floor), the soonest plan takes it; then VMs go
+back to pre-copy, shortest first, while the drain stays within
+``POSTCOPY_AVOIDANCE_STRETCH`` of that plan (each post-copy is a VM lost if the network
+fails during it).
 """
 
 from __future__ import annotations
@@ -545,7 +555,7 @@ def _fewer_postcopies(
 ) -> tuple[float, int, SimResult, list[_Item]]:
     """Move VMs of the soonest plan from post-copy back to pre-copy (each post-copy is a VM
     lost if the network fails during it) while the drain stays within
-    ``POSTCOPY_AVOIDANCE_STRETCH`` of that plan's makespan; cheapest swaps first."""
+    ``POSTCOPY_AVOIDANCE_STRETCH`` of that plan's makespan; shortest pre-copies first."""
     key, k, res, order = best
     budget = res.makespan_s * (1.0 + POSTCOPY_AVOIDANCE_STRETCH)
     swaps = sorted(
@@ -573,8 +583,8 @@ def _fastest_settings(
 
     The limit is set so that the real downtime stays under the cap even if the migration's
     share drops to ``worst_bw`` at the switch-over. A VM that converges only with a higher
-    limit gets the limit for the whole link and holds it: nothing starts beside it, so its
-    share cannot drop. Post-copy only where the prediction found no pre-copy that converges.
+    limit gets the limit for the whole link and runs alone, so its share cannot drop.
+    Post-copy only where the prediction found no pre-copy that converges.
     """
     if pred.tuning is Tuning.POSTCOPY:
         top = qemu_downtime_limit_ms(_cap(vm, policy), full_bw, params, worst_bw)

@@ -273,8 +273,9 @@ class PlannedMigration(google.protobuf.message.Message):
     memory_bytes: builtins.int
     dirty_rate_bytes_per_s: builtins.float
     holds_link: builtins.bool
-    """Its downtime limit is set for the whole link: once it may switch over, nothing
-    starts beside it (a new start would cut its bandwidth and stretch its downtime).
+    """Its downtime limit is set for the whole link: it starts when nothing else runs
+    and nothing starts beside it (a neighbour would cut its bandwidth at the
+    switch-over and stretch its downtime).
     """
     def __init__(
         self,
