@@ -218,8 +218,16 @@ def _domain_states(lab: cluster.Lab) -> dict[str, list[tuple[str, int]]]:
         try:
             for dom in conn.listAllDomains():
                 name = dom.name()
-                if name in found:
-                    found[name].append((host.name, dom.state()[0]))
+                if name not in found:
+                    continue
+                try:
+                    state = dom.state()[0]
+                except libvirt.libvirtError as e:
+                    # gone since the listing: a migrated-away source's clean-up
+                    if e.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN:
+                        continue
+                    raise
+                found[name].append((host.name, state))
         finally:
             conn.close()
     return found
