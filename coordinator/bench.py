@@ -40,7 +40,7 @@ def run_scenario(sc: Scenario) -> tuple[dict[str, SimResult], LowerBound, int]:
     results = {
         "hostmaint": simulate(
             truth,
-            plan_strategy(plan, truth, sc.link, sc.policy),
+            plan_strategy(plan, truth, sc.link, sc.policy, reported=sc.reported),
             sc.link,
             seed=sc.seed,
             policy=sc.policy,

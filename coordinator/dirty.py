@@ -17,6 +17,10 @@ Public API
       ``ASSUMED_REWRITE_S`` (fast enough that every pre-copy round resends all of it:
       it converges only when the whole set fits a switch-over);
     * otherwise the short reading is the write rate and the working set is unknown.
+``rate_floor(short, long) -> bytes/s or None``: when the windows found the working set,
+    the rate the writer certainly reaches (the set over the short window): the planner
+    plans with it where the assumed rate leaves only costly tunings, and the escalation
+    ladder catches a writer faster than that; None when the rate was read directly.
 ``readings_of(rate, working_set, short_s, long_s) -> (short, long)``: what the two
     windows read of a writer of that rate over that working set (the benchmark's agents).
 """
@@ -47,6 +51,13 @@ def writer_from(short: Reading, long: Reading) -> tuple[float, int | None]:
         working_set = max(short.unique_bytes, long.unique_bytes)
         return max(short.bytes_per_s, working_set / ASSUMED_REWRITE_S), int(working_set)
     return short.bytes_per_s, None
+
+
+def rate_floor(short: Reading, long: Reading) -> float | None:
+    rate, working_set = writer_from(short, long)
+    if working_set is None:
+        return None
+    return min(rate, working_set / short.window_s)
 
 
 def readings_of(

@@ -7,7 +7,9 @@ candidate's own need fits the link. The first migration always starts, so a
 VM that needs the whole link still moves. Nothing starts while a migration
 holds the link: one whose downtime limit was raised to the edge of the
 operator's limit at its current bandwidth share, which a new start would cut
-just before its switch-over (and so stretch its real downtime past the limit).
+just before its switch-over (and so stretch its real downtime past the limit),
+or one planned with the whole link's limit, which starts alone: a neighbour's
+sending pauses and resumes, so a share is never steady enough for that limit.
 """
 
 from __future__ import annotations
@@ -36,12 +38,12 @@ def ready_to_start(
     link_bytes_per_s: float,
 ) -> list[Slot]:
     busy = list(running)
-    if any(b.holds_link for b in busy):
-        return []
     chosen: list[Slot] = []
     for item in queue:
-        if len(busy) >= max_parallel:
+        if len(busy) >= max_parallel or any(b.holds_link for b in busy):
             break
+        if item.holds_link and busy:
+            continue  # it needs the link to itself: it starts alone
         load = sum(b.need_bytes_per_s for b in busy if b.in_precopy)
         same_target = sum(1 for b in busy if item.target is not None and b.target == item.target)
         if busy and (

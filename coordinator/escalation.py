@@ -43,6 +43,9 @@ class Observation:
     # QEMU's dirty-bitmap sync count (libvirt's memory_iteration) is 1 through the first
     # pass over RAM and 2 after it; False where no such count is known
     first_pass_done: bool = False
+    # the link over the migrations running (some may not send yet): the least bandwidth it
+    # can count on once they all do; 0 where not known
+    fair_share_bytes_per_s: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -57,6 +60,7 @@ class Limits:
     settle_s: float = 8.0  # time a step gets before the next
     throttle_steps_pct: tuple[int, ...] = (40, 70, 90)
     operator_cap_ms: float = 0.0  # the real downtime allowed; 0: use qemu_downtime_cap_ms as is
+    link_bytes_per_s: float = 0.0  # the most one migration can get (the link's payload rate)
     params: ModelParams = DEFAULT_PARAMS
     postcopy_after_first_pass: bool = False  # the plan's post-copy tuning
 
@@ -129,14 +133,20 @@ def raised_downtime_ms(now: Observation, limits: Limits) -> int:
     """QEMU's limit keeping the real downtime under the operator's at the current bandwidth.
 
     QEMU switches over when what is left fits its limit at the bandwidth it measures, so
-    the final copy takes the limit only if that bandwidth holds: a migration sharing the
-    link gets a limit for its share (the dispatcher holds new starts while it runs).
+    the final copy takes the limit only if that bandwidth holds. A migration sharing the
+    link may measure up to the whole link at the switch-over decision (its neighbours
+    pause sending: set-up, zero-page scans) and get only its fair share for the final
+    copy: its limit is for that drop (the dispatcher holds new starts while it runs).
     """
     if not limits.operator_cap_ms or now.bandwidth_bytes_per_s <= 0:
         return limits.qemu_downtime_cap_ms
-    at_now = qemu_downtime_limit_ms(
-        limits.operator_cap_ms, now.bandwidth_bytes_per_s, limits.params
-    )
+    worst = now.bandwidth_bytes_per_s
+    if now.fair_share_bytes_per_s > 0:
+        worst = min(worst, now.fair_share_bytes_per_s)
+    best = now.bandwidth_bytes_per_s
+    if worst < limits.link_bytes_per_s:  # sharing: the neighbours may pause
+        best = max(best, limits.link_bytes_per_s)
+    at_now = qemu_downtime_limit_ms(limits.operator_cap_ms, best, limits.params, worst)
     return max(1, min(limits.qemu_downtime_cap_ms, int(at_now)))
 
 

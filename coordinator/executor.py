@@ -743,11 +743,13 @@ class Executor:
         planned = run.planned.get(row.vm_uuid)
         need = planned.need_bytes_per_s if planned is not None else 0.0
         raised = any(t.startswith(escalation.Action.RAISE_DOWNTIME) for t in row.tuning_applied)
+        # planned with the whole link's limit: it starts alone and runs alone
+        planned_alone = planned is not None and planned.holds_link
         return Slot(
             row.vm_uuid,
             row.target_host or row.planned_target or None,
             need,
-            holds_link=row.state == "migrating" and raised,
+            holds_link=planned_alone or (row.state == "migrating" and raised),
         )
 
     def _spawn(self, run: _Run, row: VmRow, adopt: bool) -> threading.Thread:
@@ -915,12 +917,18 @@ class Executor:
                 max_downtime_ms=p.max_downtime_ms,
                 postcopy=p.phase == apb.MIGRATION_PHASE_POSTCOPY,
                 first_pass_done=p.iteration >= 2,
+                fair_share_bytes_per_s=self._fair_share(run),
             )
             row = self._observe(run, row, ref, w, obs, p)
             if self._stopped.is_set():
                 return row
         w.finished = True
         return row
+
+    def _fair_share(self, run: _Run) -> float:
+        """The link over this drain's running migrations (some may still be setting up)."""
+        running = sum(1 for t in run.threads.values() if t.is_alive())
+        return run.link_bytes_per_s * self._params.link_efficiency / max(1, running)
 
     def _apply_planned_downtime(self, run: _Run, row: VmRow, current_ms: int) -> None:
         """The plan's QEMU downtime limit on a job the cloud started with its own.
@@ -1036,6 +1044,7 @@ class Executor:
             stall_grace_s=self.settings.stall_grace_s,
             settle_s=self.settings.escalation_settle_s,
             operator_cap_ms=float(cap),
+            link_bytes_per_s=run.link_bytes_per_s * self._params.link_efficiency,
             params=self._params,
             postcopy_after_first_pass=bool(planned and planned.settings.postcopy_after_first_round),
         )

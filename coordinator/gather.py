@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 
 from hostmaint.coordinator import errors
 from hostmaint.coordinator.agents import AgentRegistry, Health
-from hostmaint.coordinator.dirty import Reading, writer_from
+from hostmaint.coordinator.dirty import Reading, rate_floor, writer_from
 from hostmaint.coordinator.drivers.base import (
     DriverError,
     Instance,
@@ -57,6 +57,7 @@ def _vm_spec(
     nonzero = None
     rate = 0.0
     working_set: int | None = None
+    floor: float | None = None
     cpu_model = ""
     features: frozenset[str] = frozenset()
     if domain is not None:
@@ -65,10 +66,12 @@ def _vm_spec(
         if domain.HasField("dirty_rate"):
             rate = domain.dirty_rate.bytes_per_s
             if short is not None:
-                rate, working_set = writer_from(
+                windows = (
                     Reading(short.bytes_per_s, short.window_s),
                     Reading(rate, domain.dirty_rate.window_s),
                 )
+                rate, working_set = writer_from(*windows)
+                floor = rate_floor(*windows)
         cpu_model = domain.cpu.model
         features = frozenset(f.name for f in domain.cpu.features if f.policy != "disable")
     return VmSpec(
@@ -78,6 +81,7 @@ def _vm_spec(
         nonzero_bytes=nonzero,
         dirty_rate_bytes_per_s=rate,
         working_set_bytes=working_set,
+        dirty_rate_floor_bytes_per_s=floor,
         vcpus=max(1, instance.vcpus),
         cpu_model=cpu_model,
         cpu_features=features,

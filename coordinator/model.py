@@ -19,7 +19,9 @@ Functions:
       and its zero-page scan time.
   ``predict(vm, link, policy, params=DEFAULT_PARAMS) -> Prediction``
       the cheapest tuning that converges within the VM's downtime cap, tried in
-      order: none, raise_downtime, auto_converge (CPU-bound writers only),
+      order: none, raise_downtime, auto_converge (writers not known to be paced; an
+      unknown writer is predicted as paced: throttling slows it only once the CPU left
+      cannot sustain its rate),
       postcopy (only if the policy allows it), else cannot_converge.
   ``run_alone(vm, bandwidth_bytes_per_s, settings, params) -> Migration``
       one migration simulated alone at a constant bandwidth (a finished ``Migration``).
@@ -124,6 +126,9 @@ class VmSpec:
     server_groups: tuple[ServerGroup, ...] = ()
     blockers: tuple[str, ...] = ()
     max_downtime_ms: float | None = None  # overrides the policy's
+    # set when the rate is not known, only that it is at least this much (a working set
+    # rewritten within the shortest measuring window); the rate above is then assumed
+    dirty_rate_floor_bytes_per_s: float | None = None
 
     @property
     def sent_bytes(self) -> int:
@@ -518,6 +523,10 @@ class Migration:
         self.phase_fixed_s = self.params.switchover_ms / 1000.0
         return True
 
+    def throttle_vcpus(self, pct: float) -> None:
+        """The agent's vCPU throttle: the guest runs at most ``100 - pct`` % of the time."""
+        self.throttle_pct = min(max(self.throttle_pct, pct), self.params.throttle_max_pct)
+
     def pause(self) -> None:
         """Nova's force-complete without post-copy: the guest stops dirtying."""
         if self.phase is Phase.PRECOPY and self.paused_at_s is None:
@@ -617,7 +626,7 @@ def candidate_settings(
     out = [(Tuning.NONE, Settings(downtime_limit_ms=base))]
     if top > base:
         out.append((Tuning.RAISE_DOWNTIME, Settings(downtime_limit_ms=top)))
-    if policy.allow_auto_converge and vm.writer is WriterKind.CPU:
+    if policy.allow_auto_converge and vm.writer is not WriterKind.PACED:
         out.append((Tuning.AUTO_CONVERGE, Settings(downtime_limit_ms=top, auto_converge=True)))
     if policy.allow_postcopy:
         post = Settings(top, postcopy_permitted=True, postcopy_after_first_round=True)

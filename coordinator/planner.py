@@ -9,7 +9,8 @@ Public API
     (memory, vCPUs), CPU compatibility, health and (anti-)affinity are never violated;
     the schedule respects ``max_parallel_per_source`` / ``_per_target``.
 ``PlannedMigration``: VM, target (None: the scheduler chooses), position, start time,
-    predicted time and downtime, tuning and the QEMU ``Settings`` to start it with.
+    predicted time and downtime, tuning and the QEMU ``Settings`` to start it with, and
+    whether it runs alone (``holds_link``).
 ``Unmovable``: VM and reason. ``DrainPlan``: migrations, unmovable, predicted makespan,
     lower bound (``bounds.lower_bound`` of the VMs it moves: what no drain within the
     policy beats; ``bound`` holds its parts), chosen concurrency.
@@ -22,16 +23,26 @@ of the pre-copying migrations plus its own fit the link, so sharing never stops 
 dirty VM from converging. Several orders and concurrency caps are simulated with the
 reported VMs and the shortest makespan wins: two dirty VMs at half bandwidth each
 resend more dirty pages (or never converge) than one after the other, while idle VMs
-gain from overlapping their fixed set-up costs and per-stream bandwidth caps.
+gain from overlapping their fixed set-up costs and per-stream bandwidth caps. The
+simulation steers each migration with the executor's escalation ladder.
+
+Tuning: each VM's downtime limit holds for the share it may drop to at the switch-over
+(the link over the concurrency); one that converges only with the whole link's limit
+runs alone. Where post-copy is sooner than a costly pre-copy (throttled, alone, or a
+writer of unknown rate planned at its floor), the soonest plan takes it; then VMs go
+back to pre-copy, shortest first, while the drain stays within
+``POSTCOPY_AVOIDANCE_STRETCH`` of that plan (each post-copy is a VM lost if the network
+fails during it).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 
+from hostmaint.coordinator import escalation
 from hostmaint.coordinator.bounds import LowerBound, lower_bound
 from hostmaint.coordinator.dispatch import Slot, ready_to_start
 from hostmaint.coordinator.model import (
@@ -53,9 +64,12 @@ from hostmaint.coordinator.model import (
     qemu_downtime_limit_ms,
     run_alone,
 )
-from hostmaint.coordinator.simulator import Job, SimResult, simulate
+from hostmaint.coordinator.simulator import Job, SimResult, VmResult, simulate
 
 CANNOT_CONVERGE_REASON = "cannot converge: skip or stop the VM's workload"
+POLL_S = 1.0  # the executor's default progress sampling interval
+# A plan may be this much longer than the soonest one to send fewer VMs through post-copy.
+POSTCOPY_AVOIDANCE_STRETCH = 0.10
 
 
 @dataclass(frozen=True)
@@ -70,6 +84,9 @@ class PlannedMigration:
     tuning: Tuning
     settings: Settings
     need_bytes_per_s: float
+    # it runs alone (starts when nothing runs, nothing starts beside it): its limit is set
+    # for the whole link, which a neighbour's sending would cut at the switch-over
+    holds_link: bool = False
 
 
 @dataclass(frozen=True)
@@ -122,14 +139,18 @@ class _Item:
     prediction: Prediction
     settings: Settings
     need: float
+    holds_link: bool = False
+    # the VM the plan's simulation runs when it is not ``vm``: a writer planned at its
+    # rate floor is simulated at its assumed rate, so the plan counts the ladder's cost
+    simulated: VmSpec | None = None
 
 
 class PlanStrategy:
     """Start VMs in order (backfilling) while slots, per-target slots and bandwidth allow,
-    as the executor does; a watchdog escalates a migration that runs far past its
-    prediction: it raises the downtime limit for the migration's share of the link (and,
-    as the executor does, starts nothing beside it until it ends), then post-copy, then
-    abort."""
+    and steer each running migration with the executor's escalation ladder
+    (``escalation.next_step``), fed every ``POLL_S`` with what the agent would report:
+    elapsed time, QEMU's round, the bytes left in it, the bandwidth it got, its limit. A
+    migration whose limit the ladder raised holds the link, as in the executor."""
 
     def __init__(
         self,
@@ -140,6 +161,8 @@ class PlanStrategy:
         total_bw: float,
         cap_ms: dict[str, float],
         params: ModelParams,
+        allow_postcopy: bool,
+        cpu_bound: Collection[str],
     ) -> None:
         self.name = name
         self.queue = list(items)
@@ -147,10 +170,28 @@ class PlanStrategy:
         self.per_target = per_target
         self.total_bw = total_bw
         self.by_uuid = {i.vm.uuid: i for i in items}
-        self.cap_ms = cap_ms
         self.params = params
-        self.escalations: dict[str, int] = {}  # by VM uuid (an id() is reused once freed)
-        self.raised: set[str] = set()  # VMs whose limit the watchdog raised: they hold the link
+        self.limits = {
+            i.vm.uuid: escalation.Limits(
+                predicted_total_s=i.prediction.total_s,
+                qemu_downtime_cap_ms=max(
+                    1, int(qemu_downtime_limit_ms(cap_ms[i.vm.uuid], total_bw, params))
+                ),
+                allow_postcopy=allow_postcopy,
+                postcopy_permitted=i.settings.postcopy_permitted,
+                cpu_bound=i.vm.uuid in cpu_bound,
+                operator_cap_ms=cap_ms[i.vm.uuid],
+                link_bytes_per_s=total_bw,
+                params=params,
+                postcopy_after_first_pass=i.settings.postcopy_after_first_round,
+            )
+            for i in items
+        }
+        # per running VM (by uuid: an id() is reused once freed)
+        self.history: dict[str, list[escalation.Observation]] = {}
+        self.done: dict[str, escalation.Escalation] = {}
+        self.polled: dict[str, tuple[float, float]] = {}  # last poll: time, bytes sent
+        self.raised: set[str] = set()  # VMs whose limit the ladder raised: they hold the link
         self.sharing = 1  # migrations running at the last dispatch
 
     def remaining(self) -> int:
@@ -176,27 +217,47 @@ class PlanStrategy:
         return jobs
 
     @staticmethod
-    def _slot(item: _Item, in_precopy: bool = True, holds_link: bool = False) -> Slot:
-        return Slot(item.vm.uuid, item.target, item.need, in_precopy, holds_link)
+    def _slot(item: _Item, in_precopy: bool = True, raised: bool = False) -> Slot:
+        return Slot(item.vm.uuid, item.target, item.need, in_precopy, raised or item.holds_link)
 
     def next_control_s(self, mig: Migration) -> float:
         if not mig.in_precopy:
             return math.inf
-        pred = self.by_uuid[mig.vm.uuid].prediction.total_s
-        level = self.escalations.get(mig.vm.uuid, 0)
-        return mig.start_s + (level + 1) * (2.0 * pred + 30.0)
+        last_s, _ = self.polled.get(mig.vm.uuid, (mig.start_s, 0.0))
+        return last_s + POLL_S
 
     def control(self, mig: Migration, now_s: float) -> None:
-        """Watchdog: raise the downtime limit to the cap, then post-copy, then abort."""
-        level = self.escalations.get(mig.vm.uuid, 0)
-        self.escalations[mig.vm.uuid] = level + 1
-        share = self.total_bw / self.sharing
-        top = qemu_downtime_limit_ms(self.cap_ms[mig.vm.uuid], share, self.params)
-        if level == 0 and mig.downtime_limit_ms < top:
-            mig.set_downtime_limit(top)
-            self.raised.add(mig.vm.uuid)
-        elif not mig.start_postcopy() and level >= 2:
+        """One progress sample, and the ladder's step if it calls for one."""
+        uuid = mig.vm.uuid
+        last_s, last_bytes = self.polled.get(uuid, (mig.start_s, 0.0))
+        self.polled[uuid] = (now_s, mig.bytes_sent)
+        history = self.history.setdefault(uuid, [])
+        history.append(
+            escalation.Observation(
+                elapsed_s=now_s - mig.start_s,
+                iteration=mig.rounds,
+                remaining_bytes=int(mig.remaining),
+                bandwidth_bytes_per_s=(mig.bytes_sent - last_bytes) / max(now_s - last_s, 1e-9),
+                max_downtime_ms=int(mig.downtime_limit_ms),
+                postcopy=mig.postcopy,
+                first_pass_done=mig.rounds >= 2,
+                fair_share_bytes_per_s=self.total_bw / self.sharing,
+            )
+        )
+        done = self.done.get(uuid, escalation.Escalation())
+        decision = escalation.next_step(history, self.limits[uuid], done)
+        action = decision.action
+        ok = True
+        if action is escalation.Action.RAISE_DOWNTIME:
+            mig.set_downtime_limit(decision.value)
+            self.raised.add(uuid)
+        elif action is escalation.Action.THROTTLE_VCPUS:
+            mig.throttle_vcpus(decision.value)
+        elif action is escalation.Action.POSTCOPY:
+            ok = mig.start_postcopy()
+        elif action is escalation.Action.ABORT:
             mig.abort()
+        self.done[uuid] = escalation.applied(done, decision, now_s - mig.start_s, ok)
 
 
 def _cap(vm: VmSpec, policy: DrainPolicy) -> float:
@@ -291,12 +352,12 @@ def plan_drain(
     link_bw = link.bandwidth_bytes_per_s * params.link_efficiency
     used: dict[str, list[VmSpec]] = {t.name: [] for t in targets}
     unmovable: list[Unmovable] = []
-    base: list[tuple[VmSpec, str | None, Prediction]] = []
+    base: list[tuple[VmSpec, str | None, Prediction, VmSpec | None]] = []
     for vm in sorted(vms, key=lambda v: -v.memory_bytes):
         if vm.blockers:
             unmovable.append(Unmovable(vm.uuid, vm.name, "blocked: " + ", ".join(vm.blockers)))
             continue
-        pred = predict_at(vm, full_bw, policy, params)
+        vm, pred, assumed = _with_rate_assumed(vm, full_bw, policy, params)
         if pred.tuning is Tuning.CANNOT_CONVERGE:
             unmovable.append(Unmovable(vm.uuid, vm.name, CANNOT_CONVERGE_REASON))
             continue
@@ -306,20 +367,19 @@ def plan_drain(
             continue
         if where is not None:
             used[where].append(vm)
-        base.append((vm, where, pred))
+        base.append((vm, where, pred, assumed))
     cap_ms = {v.uuid: _cap(v, policy) for v in vms}
-    bound = lower_bound([v for v, _, _ in base], link, policy, params)
+    bound = lower_bound([b[0] for b in base], link, policy, params)
     best: tuple[float, int, SimResult, list[_Item]] | None = None
+    choices: dict[tuple[int, str], _Item] = {}  # (k, VM): its pre-copy choice instead of post-copy
     for k in range(1, max(1, policy.max_parallel_per_source) + 1):
         worst = min(full_bw, link_bw / k)
         items = []
-        for vm, where, pred in base:
-            settings = _fastest_settings(vm, pred, full_bw, worst, policy, params)
-            need = need_bandwidth(vm, settings, full_bw, params)
-            if policy.allow_postcopy and not settings.postcopy_permitted:
-                s = settings  # permit post-copy at start so the watchdog can use it later
-                settings = Settings(s.downtime_limit_ms, s.auto_converge, True, False)
-            items.append(_Item(vm, where, pred, settings, need))
+        for vm, where, pred, assumed in base:
+            fast, precopy = _options(vm, where, pred, assumed, full_bw, worst, policy, params)
+            items.append(fast)
+            if precopy is not None:
+                choices[(k, vm.uuid)] = precopy
         orders = (
             sorted(items, key=lambda i: (-i.need, -i.vm.sent_bytes)),
             sorted(items, key=lambda i: -i.vm.sent_bytes),
@@ -332,6 +392,7 @@ def plan_drain(
                 best = (key, k, res, order)
     if best is None:
         return DrainPlan((), tuple(unmovable), 0.0, bound, 0, policy.deadline_s)
+    best = _fewer_postcopies(best, choices, link, link_bw, cap_ms, policy, params)
     _, k, res, order = best
     starts = {r.uuid: r for r in res.vms}
     by_start = sorted(order, key=lambda i: starts[i.vm.uuid].start_s)
@@ -342,11 +403,12 @@ def plan_drain(
             target=i.target,
             position=pos,
             start_s=starts[i.vm.uuid].start_s,
-            predicted_total_s=starts[i.vm.uuid].end_s - starts[i.vm.uuid].start_s,
+            predicted_total_s=_predicted_total_s(i, starts[i.vm.uuid]),
             predicted_downtime_ms=starts[i.vm.uuid].downtime_ms,
             tuning=i.prediction.tuning,
             settings=i.settings,
             need_bytes_per_s=i.need,
+            holds_link=i.holds_link,
         )
         for pos, i in enumerate(by_start)
     )
@@ -369,6 +431,14 @@ def plan_drain(
     )
 
 
+def _predicted_total_s(item: _Item, run: VmResult) -> float:
+    """The plan's time for the VM: as simulated, but for a VM planned at its rate floor
+    (simulated at its assumed rate) the time at the floor, which the ladder checks."""
+    if item.simulated is not None:
+        return item.prediction.total_s
+    return run.end_s - run.start_s
+
+
 def _evaluate(
     order: Sequence[_Item],
     k: int,
@@ -379,12 +449,125 @@ def _evaluate(
     params: ModelParams,
 ) -> tuple[float, SimResult]:
     """Simulate an order with at most ``k`` at once; its key (lower is better) and result."""
-    strat = PlanStrategy("plan", order, k, policy.max_parallel_per_target, link_bw, cap_ms, params)
-    res = simulate([i.vm for i in order], strat, link, params, seed=0, policy=policy)
+    strat = PlanStrategy(
+        "plan",
+        order,
+        k,
+        policy.max_parallel_per_target,
+        link_bw,
+        cap_ms,
+        params,
+        policy.allow_postcopy,
+        throttle_helps([i.vm for i in order], policy),
+    )
+    vms = [i.simulated or i.vm for i in order]
+    res = simulate(vms, strat, link, params, seed=0, policy=policy)
     late = policy.deadline_s is not None and res.makespan_s > policy.deadline_s
     # failures first, then a plan that meets the deadline, then the soonest
     key = res.makespan_s + 1e6 * (res.failed + res.over_downtime) + (1e5 if late else 0)
     return key, res
+
+
+def _with_rate_assumed(
+    vm: VmSpec, full_bw: float, policy: DrainPolicy, params: ModelParams
+) -> tuple[VmSpec, Prediction, VmSpec | None]:
+    """The VM as planned, its prediction, and the VM at its assumed rate when it is planned
+    at its rate floor instead.
+
+    A VM whose rate is known only to be at least its floor is planned at its assumed (high)
+    rate when that still moves it by pre-copy without throttling or holding the link;
+    otherwise at its floor, where a faster writer falls behind and meets the escalation
+    ladder (raise, throttle, post-copy)."""
+    pred = predict_at(vm, full_bw, policy, params)
+    floor = vm.dirty_rate_floor_bytes_per_s
+    if floor is None or pred.tuning in (Tuning.NONE, Tuning.RAISE_DOWNTIME):
+        return vm, pred, None
+    at_floor = dataclasses.replace(vm, dirty_rate_bytes_per_s=floor)
+    floor_pred = predict_at(at_floor, full_bw, policy, params)
+    if floor_pred.tuning in (Tuning.CANNOT_CONVERGE, Tuning.POSTCOPY):
+        return vm, pred, None
+    return at_floor, floor_pred, vm
+
+
+def _options(
+    vm: VmSpec,
+    where: str | None,
+    pred: Prediction,
+    assumed: VmSpec | None,
+    full_bw: float,
+    worst_bw: float,
+    policy: DrainPolicy,
+    params: ModelParams,
+) -> tuple[_Item, _Item | None]:
+    """The VM's fastest way to move, and its pre-copy way when the fastest is post-copy.
+
+    A pre-copy that throttles the guest (auto-converge) or needs the link to itself costs
+    the drain time; post-copy, where the policy allows it and it is sooner alone, is the
+    fast way then, and the pre-copy one is kept for ``_fewer_postcopies``. So is a VM
+    planned at its rate floor (``assumed``: the VM at its assumed rate): post-copy at the
+    assumed rate is its fast way, and its pre-copy is simulated at the assumed rate, so
+    the plan takes it only where the ladder's rescue of a fast writer costs little.
+    """
+    settings, holds = _fastest_settings(vm, pred, full_bw, worst_bw, policy, params)
+    need = need_bandwidth(vm, settings, full_bw, params)
+    if policy.allow_postcopy and not settings.postcopy_permitted:
+        s = settings  # permit post-copy at start so the ladder can use it later
+        settings = Settings(s.downtime_limit_ms, s.auto_converge, True, False)
+    if assumed is not None and policy.allow_postcopy:
+        precopy = _Item(vm, where, pred, settings, need, holds, simulated=assumed)
+        return _postcopy_item(assumed, where, pred, full_bw, worst_bw, policy, params), precopy
+    precopy = _Item(vm, where, pred, settings, need, holds)
+    costly = holds or settings.auto_converge
+    if not (policy.allow_postcopy and costly) or pred.tuning is Tuning.POSTCOPY:
+        return precopy, None
+    fast = _postcopy_item(vm, where, pred, full_bw, worst_bw, policy, params)
+    pre_run = run_alone(vm, full_bw, settings, params)
+    if pre_run.end_s is None or fast.prediction.total_s >= pre_run.end_s:
+        return precopy, None
+    return fast, precopy
+
+
+def _postcopy_item(
+    vm: VmSpec,
+    where: str | None,
+    pred: Prediction,
+    full_bw: float,
+    worst_bw: float,
+    policy: DrainPolicy,
+    params: ModelParams,
+) -> _Item:
+    top = qemu_downtime_limit_ms(_cap(vm, policy), full_bw, params, worst_bw)
+    post = Settings(top, postcopy_permitted=True, postcopy_after_first_round=True)
+    run = run_alone(vm, full_bw, post, params)
+    total_s = run.end_s if run.end_s is not None else math.inf
+    post_pred = dataclasses.replace(pred, tuning=Tuning.POSTCOPY, total_s=total_s, settings=post)
+    return _Item(vm, where, post_pred, post, 0.0)
+
+
+def _fewer_postcopies(
+    best: tuple[float, int, SimResult, list[_Item]],
+    choices: dict[tuple[int, str], _Item],
+    link: Link,
+    link_bw: float,
+    cap_ms: dict[str, float],
+    policy: DrainPolicy,
+    params: ModelParams,
+) -> tuple[float, int, SimResult, list[_Item]]:
+    """Move VMs of the soonest plan from post-copy back to pre-copy (each post-copy is a VM
+    lost if the network fails during it) while the drain stays within
+    ``POSTCOPY_AVOIDANCE_STRETCH`` of that plan's makespan; shortest pre-copies first."""
+    key, k, res, order = best
+    budget = res.makespan_s * (1.0 + POSTCOPY_AVOIDANCE_STRETCH)
+    swaps = sorted(
+        (choices[(k, i.vm.uuid)] for i in order if (k, i.vm.uuid) in choices),
+        key=lambda c: c.prediction.total_s,
+    )
+    for pre in swaps:
+        trial = [pre if i.vm.uuid == pre.vm.uuid else i for i in order]
+        t_key, t_res = _evaluate(trial, k, link, link_bw, cap_ms, policy, params)
+        if t_res.makespan_s <= budget and t_key - t_res.makespan_s <= key - res.makespan_s:
+            key, res, order = t_key, t_res, trial
+    return key, k, res, order
 
 
 def _fastest_settings(
@@ -394,16 +577,40 @@ def _fastest_settings(
     worst_bw: float,
     policy: DrainPolicy,
     params: ModelParams,
-) -> Settings:
-    """Within what the operator allows, the pre-copy settings that finish soonest.
+) -> tuple[Settings, bool]:
+    """Within what the operator allows, the settings that finish soonest, and whether the
+    migration must hold the link.
 
-    A limit up to the cap (less the margin) costs the guest nothing the operator has not
-    accepted and cuts the rounds; auto-converge (CPU-bound writers only) is taken when it
-    shortens the migration by a fifth or more. Post-copy stays the last resort.
+    The limit is set so that the real downtime stays under the cap even if the migration's
+    share drops to ``worst_bw`` at the switch-over. A VM that converges only with a higher
+    limit gets the limit for the whole link and runs alone, so its share cannot drop.
+    Post-copy only where the prediction found no pre-copy that converges.
     """
-    top = qemu_downtime_limit_ms(_cap(vm, policy), full_bw, params, worst_bw)
     if pred.tuning is Tuning.POSTCOPY:
-        return dataclasses.replace(pred.settings, downtime_limit_ms=top)
+        top = qemu_downtime_limit_ms(_cap(vm, policy), full_bw, params, worst_bw)
+        return dataclasses.replace(pred.settings, downtime_limit_ms=top), False
+    for worst, holds in ((worst_bw, False), (full_bw, worst_bw < full_bw)):
+        top = qemu_downtime_limit_ms(_cap(vm, policy), full_bw, params, worst)
+        settings, total_s = _fastest_precopy(vm, pred, full_bw, top, policy, params)
+        if math.isfinite(total_s):
+            return settings, holds
+    return pred.settings, worst_bw < full_bw  # converged alone on the link, as predicted
+
+
+def _fastest_precopy(
+    vm: VmSpec,
+    pred: Prediction,
+    full_bw: float,
+    top: float,
+    policy: DrainPolicy,
+    params: ModelParams,
+) -> tuple[Settings, float]:
+    """Pre-copy settings with QEMU's limit at most ``top`` that finish soonest, and when.
+
+    A limit up to ``top`` costs the guest nothing the operator has not accepted and cuts
+    the rounds; auto-converge (where the prediction allows it) is taken when it shortens
+    the migration by a fifth or more.
+    """
     first = min(pred.settings.downtime_limit_ms, top)
     best = Settings(first, auto_converge=pred.settings.auto_converge)
     best_s = math.inf
@@ -412,14 +619,19 @@ def _fastest_settings(
         if mig.outcome is Outcome.COMPLETED and mig.end_s is not None:
             if mig.end_s < 0.95 * best_s:
                 best, best_s = cand, mig.end_s
-    if policy.allow_auto_converge and vm.writer is WriterKind.CPU and not best.auto_converge:
+    if policy.allow_auto_converge and vm.writer is not WriterKind.PACED and not best.auto_converge:
         auto = Settings(top, auto_converge=True)
         mig = run_alone(vm, full_bw, auto, params)
         if mig.outcome is Outcome.COMPLETED and mig.end_s is not None and mig.end_s < 0.8 * best_s:
             best, best_s = auto, mig.end_s
-    if math.isinf(best_s) and policy.allow_postcopy:
-        return Settings(top, postcopy_permitted=True, postcopy_after_first_round=True)
-    return best
+    return best, best_s
+
+
+def throttle_helps(vms: Sequence[VmSpec], policy: DrainPolicy) -> frozenset[str]:
+    """The VMs the ladder may throttle: as the executor, every writer not known to be paced."""
+    if not policy.allow_auto_converge:
+        return frozenset()
+    return frozenset(v.uuid for v in vms if v.writer is not WriterKind.PACED)
 
 
 def plan_strategy(
@@ -428,8 +640,10 @@ def plan_strategy(
     link: Link,
     policy: DrainPolicy,
     params: ModelParams = DEFAULT_PARAMS,
+    reported: Sequence[VmSpec] | None = None,
 ) -> PlanStrategy:
-    """The plan as a simulator strategy, to run it against (true) ``vms``."""
+    """The plan as a simulator strategy, to run it against (true) ``vms``; ``reported``: the
+    VMs as planned (default ``vms``), whose writer kinds the ladder goes by."""
     by_uuid = {v.uuid: v for v in vms}
     items = []
     for m in plan.migrations:
@@ -444,7 +658,8 @@ def plan_strategy(
             m.settings.downtime_limit_ms,
             m.settings,
         )
-        items.append(_Item(by_uuid[m.vm_uuid], m.target, pred, m.settings, m.need_bytes_per_s))
+        vm = by_uuid[m.vm_uuid]
+        items.append(_Item(vm, m.target, pred, m.settings, m.need_bytes_per_s, m.holds_link))
     cap_ms = {v.uuid: _cap(v, policy) for v in vms}
     link_bw = link.bandwidth_bytes_per_s * params.link_efficiency
     return PlanStrategy(
@@ -455,4 +670,6 @@ def plan_strategy(
         link_bw,
         cap_ms,
         params,
+        policy.allow_postcopy,
+        throttle_helps(vms if reported is None else reported, policy),
     )

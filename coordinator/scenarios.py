@@ -23,7 +23,7 @@ import dataclasses
 import random
 from dataclasses import dataclass
 
-from hostmaint.coordinator.dirty import readings_of, writer_from
+from hostmaint.coordinator.dirty import rate_floor, readings_of, writer_from
 from hostmaint.coordinator.model import (
     GIB,
     MIB,
@@ -89,7 +89,8 @@ def make_scenario(
             server_groups=sg,
         )
         truth.append(vm)
-        seen_rate, seen_ws = writer_from(*readings_of(rate, ws, *MEASURE_WINDOWS_S))
+        windows = readings_of(rate, ws, *MEASURE_WINDOWS_S)
+        seen_rate, seen_ws = writer_from(*windows)
         known_ws = rng.random() < 0.7 and informed  # drawn either way: the same truth
         known_writer = rng.random() < 0.8 and informed
         reported.append(
@@ -97,6 +98,7 @@ def make_scenario(
                 vm,
                 dirty_rate_bytes_per_s=seen_rate,
                 working_set_bytes=ws if known_ws else seen_ws,
+                dirty_rate_floor_bytes_per_s=None if known_ws else rate_floor(*windows),
                 writer=writer if known_writer else WriterKind.UNKNOWN,
             )
         )

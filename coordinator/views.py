@@ -121,6 +121,7 @@ def plan_to_pb(
                 qemu_max_downtime_ms=round(m.settings.downtime_limit_ms),
                 memory_bytes=spec.memory_bytes if spec is not None else 0,
                 dirty_rate_bytes_per_s=spec.dirty_rate_bytes_per_s if spec is not None else 0.0,
+                holds_link=m.holds_link,
             )
         )
     for u in plan.unmovable:

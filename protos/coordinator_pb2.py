@@ -26,7 +26,7 @@ from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__
 from hostmaint.protos import agent_pb2 as hostmaint_dot_protos_dot_agent__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\"hostmaint/protos/coordinator.proto\x12\x0chostmaint.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x1chostmaint/protos/agent.proto\"\x82\x03\n\x0b\x44rainPolicy\x12\x17\n\x0fmax_downtime_ms\x18\x01 \x01(\x04\x12J\n\x12vm_max_downtime_ms\x18\x02 \x03(\x0b\x32..hostmaint.v1.DrainPolicy.VmMaxDowntimeMsEntry\x12\x1f\n\x17max_parallel_per_source\x18\x03 \x01(\r\x12\x1f\n\x17max_parallel_per_target\x18\x04 \x01(\r\x12\x16\n\x0e\x61llow_postcopy\x18\x05 \x01(\x08\x12\x1c\n\x14\x66orbid_auto_converge\x18\x06 \x01(\x08\x12\x12\n\ndeadline_s\x18\x07 \x01(\x01\x12\x34\n\x0fnon_live_action\x18\x08 \x01(\x0e\x32\x1b.hostmaint.v1.NonLiveAction\x12\x14\n\x0ctarget_hosts\x18\t \x03(\t\x1a\x36\n\x14VmMaxDowntimeMsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x04:\x02\x38\x01\"K\n\x10PlanDrainRequest\x12\x0c\n\x04host\x18\x01 \x01(\t\x12)\n\x06policy\x18\x02 \x01(\x0b\x32\x19.hostmaint.v1.DrainPolicy\"\xb7\x02\n\x10PlannedMigration\x12\x0f\n\x07vm_uuid\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x13\n\x0btarget_host\x18\x03 \x01(\t\x12\x10\n\x08position\x18\x04 \x01(\r\x12\x0f\n\x07start_s\x18\x05 \x01(\x01\x12\x19\n\x11predicted_total_s\x18\x06 \x01(\x01\x12\x1d\n\x15predicted_downtime_ms\x18\x07 \x01(\x04\x12\x18\n\x10predicted_rounds\x18\x08 \x01(\r\x12$\n\x06tuning\x18\t \x01(\x0e\x32\x14.hostmaint.v1.Tuning\x12\x1c\n\x14qemu_max_downtime_ms\x18\n \x01(\x04\x12\x14\n\x0cmemory_bytes\x18\x0b \x01(\x04\x12\x1e\n\x16\x64irty_rate_bytes_per_s\x18\x0c \x01(\x01\"<\n\x0bUnmovableVm\x12\x0f\n\x07vm_uuid\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x0e\n\x06reason\x18\x03 \x01(\t\"S\n\rColdMigration\x12\x0f\n\x07vm_uuid\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x13\n\x0btarget_host\x18\x03 \x01(\t\x12\x0e\n\x06reason\x18\x04 \x01(\t\"\xb0\x02\n\tDrainPlan\x12\x0c\n\x04host\x18\x01 \x01(\t\x12\x32\n\nmigrations\x18\x02 \x03(\x0b\x32\x1e.hostmaint.v1.PlannedMigration\x12,\n\tunmovable\x18\x03 \x03(\x0b\x32\x19.hostmaint.v1.UnmovableVm\x12\x1c\n\x14predicted_makespan_s\x18\x04 \x01(\x01\x12\x15\n\rlower_bound_s\x18\x05 \x01(\x01\x12\"\n\x1alink_bandwidth_bytes_per_s\x18\x06 \x01(\x01\x12\x12\n\ndeadline_s\x18\x07 \x01(\x01\x12\x10\n\x08warnings\x18\x08 \x03(\t\x12\x34\n\x0f\x63old_migrations\x18\t \x03(\x0b\x32\x1b.hostmaint.v1.ColdMigration\"W\n\x0c\x44rainRequest\x12\x0c\n\x04host\x18\x01 \x01(\t\x12)\n\x06policy\x18\x02 \x01(\x0b\x32\x19.hostmaint.v1.DrainPolicy\x12\x0e\n\x06reason\x18\x03 \x01(\t\"\xc6\x02\n\x08VmStatus\x12\x0f\n\x07vm_uuid\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12$\n\x05state\x18\x03 \x01(\x0e\x32\x15.hostmaint.v1.VmState\x12\x13\n\x0bsource_host\x18\x04 \x01(\t\x12\x13\n\x0btarget_host\x18\x05 \x01(\t\x12\x10\n\x08\x61ttempts\x18\x06 \x01(\r\x12\x19\n\x11predicted_total_s\x18\x07 \x01(\x01\x12\x16\n\x0e\x61\x63tual_total_s\x18\x08 \x01(\x01\x12\x1d\n\x15predicted_downtime_ms\x18\t \x01(\x04\x12\x1a\n\x12\x61\x63tual_downtime_ms\x18\n \x01(\x04\x12$\n\x06tuning\x18\x0b \x01(\x0e\x32\x14.hostmaint.v1.Tuning\x12\x16\n\x0etuning_applied\x18\x0c \x03(\t\x12\r\n\x05\x65rror\x18\r \x01(\t\"\xac\x01\n\x0c\x44rainSummary\x12\x1c\n\x14predicted_makespan_s\x18\x01 \x01(\x01\x12\x19\n\x11\x61\x63tual_makespan_s\x18\x02 \x01(\x01\x12\x17\n\x0fmax_downtime_ms\x18\x03 \x01(\x04\x12\x10\n\x08migrated\x18\x04 \x01(\r\x12\x0e\n\x06\x66\x61iled\x18\x05 \x01(\r\x12\x11\n\tunmovable\x18\x06 \x01(\r\x12\x15\n\rpostcopy_used\x18\x07 \x01(\r\"\xeb\x02\n\x0b\x44rainStatus\x12\x10\n\x08\x64rain_id\x18\x01 \x01(\t\x12\x0c\n\x04host\x18\x02 \x01(\t\x12\'\n\x05state\x18\x03 \x01(\x0e\x32\x18.hostmaint.v1.DrainState\x12)\n\x06policy\x18\x04 \x01(\x0b\x32\x19.hostmaint.v1.DrainPolicy\x12.\n\nstarted_at\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0b\x66inished_at\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12#\n\x03vms\x18\x07 \x03(\x0b\x32\x16.hostmaint.v1.VmStatus\x12+\n\x07summary\x18\x08 \x01(\x0b\x32\x1a.hostmaint.v1.DrainSummary\x12%\n\x04plan\x18\t \x01(\x0b\x32\x17.hostmaint.v1.DrainPlan\x12\x0e\n\x06reason\x18\n \x01(\t\"\xcb\x02\n\nDrainEvent\x12\x10\n\x08\x64rain_id\x18\x01 \x01(\t\x12*\n\x04kind\x18\x02 \x01(\x0e\x32\x1c.hostmaint.v1.DrainEventKind\x12&\n\x02\x61t\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0c\n\x04host\x18\x04 \x01(\t\x12\x0f\n\x07vm_uuid\x18\x05 \x01(\t\x12\x0f\n\x07message\x18\x06 \x01(\t\x12\"\n\x02vm\x18\x07 \x01(\x0b\x32\x16.hostmaint.v1.VmStatus\x12\x31\n\x08progress\x18\x08 \x01(\x0b\x32\x1f.hostmaint.v1.MigrationProgress\x12%\n\x04plan\x18\t \x01(\x0b\x32\x17.hostmaint.v1.DrainPlan\x12)\n\x06status\x18\n \x01(\x0b\x32\x19.hostmaint.v1.DrainStatus\"1\n\x0fGetDrainRequest\x12\x0c\n\x04host\x18\x01 \x01(\t\x12\x10\n\x08\x64rain_id\x18\x02 \x01(\t\"K\n\x12\x43\x61ncelDrainRequest\x12\x0c\n\x04host\x18\x01 \x01(\t\x12\x10\n\x08\x64rain_id\x18\x02 \x01(\t\x12\x15\n\rabort_running\x18\x03 \x01(\x08\"\x1e\n\x0eUndrainRequest\x12\x0c\n\x04host\x18\x01 \x01(\t\"0\n\x0fUndrainResponse\x12\x0c\n\x04host\x18\x01 \x01(\t\x12\x0f\n\x07\x65nabled\x18\x02 \x01(\x08\"\x13\n\x11ListAgentsRequest\"\xa8\x01\n\tAgentInfo\x12\x0c\n\x04host\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\x0e\n\x06health\x18\x03 \x01(\t\x12\r\n\x05\x65rror\x18\x04 \x01(\t\x12-\n\x0blast_report\x18\x05 \x01(\x0b\x32\x18.hostmaint.v1.HostReport\x12.\n\nchecked_at\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"=\n\x12ListAgentsResponse\x12\'\n\x06\x61gents\x18\x01 \x03(\x0b\x32\x17.hostmaint.v1.AgentInfo*n\n\rNonLiveAction\x12\x1f\n\x1bNON_LIVE_ACTION_UNSPECIFIED\x10\x00\x12\x1a\n\x16NON_LIVE_ACTION_REPORT\x10\x01\x12 \n\x1cNON_LIVE_ACTION_COLD_MIGRATE\x10\x02*\x97\x01\n\x06Tuning\x12\x16\n\x12TUNING_UNSPECIFIED\x10\x00\x12\x0f\n\x0bTUNING_NONE\x10\x01\x12\x19\n\x15TUNING_RAISE_DOWNTIME\x10\x02\x12\x18\n\x14TUNING_AUTO_CONVERGE\x10\x03\x12\x13\n\x0fTUNING_POSTCOPY\x10\x04\x12\x1a\n\x16TUNING_CANNOT_CONVERGE\x10\x05*\xe2\x01\n\nDrainState\x12\x1b\n\x17\x44RAIN_STATE_UNSPECIFIED\x10\x00\x12\x18\n\x14\x44RAIN_STATE_PLANNING\x10\x01\x12\x17\n\x13\x44RAIN_STATE_RUNNING\x10\x02\x12\x1a\n\x16\x44RAIN_STATE_CANCELLING\x10\x03\x12\x19\n\x15\x44RAIN_STATE_COMPLETED\x10\x04\x12\x1a\n\x16\x44RAIN_STATE_INCOMPLETE\x10\x05\x12\x19\n\x15\x44RAIN_STATE_CANCELLED\x10\x06\x12\x16\n\x12\x44RAIN_STATE_FAILED\x10\x07*\xab\x01\n\x07VmState\x12\x18\n\x14VM_STATE_UNSPECIFIED\x10\x00\x12\x13\n\x0fVM_STATE_QUEUED\x10\x01\x12\x16\n\x12VM_STATE_MIGRATING\x10\x02\x12\x16\n\x12VM_STATE_COMPLETED\x10\x03\x12\x13\n\x0fVM_STATE_FAILED\x10\x04\x12\x16\n\x12VM_STATE_UNMOVABLE\x10\x05\x12\x14\n\x10VM_STATE_SKIPPED\x10\x06*\xbe\x03\n\x0e\x44rainEventKind\x12 \n\x1c\x44RAIN_EVENT_KIND_UNSPECIFIED\x10\x00\x12\x1c\n\x18\x44RAIN_EVENT_KIND_STARTED\x10\x01\x12\"\n\x1e\x44RAIN_EVENT_KIND_HOST_DISABLED\x10\x02\x12\x1c\n\x18\x44RAIN_EVENT_KIND_PLANNED\x10\x03\x12\x1c\n\x18\x44RAIN_EVENT_KIND_BLOCKED\x10\x04\x12\x1b\n\x17\x44RAIN_EVENT_KIND_QUEUED\x10\x05\x12&\n\"DRAIN_EVENT_KIND_MIGRATION_STARTED\x10\x06\x12\x1d\n\x19\x44RAIN_EVENT_KIND_PROGRESS\x10\x07\x12\x1a\n\x16\x44RAIN_EVENT_KIND_TUNED\x10\x08\x12(\n$DRAIN_EVENT_KIND_MIGRATION_COMPLETED\x10\t\x12%\n!DRAIN_EVENT_KIND_MIGRATION_FAILED\x10\n\x12\x1c\n\x18\x44RAIN_EVENT_KIND_RETRIED\x10\x0b\x12\x1d\n\x19\x44RAIN_EVENT_KIND_FINISHED\x10\x0c\x32\xbf\x03\n\x0b\x43oordinator\x12\x44\n\tPlanDrain\x12\x1e.hostmaint.v1.PlanDrainRequest\x1a\x17.hostmaint.v1.DrainPlan\x12?\n\x05\x44rain\x12\x1a.hostmaint.v1.DrainRequest\x1a\x18.hostmaint.v1.DrainEvent0\x01\x12\x44\n\x08GetDrain\x12\x1d.hostmaint.v1.GetDrainRequest\x1a\x19.hostmaint.v1.DrainStatus\x12J\n\x0b\x43\x61ncelDrain\x12 .hostmaint.v1.CancelDrainRequest\x1a\x19.hostmaint.v1.DrainStatus\x12\x46\n\x07Undrain\x12\x1c.hostmaint.v1.UndrainRequest\x1a\x1d.hostmaint.v1.UndrainResponse\x12O\n\nListAgents\x12\x1f.hostmaint.v1.ListAgentsRequest\x1a .hostmaint.v1.ListAgentsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\"hostmaint/protos/coordinator.proto\x12\x0chostmaint.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x1chostmaint/protos/agent.proto\"\x82\x03\n\x0b\x44rainPolicy\x12\x17\n\x0fmax_downtime_ms\x18\x01 \x01(\x04\x12J\n\x12vm_max_downtime_ms\x18\x02 \x03(\x0b\x32..hostmaint.v1.DrainPolicy.VmMaxDowntimeMsEntry\x12\x1f\n\x17max_parallel_per_source\x18\x03 \x01(\r\x12\x1f\n\x17max_parallel_per_target\x18\x04 \x01(\r\x12\x16\n\x0e\x61llow_postcopy\x18\x05 \x01(\x08\x12\x1c\n\x14\x66orbid_auto_converge\x18\x06 \x01(\x08\x12\x12\n\ndeadline_s\x18\x07 \x01(\x01\x12\x34\n\x0fnon_live_action\x18\x08 \x01(\x0e\x32\x1b.hostmaint.v1.NonLiveAction\x12\x14\n\x0ctarget_hosts\x18\t \x03(\t\x1a\x36\n\x14VmMaxDowntimeMsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x04:\x02\x38\x01\"K\n\x10PlanDrainRequest\x12\x0c\n\x04host\x18\x01 \x01(\t\x12)\n\x06policy\x18\x02 \x01(\x0b\x32\x19.hostmaint.v1.DrainPolicy\"\xcb\x02\n\x10PlannedMigration\x12\x0f\n\x07vm_uuid\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x13\n\x0btarget_host\x18\x03 \x01(\t\x12\x10\n\x08position\x18\x04 \x01(\r\x12\x0f\n\x07start_s\x18\x05 \x01(\x01\x12\x19\n\x11predicted_total_s\x18\x06 \x01(\x01\x12\x1d\n\x15predicted_downtime_ms\x18\x07 \x01(\x04\x12\x18\n\x10predicted_rounds\x18\x08 \x01(\r\x12$\n\x06tuning\x18\t \x01(\x0e\x32\x14.hostmaint.v1.Tuning\x12\x1c\n\x14qemu_max_downtime_ms\x18\n \x01(\x04\x12\x14\n\x0cmemory_bytes\x18\x0b \x01(\x04\x12\x1e\n\x16\x64irty_rate_bytes_per_s\x18\x0c \x01(\x01\x12\x12\n\nholds_link\x18\r \x01(\x08\"<\n\x0bUnmovableVm\x12\x0f\n\x07vm_uuid\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x0e\n\x06reason\x18\x03 \x01(\t\"S\n\rColdMigration\x12\x0f\n\x07vm_uuid\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x13\n\x0btarget_host\x18\x03 \x01(\t\x12\x0e\n\x06reason\x18\x04 \x01(\t\"\xb0\x02\n\tDrainPlan\x12\x0c\n\x04host\x18\x01 \x01(\t\x12\x32\n\nmigrations\x18\x02 \x03(\x0b\x32\x1e.hostmaint.v1.PlannedMigration\x12,\n\tunmovable\x18\x03 \x03(\x0b\x32\x19.hostmaint.v1.UnmovableVm\x12\x1c\n\x14predicted_makespan_s\x18\x04 \x01(\x01\x12\x15\n\rlower_bound_s\x18\x05 \x01(\x01\x12\"\n\x1alink_bandwidth_bytes_per_s\x18\x06 \x01(\x01\x12\x12\n\ndeadline_s\x18\x07 \x01(\x01\x12\x10\n\x08warnings\x18\x08 \x03(\t\x12\x34\n\x0f\x63old_migrations\x18\t \x03(\x0b\x32\x1b.hostmaint.v1.ColdMigration\"W\n\x0c\x44rainRequest\x12\x0c\n\x04host\x18\x01 \x01(\t\x12)\n\x06policy\x18\x02 \x01(\x0b\x32\x19.hostmaint.v1.DrainPolicy\x12\x0e\n\x06reason\x18\x03 \x01(\t\"\xc6\x02\n\x08VmStatus\x12\x0f\n\x07vm_uuid\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12$\n\x05state\x18\x03 \x01(\x0e\x32\x15.hostmaint.v1.VmState\x12\x13\n\x0bsource_host\x18\x04 \x01(\t\x12\x13\n\x0btarget_host\x18\x05 \x01(\t\x12\x10\n\x08\x61ttempts\x18\x06 \x01(\r\x12\x19\n\x11predicted_total_s\x18\x07 \x01(\x01\x12\x16\n\x0e\x61\x63tual_total_s\x18\x08 \x01(\x01\x12\x1d\n\x15predicted_downtime_ms\x18\t \x01(\x04\x12\x1a\n\x12\x61\x63tual_downtime_ms\x18\n \x01(\x04\x12$\n\x06tuning\x18\x0b \x01(\x0e\x32\x14.hostmaint.v1.Tuning\x12\x16\n\x0etuning_applied\x18\x0c \x03(\t\x12\r\n\x05\x65rror\x18\r \x01(\t\"\xac\x01\n\x0c\x44rainSummary\x12\x1c\n\x14predicted_makespan_s\x18\x01 \x01(\x01\x12\x19\n\x11\x61\x63tual_makespan_s\x18\x02 \x01(\x01\x12\x17\n\x0fmax_downtime_ms\x18\x03 \x01(\x04\x12\x10\n\x08migrated\x18\x04 \x01(\r\x12\x0e\n\x06\x66\x61iled\x18\x05 \x01(\r\x12\x11\n\tunmovable\x18\x06 \x01(\r\x12\x15\n\rpostcopy_used\x18\x07 \x01(\r\"\xeb\x02\n\x0b\x44rainStatus\x12\x10\n\x08\x64rain_id\x18\x01 \x01(\t\x12\x0c\n\x04host\x18\x02 \x01(\t\x12\'\n\x05state\x18\x03 \x01(\x0e\x32\x18.hostmaint.v1.DrainState\x12)\n\x06policy\x18\x04 \x01(\x0b\x32\x19.hostmaint.v1.DrainPolicy\x12.\n\nstarted_at\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0b\x66inished_at\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12#\n\x03vms\x18\x07 \x03(\x0b\x32\x16.hostmaint.v1.VmStatus\x12+\n\x07summary\x18\x08 \x01(\x0b\x32\x1a.hostmaint.v1.DrainSummary\x12%\n\x04plan\x18\t \x01(\x0b\x32\x17.hostmaint.v1.DrainPlan\x12\x0e\n\x06reason\x18\n \x01(\t\"\xcb\x02\n\nDrainEvent\x12\x10\n\x08\x64rain_id\x18\x01 \x01(\t\x12*\n\x04kind\x18\x02 \x01(\x0e\x32\x1c.hostmaint.v1.DrainEventKind\x12&\n\x02\x61t\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0c\n\x04host\x18\x04 \x01(\t\x12\x0f\n\x07vm_uuid\x18\x05 \x01(\t\x12\x0f\n\x07message\x18\x06 \x01(\t\x12\"\n\x02vm\x18\x07 \x01(\x0b\x32\x16.hostmaint.v1.VmStatus\x12\x31\n\x08progress\x18\x08 \x01(\x0b\x32\x1f.hostmaint.v1.MigrationProgress\x12%\n\x04plan\x18\t \x01(\x0b\x32\x17.hostmaint.v1.DrainPlan\x12)\n\x06status\x18\n \x01(\x0b\x32\x19.hostmaint.v1.DrainStatus\"1\n\x0fGetDrainRequest\x12\x0c\n\x04host\x18\x01 \x01(\t\x12\x10\n\x08\x64rain_id\x18\x02 \x01(\t\"K\n\x12\x43\x61ncelDrainRequest\x12\x0c\n\x04host\x18\x01 \x01(\t\x12\x10\n\x08\x64rain_id\x18\x02 \x01(\t\x12\x15\n\rabort_running\x18\x03 \x01(\x08\"\x1e\n\x0eUndrainRequest\x12\x0c\n\x04host\x18\x01 \x01(\t\"0\n\x0fUndrainResponse\x12\x0c\n\x04host\x18\x01 \x01(\t\x12\x0f\n\x07\x65nabled\x18\x02 \x01(\x08\"\x13\n\x11ListAgentsRequest\"\xa8\x01\n\tAgentInfo\x12\x0c\n\x04host\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\x0e\n\x06health\x18\x03 \x01(\t\x12\r\n\x05\x65rror\x18\x04 \x01(\t\x12-\n\x0blast_report\x18\x05 \x01(\x0b\x32\x18.hostmaint.v1.HostReport\x12.\n\nchecked_at\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"=\n\x12ListAgentsResponse\x12\'\n\x06\x61gents\x18\x01 \x03(\x0b\x32\x17.hostmaint.v1.AgentInfo*n\n\rNonLiveAction\x12\x1f\n\x1bNON_LIVE_ACTION_UNSPECIFIED\x10\x00\x12\x1a\n\x16NON_LIVE_ACTION_REPORT\x10\x01\x12 \n\x1cNON_LIVE_ACTION_COLD_MIGRATE\x10\x02*\x97\x01\n\x06Tuning\x12\x16\n\x12TUNING_UNSPECIFIED\x10\x00\x12\x0f\n\x0bTUNING_NONE\x10\x01\x12\x19\n\x15TUNING_RAISE_DOWNTIME\x10\x02\x12\x18\n\x14TUNING_AUTO_CONVERGE\x10\x03\x12\x13\n\x0fTUNING_POSTCOPY\x10\x04\x12\x1a\n\x16TUNING_CANNOT_CONVERGE\x10\x05*\xe2\x01\n\nDrainState\x12\x1b\n\x17\x44RAIN_STATE_UNSPECIFIED\x10\x00\x12\x18\n\x14\x44RAIN_STATE_PLANNING\x10\x01\x12\x17\n\x13\x44RAIN_STATE_RUNNING\x10\x02\x12\x1a\n\x16\x44RAIN_STATE_CANCELLING\x10\x03\x12\x19\n\x15\x44RAIN_STATE_COMPLETED\x10\x04\x12\x1a\n\x16\x44RAIN_STATE_INCOMPLETE\x10\x05\x12\x19\n\x15\x44RAIN_STATE_CANCELLED\x10\x06\x12\x16\n\x12\x44RAIN_STATE_FAILED\x10\x07*\xab\x01\n\x07VmState\x12\x18\n\x14VM_STATE_UNSPECIFIED\x10\x00\x12\x13\n\x0fVM_STATE_QUEUED\x10\x01\x12\x16\n\x12VM_STATE_MIGRATING\x10\x02\x12\x16\n\x12VM_STATE_COMPLETED\x10\x03\x12\x13\n\x0fVM_STATE_FAILED\x10\x04\x12\x16\n\x12VM_STATE_UNMOVABLE\x10\x05\x12\x14\n\x10VM_STATE_SKIPPED\x10\x06*\xbe\x03\n\x0e\x44rainEventKind\x12 \n\x1c\x44RAIN_EVENT_KIND_UNSPECIFIED\x10\x00\x12\x1c\n\x18\x44RAIN_EVENT_KIND_STARTED\x10\x01\x12\"\n\x1e\x44RAIN_EVENT_KIND_HOST_DISABLED\x10\x02\x12\x1c\n\x18\x44RAIN_EVENT_KIND_PLANNED\x10\x03\x12\x1c\n\x18\x44RAIN_EVENT_KIND_BLOCKED\x10\x04\x12\x1b\n\x17\x44RAIN_EVENT_KIND_QUEUED\x10\x05\x12&\n\"DRAIN_EVENT_KIND_MIGRATION_STARTED\x10\x06\x12\x1d\n\x19\x44RAIN_EVENT_KIND_PROGRESS\x10\x07\x12\x1a\n\x16\x44RAIN_EVENT_KIND_TUNED\x10\x08\x12(\n$DRAIN_EVENT_KIND_MIGRATION_COMPLETED\x10\t\x12%\n!DRAIN_EVENT_KIND_MIGRATION_FAILED\x10\n\x12\x1c\n\x18\x44RAIN_EVENT_KIND_RETRIED\x10\x0b\x12\x1d\n\x19\x44RAIN_EVENT_KIND_FINISHED\x10\x0c\x32\xbf\x03\n\x0b\x43oordinator\x12\x44\n\tPlanDrain\x12\x1e.hostmaint.v1.PlanDrainRequest\x1a\x17.hostmaint.v1.DrainPlan\x12?\n\x05\x44rain\x12\x1a.hostmaint.v1.DrainRequest\x1a\x18.hostmaint.v1.DrainEvent0\x01\x12\x44\n\x08GetDrain\x12\x1d.hostmaint.v1.GetDrainRequest\x1a\x19.hostmaint.v1.DrainStatus\x12J\n\x0b\x43\x61ncelDrain\x12 .hostmaint.v1.CancelDrainRequest\x1a\x19.hostmaint.v1.DrainStatus\x12\x46\n\x07Undrain\x12\x1c.hostmaint.v1.UndrainRequest\x1a\x1d.hostmaint.v1.UndrainResponse\x12O\n\nListAgents\x12\x1f.hostmaint.v1.ListAgentsRequest\x1a .hostmaint.v1.ListAgentsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -35,16 +35,16 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_DRAINPOLICY_VMMAXDOWNTIMEMSENTRY']._loaded_options = None
   _globals['_DRAINPOLICY_VMMAXDOWNTIMEMSENTRY']._serialized_options = b'8\001'
-  _globals['_NONLIVEACTION']._serialized_start=3107
-  _globals['_NONLIVEACTION']._serialized_end=3217
-  _globals['_TUNING']._serialized_start=3220
-  _globals['_TUNING']._serialized_end=3371
-  _globals['_DRAINSTATE']._serialized_start=3374
-  _globals['_DRAINSTATE']._serialized_end=3600
-  _globals['_VMSTATE']._serialized_start=3603
-  _globals['_VMSTATE']._serialized_end=3774
-  _globals['_DRAINEVENTKIND']._serialized_start=3777
-  _globals['_DRAINEVENTKIND']._serialized_end=4223
+  _globals['_NONLIVEACTION']._serialized_start=3127
+  _globals['_NONLIVEACTION']._serialized_end=3237
+  _globals['_TUNING']._serialized_start=3240
+  _globals['_TUNING']._serialized_end=3391
+  _globals['_DRAINSTATE']._serialized_start=3394
+  _globals['_DRAINSTATE']._serialized_end=3620
+  _globals['_VMSTATE']._serialized_start=3623
+  _globals['_VMSTATE']._serialized_end=3794
+  _globals['_DRAINEVENTKIND']._serialized_start=3797
+  _globals['_DRAINEVENTKIND']._serialized_end=4243
   _globals['_DRAINPOLICY']._serialized_start=116
   _globals['_DRAINPOLICY']._serialized_end=502
   _globals['_DRAINPOLICY_VMMAXDOWNTIMEMSENTRY']._serialized_start=448
@@ -52,37 +52,37 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_PLANDRAINREQUEST']._serialized_start=504
   _globals['_PLANDRAINREQUEST']._serialized_end=579
   _globals['_PLANNEDMIGRATION']._serialized_start=582
-  _globals['_PLANNEDMIGRATION']._serialized_end=893
-  _globals['_UNMOVABLEVM']._serialized_start=895
-  _globals['_UNMOVABLEVM']._serialized_end=955
-  _globals['_COLDMIGRATION']._serialized_start=957
-  _globals['_COLDMIGRATION']._serialized_end=1040
-  _globals['_DRAINPLAN']._serialized_start=1043
-  _globals['_DRAINPLAN']._serialized_end=1347
-  _globals['_DRAINREQUEST']._serialized_start=1349
-  _globals['_DRAINREQUEST']._serialized_end=1436
-  _globals['_VMSTATUS']._serialized_start=1439
-  _globals['_VMSTATUS']._serialized_end=1765
-  _globals['_DRAINSUMMARY']._serialized_start=1768
-  _globals['_DRAINSUMMARY']._serialized_end=1940
-  _globals['_DRAINSTATUS']._serialized_start=1943
-  _globals['_DRAINSTATUS']._serialized_end=2306
-  _globals['_DRAINEVENT']._serialized_start=2309
-  _globals['_DRAINEVENT']._serialized_end=2640
-  _globals['_GETDRAINREQUEST']._serialized_start=2642
-  _globals['_GETDRAINREQUEST']._serialized_end=2691
-  _globals['_CANCELDRAINREQUEST']._serialized_start=2693
-  _globals['_CANCELDRAINREQUEST']._serialized_end=2768
-  _globals['_UNDRAINREQUEST']._serialized_start=2770
-  _globals['_UNDRAINREQUEST']._serialized_end=2800
-  _globals['_UNDRAINRESPONSE']._serialized_start=2802
-  _globals['_UNDRAINRESPONSE']._serialized_end=2850
-  _globals['_LISTAGENTSREQUEST']._serialized_start=2852
-  _globals['_LISTAGENTSREQUEST']._serialized_end=2871
-  _globals['_AGENTINFO']._serialized_start=2874
-  _globals['_AGENTINFO']._serialized_end=3042
-  _globals['_LISTAGENTSRESPONSE']._serialized_start=3044
-  _globals['_LISTAGENTSRESPONSE']._serialized_end=3105
-  _globals['_COORDINATOR']._serialized_start=4226
-  _globals['_COORDINATOR']._serialized_end=4673
+  _globals['_PLANNEDMIGRATION']._serialized_end=913
+  _globals['_UNMOVABLEVM']._serialized_start=915
+  _globals['_UNMOVABLEVM']._serialized_end=975
+  _globals['_COLDMIGRATION']._serialized_start=977
+  _globals['_COLDMIGRATION']._serialized_end=1060
+  _globals['_DRAINPLAN']._serialized_start=1063
+  _globals['_DRAINPLAN']._serialized_end=1367
+  _globals['_DRAINREQUEST']._serialized_start=1369
+  _globals['_DRAINREQUEST']._serialized_end=1456
+  _globals['_VMSTATUS']._serialized_start=1459
+  _globals['_VMSTATUS']._serialized_end=1785
+  _globals['_DRAINSUMMARY']._serialized_start=1788
+  _globals['_DRAINSUMMARY']._serialized_end=1960
+  _globals['_DRAINSTATUS']._serialized_start=1963
+  _globals['_DRAINSTATUS']._serialized_end=2326
+  _globals['_DRAINEVENT']._serialized_start=2329
+  _globals['_DRAINEVENT']._serialized_end=2660
+  _globals['_GETDRAINREQUEST']._serialized_start=2662
+  _globals['_GETDRAINREQUEST']._serialized_end=2711
+  _globals['_CANCELDRAINREQUEST']._serialized_start=2713
+  _globals['_CANCELDRAINREQUEST']._serialized_end=2788
+  _globals['_UNDRAINREQUEST']._serialized_start=2790
+  _globals['_UNDRAINREQUEST']._serialized_end=2820
+  _globals['_UNDRAINRESPONSE']._serialized_start=2822
+  _globals['_UNDRAINRESPONSE']._serialized_end=2870
+  _globals['_LISTAGENTSREQUEST']._serialized_start=2872
+  _globals['_LISTAGENTSREQUEST']._serialized_end=2891
+  _globals['_AGENTINFO']._serialized_start=2894
+  _globals['_AGENTINFO']._serialized_end=3062
+  _globals['_LISTAGENTSRESPONSE']._serialized_start=3064
+  _globals['_LISTAGENTSRESPONSE']._serialized_end=3125
+  _globals['_COORDINATOR']._serialized_start=4246
+  _globals['_COORDINATOR']._serialized_end=4693
 # @@protoc_insertion_point(module_scope)

@@ -257,6 +257,7 @@ class PlannedMigration(google.protobuf.message.Message):
     QEMU_MAX_DOWNTIME_MS_FIELD_NUMBER: builtins.int
     MEMORY_BYTES_FIELD_NUMBER: builtins.int
     DIRTY_RATE_BYTES_PER_S_FIELD_NUMBER: builtins.int
+    HOLDS_LINK_FIELD_NUMBER: builtins.int
     vm_uuid: builtins.str
     name: builtins.str
     target_host: builtins.str
@@ -271,6 +272,11 @@ class PlannedMigration(google.protobuf.message.Message):
     """The downtime limit handed to QEMU (below the policy's, by the measured margin)."""
     memory_bytes: builtins.int
     dirty_rate_bytes_per_s: builtins.float
+    holds_link: builtins.bool
+    """Its downtime limit is set for the whole link: it starts when nothing else runs
+    and nothing starts beside it (a neighbour would cut its bandwidth at the
+    switch-over and stretch its downtime).
+    """
     def __init__(
         self,
         *,
@@ -286,8 +292,9 @@ class PlannedMigration(google.protobuf.message.Message):
         qemu_max_downtime_ms: builtins.int = ...,
         memory_bytes: builtins.int = ...,
         dirty_rate_bytes_per_s: builtins.float = ...,
+        holds_link: builtins.bool = ...,
     ) -> None: ...
-    def ClearField(self, field_name: typing.Literal["dirty_rate_bytes_per_s", b"dirty_rate_bytes_per_s", "memory_bytes", b"memory_bytes", "name", b"name", "position", b"position", "predicted_downtime_ms", b"predicted_downtime_ms", "predicted_rounds", b"predicted_rounds", "predicted_total_s", b"predicted_total_s", "qemu_max_downtime_ms", b"qemu_max_downtime_ms", "start_s", b"start_s", "target_host", b"target_host", "tuning", b"tuning", "vm_uuid", b"vm_uuid"]) -> None: ...
+    def ClearField(self, field_name: typing.Literal["dirty_rate_bytes_per_s", b"dirty_rate_bytes_per_s", "holds_link", b"holds_link", "memory_bytes", b"memory_bytes", "name", b"name", "position", b"position", "predicted_downtime_ms", b"predicted_downtime_ms", "predicted_rounds", b"predicted_rounds", "predicted_total_s", b"predicted_total_s", "qemu_max_downtime_ms", b"qemu_max_downtime_ms", "start_s", b"start_s", "target_host", b"target_host", "tuning", b"tuning", "vm_uuid", b"vm_uuid"]) -> None: ...
 
 Global___PlannedMigration: typing_extensions.TypeAlias = PlannedMigration
 

@@ -154,6 +154,29 @@ def test_a_raise_at_a_shared_bandwidth_is_lower() -> None:
     # The cloud's view carries no bandwidth: the precomputed cap stands.
     blind = esc.raised_downtime_ms(esc.Observation(40.0, 30, 10**9, 0.0, 0), limits)
     assert blind == 100_000
+    # Alone on the link for now, but a neighbour still setting up will take half of it.
+    now = esc.Observation(40.0, 30, 10**9, 47 * MB, 300, fair_share_bytes_per_s=23.5 * MB)
+    before_neighbour = esc.raised_downtime_ms(now, limits)
+    assert before_neighbour < alone
+    assert before_neighbour + margin_ms(23.5 * MB) <= 1000 * 0.5 + 1  # half the bandwidth
+
+
+def test_a_migration_planned_for_the_whole_link_starts_alone() -> None:
+    alone = Slot("big", None, 10 * MB, holds_link=True)
+    small = Slot("small", None, 1 * MB)
+    running = [Slot("r", None, 1 * MB)]
+    started = ready_to_start(
+        [alone, small],
+        running,
+        max_parallel=4,
+        max_parallel_per_target=4,
+        link_bytes_per_s=MB * 100,
+    )
+    assert started == [small]  # it waits; the small one backfills
+    started = ready_to_start(
+        [alone, small], [], max_parallel=4, max_parallel_per_target=4, link_bytes_per_s=MB * 100
+    )
+    assert started == [alone]  # alone, and nothing beside it
 
 
 def test_a_planned_postcopy_switches_once_the_first_pass_is_done() -> None:

@@ -8,6 +8,7 @@ from hypothesis import strategies as st
 from hostmaint.coordinator.dirty import (
     ASSUMED_REWRITE_S,
     Reading,
+    rate_floor,
     readings_of,
     writer_from,
 )
@@ -48,3 +49,9 @@ def test_never_reads_a_writer_slower_than_its_short_window_saw(rate: float, ws: 
     if seen_ws is not None:  # a found set is the set itself: the windows saw all of it
         assert abs(seen_ws - ws) <= 1.0
         assert seen_rate >= rate * min(1.0, ws / rate / ASSUMED_REWRITE_S) - 1e-6
+
+
+def test_a_found_set_gives_the_rate_floor_a_direct_reading_none() -> None:
+    # 80 MiB/s over 32 MiB: at least 32 MiB/s (the set in the 1 s window)
+    assert rate_floor(*readings_of(80 * MIB, 32 * MIB, 1.0, 2.0)) == 32 * MIB
+    assert rate_floor(*readings_of(80 * MIB, 128 * MIB, 1.0, 2.0)) is None

@@ -4,23 +4,32 @@ from __future__ import annotations
 
 import dataclasses
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from hostmaint.coordinator import planner
 from hostmaint.coordinator.model import (
     DEFAULT_PARAMS,
     GIB,
     MIB,
     DrainPolicy,
     Link,
+    Outcome,
     ServerGroup,
     TargetHost,
     Tuning,
     VmSpec,
     WriterKind,
 )
-from hostmaint.coordinator.planner import CANNOT_CONVERGE_REASON, DrainPlan, plan_drain
+from hostmaint.coordinator.planner import (
+    CANNOT_CONVERGE_REASON,
+    DrainPlan,
+    plan_drain,
+    plan_strategy,
+)
 from hostmaint.coordinator.scenarios import make_scenario
+from hostmaint.coordinator.simulator import simulate
 
 LINK = Link(10e9 / 8)
 
@@ -170,3 +179,77 @@ def test_a_deadline_shorter_than_the_drain_is_reported() -> None:
     assert tight.predicted_makespan_s > 1.0
     # no deadline: nothing to meet
     assert plan_drain(vms, [], LINK, DrainPolicy()).meets_deadline
+
+
+def test_a_vm_converging_only_at_the_whole_links_limit_holds_the_link() -> None:
+    """Its limit, set for the whole link, would be overrun if a new start cut its share at
+    the switch-over: it holds the link instead of being sent through post-copy."""
+    hot = vm(
+        0,
+        memory_bytes=2 * GIB,
+        nonzero_bytes=GIB,
+        working_set_bytes=400 * MIB,
+        dirty_rate_bytes_per_s=2 * GIB,
+        writer=WriterKind.PACED,
+    )
+    idle = [vm(i, nonzero_bytes=GIB) for i in range(1, 4)]
+    pol = DrainPolicy(max_parallel_per_source=4, max_parallel_per_target=4, allow_postcopy=False)
+    plan = plan_drain([hot, *idle], [], LINK, pol)
+    planned = {m.vm_uuid: m for m in plan.migrations}
+    assert planned["v0"].tuning in (Tuning.NONE, Tuning.RAISE_DOWNTIME)
+    assert planned["v0"].holds_link == (plan.concurrency > 1)
+    assert not any(planned[v.uuid].holds_link for v in idle)
+    res = simulate([hot, *idle], plan_strategy(plan, [hot, *idle], LINK, pol), LINK, policy=pol)
+    assert res.failed == 0 and res.over_downtime == 0 and res.postcopy_count == 0
+
+
+def test_a_found_working_set_is_planned_at_its_floor_and_a_faster_writer_meets_the_ladder() -> None:
+    """The windows found an 800 MiB set: its rate is at least 800 MiB/s, assumed 8 GiB/s.
+    At the assumed rate only throttling or post-copy would move it; at the floor it
+    converges untuned, so it is planned so. Its true writer is faster: the plan's ladder
+    (the executor's) throttles it or switches it to post-copy, within the downtime limit."""
+    reported = vm(
+        0,
+        memory_bytes=4 * GIB,
+        nonzero_bytes=2 * GIB,
+        working_set_bytes=800 * MIB,
+        dirty_rate_bytes_per_s=8 * GIB,
+        dirty_rate_floor_bytes_per_s=800 * MIB,
+    )
+    pol = DrainPolicy(allow_postcopy=True)
+    plan = plan_drain([reported], [], LINK, pol)
+    (m,) = plan.migrations
+    assert m.tuning in (Tuning.NONE, Tuning.RAISE_DOWNTIME)
+    assert m.settings.postcopy_permitted and not m.settings.postcopy_after_first_round
+    truth = dataclasses.replace(
+        reported, dirty_rate_bytes_per_s=4 * GIB, dirty_rate_floor_bytes_per_s=None
+    )
+    strategy = plan_strategy(plan, [truth], LINK, pol, reported=[reported])
+    res = simulate([truth], strategy, LINK, policy=pol)
+    (r,) = res.vms
+    assert r.outcome is Outcome.COMPLETED and not r.over_downtime
+    assert r.postcopy or r.final_throttle_pct > 0
+    # as reported, it moves by pre-copy alone
+    alone = simulate([reported], plan_strategy(plan, [reported], LINK, pol), LINK, policy=pol)
+    assert alone.failed == 0
+
+
+def test_post_copies_are_traded_for_at_most_the_stretch(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Against the soonest plan, the plan sends no more VMs through post-copy and is at
+    most ``POSTCOPY_AVOIDANCE_STRETCH`` longer (in its own simulation)."""
+    traded = 0
+    for seed, link in ((21, 10.0), (22, 25.0)):
+        sc = make_scenario("pc", seed, 12, link, "heavy")
+        plan = plan_drain(sc.reported, sc.targets, sc.link, sc.policy)
+        with monkeypatch.context() as m:
+            m.setattr(planner, "POSTCOPY_AVOIDANCE_STRETCH", 0.0)
+            soonest = plan_drain(sc.reported, sc.targets, sc.link, sc.policy)
+
+        def postcopies(p: DrainPlan) -> int:
+            return sum(1 for x in p.migrations if x.tuning is Tuning.POSTCOPY)
+
+        assert postcopies(plan) <= postcopies(soonest)
+        stretch = 1.0 + planner.POSTCOPY_AVOIDANCE_STRETCH
+        assert plan.predicted_makespan_s <= soonest.predicted_makespan_s * stretch + 1e-6
+        traded += postcopies(soonest) - postcopies(plan)
+    assert traded > 0  # these hosts have post-copies worth trading
