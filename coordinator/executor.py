@@ -54,10 +54,9 @@ from hostmaint.coordinator.model import (
     DrainPolicy,
     Link,
     ModelParams,
-    WriterKind,
     qemu_downtime_limit_ms,
 )
-from hostmaint.coordinator.planner import DrainPlan, PlannedMigration, plan_drain
+from hostmaint.coordinator.planner import DrainPlan, PlannedMigration, plan_drain, throttle_helps
 from hostmaint.protos import agent_pb2 as apb
 from hostmaint.protos import coordinator_pb2 as cpb
 
@@ -149,7 +148,7 @@ class _Run:
     link_bytes_per_s: float = 0.0
     planned: dict[str, PlannedMigration] | None = None
     thread: threading.Thread | None = None
-    cpu_bound: frozenset[str] = frozenset()
+    cpu_bound: frozenset[str] = frozenset()  # VMs the ladder may throttle (planner.throttle_helps)
     threads: dict[str, threading.Thread] = field(default_factory=dict)
 
 
@@ -506,7 +505,7 @@ class Executor:
     def _remember(self, run: _Run, plan: DrainPlan, inputs: Inputs) -> None:
         run.planned = {m.vm_uuid: m for m in plan.migrations}
         run.link_bytes_per_s = inputs.link_bandwidth_bytes_per_s
-        run.cpu_bound = frozenset(v.uuid for v in inputs.vms if v.writer is not WriterKind.PACED)
+        run.cpu_bound = throttle_helps(inputs.vms, run.policy)
 
     def _rows(self, run: _Run, plan: DrainPlan, inputs: Inputs) -> list[VmRow]:
         rows = [
@@ -1039,7 +1038,7 @@ class Executor:
             qemu_downtime_cap_ms=max(1, int(qemu_cap)),
             allow_postcopy=run.policy.allow_postcopy,
             postcopy_permitted=bool(planned and planned.settings.postcopy_permitted),
-            cpu_bound=run.policy.allow_auto_converge and row.vm_uuid in run.cpu_bound,
+            cpu_bound=row.vm_uuid in run.cpu_bound,
             stall_factor=self.settings.stall_factor,
             stall_grace_s=self.settings.stall_grace_s,
             settle_s=self.settings.escalation_settle_s,
