@@ -170,7 +170,6 @@ class PlanStrategy:
         self.per_target = per_target
         self.total_bw = total_bw
         self.by_uuid = {i.vm.uuid: i for i in items}
-        self.params = params
         self.limits = {
             i.vm.uuid: escalation.Limits(
                 predicted_total_s=i.prediction.total_s,
