@@ -9,8 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from hostmaint.lab import cluster
+from hostmaint.lab import cluster, network
 from hostmaint.lab.guest import GuestMode, GuestSpec
+from hostmaint.lab.state import StateStore
 
 # Subnets of the test labs; override when they collide with something on the machine.
 SESSION_SUBNET = os.environ.get("HOSTMAINT_LAB_TEST_SUBNET", "10.213.1.0/24")
@@ -53,6 +54,31 @@ def require_lab() -> None:
     reason = lab_unavailable_reason()
     if reason is not None:
         pytest.skip(reason)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def no_stale_test_labs(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """Tears down the labs an interrupted earlier test run left behind.
+
+    Their namespaces, daemons and guests outlive a killed pytest, and a lab whose
+    prefix is taken refuses to start. Only labs recorded under pytest's temporary
+    roots of earlier runs (``/tmp/pytest-of-<user>/pytest-<n>``) whose namespaces
+    still exist are torn down.
+    """
+    if lab_unavailable_reason() is not None:
+        return
+    base = tmp_path_factory.getbasetemp().resolve()
+    root = base.parent
+    if not root.name.startswith("pytest-of-"):
+        return
+    namespaces = network.list_netns()
+    stale = {f.resolve().parent for f in root.glob("pytest-*/*/lab.json")}
+    for state_dir in sorted(d for d in stale if not d.is_relative_to(base)):
+        state = StateStore(state_dir).load()
+        if not {h.netns for h in state.hosts} & namespaces:
+            continue  # torn down already, or the state of a unit test
+        for line in cluster.down(state_dir):
+            print(f"stale test lab {state_dir}: {line}")
 
 
 @pytest.fixture(scope="session")

@@ -210,9 +210,9 @@ def _await_terminal(address: str, host: str) -> cpb.DrainStatus:
 # ---- what the world and the journal say --------------------------------------------------
 
 
-def _domain_states(lab: cluster.Lab) -> dict[str, list[tuple[str, int]]]:
-    """Every lab guest and (host, libvirt state) wherever a daemon knows it."""
-    found: dict[str, list[tuple[str, int]]] = {g: [] for g in NAMES}
+def _domain_states(lab: cluster.Lab) -> dict[str, list[tuple[str, int, int]]]:
+    """Every lab guest and (host, libvirt state, reason) wherever a daemon knows it."""
+    found: dict[str, list[tuple[str, int, int]]] = {g: [] for g in NAMES}
     for host in lab.hosts:
         conn = libvirt.open(host.uri)
         try:
@@ -221,16 +221,26 @@ def _domain_states(lab: cluster.Lab) -> dict[str, list[tuple[str, int]]]:
                 if name not in found:
                     continue
                 try:
-                    state = dom.state()[0]
+                    state, reason = dom.state()
                 except libvirt.libvirtError as e:
                     # gone since the listing: a migrated-away source's clean-up
                     if e.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN:
                         continue
                     raise
-                found[name].append((host.name, state))
+                found[name].append((host.name, state, reason))
         finally:
             conn.close()
     return found
+
+
+# How a restarted libvirtd shows an incoming QEMU that never ran its guest: paused for
+# the migration, for an unknown reason, or starting up (libvirt's reason for an incoming
+# domain while the migration runs, kept when its daemon dies and restarts mid-way).
+_INCOMING_PAUSE = (
+    libvirt.VIR_DOMAIN_PAUSED_MIGRATION,
+    libvirt.VIR_DOMAIN_PAUSED_UNKNOWN,
+    libvirt.VIR_DOMAIN_PAUSED_STARTING_UP,
+)
 
 
 def _discard_stale_incoming(lab: cluster.Lab, host_name: str) -> list[str]:
@@ -242,14 +252,9 @@ def _discard_stale_incoming(lab: cluster.Lab, host_name: str) -> list[str]:
         for dom in conn.listAllDomains():
             state, reason = dom.state()
             elsewhere = [h.name for h in lab.running_on(dom.name()) if h.name != host_name]
-            if (
-                state == libvirt.VIR_DOMAIN_PAUSED
-                and reason
-                in (libvirt.VIR_DOMAIN_PAUSED_MIGRATION, libvirt.VIR_DOMAIN_PAUSED_UNKNOWN)
-                and elsewhere
-            ):
+            if state == libvirt.VIR_DOMAIN_PAUSED and reason in _INCOMING_PAUSE and elsewhere:
                 dom.destroy()
-                discarded.append(f"{dom.name()} (runs on {elsewhere[0]})")
+                discarded.append(f"{dom.name()} (paused reason {reason}, runs on {elsewhere[0]})")
     finally:
         conn.close()
     return discarded
@@ -264,13 +269,13 @@ def _placement_problems(lab: cluster.Lab, forbidden: set[str]) -> list[str]:
         states = _domain_states(lab)
         for guest in NAMES:
             running = [h.name for h in lab.running_on(guest)]
-            stuck = [(h, s) for h, s in states[guest] if s != libvirt.VIR_DOMAIN_RUNNING]
+            stuck = [(h, s, r) for h, s, r in states[guest] if s != libvirt.VIR_DOMAIN_RUNNING]
             if len(running) != 1:
                 problems.append(f"{guest} runs on {len(running)} hosts {running}")
             elif running[0] in forbidden:
                 problems.append(f"{guest} runs on {running[0]}")
             if stuck:
-                problems.append(f"{guest} not running (state, host): {stuck}")
+                problems.append(f"{guest} not running (host, state, reason): {stuck}")
         if not problems or time.monotonic() > deadline:
             return problems
         time.sleep(1)
