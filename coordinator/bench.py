@@ -1,11 +1,13 @@
 """Benchmark: hostmaint's plan against today's drains on seeded scenarios.
 
-Run: ``python -m hostmaint.coordinator.bench [--quick] [--informed]``. For each scenario
-it plans with the VMs as the agents report them (``--informed``: with the working sets
-and writer kinds of most VMs known as well), then simulates the plan and every baseline against the true VMs,
-and prints the makespans, the ratios to Nova's default, to hardened Nova and to the lower
-bound, and per strategy the VMs that failed (aborted or never started), went over the
-downtime cap, or went through post-copy.
+Run: ``python -m hostmaint.coordinator.bench [--quick] [--informed] [--postcopy-stretch F]``.
+For each scenario it plans with the VMs as the agents report them (``--informed``: with
+the working sets and writer kinds of most VMs known as well; ``--postcopy-stretch``: with
+that trade of makespan for fewer post-copies instead of the policy's default), then
+simulates the plan and every baseline against the true VMs, and prints the makespans, the
+ratios to Nova's default, to hardened Nova and to the lower bound, and per strategy the
+VMs that failed (aborted or never started), went over the downtime cap, or went through
+post-copy.
 
 The lower bound (``bounds.lower_bound`` of the true VMs the plan moves) is what no drain
 within the policy beats: ``lb_s`` is its largest part, ``copy_s`` the part that counts
@@ -15,6 +17,7 @@ each page once over the link (no resends, no per-stream cap, no parallelism limi
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 from collections.abc import Callable, Sequence
 
@@ -63,8 +66,28 @@ def main(argv: Sequence[str] | None = None) -> int:
         action="store_true",
         help="plan knowing most VMs' working sets and writer kinds (the agents report neither)",
     )
+    ap.add_argument(
+        "--postcopy-stretch",
+        type=float,
+        default=None,
+        metavar="F",
+        help="plan with this post-copy avoidance stretch (0: the soonest plan) instead of "
+        "the policy's default",
+    )
     args = ap.parse_args(argv)
     scenarios = standard_scenarios(args.informed)[: 3 if args.quick else None]
+    if args.postcopy_stretch is not None:
+        if not 0.0 <= args.postcopy_stretch <= 1.0:
+            ap.error("--postcopy-stretch must be between 0 and 1")
+        scenarios = [
+            dataclasses.replace(
+                sc,
+                policy=dataclasses.replace(
+                    sc.policy, postcopy_avoidance_stretch=args.postcopy_stretch
+                ),
+            )
+            for sc in scenarios
+        ]
     names = ["hostmaint", *BASELINES]
     out = sys.stdout
     out.write(

@@ -93,6 +93,7 @@ EXIT_BY_DRAIN_STATE = {
 MAX_DOWNTIME_MS = 2_000_000  # QEMU's limit is 2000 s
 MAX_PARALLEL = 64
 MAX_DEADLINE_S = 7 * 24 * 3600.0
+MAX_POSTCOPY_STRETCH = 1.0
 MAX_TIMEOUT_S = 3600.0
 MAX_REASON_CHARS = 1000
 HOST_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,252}$")
@@ -167,6 +168,15 @@ def _policy_options(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--allow-postcopy", action="store_true", help="allow post-copy as a last resort"
+    )
+    parser.add_argument(
+        "--postcopy-stretch",
+        type=float,
+        default=None,
+        metavar="F",
+        help="with --allow-postcopy: how much longer than the soonest plan (a fraction, "
+        f"0..{MAX_POSTCOPY_STRETCH:g}) the drain may take to send fewer VMs through "
+        "post-copy; 0: the soonest plan (default: the coordinator's)",
     )
     parser.add_argument(
         "--no-auto-converge", action="store_true", help="forbid auto-converge (vCPU throttling)"
@@ -292,6 +302,9 @@ def policy_from_args(args: argparse.Namespace) -> pb.DrainPolicy:
     if args.deadline_s is not None:
         _check_range("--deadline-s", args.deadline_s, 1, MAX_DEADLINE_S)
         policy.deadline_s = args.deadline_s
+    if args.postcopy_stretch is not None:
+        _check_range("--postcopy-stretch", args.postcopy_stretch, 0, MAX_POSTCOPY_STRETCH)
+        policy.postcopy_avoidance_stretch = args.postcopy_stretch
     targets: list[str] = []
     for target in args.target:
         target = _check_host(target, "--target")

@@ -129,6 +129,15 @@ drain_opts = [
     cfg.IntOpt("max_parallel_per_source", default=4, min=1, max=64, help="Default cap."),
     cfg.IntOpt("max_parallel_per_target", default=2, min=1, max=64, help="Default cap."),
     cfg.FloatOpt(
+        "postcopy_avoidance_stretch",
+        default=0.10,
+        min=0.0,
+        max=1.0,
+        help="Where a drain allows post-copy: how much longer than the soonest plan (a "
+        "fraction) the drain may take to move VMs from post-copy back to pre-copy (each "
+        "post-copy is a VM lost if the network fails during it). 0: the soonest plan.",
+    ),
+    cfg.FloatOpt(
         "link_bandwidth_bytes_per_s",
         default=0,
         min=0,
@@ -167,7 +176,18 @@ drain_opts = [
         default=2,
         min=1,
         max=60,
-        help="Window of the fresh dirty-rate measurement taken before planning.",
+        help="Window of the fresh dirty-rate measurement taken before planning (with one "
+        "of half of it: a working set rewritten within both is found).",
+    ),
+    cfg.IntOpt(
+        "dirty_rate_max_window_s",
+        default=8,
+        min=1,
+        max=60,
+        help="Longest window the coordinator doubles that measurement to, for the guests "
+        "whose working set the shorter windows did not find (a fast writer over a large "
+        "set). Planning waits for it; 0 extra windows when it is not above "
+        "dirty_rate_window_s.",
     ),
 ]
 

@@ -1,35 +1,49 @@
-"""What two dirty-rate measurements say of a guest's writer (pure).
+"""What dirty-rate measurements over doubling windows say of a guest's writer (pure).
 
 libvirt's dirty-rate measurement counts the unique pages dirtied in a window of
 whole seconds, over the window. A guest rewriting a working set smaller than a
 window of its writes reads as working set / window, not as its write rate (on
-the lab: 64.0 MiB/s for 80 MiB/s over a 128 MiB set in 2 s). Two windows tell
-the cases apart: when doubling the window barely adds unique pages, the writer
-is rewriting a set it has already covered.
+the lab: 64.0 MiB/s for 80 MiB/s over a 128 MiB set in 2 s). Windows that double
+tell the cases apart: when doubling the window barely adds unique pages, the
+writer is rewriting a set it has already covered.
 
 Public API
 ----------
 ``Reading(bytes_per_s, window_s)``: one measurement.
-``writer_from(short, long) -> (rate bytes/s, working set bytes or None)``:
-    * the long window found at most ``SATURATED_GROWTH`` times the short one's unique
-      pages: the working set is the long window's unique bytes, and its rewrite rate is
-      unknown above the short reading; taken as the set rewritten every
-      ``ASSUMED_REWRITE_S`` (fast enough that every pre-copy round resends all of it:
-      it converges only when the whole set fits a switch-over);
-    * otherwise the short reading is the write rate and the working set is unknown.
-``rate_floor(short, long) -> bytes/s or None``: when the windows found the working set,
-    the rate the writer certainly reaches (the set over the short window): the planner
-    plans with it where the assumed rate leaves only costly tunings, and the escalation
-    ladder catches a writer faster than that; None when the rate was read directly.
-``readings_of(rate, working_set, short_s, long_s) -> (short, long)``: what the two
-    windows read of a writer of that rate over that working set (the benchmark's agents).
+``Writer(rate, working_set, rate_floor)``: what the readings tell.
+``writer_of(readings) -> Writer`` (readings over windows that double, shortest first):
+    * no window saw (almost) any writes, or a single window: its reading is the rate;
+    * the first pair of consecutive windows where the longer found at most
+      ``SATURATED_GROWTH`` times the shorter one's unique pages has found the working
+      set (the longer window's unique bytes);
+        - when that pair starts at the shortest window, the rewrite rate is unknown
+          above it: taken as the set rewritten every ``ASSUMED_REWRITE_S`` (fast enough
+          that every pre-copy round resends all of it: it converges only when the whole
+          set fits a switch-over), and ``rate_floor`` is the rate the writer certainly
+          reaches (the shortest window's reading: that many unique bytes a second): the
+          planner plans with it where the assumed rate leaves only costly tunings, and
+          the escalation ladder catches a writer faster than that;
+        - later, the shortest window was not yet covering the set: its reading is the
+          write rate, and both are known;
+    * no pair saturated: the shortest reading is the write rate and the set unknown.
+``next_window_s(readings, nonzero_bytes, max_window_s, min_rate) -> seconds or None``:
+    the next, doubled window worth measuring: none when the set is found, the writer is
+    slower than ``min_rate`` (it converges whatever its set: not worth the wait), the
+    last window saw nearly all its non-zero memory (a longer one cannot tell more) or
+    the double exceeds ``max_window_s``.
+``readings_of(rate, working_set, windows_s) -> readings``: what those windows read of a
+    writer of that rate over that working set (the benchmark's agents).
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 SATURATED_GROWTH = 1.25
+# Longer windows are worth their wait for writers of at least this share of the link: a
+# slower one converges in a few rounds whatever its working set.
+LONGER_WINDOW_LINK_SHARE = 0.1
 ASSUMED_REWRITE_S = 0.1
 _NOISE_BYTES = 1024 * 1024  # below this a window saw (almost) no writes
 
@@ -44,27 +58,62 @@ class Reading:
         return self.bytes_per_s * self.window_s
 
 
-def writer_from(short: Reading, long: Reading) -> tuple[float, int | None]:
-    if long.window_s <= short.window_s or short.unique_bytes < _NOISE_BYTES:
-        return max(short.bytes_per_s, long.bytes_per_s), None
-    if long.unique_bytes <= SATURATED_GROWTH * short.unique_bytes:
-        working_set = max(short.unique_bytes, long.unique_bytes)
-        return max(short.bytes_per_s, working_set / ASSUMED_REWRITE_S), int(working_set)
-    return short.bytes_per_s, None
+@dataclass(frozen=True)
+class Writer:
+    rate_bytes_per_s: float
+    working_set_bytes: int | None = None
+    rate_floor_bytes_per_s: float | None = None
 
 
-def rate_floor(short: Reading, long: Reading) -> float | None:
-    rate, working_set = writer_from(short, long)
-    if working_set is None:
+def _saturated_at(readings: Sequence[Reading]) -> int | None:
+    """Index of the longer window of the first pair that found the set."""
+    for i in range(1, len(readings)):
+        short, long = readings[i - 1], readings[i]
+        if long.window_s > short.window_s and (
+            long.unique_bytes <= SATURATED_GROWTH * short.unique_bytes
+        ):
+            return i
+    return None
+
+
+def writer_of(readings: Sequence[Reading]) -> Writer:
+    if not readings:
+        return Writer(0.0)
+    first = readings[0]
+    if len(readings) < 2 or first.unique_bytes < _NOISE_BYTES:
+        return Writer(max(r.bytes_per_s for r in readings))
+    at = _saturated_at(readings)
+    if at is None:
+        return Writer(first.bytes_per_s)
+    working_set = max(readings[at - 1].unique_bytes, readings[at].unique_bytes)
+    if at == 1:
+        rate = max(first.bytes_per_s, working_set / ASSUMED_REWRITE_S)
+        return Writer(rate, int(working_set), first.bytes_per_s)
+    return Writer(first.bytes_per_s, int(working_set))
+
+
+def next_window_s(
+    readings: Sequence[Reading],
+    nonzero_bytes: float,
+    max_window_s: float,
+    min_rate_bytes_per_s: float = 0.0,
+) -> float | None:
+    if (
+        not readings
+        or readings[0].unique_bytes < _NOISE_BYTES
+        or readings[0].bytes_per_s < min_rate_bytes_per_s
+        or _saturated_at(readings)
+    ):
         return None
-    return min(rate, working_set / short.window_s)
+    last = readings[-1]
+    if last.unique_bytes * SATURATED_GROWTH >= nonzero_bytes:
+        return None
+    window = 2 * last.window_s
+    return window if window <= max_window_s else None
 
 
 def readings_of(
-    rate_bytes_per_s: float, working_set_bytes: float, short_s: float, long_s: float
-) -> tuple[Reading, Reading]:
-    """The two readings of a writer of that rate over that working set."""
-    return (
-        Reading(min(rate_bytes_per_s * short_s, working_set_bytes) / short_s, short_s),
-        Reading(min(rate_bytes_per_s * long_s, working_set_bytes) / long_s, long_s),
-    )
+    rate_bytes_per_s: float, working_set_bytes: float, windows_s: Sequence[float]
+) -> tuple[Reading, ...]:
+    """The readings of a writer of that rate over that working set."""
+    return tuple(Reading(min(rate_bytes_per_s * w, working_set_bytes) / w, w) for w in windows_s)

@@ -83,6 +83,7 @@ class ExecutorSettings:
     stall_grace_s: float = 10.0
     max_attempts: int = 2
     dirty_rate_window_s: int = 2
+    dirty_rate_max_window_s: int = 8
     migration_addresses: dict[str, str] | None = None
     watch_start_timeout_s: float = _WATCH_START_TIMEOUT_S
     escalation_settle_s: float = escalation.Limits.settle_s
@@ -194,6 +195,7 @@ class Executor:
             self.registry,
             link_bandwidth_bytes_per_s=self.settings.link_bandwidth_bytes_per_s,
             dirty_rate_window_s=self.settings.dirty_rate_window_s,
+            dirty_rate_max_window_s=self.settings.dirty_rate_max_window_s,
             vm_max_downtime_ms=dict(policy_pb.vm_max_downtime_ms),
             target_hosts=list(policy_pb.target_hosts),
             measure=measure,

@@ -3,7 +3,7 @@
 The cloud (through the migration driver) says which VMs are on the host, their
 server groups and which hosts are enabled; the source agent says what libvirt
 knows (memory, dirty rate, CPU, blockers) and measures dirty rates afresh over
-two windows (``dirty.writer_from`` reads a working set out of them); each
+doubling windows (``dirty.writer_of`` reads a working set out of them); each
 candidate target's agent says its free memory and whether each distinct guest
 CPU runs there.
 """
@@ -15,8 +15,14 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from hostmaint.coordinator import errors
-from hostmaint.coordinator.agents import AgentRegistry, Health
-from hostmaint.coordinator.dirty import Reading, rate_floor, writer_from
+from hostmaint.coordinator.agents import AgentClient, AgentRegistry, Health
+from hostmaint.coordinator.dirty import (
+    LONGER_WINDOW_LINK_SHARE,
+    Reading,
+    Writer,
+    next_window_s,
+    writer_of,
+)
 from hostmaint.coordinator.drivers.base import (
     DriverError,
     Instance,
@@ -50,28 +56,21 @@ def _blockers(domain: apb.Domain | None) -> tuple[str, ...]:
 def _vm_spec(
     instance: Instance,
     domain: apb.Domain | None,
-    short: apb.DirtyRate | None,
+    readings: Sequence[Reading],
     max_downtime_ms: float | None,
 ) -> VmSpec:
     memory = domain.memory_max_bytes if domain is not None else instance.memory_mb * MIB
     nonzero = None
-    rate = 0.0
-    working_set: int | None = None
-    floor: float | None = None
+    writer = Writer(0.0)
     cpu_model = ""
     features: frozenset[str] = frozenset()
     if domain is not None:
         if domain.rss_bytes:
             nonzero = min(domain.rss_bytes, memory)
-        if domain.HasField("dirty_rate"):
-            rate = domain.dirty_rate.bytes_per_s
-            if short is not None:
-                windows = (
-                    Reading(short.bytes_per_s, short.window_s),
-                    Reading(rate, domain.dirty_rate.window_s),
-                )
-                rate, working_set = writer_from(*windows)
-                floor = rate_floor(*windows)
+        if readings:
+            writer = writer_of(readings)
+        elif domain.HasField("dirty_rate"):
+            writer = Writer(domain.dirty_rate.bytes_per_s)
         cpu_model = domain.cpu.model
         features = frozenset(f.name for f in domain.cpu.features if f.policy != "disable")
     return VmSpec(
@@ -79,9 +78,9 @@ def _vm_spec(
         name=instance.name,
         memory_bytes=memory,
         nonzero_bytes=nonzero,
-        dirty_rate_bytes_per_s=rate,
-        working_set_bytes=working_set,
-        dirty_rate_floor_bytes_per_s=floor,
+        dirty_rate_bytes_per_s=writer.rate_bytes_per_s,
+        working_set_bytes=writer.working_set_bytes,
+        dirty_rate_floor_bytes_per_s=writer.rate_floor_bytes_per_s,
         vcpus=max(1, instance.vcpus),
         cpu_model=cpu_model,
         cpu_features=features,
@@ -98,6 +97,7 @@ def gather(
     *,
     link_bandwidth_bytes_per_s: float,
     dirty_rate_window_s: int,
+    dirty_rate_max_window_s: int,
     vm_max_downtime_ms: dict[str, int],
     target_hosts: Sequence[str],
     measure: bool = True,
@@ -125,35 +125,86 @@ def gather(
     domains = {d.uuid: d for d in source.list_domains()}
     live = [i for i in instances if i.state is InstanceState.ACTIVE]
     not_live = tuple(i for i in instances if i.state is not InstanceState.ACTIVE)
-    shorts: dict[str, apb.DirtyRate] = {}
-    if measure and any(i.uuid in domains and not domains[i.uuid].migrating for i in live):
-        # A domain migrating now (a resumed drain) reports its rate in the job stats instead.
-        wanted = [i.uuid for i in live if i.uuid in domains and not domains[i.uuid].migrating]
-        # Two windows: a working set rewritten within them reads as set / window (dirty.py).
-        short_s = max(1, dirty_rate_window_s // 2)
-        try:
-            rates = source.measure_dirty_rate(wanted, dirty_rate_window_s)
-            for uuid, rate in rates.items():
-                domains[uuid].dirty_rate.CopyFrom(rate)
-            if short_s < dirty_rate_window_s:
-                shorts = source.measure_dirty_rate(list(rates), short_s)
-        except errors.CoordinatorError as e:
-            note(f"fresh dirty-rate measurement failed, planning with what was read: {e}")
-    missing = [i.name for i in live if i.uuid not in domains]
-    if missing:
-        note("no libvirt domain for " + ", ".join(missing) + "; sizes from the flavor")
-    vms = tuple(
-        _vm_spec(i, domains.get(i.uuid), shorts.get(i.uuid), vm_max_downtime_ms.get(i.uuid))
-        for i in live
-    )
     bandwidth = link_bandwidth_bytes_per_s
     if bandwidth <= 0:
         speed = status.report.migration_nic_speed_mbps if status.report is not None else 0
         bandwidth = speed * 1e6 / 8 if speed else 10e9 / 8
         if not speed:
             note("link bandwidth unknown; assuming 10 Gbit/s")
+    readings: dict[str, list[Reading]] = {}
+    if measure and any(i.uuid in domains and not domains[i.uuid].migrating for i in live):
+        # A domain migrating now (a resumed drain) reports its rate in the job stats instead.
+        wanted = [i.uuid for i in live if i.uuid in domains and not domains[i.uuid].migrating]
+        try:
+            rates = source.measure_dirty_rate(wanted, dirty_rate_window_s)
+            for uuid, rate in rates.items():
+                domains[uuid].dirty_rate.CopyFrom(rate)
+            readings = _windows(
+                source,
+                domains,
+                rates,
+                dirty_rate_window_s,
+                dirty_rate_max_window_s,
+                bandwidth * LONGER_WINDOW_LINK_SHARE,
+                note,
+            )
+        except errors.CoordinatorError as e:
+            note(f"fresh dirty-rate measurement failed, planning with what was read: {e}")
+    missing = [i.name for i in live if i.uuid not in domains]
+    if missing:
+        note("no libvirt domain for " + ", ".join(missing) + "; sizes from the flavor")
+    vms = tuple(
+        _vm_spec(i, domains.get(i.uuid), readings.get(i.uuid, ()), vm_max_downtime_ms.get(i.uuid))
+        for i in live
+    )
     targets = _targets(host, driver, registry, vms, domains, target_hosts, note)
     return Inputs(host, vms, targets, not_live, bandwidth, domains, tuple(notes))
+
+
+def _windows(
+    source: AgentClient,
+    domains: dict[str, apb.Domain],
+    rates: dict[str, apb.DirtyRate],
+    window_s: int,
+    max_window_s: int,
+    min_rate: float,
+    note: Callable[[str], None],
+) -> dict[str, list[Reading]]:
+    """Readings over doubling windows: half the configured window, the window, then
+    longer ones for the writers of at least ``min_rate`` whose working set they have not
+    found yet (dirty.py). A failed longer measurement keeps what the shorter ones read."""
+    short_s = max(1, window_s // 2)
+    if short_s >= window_s:
+        return {}
+    shorts = source.measure_dirty_rate(list(rates), short_s)
+    readings = {
+        u: [Reading(shorts[u].bytes_per_s, shorts[u].window_s), Reading(r.bytes_per_s, window_s)]
+        for u, r in rates.items()
+        if u in shorts
+    }
+    longer_s = 2 * window_s
+    while longer_s <= max_window_s:
+        wanted = [
+            u
+            for u, rs in readings.items()
+            if next_window_s(rs, _nonzero(domains[u]), max_window_s, min_rate) == longer_s
+        ]
+        if not wanted:
+            break
+        try:
+            found = source.measure_dirty_rate(wanted, longer_s)
+        except errors.CoordinatorError as e:
+            note(f"dirty-rate measurement over {longer_s}s failed, planning without it: {e}")
+            break
+        for uuid, rate in found.items():
+            readings[uuid].append(Reading(rate.bytes_per_s, longer_s))
+        longer_s *= 2
+    return readings
+
+
+def _nonzero(domain: apb.Domain) -> int:
+    """The guest memory a window could find written: resident, at most its size."""
+    return min(domain.rss_bytes or domain.memory_max_bytes, domain.memory_max_bytes)
 
 
 def _targets(

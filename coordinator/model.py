@@ -165,6 +165,9 @@ class DrainPolicy:
     allow_postcopy: bool = False
     allow_auto_converge: bool = True
     deadline_s: float | None = None
+    # how much longer than the soonest plan (a fraction) the drain may take to send fewer
+    # VMs through post-copy
+    postcopy_avoidance_stretch: float = 0.10
 
 
 @dataclass(frozen=True)

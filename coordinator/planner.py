@@ -30,8 +30,8 @@ Tuning: each VM's downtime limit holds for the share it may drop to at the switc
 (the link over the concurrency); one that converges only with the whole link's limit
 runs alone. Where post-copy is sooner than a costly pre-copy (throttled, alone, or a
 writer of unknown rate planned at its floor), the soonest plan takes it; then VMs go
-back to pre-copy, shortest first, while the drain stays within
-``POSTCOPY_AVOIDANCE_STRETCH`` of that plan (each post-copy is a VM lost if the network
+back to pre-copy, shortest first, while the drain stays within the policy's
+``postcopy_avoidance_stretch`` of that plan (each post-copy is a VM lost if the network
 fails during it).
 """
 
@@ -69,7 +69,9 @@ from hostmaint.coordinator.simulator import Job, SimResult, VmResult, simulate
 CANNOT_CONVERGE_REASON = "cannot converge: skip or stop the VM's workload"
 POLL_S = 1.0  # the executor's default progress sampling interval
 # A plan may be this much longer than the soonest one to send fewer VMs through post-copy.
-POSTCOPY_AVOIDANCE_STRETCH = 0.10
+# A pre-copy this many times longer alone than the VM's post-copy (resending a hot working
+# set round after round, holding most of the link) is costly: post-copy is offered.
+COSTLY_PRECOPY_RATIO = 1.5
 
 
 @dataclass(frozen=True)
@@ -516,12 +518,14 @@ def _options(
         precopy = _Item(vm, where, pred, settings, need, holds, simulated=assumed)
         return _postcopy_item(assumed, where, pred, full_bw, worst_bw, policy, params), precopy
     precopy = _Item(vm, where, pred, settings, need, holds)
-    costly = holds or settings.auto_converge
-    if not (policy.allow_postcopy and costly) or pred.tuning is Tuning.POSTCOPY:
+    if not policy.allow_postcopy or pred.tuning is Tuning.POSTCOPY:
         return precopy, None
     fast = _postcopy_item(vm, where, pred, full_bw, worst_bw, policy, params)
     pre_run = run_alone(vm, full_bw, settings, params)
     if pre_run.end_s is None or fast.prediction.total_s >= pre_run.end_s:
+        return precopy, None
+    resends = pre_run.end_s > COSTLY_PRECOPY_RATIO * fast.prediction.total_s
+    if not (holds or settings.auto_converge or resends):
         return precopy, None
     return fast, precopy
 
@@ -554,9 +558,10 @@ def _fewer_postcopies(
 ) -> tuple[float, int, SimResult, list[_Item]]:
     """Move VMs of the soonest plan from post-copy back to pre-copy (each post-copy is a VM
     lost if the network fails during it) while the drain stays within
-    ``POSTCOPY_AVOIDANCE_STRETCH`` of that plan's makespan; shortest pre-copies first."""
+    the policy's ``postcopy_avoidance_stretch`` of that plan's makespan; shortest
+    pre-copies first."""
     key, k, res, order = best
-    budget = res.makespan_s * (1.0 + POSTCOPY_AVOIDANCE_STRETCH)
+    budget = res.makespan_s * (1.0 + policy.postcopy_avoidance_stretch)
     swaps = sorted(
         (choices[(k, i.vm.uuid)] for i in order if (k, i.vm.uuid) in choices),
         key=lambda c: c.prediction.total_s,

@@ -23,7 +23,13 @@ import dataclasses
 import random
 from dataclasses import dataclass
 
-from hostmaint.coordinator.dirty import rate_floor, readings_of, writer_from
+from hostmaint.coordinator.dirty import (
+    LONGER_WINDOW_LINK_SHARE,
+    Writer,
+    next_window_s,
+    readings_of,
+    writer_of,
+)
 from hostmaint.coordinator.model import (
     GIB,
     MIB,
@@ -37,6 +43,7 @@ from hostmaint.coordinator.model import (
 
 MEMORY_GIB = (1, 2, 2, 4, 4, 8, 8, 16, 32, 64)
 MEASURE_WINDOWS_S = (1.0, 2.0)  # the coordinator's fresh dirty-rate windows before planning
+MAX_MEASURE_WINDOW_S = 8.0  # ... and the longest it doubles them to while the set is unseen
 
 
 @dataclass(frozen=True)
@@ -59,6 +66,18 @@ def _dirty(rng: random.Random, mix: str, link_bps: float) -> tuple[float, Writer
         return rng.uniform(10.0, 150.0) * MIB, rng.choice([WriterKind.CPU, WriterKind.PACED])
     # heavy: from a fifth of the link to above it
     return rng.uniform(0.2, 1.3) * link_bps, rng.choice([WriterKind.CPU, WriterKind.PACED])
+
+
+def _measured(rate: float, working_set: float, nonzero: float, link_bps: float) -> Writer:
+    """The writer as the coordinator reads it: two windows, then doubling ones (gather.py)."""
+    windows = list(MEASURE_WINDOWS_S)
+    min_rate = link_bps * LONGER_WINDOW_LINK_SHARE
+    while True:
+        readings = readings_of(rate, working_set, windows)
+        longer = next_window_s(readings, nonzero, MAX_MEASURE_WINDOW_S, min_rate)
+        if longer is None:
+            return writer_of(readings)
+        windows.append(longer)
 
 
 def make_scenario(
@@ -89,16 +108,15 @@ def make_scenario(
             server_groups=sg,
         )
         truth.append(vm)
-        windows = readings_of(rate, ws, *MEASURE_WINDOWS_S)
-        seen_rate, seen_ws = writer_from(*windows)
+        seen = _measured(rate, ws, nonzero, link_bps)
         known_ws = rng.random() < 0.7 and informed  # drawn either way: the same truth
         known_writer = rng.random() < 0.8 and informed
         reported.append(
             dataclasses.replace(
                 vm,
-                dirty_rate_bytes_per_s=seen_rate,
-                working_set_bytes=ws if known_ws else seen_ws,
-                dirty_rate_floor_bytes_per_s=None if known_ws else rate_floor(*windows),
+                dirty_rate_bytes_per_s=seen.rate_bytes_per_s,
+                working_set_bytes=ws if known_ws else seen.working_set_bytes,
+                dirty_rate_floor_bytes_per_s=None if known_ws else seen.rate_floor_bytes_per_s,
                 writer=writer if known_writer else WriterKind.UNKNOWN,
             )
         )

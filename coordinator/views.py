@@ -16,6 +16,7 @@ from hostmaint.protos import coordinator_pb2 as cpb
 QEMU_MAX_DOWNTIME_MS = 2_000_000
 MAX_PARALLEL = 64
 MAX_DEADLINE_S = 7 * 24 * 3600.0
+MAX_POSTCOPY_STRETCH = 1.0
 
 TUNINGS = {
     Tuning.NONE: cpb.TUNING_NONE,
@@ -70,6 +71,13 @@ def validate_policy(policy: cpb.DrainPolicy, defaults: DrainPolicy) -> DrainPoli
         raise errors.InvalidArgument("policy.deadline_s", f"between 0 and {MAX_DEADLINE_S:.0f}")
     if policy.non_live_action not in cpb.NonLiveAction.values():
         raise errors.InvalidArgument("policy.non_live_action", "unknown action")
+    stretch = defaults.postcopy_avoidance_stretch
+    if policy.HasField("postcopy_avoidance_stretch"):
+        stretch = policy.postcopy_avoidance_stretch
+        if not 0.0 <= stretch <= MAX_POSTCOPY_STRETCH:
+            raise errors.InvalidArgument(
+                "policy.postcopy_avoidance_stretch", f"between 0 and {MAX_POSTCOPY_STRETCH}"
+            )
     return DrainPolicy(
         max_downtime_ms=float(policy.max_downtime_ms or defaults.max_downtime_ms),
         max_parallel_per_source=policy.max_parallel_per_source or defaults.max_parallel_per_source,
@@ -77,6 +85,7 @@ def validate_policy(policy: cpb.DrainPolicy, defaults: DrainPolicy) -> DrainPoli
         allow_postcopy=policy.allow_postcopy,
         allow_auto_converge=not policy.forbid_auto_converge,
         deadline_s=policy.deadline_s or None,
+        postcopy_avoidance_stretch=stretch,
     )
 
 

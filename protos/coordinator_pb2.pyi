@@ -185,6 +185,7 @@ class DrainPolicy(google.protobuf.message.Message):
     DEADLINE_S_FIELD_NUMBER: builtins.int
     NON_LIVE_ACTION_FIELD_NUMBER: builtins.int
     TARGET_HOSTS_FIELD_NUMBER: builtins.int
+    POSTCOPY_AVOIDANCE_STRETCH_FIELD_NUMBER: builtins.int
     max_downtime_ms: builtins.int
     """The real downtime an operator accepts per VM; 0: the coordinator's default."""
     max_parallel_per_source: builtins.int
@@ -196,6 +197,12 @@ class DrainPolicy(google.protobuf.message.Message):
     deadline_s: builtins.float
     """Seconds the whole drain may take; 0: no deadline."""
     non_live_action: Global___NonLiveAction.ValueType
+    postcopy_avoidance_stretch: builtins.float
+    """Where post-copy is allowed: how much longer than the soonest plan the drain may take
+    (a fraction, 0.1 = 10 %) to move VMs from post-copy back to pre-copy, each post-copy
+    being a VM lost if the network fails during it. 0: the soonest plan. Unset: the
+    coordinator's default.
+    """
     @property
     def vm_max_downtime_ms(self) -> google.protobuf.internal.containers.ScalarMap[builtins.str, builtins.int]:
         """Per-VM limits by uuid, overriding max_downtime_ms."""
@@ -216,8 +223,11 @@ class DrainPolicy(google.protobuf.message.Message):
         deadline_s: builtins.float = ...,
         non_live_action: Global___NonLiveAction.ValueType = ...,
         target_hosts: collections.abc.Iterable[builtins.str] | None = ...,
+        postcopy_avoidance_stretch: builtins.float | None = ...,
     ) -> None: ...
-    def ClearField(self, field_name: typing.Literal["allow_postcopy", b"allow_postcopy", "deadline_s", b"deadline_s", "forbid_auto_converge", b"forbid_auto_converge", "max_downtime_ms", b"max_downtime_ms", "max_parallel_per_source", b"max_parallel_per_source", "max_parallel_per_target", b"max_parallel_per_target", "non_live_action", b"non_live_action", "target_hosts", b"target_hosts", "vm_max_downtime_ms", b"vm_max_downtime_ms"]) -> None: ...
+    def HasField(self, field_name: typing.Literal["_postcopy_avoidance_stretch", b"_postcopy_avoidance_stretch", "postcopy_avoidance_stretch", b"postcopy_avoidance_stretch"]) -> builtins.bool: ...
+    def ClearField(self, field_name: typing.Literal["_postcopy_avoidance_stretch", b"_postcopy_avoidance_stretch", "allow_postcopy", b"allow_postcopy", "deadline_s", b"deadline_s", "forbid_auto_converge", b"forbid_auto_converge", "max_downtime_ms", b"max_downtime_ms", "max_parallel_per_source", b"max_parallel_per_source", "max_parallel_per_target", b"max_parallel_per_target", "non_live_action", b"non_live_action", "postcopy_avoidance_stretch", b"postcopy_avoidance_stretch", "target_hosts", b"target_hosts", "vm_max_downtime_ms", b"vm_max_downtime_ms"]) -> None: ...
+    def WhichOneof(self, oneof_group: typing.Literal["_postcopy_avoidance_stretch", b"_postcopy_avoidance_stretch"]) -> typing.Literal["postcopy_avoidance_stretch"] | None: ...
 
 Global___DrainPolicy: typing_extensions.TypeAlias = DrainPolicy
 

@@ -85,6 +85,13 @@ def test_plan_warns_when_the_deadline_cannot_be_met(cluster: Cluster) -> None:
         ),
         (
             cpb.PlanDrainRequest(
+                host="host1", policy=cpb.DrainPolicy(postcopy_avoidance_stretch=2.0)
+            ),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "postcopy_avoidance_stretch",
+        ),
+        (
+            cpb.PlanDrainRequest(
                 host="host1", policy=cpb.DrainPolicy(vm_max_downtime_ms={"nope": 100})
             ),
             grpc.StatusCode.INVALID_ARGUMENT,

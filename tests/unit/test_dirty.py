@@ -1,4 +1,4 @@
-"""Reading a writer out of two dirty-rate windows."""
+"""Reading a writer out of dirty-rate windows that double."""
 
 from __future__ import annotations
 
@@ -8,50 +8,79 @@ from hypothesis import strategies as st
 from hostmaint.coordinator.dirty import (
     ASSUMED_REWRITE_S,
     Reading,
-    rate_floor,
+    Writer,
+    next_window_s,
     readings_of,
-    writer_from,
+    writer_of,
 )
-from hostmaint.coordinator.model import MIB
+from hostmaint.coordinator.model import GIB, MIB
 
 
 def test_readings_count_unique_pages() -> None:
     # the lab's wide guest: 80 MiB/s over 128 MiB reads 80 in 1 s and 64 MiB/s in 2 s
-    short, long = readings_of(80 * MIB, 128 * MIB, 1.0, 2.0)
+    short, long = readings_of(80 * MIB, 128 * MIB, (1.0, 2.0))
     assert (short.bytes_per_s, long.bytes_per_s) == (80 * MIB, 64 * MIB)
 
 
 def test_a_writer_wider_than_its_windows_reads_as_its_rate() -> None:
-    assert writer_from(*readings_of(80 * MIB, 128 * MIB, 1.0, 2.0)) == (80 * MIB, None)
-    assert writer_from(*readings_of(12 * MIB, 32 * MIB, 1.0, 2.0)) == (12 * MIB, None)
+    assert writer_of(readings_of(80 * MIB, 128 * MIB, (1.0, 2.0))) == Writer(80 * MIB)
+    assert writer_of(readings_of(12 * MIB, 32 * MIB, (1.0, 2.0))) == Writer(12 * MIB)
 
 
-def test_a_set_rewritten_within_a_window_is_found_and_its_rate_assumed_high() -> None:
+def test_a_set_rewritten_within_the_first_window_is_found_and_its_rate_assumed_high() -> None:
     # the lab's hot guest: 80 MiB/s over 32 MiB reads 32 then 16 MiB/s
-    rate, ws = writer_from(*readings_of(80 * MIB, 32 * MIB, 1.0, 2.0))
-    assert ws == 32 * MIB
-    assert rate == 32 * MIB / ASSUMED_REWRITE_S
+    w = writer_of(readings_of(80 * MIB, 32 * MIB, (1.0, 2.0)))
+    assert w.working_set_bytes == 32 * MIB
+    assert w.rate_bytes_per_s == 32 * MIB / ASSUMED_REWRITE_S
+    # at least the set in the 1 s window: what the planner may plan with
+    assert w.rate_floor_bytes_per_s == 32 * MIB
+
+
+def test_a_set_found_by_a_longer_window_gives_rate_and_set() -> None:
+    # 1 GiB/s over 3 GiB: 1 s and 2 s grow, 4 s and 8 s both see 3 GiB
+    readings = readings_of(1 * GIB, 3 * GIB, (1.0, 2.0, 4.0, 8.0))
+    assert writer_of(readings) == Writer(1 * GIB, 3 * GIB)
+    assert writer_of(readings[:3]) == Writer(1 * GIB)  # 4 s alone did not tell yet
 
 
 def test_one_window_or_an_idle_guest_says_nothing_of_the_set() -> None:
-    assert writer_from(Reading(5 * MIB, 2.0), Reading(5 * MIB, 2.0)) == (5 * MIB, None)
-    assert writer_from(Reading(0.0, 1.0), Reading(0.0, 2.0)) == (0.0, None)
+    assert writer_of([Reading(5 * MIB, 2.0)]) == Writer(5 * MIB)
+    assert writer_of([Reading(5 * MIB, 2.0), Reading(5 * MIB, 2.0)]) == Writer(5 * MIB)
+    assert writer_of([Reading(0.0, 1.0), Reading(0.0, 2.0)]) == Writer(0.0)
+    assert writer_of([]) == Writer(0.0)
+
+
+def test_longer_windows_only_while_they_can_tell_more() -> None:
+    wide = readings_of(1 * GIB, 3 * GIB, (1.0, 2.0))
+    assert next_window_s(wide, 10 * GIB, 8.0) == 4.0
+    assert next_window_s(readings_of(1 * GIB, 3 * GIB, (1.0, 2.0, 4.0)), 10 * GIB, 8.0) == 8.0
+    assert next_window_s(wide, 10 * GIB, 2.0) is None  # longer than allowed
+    assert next_window_s(wide, 2.2 * GIB, 8.0) is None  # it saw nearly all it could write
+    assert next_window_s(wide, 10 * GIB, 8.0, min_rate_bytes_per_s=2 * GIB) is None  # slow
+    found = readings_of(80 * MIB, 32 * MIB, (1.0, 2.0))
+    assert next_window_s(found, 10 * GIB, 8.0) is None
+    assert next_window_s([Reading(0.0, 1.0), Reading(0.0, 2.0)], 10 * GIB, 8.0) is None
 
 
 @given(
     rate=st.floats(1 * MIB, 4096 * MIB),
     ws=st.floats(1 * MIB, 65536 * MIB),
+    nonzero=st.floats(1 * MIB, 65536 * MIB),
 )
-def test_never_reads_a_writer_slower_than_its_short_window_saw(rate: float, ws: float) -> None:
-    short, long = readings_of(rate, ws, 1.0, 2.0)
-    seen_rate, seen_ws = writer_from(short, long)
-    assert seen_rate >= short.bytes_per_s
-    if seen_ws is not None:  # a found set is the set itself: the windows saw all of it
-        assert abs(seen_ws - ws) <= 1.0
-        assert seen_rate >= rate * min(1.0, ws / rate / ASSUMED_REWRITE_S) - 1e-6
-
-
-def test_a_found_set_gives_the_rate_floor_a_direct_reading_none() -> None:
-    # 80 MiB/s over 32 MiB: at least 32 MiB/s (the set in the 1 s window)
-    assert rate_floor(*readings_of(80 * MIB, 32 * MIB, 1.0, 2.0)) == 32 * MIB
-    assert rate_floor(*readings_of(80 * MIB, 128 * MIB, 1.0, 2.0)) is None
+def test_never_reads_a_writer_slower_than_its_short_window_saw(
+    rate: float, ws: float, nonzero: float
+) -> None:
+    windows = [1.0, 2.0]
+    while (longer := next_window_s(readings_of(rate, ws, windows), nonzero, 8.0)) is not None:
+        assert longer == 2 * windows[-1] <= 8.0
+        windows.append(longer)
+    readings = readings_of(rate, ws, windows)
+    seen = writer_of(readings)
+    assert seen.rate_bytes_per_s >= readings[0].bytes_per_s
+    if seen.working_set_bytes is not None:  # a found set is the set itself: a window saw all
+        assert abs(seen.working_set_bytes - ws) <= 1.0
+        assert seen.rate_bytes_per_s >= rate * min(1.0, ws / rate / ASSUMED_REWRITE_S) - 1e-6
+        if seen.rate_floor_bytes_per_s is None:  # read directly: the rate itself
+            assert abs(seen.rate_bytes_per_s - rate) <= 1e-6 * rate
+        else:
+            assert seen.rate_floor_bytes_per_s <= rate + 1e-6 * rate

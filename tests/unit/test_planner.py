@@ -4,11 +4,9 @@ from __future__ import annotations
 
 import dataclasses
 
-import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from hostmaint.coordinator import planner
 from hostmaint.coordinator.model import (
     DEFAULT_PARAMS,
     GIB,
@@ -234,22 +232,21 @@ def test_a_found_working_set_is_planned_at_its_floor_and_a_faster_writer_meets_t
     assert alone.failed == 0
 
 
-def test_post_copies_are_traded_for_at_most_the_stretch(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_post_copies_are_traded_for_at_most_the_stretch() -> None:
     """Against the soonest plan, the plan sends no more VMs through post-copy and is at
-    most ``POSTCOPY_AVOIDANCE_STRETCH`` longer (in its own simulation)."""
+    most the policy's ``postcopy_avoidance_stretch`` longer (in its own simulation)."""
     traded = 0
     for seed, link in ((21, 10.0), (22, 25.0)):
         sc = make_scenario("pc", seed, 12, link, "heavy")
         plan = plan_drain(sc.reported, sc.targets, sc.link, sc.policy)
-        with monkeypatch.context() as m:
-            m.setattr(planner, "POSTCOPY_AVOIDANCE_STRETCH", 0.0)
-            soonest = plan_drain(sc.reported, sc.targets, sc.link, sc.policy)
+        fastest = dataclasses.replace(sc.policy, postcopy_avoidance_stretch=0.0)
+        soonest = plan_drain(sc.reported, sc.targets, sc.link, fastest)
 
         def postcopies(p: DrainPlan) -> int:
             return sum(1 for x in p.migrations if x.tuning is Tuning.POSTCOPY)
 
         assert postcopies(plan) <= postcopies(soonest)
-        stretch = 1.0 + planner.POSTCOPY_AVOIDANCE_STRETCH
+        stretch = 1.0 + sc.policy.postcopy_avoidance_stretch
         assert plan.predicted_makespan_s <= soonest.predicted_makespan_s * stretch + 1e-6
         traded += postcopies(soonest) - postcopies(plan)
     assert traded > 0  # these hosts have post-copies worth trading
