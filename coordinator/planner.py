@@ -28,8 +28,9 @@ simulation steers each migration with the executor's escalation ladder.
 
 Tuning: each VM's downtime limit holds for the share it may drop to at the switch-over
 (the link over the concurrency); one that converges only with the whole link's limit
-runs alone. Where post-copy is sooner than a costly pre-copy (throttled, alone, or a
-writer of unknown rate planned at its floor), the soonest plan takes it; then VMs go
+runs alone. Where post-copy is sooner than a costly pre-copy (throttled, alone, a writer
+of unknown rate planned at its floor, or ``COSTLY_PRECOPY_RATIO`` times longer than the
+post-copy), the soonest plan takes it; then VMs go
 back to pre-copy, shortest first, while the drain stays within the policy's
 ``postcopy_avoidance_stretch`` of that plan (each post-copy is a VM lost if the network
 fails during it).
@@ -68,7 +69,6 @@ from hostmaint.coordinator.simulator import Job, SimResult, VmResult, simulate
 
 CANNOT_CONVERGE_REASON = "cannot converge: skip or stop the VM's workload"
 POLL_S = 1.0  # the executor's default progress sampling interval
-# A plan may be this much longer than the soonest one to send fewer VMs through post-copy.
 # A pre-copy this many times longer alone than the VM's post-copy (resending a hot working
 # set round after round, holding most of the link) is costly: post-copy is offered.
 COSTLY_PRECOPY_RATIO = 1.5

@@ -9,9 +9,10 @@ Public API
     ``mix`` one of ``idle``, ``mixed``, ``heavy``: memory 1-64 GiB, dirty rates from idle
     to above the link, CPU-bound and paced writers. ``reported`` holds what the agents
     report today: memory, non-zero bytes, and the writer as the coordinator reads it from
-    two dirty-rate windows (``MEASURE_WINDOWS_S``; ``dirty.writer_from``: a working set
-    smaller than the windows' writes is found, the rate is then unknown and assumed
-    high); writer kind unknown; ``informed`` also reports the working set of 70 % of the VMs and the writer
+    dirty-rate windows (``MEASURE_WINDOWS_S``, doubled up to ``MAX_MEASURE_WINDOW_S`` for
+    fast writers; ``dirty.writer_of``: a working set smaller than a window's writes is
+    found; found by the first two, its rate is unknown and assumed high); writer kind
+    unknown; ``informed`` also reports the working set of 70 % of the VMs and the writer
     kind of 80 %, what an agent estimating them could add. The true VMs are the same.
 ``standard_scenarios(informed=False) -> list[Scenario]``: the benchmark's set (10 to 60
     VMs, 10 and 25 Gbit links).
