@@ -30,10 +30,9 @@ Tuning: each VM's downtime limit holds for the share it may drop to at the switc
 (the link over the concurrency); one that converges only with the whole link's limit
 runs alone. Where post-copy is sooner than a costly pre-copy (throttled, alone, a writer
 of unknown rate planned at its floor, or ``COSTLY_PRECOPY_RATIO`` times longer than the
-post-copy), the soonest plan takes it; then VMs go
-back to pre-copy, shortest first, while the drain stays within the policy's
-``postcopy_avoidance_stretch`` of that plan (each post-copy is a VM lost if the network
-fails during it).
+post-copy), the soonest plan takes it; then VMs go back to pre-copy, those it costs least
+first, while the drain stays within the policy's ``postcopy_avoidance_stretch`` of that
+plan (each post-copy is a VM lost if the network fails during it).
 """
 
 from __future__ import annotations
@@ -558,13 +557,14 @@ def _fewer_postcopies(
 ) -> tuple[float, int, SimResult, list[_Item]]:
     """Move VMs of the soonest plan from post-copy back to pre-copy (each post-copy is a VM
     lost if the network fails during it) while the drain stays within
-    the policy's ``postcopy_avoidance_stretch`` of that plan's makespan; shortest
-    pre-copies first."""
+    the policy's ``postcopy_avoidance_stretch`` of that plan's makespan; those whose
+    pre-copy takes least longer than their post-copy first."""
     key, k, res, order = best
     budget = res.makespan_s * (1.0 + policy.postcopy_avoidance_stretch)
+    fast = {i.vm.uuid: i.prediction.total_s for i in order}
     swaps = sorted(
         (choices[(k, i.vm.uuid)] for i in order if (k, i.vm.uuid) in choices),
-        key=lambda c: c.prediction.total_s,
+        key=lambda c: c.prediction.total_s - fast[c.vm.uuid],
     )
     for pre in swaps:
         trial = [pre if i.vm.uuid == pre.vm.uuid else i for i in order]
