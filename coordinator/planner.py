@@ -146,6 +146,11 @@ class _Item:
     simulated: VmSpec | None = None
 
 
+# a candidate plan: its key, concurrency, simulated result, items (their times alone) and
+# the items with the predictions the ladder checks (``_evaluate``)
+_Candidate = tuple[float, int, SimResult, list[_Item], list[_Item]]
+
+
 class PlanStrategy:
     """Start VMs in order (backfilling) while slots, per-target slots and bandwidth allow,
     and steer each running migration with the executor's escalation ladder
@@ -370,7 +375,7 @@ def plan_drain(
         base.append((vm, where, pred, assumed))
     cap_ms = {v.uuid: _cap(v, policy) for v in vms}
     bound = lower_bound([b[0] for b in base], link, policy, params)
-    best: tuple[float, int, SimResult, list[_Item]] | None = None
+    best: _Candidate | None = None
     choices: dict[tuple[int, str], _Item] = {}  # (k, VM): its pre-copy choice instead of post-copy
     for k in range(1, max(1, policy.max_parallel_per_source) + 1):
         worst = min(full_bw, link_bw / k)
@@ -387,15 +392,15 @@ def plan_drain(
             sorted(items, key=lambda i: -i.prediction.total_s),
         )
         for order in orders:
-            key, res = _evaluate(order, k, link, link_bw, cap_ms, policy, params)
+            key, res, refs = _evaluate(order, k, link, link_bw, cap_ms, policy, params)
             if best is None or key < best[0]:
-                best = (key, k, res, order)
+                best = (key, k, res, order, refs)
     if best is None:
         return DrainPlan((), tuple(unmovable), 0.0, bound, 0, policy.deadline_s)
     best = _fewer_postcopies(best, choices, link, link_bw, cap_ms, policy, params)
-    _, k, res, order = best
+    _, k, res, _, refs = best
     starts = {r.uuid: r for r in res.vms}
-    by_start = sorted(order, key=lambda i: starts[i.vm.uuid].start_s)
+    by_start = sorted(refs, key=lambda i: starts[i.vm.uuid].start_s)
     planned = tuple(
         PlannedMigration(
             vm_uuid=i.vm.uuid,
@@ -447,25 +452,46 @@ def _evaluate(
     cap_ms: dict[str, float],
     policy: DrainPolicy,
     params: ModelParams,
-) -> tuple[float, SimResult]:
-    """Simulate an order with at most ``k`` at once; its key (lower is better) and result."""
-    strat = PlanStrategy(
-        "plan",
-        order,
-        k,
-        policy.max_parallel_per_target,
-        link_bw,
-        cap_ms,
-        params,
-        policy.allow_postcopy,
-        throttle_helps([i.vm for i in order], policy),
-    )
+) -> tuple[float, SimResult, list[_Item]]:
+    """Simulate an order with at most ``k`` at once; its key (lower is better), result, and
+    the items with the predictions the executor's ladder will check them against.
+
+    Twice: the executor's ladder measures a migration against the plan's time for it in
+    the schedule (shared link included), not its time alone. The first run, against the
+    times alone, gives those schedule times; the second runs the ladder against them, as
+    the executor will (against the second run's times, which the plan publishes: one step
+    short of a fixed point)."""
+    throttles = throttle_helps([i.vm for i in order], policy)
     vms = [i.simulated or i.vm for i in order]
-    res = simulate(vms, strat, link, params, seed=0, policy=policy)
+
+    def run(items: Sequence[_Item]) -> SimResult:
+        strat = PlanStrategy(
+            "plan",
+            items,
+            k,
+            policy.max_parallel_per_target,
+            link_bw,
+            cap_ms,
+            params,
+            policy.allow_postcopy,
+            throttles,
+        )
+        return simulate(vms, strat, link, params, seed=0, policy=policy)
+
+    first = {r.uuid: r for r in run(order).vms}
+    refs = [
+        dataclasses.replace(
+            i, prediction=dataclasses.replace(i.prediction, total_s=_predicted_total_s(i, r))
+        )
+        if (r := first.get(i.vm.uuid)) is not None
+        else i
+        for i in order
+    ]
+    res = run(refs)
     late = policy.deadline_s is not None and res.makespan_s > policy.deadline_s
     # failures first, then a plan that meets the deadline, then the soonest
     key = res.makespan_s + 1e6 * (res.failed + res.over_downtime) + (1e5 if late else 0)
-    return key, res
+    return key, res, refs
 
 
 def _with_rate_assumed(
@@ -547,19 +573,19 @@ def _postcopy_item(
 
 
 def _fewer_postcopies(
-    best: tuple[float, int, SimResult, list[_Item]],
+    best: _Candidate,
     choices: dict[tuple[int, str], _Item],
     link: Link,
     link_bw: float,
     cap_ms: dict[str, float],
     policy: DrainPolicy,
     params: ModelParams,
-) -> tuple[float, int, SimResult, list[_Item]]:
+) -> _Candidate:
     """Move VMs of the soonest plan from post-copy back to pre-copy (each post-copy is a VM
     lost if the network fails during it) while the drain stays within
     the policy's ``postcopy_avoidance_stretch`` of that plan's makespan; those whose
     pre-copy takes least longer than their post-copy first."""
-    key, k, res, order = best
+    key, k, res, order, refs = best
     budget = res.makespan_s * (1.0 + policy.postcopy_avoidance_stretch)
     fast = {i.vm.uuid: i.prediction.total_s for i in order}
     swaps = sorted(
@@ -568,10 +594,10 @@ def _fewer_postcopies(
     )
     for pre in swaps:
         trial = [pre if i.vm.uuid == pre.vm.uuid else i for i in order]
-        t_key, t_res = _evaluate(trial, k, link, link_bw, cap_ms, policy, params)
+        t_key, t_res, t_refs = _evaluate(trial, k, link, link_bw, cap_ms, policy, params)
         if t_res.makespan_s <= budget and t_key - t_res.makespan_s <= key - res.makespan_s:
-            key, res, order = t_key, t_res, trial
-    return key, k, res, order
+            key, res, order, refs = t_key, t_res, trial, t_refs
+    return key, k, res, order, refs
 
 
 def _fastest_settings(
