@@ -217,7 +217,11 @@ class PlanStrategy:
             link_bytes_per_s=self.total_bw,
         )
         starting = {c.vm_uuid for c in chosen}
-        jobs = [Job(i.vm, i.settings, i.target) for i in self.queue if i.vm.uuid in starting]
+        jobs = [
+            Job(i.simulated or i.vm, i.settings, i.target)
+            for i in self.queue
+            if i.vm.uuid in starting
+        ]
         self.queue = [i for i in self.queue if i.vm.uuid not in starting]
         return jobs
 
