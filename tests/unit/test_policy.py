@@ -6,7 +6,7 @@ import pytest
 
 from hostmaint.coordinator import errors
 from hostmaint.coordinator.model import DrainPolicy
-from hostmaint.coordinator.views import validate_policy
+from hostmaint.coordinator.views import policy_from_json, policy_to_json, validate_policy
 from hostmaint.protos import coordinator_pb2 as cpb
 
 DEFAULTS = DrainPolicy(max_downtime_ms=400.0, postcopy_avoidance_stretch=0.2)
@@ -24,3 +24,11 @@ def test_the_postcopy_stretch_is_the_requests_even_zero_else_the_default() -> No
 def test_a_postcopy_stretch_out_of_range_is_refused(stretch: float) -> None:
     with pytest.raises(errors.InvalidArgument, match="postcopy_avoidance_stretch"):
         validate_policy(cpb.DrainPolicy(postcopy_avoidance_stretch=stretch), DEFAULTS)
+
+
+def test_an_explicit_zero_stretch_survives_the_journal() -> None:
+    """A resumed drain re-reads its policy from the journal's JSON: 0 stays 0."""
+    stored = policy_to_json(cpb.DrainPolicy(postcopy_avoidance_stretch=0.0))
+    assert validate_policy(policy_from_json(stored), DEFAULTS).postcopy_avoidance_stretch == 0.0
+    unset = policy_to_json(cpb.DrainPolicy())
+    assert validate_policy(policy_from_json(unset), DEFAULTS).postcopy_avoidance_stretch == 0.2
