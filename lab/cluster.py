@@ -550,6 +550,21 @@ class Lab:
             raise errors.LabError(failure or f"agent of {h.name} did not start")
         return new
 
+    def kill_qemu(self, host_name: str, guest: str, grace_s: float = 5.0) -> int | None:
+        """Stop the QEMU process of one guest on one host (SIGTERM, then SIGKILL).
+
+        For a guest libvirt cannot destroy because a job holds it, e.g. an incoming copy a
+        restarted libvirtd is still reconnecting to: the daemon sees its monitor close and
+        forgets the domain. Returns the pid stopped, or None when none ran.
+        """
+        for name, pid in _qemu_pids_of_host(self._record(host_name)):
+            if name != guest:
+                continue
+            rec = record_process(Role.QEMU, host_name, pid, name)
+            if rec is not None and stop_process(rec, grace_s=grace_s):
+                return pid
+        return None
+
     def _record(self, host_name: str) -> HostRecord:
         for h in self._state.hosts:
             if h.name == host_name:

@@ -253,11 +253,42 @@ def _discard_stale_incoming(lab: cluster.Lab, host_name: str) -> list[str]:
             state, reason = dom.state()
             elsewhere = [h.name for h in lab.running_on(dom.name()) if h.name != host_name]
             if state == libvirt.VIR_DOMAIN_PAUSED and reason in _INCOMING_PAUSE and elsewhere:
-                dom.destroy()
-                discarded.append(f"{dom.name()} (paused reason {reason}, runs on {elsewhere[0]})")
+                how = _destroy_stale(lab, host_name, dom)
+                discarded.append(
+                    f"{dom.name()} (paused reason {reason}, runs on {elsewhere[0]}; {how})"
+                )
     finally:
         conn.close()
     return discarded
+
+
+def _destroy_stale(lab: cluster.Lab, host_name: str, dom: libvirt.virDomain) -> str:
+    """Destroys a stale copy through libvirt, else stops its QEMU and waits for libvirt.
+
+    A restarted libvirtd may hold a job on an incoming copy it is still reconnecting to
+    ("cannot acquire state change lock" after 30 s); once the QEMU is gone the daemon
+    drops the domain.
+    """
+    try:
+        dom.destroy()
+        return "destroyed"
+    except libvirt.libvirtError as e:
+        if e.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN:
+            return "gone"
+        pid = lab.kill_qemu(host_name, dom.name())
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            try:
+                if not dom.isActive():
+                    break
+            except libvirt.libvirtError as gone:
+                if gone.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN:
+                    break
+                raise
+            time.sleep(0.5)
+        else:
+            raise AssertionError(f"{dom.name()} still active on {host_name} after {e}") from e
+        return f"destroy failed ({e}); qemu pid {pid} stopped"
 
 
 def _placement_problems(lab: cluster.Lab, forbidden: set[str]) -> list[str]:
