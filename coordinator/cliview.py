@@ -198,7 +198,8 @@ def render_plan(plan: pb.DrainPlan) -> str:
                 f"{m.start_s:.1f}",
                 f"{m.predicted_total_s:.1f}" if m.predicted_total_s > 0 else "?",
                 str(m.predicted_downtime_ms) if m.predicted_downtime_ms else "?",
-                tuning_label(m.tuning),
+                tuning_label(m.tuning)
+                + (f" after {m.precopy_tries} rounds" if m.precopy_tries else ""),
                 f"{m.memory_bytes / GIB:.1f}",
                 f"{m.dirty_rate_bytes_per_s / MIB:.1f}",
             ]

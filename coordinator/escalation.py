@@ -10,7 +10,8 @@ report. Each step gets time to show its effect before the next.
 
 A migration the plan tuned for post-copy (no pre-copy setting converges in the
 model) switches as soon as its first pass over RAM is done, as planned, without
-waiting to fall behind.
+waiting to fall behind; or, where the plan gave pre-copy a few rounds to try (a
+writer whose rate is known only from below), once those rounds are done.
 """
 
 from __future__ import annotations
@@ -63,6 +64,7 @@ class Limits:
     link_bytes_per_s: float = 0.0  # the most one migration can get (the link's payload rate)
     params: ModelParams = DEFAULT_PARAMS
     postcopy_after_first_pass: bool = False  # the plan's post-copy tuning
+    precopy_tries: int = 0  # rounds after the first pass before that switch
 
 
 @dataclass(frozen=True)
@@ -110,8 +112,8 @@ def next_step(history: Sequence[Observation], limits: Limits, done: Escalation) 
     now = history[-1]
     postcopy_ok = limits.allow_postcopy and limits.postcopy_permitted and not done.postcopy_failed
     if limits.postcopy_after_first_pass and postcopy_ok and now.first_pass_done:
-        if not now.postcopy:
-            return Decision(Action.POSTCOPY, 0, "planned: post-copy after the first pass")
+        if not now.postcopy and now.iteration >= 2 + limits.precopy_tries:
+            return Decision(Action.POSTCOPY, 0, _planned_switch(limits.precopy_tries))
     if now.elapsed_s - done.level_at_s < limits.settle_s:
         return Decision(Action.NONE)
     why = behind(history, limits)
@@ -127,6 +129,12 @@ def next_step(history: Sequence[Observation], limits: Limits, done: Escalation) 
     if postcopy_ok:
         return Decision(Action.POSTCOPY, 0, why)
     return Decision(Action.ABORT, 0, why)
+
+
+def _planned_switch(tries: int) -> str:
+    if tries <= 0:
+        return "planned: post-copy after the first pass"
+    return f"planned: post-copy, pre-copy did not converge in {tries} rounds after the first pass"
 
 
 def raised_downtime_ms(now: Observation, limits: Limits) -> int:

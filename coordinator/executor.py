@@ -1048,6 +1048,7 @@ class Executor:
             link_bytes_per_s=run.link_bytes_per_s * self._params.link_efficiency,
             params=self._params,
             postcopy_after_first_pass=bool(planned and planned.settings.postcopy_after_first_round),
+            precopy_tries=planned.settings.precopy_tries if planned else 0,
         )
 
     def _escalate(

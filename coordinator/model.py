@@ -214,6 +214,10 @@ class Settings:
     postcopy_permitted: bool = False
     postcopy_after_first_round: bool = False
     max_bandwidth_bytes_per_s: float | None = None
+    # with postcopy_after_first_round: the rounds after the first pass that pre-copy gets
+    # to converge before the switch (a writer whose rate is known only from below may
+    # be slow enough; the switch catches it if not)
+    precopy_tries: int = 0
 
 
 @dataclass(frozen=True)
@@ -481,7 +485,11 @@ class Migration:
         self.round_ws = min(self.working_set, pending)
         if pending <= 0.0 or pending < self.threshold(bw):
             self._switchover()
-        elif self.settings.postcopy_after_first_round and self.settings.postcopy_permitted:
+        elif (
+            self.settings.postcopy_after_first_round
+            and self.settings.postcopy_permitted
+            and self.rounds > self.settings.precopy_tries
+        ):
             self.start_postcopy()
         else:
             self.rounds += 1

@@ -71,6 +71,9 @@ POLL_S = 1.0  # the executor's default progress sampling interval
 # A pre-copy this many times longer alone than the VM's post-copy (resending a hot working
 # set round after round, holding most of the link) is costly: post-copy is offered.
 COSTLY_PRECOPY_RATIO = 1.5
+# A writer whose rate is known only from below, planned for post-copy, first gets the
+# pre-copy rounds it would need at its floor rate, up to this many.
+MAX_PRECOPY_TRIES = 4
 
 
 @dataclass(frozen=True)
@@ -189,6 +192,7 @@ class PlanStrategy:
                 link_bytes_per_s=total_bw,
                 params=params,
                 postcopy_after_first_pass=i.settings.postcopy_after_first_round,
+                precopy_tries=i.settings.precopy_tries,
             )
             for i in items
         }
@@ -545,7 +549,9 @@ def _options(
         settings = Settings(s.downtime_limit_ms, s.auto_converge, True, False)
     if assumed is not None and policy.allow_postcopy:
         precopy = _Item(vm, where, pred, settings, need, holds, simulated=assumed)
-        return _postcopy_item(assumed, where, pred, full_bw, worst_bw, policy, params), precopy
+        tries = _precopy_tries(vm, full_bw, _top_ms(vm, full_bw, full_bw, policy, params), params)
+        fast = _postcopy_item(assumed, where, pred, full_bw, worst_bw, policy, params, tries)
+        return fast, precopy
     precopy = _Item(vm, where, pred, settings, need, holds)
     if not policy.allow_postcopy or pred.tuning is Tuning.POSTCOPY:
         return precopy, None
@@ -567,13 +573,36 @@ def _postcopy_item(
     worst_bw: float,
     policy: DrainPolicy,
     params: ModelParams,
+    tries: int = 0,
 ) -> _Item:
-    top = qemu_downtime_limit_ms(_cap(vm, policy), full_bw, params, worst_bw)
-    post = Settings(top, postcopy_permitted=True, postcopy_after_first_round=True)
+    top = _top_ms(vm, full_bw, worst_bw, policy, params)
+    post = Settings(
+        top, postcopy_permitted=True, postcopy_after_first_round=True, precopy_tries=tries
+    )
     run = run_alone(vm, full_bw, post, params)
     total_s = run.end_s if run.end_s is not None else math.inf
     post_pred = dataclasses.replace(pred, tuning=Tuning.POSTCOPY, total_s=total_s, settings=post)
     return _Item(vm, where, post_pred, post, 0.0)
+
+
+def _top_ms(
+    vm: VmSpec, full_bw: float, worst_bw: float, policy: DrainPolicy, params: ModelParams
+) -> float:
+    """QEMU's downtime limit for the whole link, safe if the share drops to ``worst_bw``."""
+    return qemu_downtime_limit_ms(_cap(vm, policy), full_bw, params, worst_bw)
+
+
+def _precopy_tries(at_floor: VmSpec, full_bw: float, top_ms: float, params: ModelParams) -> int:
+    """Rounds after the first pass that pre-copy gets before a planned post-copy switch,
+    for a writer known only to dirty at least at its floor rate: as many as it needs at
+    its floor alone on the link (the same for every concurrency the planner tries: a
+    writer that slow converges by pre-copy alone; a faster one, or one sharing the link,
+    may switch after them), none when that is more than ``MAX_PRECOPY_TRIES``."""
+    run = run_alone(at_floor, full_bw, Settings(top_ms), params)
+    if run.outcome is not Outcome.COMPLETED:
+        return 0
+    tries = run.rounds - 1
+    return tries if tries <= MAX_PRECOPY_TRIES else 0
 
 
 def _fewer_postcopies(
@@ -621,10 +650,10 @@ def _fastest_settings(
     Post-copy only where the prediction found no pre-copy that converges.
     """
     if pred.tuning is Tuning.POSTCOPY:
-        top = qemu_downtime_limit_ms(_cap(vm, policy), full_bw, params, worst_bw)
+        top = _top_ms(vm, full_bw, worst_bw, policy, params)
         return dataclasses.replace(pred.settings, downtime_limit_ms=top), False
     for worst, holds in ((worst_bw, False), (full_bw, worst_bw < full_bw)):
-        top = qemu_downtime_limit_ms(_cap(vm, policy), full_bw, params, worst)
+        top = _top_ms(vm, full_bw, worst, policy, params)
         settings, total_s = _fastest_precopy(vm, pred, full_bw, top, policy, params)
         if math.isfinite(total_s):
             return settings, holds

@@ -131,6 +131,7 @@ def plan_to_pb(
                 memory_bytes=spec.memory_bytes if spec is not None else 0,
                 dirty_rate_bytes_per_s=spec.dirty_rate_bytes_per_s if spec is not None else 0.0,
                 holds_link=m.holds_link,
+                precopy_tries=m.settings.precopy_tries,
             )
         )
     for u in plan.unmovable:

@@ -268,6 +268,7 @@ class PlannedMigration(google.protobuf.message.Message):
     MEMORY_BYTES_FIELD_NUMBER: builtins.int
     DIRTY_RATE_BYTES_PER_S_FIELD_NUMBER: builtins.int
     HOLDS_LINK_FIELD_NUMBER: builtins.int
+    PRECOPY_TRIES_FIELD_NUMBER: builtins.int
     vm_uuid: builtins.str
     name: builtins.str
     target_host: builtins.str
@@ -287,6 +288,11 @@ class PlannedMigration(google.protobuf.message.Message):
     and nothing starts beside it (a neighbour would cut its bandwidth at the
     switch-over and stretch its downtime).
     """
+    precopy_tries: builtins.int
+    """With tuning POSTCOPY: the pre-copy rounds after the first pass it gets to converge
+    before the switch (its dirty rate is known only from below: a writer as slow as
+    that moves by pre-copy; a faster one switches after them).
+    """
     def __init__(
         self,
         *,
@@ -303,8 +309,9 @@ class PlannedMigration(google.protobuf.message.Message):
         memory_bytes: builtins.int = ...,
         dirty_rate_bytes_per_s: builtins.float = ...,
         holds_link: builtins.bool = ...,
+        precopy_tries: builtins.int = ...,
     ) -> None: ...
-    def ClearField(self, field_name: typing.Literal["dirty_rate_bytes_per_s", b"dirty_rate_bytes_per_s", "holds_link", b"holds_link", "memory_bytes", b"memory_bytes", "name", b"name", "position", b"position", "predicted_downtime_ms", b"predicted_downtime_ms", "predicted_rounds", b"predicted_rounds", "predicted_total_s", b"predicted_total_s", "qemu_max_downtime_ms", b"qemu_max_downtime_ms", "start_s", b"start_s", "target_host", b"target_host", "tuning", b"tuning", "vm_uuid", b"vm_uuid"]) -> None: ...
+    def ClearField(self, field_name: typing.Literal["dirty_rate_bytes_per_s", b"dirty_rate_bytes_per_s", "holds_link", b"holds_link", "memory_bytes", b"memory_bytes", "name", b"name", "position", b"position", "precopy_tries", b"precopy_tries", "predicted_downtime_ms", b"predicted_downtime_ms", "predicted_rounds", b"predicted_rounds", "predicted_total_s", b"predicted_total_s", "qemu_max_downtime_ms", b"qemu_max_downtime_ms", "start_s", b"start_s", "target_host", b"target_host", "tuning", b"tuning", "vm_uuid", b"vm_uuid"]) -> None: ...
 
 Global___PlannedMigration: typing_extensions.TypeAlias = PlannedMigration
 

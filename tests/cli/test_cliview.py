@@ -124,6 +124,15 @@ def test_plan_lists_migrations_in_order_with_unknowns_and_the_bound() -> None:
     )
 
 
+def test_plan_shows_the_precopy_rounds_before_a_planned_postcopy() -> None:
+    plan = samples.plan()
+    db = next(m for m in plan.migrations if m.name == "db-1")
+    db.tuning = pb.TUNING_POSTCOPY
+    db.precopy_tries = 2
+    (row,) = [line for line in cliview.render_plan(plan).splitlines() if "db-1" in line]
+    assert "postcopy after 2 rounds" in row
+
+
 def test_plan_without_migrations_or_bound() -> None:
     text = cliview.render_plan(pb.DrainPlan(host="empty-1"))
     assert "nothing to migrate" in text

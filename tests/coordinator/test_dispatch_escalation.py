@@ -196,6 +196,24 @@ def test_a_planned_postcopy_switches_once_the_first_pass_is_done() -> None:
     assert esc.next_step([first, after], planned, done).action is esc.Action.NONE
 
 
+def test_a_planned_postcopy_with_precopy_tries_waits_for_them() -> None:
+    """Two rounds after the first pass to converge by pre-copy (QEMU's sync count 3 and 4):
+    the switch comes once QEMU syncs a third time after the first pass, not before."""
+    planned = dataclasses.replace(LIMITS, postcopy_after_first_pass=True, precopy_tries=2)
+    h = [
+        esc.Observation(3.0 + i, it, 400 * MB, 50 * MB, 300, first_pass_done=it >= 2)
+        for i, it in enumerate((1, 2, 3))
+    ]
+    for n in range(1, len(h) + 1):
+        assert esc.next_step(h[:n], planned, esc.Escalation()).action is esc.Action.NONE
+    h.append(dataclasses.replace(h[-1], elapsed_s=7.0, iteration=4))
+    d = esc.next_step(h, planned, esc.Escalation())
+    assert d.action is esc.Action.POSTCOPY
+    assert d.reason == (
+        "planned: post-copy, pre-copy did not converge in 2 rounds after the first pass"
+    )
+
+
 def test_a_refused_postcopy_switch_leads_to_abort_not_to_nothing() -> None:
     stuck = _history([500] * 20)  # 40 s, no progress
     done = esc.applied(esc.Escalation(), esc.Decision(esc.Action.RAISE_DOWNTIME, 800), 0.0)

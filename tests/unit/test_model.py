@@ -115,6 +115,22 @@ def test_small_working_set_converges_once_limit_covers_it() -> None:
     assert done.downtime_s <= 0.6
 
 
+def test_planned_postcopy_gives_precopy_its_tries_first() -> None:
+    """A writer that pre-copy moves in a few rounds: with at least as many tries after the
+    first pass it never switches; with fewer it switches once they are spent."""
+    v = vm(nonzero_bytes=1000 * MB, dirty_rate_bytes_per_s=60 * MB, working_set_bytes=200 * MB)
+    pre = run_alone(v, 100 * MB, Settings(300.0), BARE)
+    assert pre.outcome is Outcome.COMPLETED and pre.rounds >= 3
+    for tries in range(pre.rounds + 1):
+        s = Settings(300.0, postcopy_permitted=True, postcopy_after_first_round=True)
+        mig = run_alone(v, 100 * MB, dataclasses.replace(s, precopy_tries=tries), BARE)
+        assert mig.outcome is Outcome.COMPLETED
+        if tries >= pre.rounds - 1:
+            assert not mig.postcopy and mig.end_s == pytest.approx(pre.end_s)
+        else:
+            assert mig.postcopy and mig.rounds == tries + 1
+
+
 def test_lab_guest_alone_converges_sharing_does_not() -> None:
     """The lab's p40 guest (bench/lab-groundtruth.csv): 512 MiB, rewriting 160 MiB at
     40 MiB/s over 400 Mbit/s. Measured alone: 4.8-6.5 s, 358 ms real downtime at a 300 ms

@@ -232,7 +232,34 @@ def test_a_found_working_set_is_planned_at_its_floor_and_a_faster_writer_meets_t
     with_postcopy = dataclasses.replace(pol, allow_postcopy=True)
     (p,) = plan_drain([reported], [], LINK, with_postcopy).migrations
     assert p.tuning is Tuning.POSTCOPY
-    assert p.predicted_total_s < plan.predicted_makespan_s
+
+
+def test_a_writer_known_from_below_tries_precopy_before_its_planned_postcopy() -> None:
+    """The 800 MiB set of the test above, with post-copy allowed: planned post-copy (at the
+    assumed rate), after the pre-copy rounds it would need at its floor. A writer that
+    slow moves by pre-copy; a faster one switches once those rounds are spent."""
+    reported = vm(
+        0,
+        memory_bytes=4 * GIB,
+        nonzero_bytes=2 * GIB,
+        working_set_bytes=800 * MIB,
+        dirty_rate_bytes_per_s=8 * GIB,
+        dirty_rate_floor_bytes_per_s=800 * MIB,
+    )
+    pol = DrainPolicy(allow_postcopy=True)
+    plan = plan_drain([reported], [], LINK, pol)
+    (m,) = plan.migrations
+    assert m.tuning is Tuning.POSTCOPY and m.settings.precopy_tries > 0
+    for rate, switched in ((800 * MIB, False), (8 * GIB, True)):
+        truth = dataclasses.replace(
+            reported, dirty_rate_bytes_per_s=rate, dirty_rate_floor_bytes_per_s=None
+        )
+        strategy = plan_strategy(plan, [truth], LINK, pol, reported=[reported])
+        (r,) = simulate([truth], strategy, LINK, policy=pol).vms
+        assert r.outcome is Outcome.COMPLETED and not r.over_downtime
+        assert r.postcopy is switched, (rate, r)
+        if switched:
+            assert r.rounds == m.settings.precopy_tries + 1
 
 
 def test_post_copies_are_traded_for_at_most_the_stretch() -> None:
