@@ -202,14 +202,10 @@ def test_a_vm_converging_only_at_the_whole_links_limit_holds_the_link() -> None:
     assert res.failed == 0 and res.over_downtime == 0 and res.postcopy_count == 0
 
 
-def test_a_found_working_set_is_planned_at_its_floor_and_a_faster_writer_meets_the_ladder() -> None:
-    """The windows found an 800 MiB set: its rate is at least 800 MiB/s, assumed 8 GiB/s.
-    At the assumed rate only throttling or post-copy would move it; at the floor it
-    converges untuned, so without post-copy it is planned so. Its true writer is faster:
-    the plan's ladder (the executor's) throttles it, within the downtime limit. With
-    post-copy allowed, the plan's simulation runs it at the assumed rate, where the
-    ladder's rescue takes longer than a post-copy: post-copy is planned."""
-    reported = vm(
+def _found_800_mib_set() -> VmSpec:
+    """A VM whose 1 s window already covered its 800 MiB set: at least 800 MiB/s,
+    assumed 8 GiB/s."""
+    return vm(
         0,
         memory_bytes=4 * GIB,
         nonzero_bytes=2 * GIB,
@@ -217,6 +213,16 @@ def test_a_found_working_set_is_planned_at_its_floor_and_a_faster_writer_meets_t
         dirty_rate_bytes_per_s=8 * GIB,
         dirty_rate_floor_bytes_per_s=800 * MIB,
     )
+
+
+def test_a_found_working_set_is_planned_at_its_floor_and_a_faster_writer_meets_the_ladder() -> None:
+    """The windows found an 800 MiB set: its rate is at least 800 MiB/s, assumed 8 GiB/s.
+    At the assumed rate only throttling or post-copy would move it; at the floor it
+    converges untuned, so without post-copy it is planned so. Its true writer is faster:
+    the plan's ladder (the executor's) throttles it, within the downtime limit. With
+    post-copy allowed, the plan's simulation runs it at the assumed rate, where the
+    ladder's rescue takes longer than a post-copy: post-copy is planned."""
+    reported = _found_800_mib_set()
     pol = DrainPolicy()
     plan = plan_drain([reported], [], LINK, pol)
     (m,) = plan.migrations
@@ -239,14 +245,7 @@ def test_a_writer_known_from_below_tries_precopy_before_its_planned_postcopy() -
     """The 800 MiB set of the test above, with post-copy allowed: planned post-copy (at the
     assumed rate), after the pre-copy rounds it would need at its floor. A writer that
     slow moves by pre-copy; a faster one switches once those rounds are spent."""
-    reported = vm(
-        0,
-        memory_bytes=4 * GIB,
-        nonzero_bytes=2 * GIB,
-        working_set_bytes=800 * MIB,
-        dirty_rate_bytes_per_s=8 * GIB,
-        dirty_rate_floor_bytes_per_s=800 * MIB,
-    )
+    reported = _found_800_mib_set()
     pol = DrainPolicy(allow_postcopy=True)
     plan = plan_drain([reported], [], LINK, pol)
     (m,) = plan.migrations
