@@ -253,7 +253,8 @@ def test_force_complete_and_abort_act_per_server(
     ref_b = driver.start_live_migration(b, target_host="host3")
     try:
         wait_for(driver, ref_a, running)
-        held, _ = wait_for(driver, ref_b, running)
+        # Nova marks the migration running before the compute reports its first progress
+        held, _ = wait_for(driver, ref_b, lambda s: running(s) and s.memory_total_bytes is not None)
         assert held.memory_total_bytes == 512 * 2**20
         with pytest.raises(Conflict) as busy:
             driver.start_live_migration(a, target_host="host2")
