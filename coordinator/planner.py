@@ -23,16 +23,19 @@ of the pre-copying migrations plus its own fit the link, so sharing never stops 
 dirty VM from converging. Several orders and concurrency caps are simulated with the
 reported VMs and the shortest makespan wins: two dirty VMs at half bandwidth each
 resend more dirty pages (or never converge) than one after the other, while idle VMs
-gain from overlapping their fixed set-up costs and per-stream bandwidth caps. The
-simulation steers each migration with the executor's escalation ladder.
+gain from overlapping their fixed set-up costs and per-stream bandwidth caps; one of the
+orders alternates the longest and the shortest, so that migrations bound by the link
+run beside ones bound by their fixed costs. The simulation steers each migration with
+the executor's escalation ladder.
 
 Tuning: each VM's downtime limit holds for the share it may drop to at the switch-over
 (the link over the concurrency); one that converges only with the whole link's limit
 runs alone. Where post-copy is sooner than a costly pre-copy (throttled, alone, a writer
 of unknown rate planned at its floor, or ``COSTLY_PRECOPY_RATIO`` times longer than the
-post-copy), the soonest plan takes it; then VMs go back to pre-copy, those it costs least
-first, while the drain stays within the policy's ``postcopy_avoidance_stretch`` of that
-plan (each post-copy is a VM lost if the network fails during it).
+post-copy), the soonest plan takes it; then VMs go back to pre-copy, each time the one
+that lengthens the simulated drain least, while the drain stays within the policy's
+``postcopy_avoidance_stretch`` of that plan (each post-copy is a VM lost if the network
+fails during it).
 """
 
 from __future__ import annotations
@@ -41,6 +44,7 @@ import dataclasses
 import math
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass
+from itertools import zip_longest
 
 from hostmaint.coordinator import escalation
 from hostmaint.coordinator.bounds import LowerBound, lower_bound
@@ -365,7 +369,9 @@ def plan_drain(
     link_bw = link.bandwidth_bytes_per_s * params.link_efficiency
     used: dict[str, list[VmSpec]] = {t.name: [] for t in targets}
     unmovable: list[Unmovable] = []
-    base: list[tuple[VmSpec, str | None, Prediction, VmSpec | None]] = []
+    # each VM as planned, its target, prediction, VM at its assumed rate (if planned at
+    # its floor) and the pre-copy rounds a planned post-copy of it tries first
+    base: list[tuple[VmSpec, str | None, Prediction, VmSpec | None, int]] = []
     for vm in sorted(vms, key=lambda v: -v.memory_bytes):
         if vm.blockers:
             unmovable.append(Unmovable(vm.uuid, vm.name, "blocked: " + ", ".join(vm.blockers)))
@@ -380,7 +386,11 @@ def plan_drain(
             continue
         if where is not None:
             used[where].append(vm)
-        base.append((vm, where, pred, assumed))
+        tries = 0
+        if assumed is not None and policy.allow_postcopy:
+            top_ms = _top_ms(vm, full_bw, full_bw, policy, params)
+            tries = _precopy_tries(vm, full_bw, top_ms, params)
+        base.append((vm, where, pred, assumed, tries))
     cap_ms = {v.uuid: _cap(v, policy) for v in vms}
     bound = lower_bound([b[0] for b in base], link, policy, params)
     best: _Candidate | None = None
@@ -388,8 +398,10 @@ def plan_drain(
     for k in range(1, max(1, policy.max_parallel_per_source) + 1):
         worst = min(full_bw, link_bw / k)
         items = []
-        for vm, where, pred, assumed in base:
-            fast, precopy = _options(vm, where, pred, assumed, full_bw, worst, policy, params)
+        for vm, where, pred, assumed, tries in base:
+            fast, precopy = _options(
+                vm, where, pred, assumed, tries, full_bw, worst, policy, params
+            )
             items.append(fast)
             if precopy is not None:
                 choices[(k, vm.uuid)] = precopy
@@ -398,6 +410,7 @@ def plan_drain(
             sorted(items, key=lambda i: -i.vm.sent_bytes),
             sorted(items, key=lambda i: (i.need, -i.vm.sent_bytes)),
             sorted(items, key=lambda i: -i.prediction.total_s),
+            _interleaved(items),
         )
         for order in orders:
             key, res, refs = _evaluate(order, k, link, link_bw, cap_ms, policy, params)
@@ -442,6 +455,16 @@ def plan_drain(
         policy.deadline_s,
         tuple(warnings),
     )
+
+
+def _interleaved(items: Sequence[_Item]) -> list[_Item]:
+    """The longest and the shortest alternately (by time alone): a long migration, bound
+    by the link, runs beside short ones bound by their fixed costs (set-up, the zero-page
+    scan), so neither the link nor the slots idle while the other is the limit."""
+    by_time = sorted(items, key=lambda i: -i.prediction.total_s)
+    half = (len(by_time) + 1) // 2
+    longest, shortest = by_time[:half], by_time[half:][::-1]
+    return [i for pair in zip_longest(longest, shortest) for i in pair if i is not None]
 
 
 def _predicted_total_s(item: _Item, run: VmResult) -> float:
@@ -528,6 +551,7 @@ def _options(
     where: str | None,
     pred: Prediction,
     assumed: VmSpec | None,
+    tries: int,
     full_bw: float,
     worst_bw: float,
     policy: DrainPolicy,
@@ -539,8 +563,9 @@ def _options(
     the drain time; post-copy, where the policy allows it and it is sooner alone, is the
     fast way then, and the pre-copy one is kept for ``_fewer_postcopies``. So is a VM
     planned at its rate floor (``assumed``: the VM at its assumed rate): post-copy at the
-    assumed rate is its fast way, and its pre-copy is simulated at the assumed rate, so
-    the plan takes it only where the ladder's rescue of a fast writer costs little.
+    assumed rate, after ``tries`` pre-copy rounds (``_precopy_tries``), is its fast way,
+    and its pre-copy is simulated at the assumed rate, so the plan takes it only where
+    the ladder's rescue of a fast writer costs little.
     """
     settings, holds = _fastest_settings(vm, pred, full_bw, worst_bw, policy, params)
     need = need_bandwidth(vm, settings, full_bw, params)
@@ -549,7 +574,6 @@ def _options(
         settings = Settings(s.downtime_limit_ms, s.auto_converge, True, False)
     if assumed is not None and policy.allow_postcopy:
         precopy = _Item(vm, where, pred, settings, need, holds, simulated=assumed)
-        tries = _precopy_tries(vm, full_bw, _top_ms(vm, full_bw, full_bw, policy, params), params)
         fast = _postcopy_item(assumed, where, pred, full_bw, worst_bw, policy, params, tries)
         return fast, precopy
     precopy = _Item(vm, where, pred, settings, need, holds)
@@ -615,9 +639,11 @@ def _fewer_postcopies(
     params: ModelParams,
 ) -> _Candidate:
     """Move VMs of the soonest plan from post-copy back to pre-copy (each post-copy is a VM
-    lost if the network fails during it) while the drain stays within
-    the policy's ``postcopy_avoidance_stretch`` of that plan's makespan; those whose
-    pre-copy takes least longer than their post-copy first."""
+    lost if the network fails during it) while the drain stays within the policy's
+    ``postcopy_avoidance_stretch`` of that plan's makespan: one at a time, each time the
+    one whose move lengthens the simulated drain least (ties: the one whose pre-copy
+    alone takes least longer than its post-copy). Greedy on the drain, not on the VM
+    alone: a pre-copy that is cheap alone can cost the drain more, sharing the link."""
     key, k, res, order, refs = best
     budget = res.makespan_s * (1.0 + policy.postcopy_avoidance_stretch)
     fast = {i.vm.uuid: i.prediction.total_s for i in order}
@@ -625,11 +651,19 @@ def _fewer_postcopies(
         (choices[(k, i.vm.uuid)] for i in order if (k, i.vm.uuid) in choices),
         key=lambda c: c.prediction.total_s - fast[c.vm.uuid],
     )
-    for pre in swaps:
-        trial = [pre if i.vm.uuid == pre.vm.uuid else i for i in order]
-        t_key, t_res, t_refs = _evaluate(trial, k, link, link_bw, cap_ms, policy, params)
-        if t_res.makespan_s <= budget and t_key - t_res.makespan_s <= key - res.makespan_s:
-            key, res, order, refs = t_key, t_res, trial, t_refs
+    while swaps:
+        fitting: list[tuple[float, SimResult, list[_Item], list[_Item], _Item]] = []
+        for pre in swaps:
+            trial = [pre if i.vm.uuid == pre.vm.uuid else i for i in order]
+            t_key, t_res, t_refs = _evaluate(trial, k, link, link_bw, cap_ms, policy, params)
+            no_worse = t_key - t_res.makespan_s <= key - res.makespan_s  # failures, deadline
+            if t_res.makespan_s <= budget and no_worse:
+                fitting.append((t_key, t_res, trial, t_refs, pre))
+        if not fitting:
+            break
+        key, res, order, refs, taken = min(fitting, key=lambda f: f[0])
+        # one that does not fit now will not after another VM's pre-copy lengthened the drain
+        swaps = [f[4] for f in fitting if f[4] is not taken]
     return key, k, res, order, refs
 
 
