@@ -643,7 +643,11 @@ def _fewer_postcopies(
     ``postcopy_avoidance_stretch`` of that plan's makespan: one at a time, each time the
     one whose move lengthens the simulated drain least (ties: the one whose pre-copy
     alone takes least longer than its post-copy). Greedy on the drain, not on the VM
-    alone: a pre-copy that is cheap alone can cost the drain more, sharing the link."""
+    alone: a pre-copy that is cheap alone can cost the drain more, sharing the link.
+    A VM whose rate is known goes back only if the simulation then has fewer post-copies
+    (sharing the link, its pre-copy may still end in the ladder's post-copy, only
+    later); one known only from below (``simulated`` at its assumed rate) is a bet that
+    it writes slower, taken at the cost the simulation gives it."""
     key, k, res, order, refs = best
     budget = res.makespan_s * (1.0 + policy.postcopy_avoidance_stretch)
     fast = {i.vm.uuid: i.prediction.total_s for i in order}
@@ -657,12 +661,15 @@ def _fewer_postcopies(
             trial = [pre if i.vm.uuid == pre.vm.uuid else i for i in order]
             t_key, t_res, t_refs = _evaluate(trial, k, link, link_bw, cap_ms, policy, params)
             no_worse = t_key - t_res.makespan_s <= key - res.makespan_s  # failures, deadline
-            if t_res.makespan_s <= budget and no_worse:
+            # a VM of known rate must leave post-copy in the simulation too; one known only
+            # from below is a bet on its rate (simulated at the assumed one: at its cost)
+            gains = pre.simulated is not None or t_res.postcopy_count < res.postcopy_count
+            if t_res.makespan_s <= budget and no_worse and gains:
                 fitting.append((t_key, t_res, trial, t_refs, pre))
         if not fitting:
             break
         key, res, order, refs, taken = min(fitting, key=lambda f: f[0])
-        # one that does not fit now will not after another VM's pre-copy lengthened the drain
+        # not retried: one that did not fit or gain will hardly once the drain is longer
         swaps = [f[4] for f in fitting if f[4] is not taken]
     return key, k, res, order, refs
 

@@ -306,6 +306,30 @@ def test_post_copies_are_traded_for_at_most_the_stretch() -> None:
     assert traded > 0  # these hosts have post-copies worth trading
 
 
+def test_a_vm_of_known_rate_leaves_post_copy_only_if_its_simulation_does() -> None:
+    """A VM whose rate the agents read goes back from post-copy to pre-copy only where
+    the plan's own simulation then moves it by pre-copy: sharing the link, a pre-copy
+    that converges alone can still end in the ladder's post-copy, only later (on this
+    host, a 16 GiB VM rewriting 3.6 GiB faster than the link did, before the rule)."""
+    sc = make_scenario("mixed-10g-a", 11, 30, 10.0, "mixed")
+    plan = plan_drain(sc.reported, sc.targets, sc.link, sc.policy)
+    fastest = dataclasses.replace(sc.policy, postcopy_avoidance_stretch=0.0)
+    soonest = plan_drain(sc.reported, sc.targets, sc.link, fastest)
+    was_postcopy = {m.vm_uuid for m in soonest.migrations if m.tuning is Tuning.POSTCOPY}
+    moving = {m.vm_uuid for m in plan.migrations}
+    vms = [v for v in sc.reported if v.uuid in moving]
+    run = simulate(vms, plan_strategy(plan, vms, sc.link, sc.policy), sc.link, policy=sc.policy)
+    by_uuid = {r.uuid: r for r in run.vms}
+    known = {v.uuid for v in vms if v.dirty_rate_floor_bytes_per_s is None}
+    traded = [
+        m.vm_uuid
+        for m in plan.migrations
+        if m.tuning is not Tuning.POSTCOPY and m.vm_uuid in was_postcopy & known
+    ]
+    assert len(was_postcopy & known) >= 2  # the host has such VMs
+    assert not [u for u in traded if by_uuid[u].postcopy]
+
+
 def test_the_plan_is_what_running_it_on_the_reported_vms_gives() -> None:
     """The plan's makespan is its own schedule run as the executor runs it (its order, its
     per-VM predictions for the ladder, every VM as the agents reported it, a writer
