@@ -23,6 +23,7 @@ from collections.abc import Callable, Sequence
 
 from hostmaint.coordinator import baselines
 from hostmaint.coordinator.bounds import LowerBound, lower_bound
+from hostmaint.coordinator.limits import MAX_POSTCOPY_STRETCH
 from hostmaint.coordinator.model import DEFAULT_PARAMS, VmSpec
 from hostmaint.coordinator.planner import plan_drain, plan_strategy
 from hostmaint.coordinator.scenarios import Scenario, standard_scenarios
@@ -77,8 +78,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = ap.parse_args(argv)
     scenarios = standard_scenarios(args.informed)[: 3 if args.quick else None]
     if args.postcopy_stretch is not None:
-        if not 0.0 <= args.postcopy_stretch <= 1.0:
-            ap.error("--postcopy-stretch must be between 0 and 1")
+        if not 0.0 <= args.postcopy_stretch <= MAX_POSTCOPY_STRETCH:
+            ap.error(f"--postcopy-stretch must be between 0 and {MAX_POSTCOPY_STRETCH:g}")
         scenarios = [
             dataclasses.replace(
                 sc,

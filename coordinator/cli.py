@@ -53,6 +53,12 @@ from google.protobuf import json_format, message
 
 from hostmaint.common import daemon
 from hostmaint.coordinator import cliview
+from hostmaint.coordinator.limits import (
+    MAX_DEADLINE_S,
+    MAX_DOWNTIME_MS,
+    MAX_PARALLEL,
+    MAX_POSTCOPY_STRETCH,
+)
 from hostmaint.protos import coordinator_pb2 as pb
 from hostmaint.protos import coordinator_pb2_grpc
 
@@ -90,10 +96,6 @@ EXIT_BY_DRAIN_STATE = {
 }
 
 # Bounds of what a request may ask for; outside them the CLI refuses before sending.
-MAX_DOWNTIME_MS = 2_000_000  # QEMU's limit is 2000 s
-MAX_PARALLEL = 64
-MAX_DEADLINE_S = 7 * 24 * 3600.0
-MAX_POSTCOPY_STRETCH = 1.0
 MAX_TIMEOUT_S = 3600.0
 MAX_REASON_CHARS = 1000
 HOST_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,252}$")

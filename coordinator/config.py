@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from oslo_config import cfg
 
+from hostmaint.coordinator.limits import MAX_DOWNTIME_MS, MAX_PARALLEL, MAX_POSTCOPY_STRETCH
+
 grpc_opts = [
     cfg.StrOpt("listen", default="0.0.0.0:7711", help="The host:port the gRPC server binds."),
     cfg.BoolOpt(
@@ -123,16 +125,16 @@ drain_opts = [
         "max_downtime_ms",
         default=500,
         min=1,
-        max=2_000_000,
+        max=MAX_DOWNTIME_MS,
         help="Default real downtime an operator accepts per VM.",
     ),
-    cfg.IntOpt("max_parallel_per_source", default=4, min=1, max=64, help="Default cap."),
-    cfg.IntOpt("max_parallel_per_target", default=2, min=1, max=64, help="Default cap."),
+    cfg.IntOpt("max_parallel_per_source", default=4, min=1, max=MAX_PARALLEL, help="Default cap."),
+    cfg.IntOpt("max_parallel_per_target", default=2, min=1, max=MAX_PARALLEL, help="Default cap."),
     cfg.FloatOpt(
         "postcopy_avoidance_stretch",
         default=0.10,
         min=0.0,
-        max=1.0,
+        max=MAX_POSTCOPY_STRETCH,
         help="Where a drain allows post-copy: how much longer than the soonest plan (a "
         "fraction) the drain may take to move VMs from post-copy back to pre-copy (each "
         "post-copy is a VM lost if the network fails during it). 0: the soonest plan.",

@@ -9,14 +9,15 @@ from google.protobuf.timestamp_pb2 import Timestamp
 
 from hostmaint.coordinator import errors
 from hostmaint.coordinator.journal import DrainRow, VmRow
+from hostmaint.coordinator.limits import (
+    MAX_DEADLINE_S,
+    MAX_DOWNTIME_MS,
+    MAX_PARALLEL,
+    MAX_POSTCOPY_STRETCH,
+)
 from hostmaint.coordinator.model import DrainPolicy, Tuning, VmSpec
 from hostmaint.coordinator.planner import DrainPlan
 from hostmaint.protos import coordinator_pb2 as cpb
-
-QEMU_MAX_DOWNTIME_MS = 2_000_000
-MAX_PARALLEL = 64
-MAX_DEADLINE_S = 7 * 24 * 3600.0
-MAX_POSTCOPY_STRETCH = 1.0
 
 TUNINGS = {
     Tuning.NONE: cpb.TUNING_NONE,
@@ -54,12 +55,12 @@ def timestamp(epoch_s: float | None) -> Timestamp | None:
 
 def validate_policy(policy: cpb.DrainPolicy, defaults: DrainPolicy) -> DrainPolicy:
     """A request's policy, checked and completed with the coordinator's defaults."""
-    if policy.max_downtime_ms > QEMU_MAX_DOWNTIME_MS:
-        raise errors.InvalidArgument("policy.max_downtime_ms", f"at most {QEMU_MAX_DOWNTIME_MS}")
+    if policy.max_downtime_ms > MAX_DOWNTIME_MS:
+        raise errors.InvalidArgument("policy.max_downtime_ms", f"at most {MAX_DOWNTIME_MS}")
     for uuid, ms in policy.vm_max_downtime_ms.items():
-        if not 0 < ms <= QEMU_MAX_DOWNTIME_MS:
+        if not 0 < ms <= MAX_DOWNTIME_MS:
             raise errors.InvalidArgument(
-                "policy.vm_max_downtime_ms", f"{uuid}: between 1 and {QEMU_MAX_DOWNTIME_MS}"
+                "policy.vm_max_downtime_ms", f"{uuid}: between 1 and {MAX_DOWNTIME_MS}"
             )
     for name, value in (
         ("policy.max_parallel_per_source", policy.max_parallel_per_source),

@@ -30,6 +30,7 @@ PURE_MODULES = [
     "hostmaint.coordinator.dispatch",
     "hostmaint.coordinator.escalation",
     "hostmaint.coordinator.cliview",
+    "hostmaint.coordinator.limits",
 ]
 
 
