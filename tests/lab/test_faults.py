@@ -276,17 +276,16 @@ def _destroy_stale(lab: cluster.Lab, host_name: str, dom: libvirt.virDomain) -> 
         if e.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN:
             return "gone"
         pid = lab.kill_qemu(host_name, dom.name())
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
+
+        def dropped() -> bool:
             try:
-                if not dom.isActive():
-                    break
+                return not dom.isActive()
             except libvirt.libvirtError as gone:
                 if gone.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN:
-                    break
+                    return True
                 raise
-            time.sleep(0.5)
-        else:
+
+        if not wait_until(dropped, 60.0, interval_s=0.5):
             raise AssertionError(f"{dom.name()} still active on {host_name} after {e}") from e
         return f"destroy failed ({e}); qemu pid {pid} stopped"
 
