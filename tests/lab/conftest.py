@@ -7,11 +7,12 @@ import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
+import psutil
 import pytest
 
 from hostmaint.lab import cluster, network
 from hostmaint.lab.guest import GuestMode, GuestSpec
-from hostmaint.lab.state import StateStore
+from hostmaint.lab.state import StateStore, wait_until
 
 # Subnets of the test labs; override when they collide with something on the machine.
 SESSION_SUBNET = os.environ.get("HOSTMAINT_LAB_TEST_SUBNET", "10.213.1.0/24")
@@ -56,6 +57,32 @@ def require_lab() -> None:
         pytest.skip(reason)
 
 
+def stale_coordinators(root: Path, current: Path) -> list[psutil.Process]:
+    """``hostmaint-coordinator`` processes whose ``--config-file`` lies under ``root`` (an
+    earlier run's pytest temporary root) but not under ``current`` (this run's)."""
+    found = []
+    for proc in psutil.process_iter(["cmdline"]):
+        cmd = proc.info["cmdline"] or []
+        if not any(Path(arg).name == "hostmaint-coordinator" for arg in cmd):
+            continue
+        if "--config-file" not in cmd[:-1]:
+            continue
+        config = Path(cmd[cmd.index("--config-file") + 1]).resolve()
+        if config.is_relative_to(root) and not config.is_relative_to(current):
+            found.append(proc)
+    return found
+
+
+def stop_stale(proc: psutil.Process, grace_s: float = 10.0) -> None:
+    """SIGTERM, then SIGKILL after grace_s."""
+    try:
+        proc.terminate()
+        if not wait_until(lambda: not proc.is_running() or proc.status() == "zombie", grace_s):
+            proc.kill()
+    except psutil.NoSuchProcess:
+        pass
+
+
 @pytest.fixture(scope="session", autouse=True)
 def no_stale_test_labs(tmp_path_factory: pytest.TempPathFactory) -> None:
     """Tears down the labs an interrupted earlier test run left behind.
@@ -71,6 +98,9 @@ def no_stale_test_labs(tmp_path_factory: pytest.TempPathFactory) -> None:
     root = base.parent
     if not root.name.startswith("pytest-of-"):
         return
+    for proc in stale_coordinators(root, base):
+        print(f"stale test coordinator pid {proc.pid}: {' '.join(proc.cmdline())}")
+        stop_stale(proc)
     namespaces = network.list_netns()
     stale = {f.resolve().parent for f in root.glob("pytest-*/*/lab.json")}
     for state_dir in sorted(d for d in stale if not d.is_relative_to(base)):

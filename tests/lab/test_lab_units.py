@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+import sys
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
@@ -21,6 +22,7 @@ from hostmaint.lab.state import (
     record_process,
     start_ticks_of,
 )
+from tests.lab.conftest import stale_coordinators, stop_stale
 
 DOMCAPS = """<domainCapabilities><cpu>
 <mode name='host-passthrough' supported='yes'/>
@@ -166,3 +168,28 @@ def test_a_second_command_on_the_same_state_dir_is_refused(tmp_path: Path) -> No
 def test_load_without_state_says_so(tmp_path: Path) -> None:
     with pytest.raises(errors.LabNotRunning):
         StateStore(tmp_path).load()
+
+
+def test_stale_coordinators_are_those_started_by_earlier_runs(tmp_path: Path) -> None:
+    """A coordinator whose config lies under an earlier run's temporary root is stopped;
+    this run's and any other are left alone."""
+    root = tmp_path / "pytest-of-someone"
+    places = {"earlier": root / "pytest-1", "this": root / "pytest-2", "other": tmp_path / "x"}
+    procs = {}
+    for name, where in places.items():
+        where.mkdir(parents=True)
+        sleeper = [sys.executable, "-c", "import time; time.sleep(120)"]
+        procs[name] = subprocess.Popen(
+            [*sleeper, "hostmaint-coordinator", "--config-file", str(where / "c.conf")]
+        )
+    try:
+        found = stale_coordinators(root, places["this"])
+        assert [p.pid for p in found] == [procs["earlier"].pid]
+        stop_stale(found[0], grace_s=5.0)
+        assert procs["earlier"].wait(timeout=10) is not None
+        assert procs["this"].poll() is None and procs["other"].poll() is None
+        stop_stale(found[0])  # gone already: no error
+    finally:
+        for proc in procs.values():
+            proc.kill()
+            proc.wait()
