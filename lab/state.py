@@ -36,6 +36,7 @@ class Role(str, Enum):
     LIBVIRTD = "libvirtd"
     AGENT = "agent"
     QEMU = "qemu"
+    COORDINATOR = "coordinator"  # one a test or the demo started (not in the lab's state)
 
 
 class Phase(str, Enum):

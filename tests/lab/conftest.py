@@ -12,7 +12,7 @@ import pytest
 
 from hostmaint.lab import cluster, network
 from hostmaint.lab.guest import GuestMode, GuestSpec
-from hostmaint.lab.state import StateStore, wait_until
+from hostmaint.lab.state import ProcessRecord, Role, StateStore, record_process, stop_process
 
 # Subnets of the test labs; override when they collide with something on the machine.
 SESSION_SUBNET = os.environ.get("HOSTMAINT_LAB_TEST_SUBNET", "10.213.1.0/24")
@@ -57,10 +57,10 @@ def require_lab() -> None:
         pytest.skip(reason)
 
 
-def stale_coordinators(root: Path, current: Path) -> list[psutil.Process]:
+def stale_coordinators(root: Path, current: Path) -> list[ProcessRecord]:
     """``hostmaint-coordinator`` processes whose ``--config-file`` lies under ``root`` (an
     earlier run's pytest temporary root) but not under ``current`` (this run's)."""
-    found = []
+    found: list[ProcessRecord] = []
     for proc in psutil.process_iter(["cmdline"]):
         cmd = proc.info["cmdline"] or []
         if not any(Path(arg).name == "hostmaint-coordinator" for arg in cmd):
@@ -69,18 +69,10 @@ def stale_coordinators(root: Path, current: Path) -> list[psutil.Process]:
             continue
         config = Path(cmd[cmd.index("--config-file") + 1]).resolve()
         if config.is_relative_to(root) and not config.is_relative_to(current):
-            found.append(proc)
+            record = record_process(Role.COORDINATOR, "", proc.pid, str(config))
+            if record is not None:
+                found.append(record)
     return found
-
-
-def stop_stale(proc: psutil.Process, grace_s: float = 10.0) -> None:
-    """SIGTERM, then SIGKILL after grace_s."""
-    try:
-        proc.terminate()
-        if not wait_until(lambda: not proc.is_running() or proc.status() == "zombie", grace_s):
-            proc.kill()
-    except psutil.NoSuchProcess:
-        pass
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -98,9 +90,9 @@ def no_stale_test_labs(tmp_path_factory: pytest.TempPathFactory) -> None:
     root = base.parent
     if not root.name.startswith("pytest-of-"):
         return
-    for proc in stale_coordinators(root, base):
-        print(f"stale test coordinator pid {proc.pid}: {' '.join(proc.cmdline())}")
-        stop_stale(proc)
+    for record in stale_coordinators(root, base):
+        print(f"stale test coordinator pid {record.pid} (config {record.name})")
+        stop_process(record)
     namespaces = network.list_netns()
     stale = {f.resolve().parent for f in root.glob("pytest-*/*/lab.json")}
     for state_dir in sorted(d for d in stale if not d.is_relative_to(base)):
