@@ -445,6 +445,9 @@ class Executor:
             drain = self.journal.drain(run.drain_id)
             self._publish(run, cpb.DRAIN_EVENT_KIND_STARTED, message=drain.reason)
             if drain.state == "planning":
+                # A coordinator that died while planning left at most its disable_host
+                # intent open; disabling is idempotent and is carried out again below.
+                self._close_interrupted(run)
                 self._disable_and_plan(run, drain)
             else:
                 self._restore(run, drain)
@@ -565,8 +568,7 @@ class Executor:
                 self._reconcile_start(run, step.id, step.vm_uuid, live=live)
             elif step.action == "confirm_migration":
                 self._reconcile_confirm(run, step.id, step.vm_uuid)
-            else:
-                self.journal.end_step(step.id, False, "interrupted by a coordinator restart")
+        self._close_interrupted(run)
         for row in self.journal.vms(run.drain_id):
             if row.state == "migrating" and not row.migration_ref:
                 # Dispatched, but the coordinator died before the start was journaled.
@@ -579,6 +581,11 @@ class Executor:
                     self.journal.update_vm(
                         run.drain_id, row.vm_uuid, state="completed", finished_at=self._clock()
                     )
+
+    def _close_interrupted(self, run: _Run) -> None:
+        """Ends the open steps that are carried out again rather than reconciled."""
+        for step in self.journal.open_steps(run.drain_id):
+            self.journal.end_step(step.id, False, "interrupted by a coordinator restart")
 
     def _host_of(self, vm_uuid: str) -> str | None:
         try:

@@ -14,6 +14,8 @@ from pathlib import Path
 
 import pytest
 
+from hostmaint.coordinator import views
+from hostmaint.coordinator.journal import STEP_DONE, STEP_FAILED
 from hostmaint.protos import coordinator_pb2 as cpb
 from tests.coordinator.loadcluster import (
     CoordinatorSpec,
@@ -117,3 +119,27 @@ def test_verify_reports_a_lost_vm_and_a_second_move(
     assert any("twice" in p for p in problems), problems
     assert any("migrations started" in p for p in problems), problems
     assert any(lost in p for p in problems), problems
+
+
+def test_a_drain_whose_coordinator_died_while_planning_resumes_with_no_step_left_open(
+    coordinator: SimCoordinator, layout: Layout
+) -> None:
+    """Killed between journaling the disable_host intent and its outcome: the next leader
+    disables the host again (idempotent), plans, drains, and ends the dead one's intent."""
+    host = next(iter(layout.sources))
+    journal = coordinator.journal
+    drain = journal.create_drain(host, views.policy_to_json(drain_policy(layout.targets)), "x")
+    dead = journal.begin_step(drain.id, "disable_host", detail={"reason": "x"})
+
+    assert coordinator.executor.resume_all() == [drain.id]
+    assert coordinator.executor.wait(drain.id, 120)
+
+    assert journal.drain(drain.id).state == "completed"
+    assert not coordinator.driver.host_enabled(host)
+    steps = journal.steps(drain.id)
+    assert [s.state for s in steps if s.id == dead] == [STEP_FAILED]
+    assert not [s for s in steps if s.state not in (STEP_DONE, STEP_FAILED)]
+    disables = [s for s in steps if s.action == "disable_host" and s.state == STEP_DONE]
+    assert len(disables) == 1
+    moved = {s.vm_uuid for s in steps if s.action == "start_migration" and s.state == STEP_DONE}
+    assert moved == {d.uuid for d in layout.sources[host]}
