@@ -338,6 +338,7 @@ class MigrationTracker:
         start_postcopy: bool,
         abort: bool,
         vcpu_throttle_pct: int | None,
+        lower_max_downtime: bool = False,
     ) -> tuple[list[str], int]:
         """Applies the changes in a safe order; returns what was applied and the downtime limit."""
         applied: list[str] = []
@@ -357,7 +358,7 @@ class MigrationTracker:
             self._driver.abort_job(domain_uuid)
             return ["abort"], current
         if max_downtime_ms is not None:
-            decision = tuning.decide_max_downtime(current, max_downtime_ms)
+            decision = tuning.decide_max_downtime(current, max_downtime_ms, lower_max_downtime)
             if decision.refused:
                 raise errors.OperationRefused(domain_uuid, "set max downtime", decision.refused)
             if decision.apply:

@@ -286,6 +286,7 @@ class AgentService:
         start_postcopy: bool,
         abort: bool,
         vcpu_throttle_pct: int | None,
+        lower_max_downtime: bool = False,
     ) -> tuple[list[str], int]:
         uuid = check_uuid(domain_uuid)
         if vcpu_throttle_pct is not None and not 0 <= vcpu_throttle_pct <= 99:
@@ -296,6 +297,8 @@ class AgentService:
             check_range(
                 "bandwidth_bytes_per_s", bandwidth_bytes_per_s, 0, MAX_BANDWIDTH_BYTES_PER_S
             )
+        if lower_max_downtime and max_downtime_ms is None:
+            raise errors.InvalidArgument("lower_max_downtime", "needs max_downtime_ms")
         if abort and (start_postcopy or max_downtime_ms is not None):
             raise errors.InvalidArgument("abort", "cannot be combined with other changes")
         if not any(
@@ -315,6 +318,7 @@ class AgentService:
             start_postcopy=start_postcopy,
             abort=abort,
             vcpu_throttle_pct=vcpu_throttle_pct,
+            lower_max_downtime=lower_max_downtime,
         )
 
     def migrate(self, request: MigrationRequest) -> float:

@@ -318,6 +318,7 @@ class HostAgentServicer(agent_pb2_grpc.HostAgentServicer):
             vcpu_throttle_pct=(
                 request.vcpu_throttle_pct if request.HasField("vcpu_throttle_pct") else None
             ),
+            lower_max_downtime=request.lower_max_downtime,
         )
         return pb.TuneMigrationResponse(applied=applied, max_downtime_ms=downtime)
 

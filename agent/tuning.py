@@ -17,19 +17,23 @@ class DowntimeDecision:
     refused: str = ""
 
 
-def decide_max_downtime(current_ms: int, requested_ms: int) -> DowntimeDecision:
-    """Raise only: a request below the limit in force is refused, equal is a no-op."""
+def decide_max_downtime(
+    current_ms: int, requested_ms: int, lower: bool = False
+) -> DowntimeDecision:
+    """Raise only, unless ``lower``: a request below the limit in force is refused, equal
+    is a no-op."""
     if requested_ms <= 0:
         return DowntimeDecision(False, current_ms, "max downtime must be positive")
     if requested_ms > QEMU_MAX_DOWNTIME_MS:
         return DowntimeDecision(
             False, current_ms, f"max downtime above QEMU's limit of {QEMU_MAX_DOWNTIME_MS} ms"
         )
-    if requested_ms < current_ms:
+    if requested_ms < current_ms and not lower:
         return DowntimeDecision(
             False,
             current_ms,
-            f"max downtime is {current_ms} ms already; it is never lowered (asked {requested_ms})",
+            f"max downtime is {current_ms} ms already; it is lowered only with "
+            f"lower_max_downtime (asked {requested_ms})",
         )
     return DowntimeDecision(requested_ms != current_ms, requested_ms)
 

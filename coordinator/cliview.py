@@ -199,7 +199,12 @@ def render_plan(plan: pb.DrainPlan) -> str:
                 f"{m.predicted_total_s:.1f}" if m.predicted_total_s > 0 else "?",
                 str(m.predicted_downtime_ms) if m.predicted_downtime_ms else "?",
                 tuning_label(m.tuning)
-                + (f" after {m.precopy_tries} rounds" if m.precopy_tries else ""),
+                + (f" after {m.precopy_tries} rounds" if m.precopy_tries else "")
+                + (
+                    f", burst {m.burst_s:.1f}s"
+                    if m.burst_s and m.tuning == pb.TUNING_POSTCOPY
+                    else ""
+                ),
                 f"{m.memory_bytes / GIB:.1f}",
                 f"{m.dirty_rate_bytes_per_s / MIB:.1f}",
             ]

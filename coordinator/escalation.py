@@ -4,18 +4,25 @@ The ladder, cheapest first: raise QEMU's downtime limit to the most the
 operator's limit permits at the bandwidth the migration gets now (it converges
 at once when what is left fits; the dispatcher then starts nothing new beside
 it, so its share cannot drop before the switch-over);
-throttle the vCPUs of a CPU-bound writer, in steps; switch to post-copy when
-the policy allows it (Nova: force-complete); abort, to retry elsewhere or
-report. Each step gets time to show its effect before the next.
+throttle the vCPUs of a CPU-bound writer, in steps; hold the link for the
+switch-over (a migration whose dirty set fits its downtime at the whole link
+but not at its share: the others are capped to a trickle and its limit raised
+to the whole link's for ``burst_s``, then its limit is restored before the
+others are released); switch to post-copy when the policy allows it (Nova:
+force-complete); abort, to retry elsewhere or report. Each step gets time to
+show its effect before the next; a migration held back by another's burst
+takes no step while it lasts.
 
 A migration the plan tuned for post-copy (no pre-copy setting converges in the
 model) switches as soon as its first pass over RAM is done, as planned, without
 waiting to fall behind; or, where the plan gave pre-copy a few rounds to try (a
-writer whose rate is known only from below), once those rounds are done.
+writer whose rate is known only from below), once those rounds are done; a
+burst on the link comes first where the plan allows one.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -27,6 +34,8 @@ class Action(enum.StrEnum):
     NONE = "none"
     RAISE_DOWNTIME = "raise_downtime"
     THROTTLE_VCPUS = "throttle_vcpus"
+    HOLD_LINK = "hold_link"
+    RELEASE_LINK = "release_link"
     POSTCOPY = "postcopy"
     ABORT = "abort"
 
@@ -47,6 +56,8 @@ class Observation:
     # the link over the migrations running (some may not send yet): the least bandwidth it
     # can count on once they all do; 0 where not known
     fair_share_bytes_per_s: float = 0.0
+    # another migration of the drain holds the link (this one is capped to a trickle)
+    held_back: bool = False
 
 
 @dataclass(frozen=True)
@@ -65,6 +76,9 @@ class Limits:
     params: ModelParams = DEFAULT_PARAMS
     postcopy_after_first_pass: bool = False  # the plan's post-copy tuning
     precopy_tries: int = 0  # rounds after the first pass before that switch
+    # how long the migration may hold the link for its switch-over (0: never); the plan
+    # allows it to a VM that converges alone on the whole link with the whole link's limit
+    burst_s: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -77,6 +91,10 @@ class Escalation:
     postcopy: bool = False
     aborted: bool = False
     postcopy_failed: bool = False  # the switch was refused: abort is the next step
+    burst: bool = False  # it held the link once (or the attempt failed)
+    holding: bool = False  # it holds the link now
+    restore_ms: int = 0  # its QEMU limit before the burst, restored at the release
+    after_burst: bool = False  # the last step was a burst that did not converge
 
 
 @dataclass(frozen=True)
@@ -84,6 +102,7 @@ class Decision:
     action: Action
     value: int = 0
     reason: str = ""
+    restore_ms: int = 0  # HOLD_LINK: the limit to restore at the release
 
 
 def behind(history: Sequence[Observation], limits: Limits) -> str:
@@ -110,11 +129,19 @@ def next_step(history: Sequence[Observation], limits: Limits, done: Escalation) 
     if not history or done.aborted or done.postcopy:
         return Decision(Action.NONE)
     now = history[-1]
+    if done.holding:
+        if now.elapsed_s - done.level_at_s < limits.burst_s:
+            return Decision(Action.NONE)
+        why = f"not converged after holding the link for {limits.burst_s:.1f}s"
+        return Decision(Action.RELEASE_LINK, done.restore_ms, why)
+    if now.held_back:
+        return Decision(Action.NONE)
     postcopy_ok = limits.allow_postcopy and limits.postcopy_permitted and not done.postcopy_failed
     if limits.postcopy_after_first_pass and postcopy_ok and now.first_pass_done:
         if not now.postcopy and now.iteration >= 2 + limits.precopy_tries:
-            return Decision(Action.POSTCOPY, 0, _planned_switch(limits.precopy_tries))
-    if now.elapsed_s - done.level_at_s < limits.settle_s:
+            why = _planned_switch(limits.precopy_tries)
+            return _burst(now, limits, done, why) or Decision(Action.POSTCOPY, 0, why)
+    if not done.after_burst and now.elapsed_s - done.level_at_s < limits.settle_s:
         return Decision(Action.NONE)
     why = behind(history, limits)
     if not why:
@@ -126,9 +153,21 @@ def next_step(history: Sequence[Observation], limits: Limits, done: Escalation) 
         for step in limits.throttle_steps_pct:
             if step > done.throttle_pct:
                 return Decision(Action.THROTTLE_VCPUS, step, why)
-    if postcopy_ok:
-        return Decision(Action.POSTCOPY, 0, why)
-    return Decision(Action.ABORT, 0, why)
+    last = Decision(Action.POSTCOPY, 0, why) if postcopy_ok else Decision(Action.ABORT, 0, why)
+    return _burst(now, limits, done, why) or last
+
+
+def _burst(now: Observation, limits: Limits, done: Escalation, why: str) -> Decision | None:
+    """Hold the link for the switch-over, where the plan allows it and the link is shared."""
+    shared = 0 < now.fair_share_bytes_per_s < 0.99 * limits.link_bytes_per_s
+    if limits.burst_s <= 0 or done.burst or not now.first_pass_done or not shared:
+        return None
+    return Decision(
+        Action.HOLD_LINK,
+        limits.qemu_downtime_cap_ms,
+        f"{why}; holding the link for the switch-over",
+        restore_ms=now.max_downtime_ms,
+    )
 
 
 def _planned_switch(tries: int) -> str:
@@ -162,11 +201,16 @@ def applied(done: Escalation, decision: Decision, at_s: float, ok: bool = True) 
     """The escalation state after carrying out a decision (``ok``: its call succeeded).
 
     A failed step counts as taken, so the ladder moves on; but a refused post-copy
-    switch leaves the migration in pre-copy, where abort is the next step.
+    switch leaves the migration in pre-copy, where abort is the next step, and a burst
+    that could not hold the link leaves nothing to release.
     """
     a = decision.action
     if a is Action.NONE:
         return done
+    if a is Action.RELEASE_LINK:
+        return dataclasses.replace(
+            done, level_at_s=at_s, holding=False, restore_ms=0, after_burst=True
+        )
     return Escalation(
         level_at_s=at_s,
         downtime_raised=done.downtime_raised or a is Action.RAISE_DOWNTIME,
@@ -174,4 +218,7 @@ def applied(done: Escalation, decision: Decision, at_s: float, ok: bool = True) 
         postcopy=done.postcopy or (a is Action.POSTCOPY and ok),
         aborted=done.aborted or a is Action.ABORT,
         postcopy_failed=done.postcopy_failed or (a is Action.POSTCOPY and not ok),
+        burst=done.burst or a is Action.HOLD_LINK,
+        holding=a is Action.HOLD_LINK and ok,
+        restore_ms=decision.restore_ms if a is Action.HOLD_LINK and ok else 0,
     )

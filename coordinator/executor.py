@@ -56,7 +56,14 @@ from hostmaint.coordinator.model import (
     ModelParams,
     qemu_downtime_limit_ms,
 )
-from hostmaint.coordinator.planner import DrainPlan, PlannedMigration, plan_drain, throttle_helps
+from hostmaint.coordinator.planner import (
+    HELD_BACK_BYTES_PER_S,
+    MAX_BURST_S,
+    DrainPlan,
+    PlannedMigration,
+    plan_drain,
+    throttle_helps,
+)
 from hostmaint.protos import agent_pb2 as apb
 from hostmaint.protos import coordinator_pb2 as cpb
 
@@ -72,6 +79,7 @@ COLD = "cold"
 # The states in which a VM may be cold-migrated instead of live-migrated.
 _COLD_STATES = frozenset({InstanceState.SHUTOFF, InstanceState.PAUSED, InstanceState.SUSPENDED})
 _CONFIRM_ATTEMPTS = 3
+_BURST_MARKS = (escalation.Action.HOLD_LINK.value, escalation.Action.RELEASE_LINK.value)
 
 
 @dataclass(frozen=True)
@@ -140,6 +148,16 @@ class _Watch:
 
 
 @dataclass
+class _Burst:
+    """A migration holding the link for its switch-over, and those it holds back."""
+
+    holder: str
+    started: float
+    restore_ms: int  # the holder's limit before it
+    held: dict[str, int] = field(default_factory=dict)  # VM -> its cap to restore (0: none)
+
+
+@dataclass
 class _Run:
     drain_id: str
     host: str
@@ -151,6 +169,8 @@ class _Run:
     thread: threading.Thread | None = None
     cpu_bound: frozenset[str] = frozenset()  # VMs the ladder may throttle (planner.throttle_helps)
     threads: dict[str, threading.Thread] = field(default_factory=dict)
+    burst: _Burst | None = None
+    burst_lock: threading.Lock = field(default_factory=threading.Lock)
 
 
 class Executor:
@@ -685,7 +705,26 @@ class Executor:
 
     def _adopt(self, run: _Run, row: VmRow) -> None:
         LOG.info("re-attaching to migration vm=%s drain=%s", row.vm_uuid, run.drain_id[:8])
+        if not _is_cold(row):
+            self._undo_burst(run, row)
         self._spawn(run, row, adopt=True)
+
+    def _undo_burst(self, run: _Run, row: VmRow) -> None:
+        """A burst the previous coordinator left: every adopted migration gets its planned
+        bandwidth back, and a holder its planned limit (at most what it had before)."""
+        marks = [t for t in row.tuning_applied if t.startswith(_BURST_MARKS)]
+        holding = bool(marks) and marks[-1].startswith(escalation.Action.HOLD_LINK)
+        planned = (run.planned or {}).get(row.vm_uuid)
+        request = apb.TuneMigrationRequest(
+            domain_uuid=row.vm_uuid, bandwidth_bytes_per_s=self._planned_cap(run, row.vm_uuid)
+        )
+        if holding and planned is not None:
+            request.max_downtime_ms = round(planned.settings.downtime_limit_ms)
+            request.lower_max_downtime = True
+        try:
+            self.registry.client(run.host).tune(request)
+        except errors.CoordinatorError as e:  # it may have ended: its watcher finds out
+            LOG.warning("cannot reset the migration after a restart vm=%s error=%s", row.vm_uuid, e)
 
     def _dispatch_loop(self, run: _Run) -> None:
         assert run.planned is not None
@@ -753,11 +792,13 @@ class Executor:
         raised = any(t.startswith(escalation.Action.RAISE_DOWNTIME) for t in row.tuning_applied)
         # planned with the whole link's limit: it starts alone and runs alone
         planned_alone = planned is not None and planned.holds_link
+        burst = run.burst
+        bursting = burst is not None and burst.holder == row.vm_uuid
         return Slot(
             row.vm_uuid,
             row.target_host or row.planned_target or None,
             need,
-            holds_link=planned_alone or (row.state == "migrating" and raised),
+            holds_link=planned_alone or bursting or (row.state == "migrating" and raised),
         )
 
     def _spawn(self, run: _Run, row: VmRow, adopt: bool) -> threading.Thread:
@@ -797,6 +838,7 @@ class Executor:
                     f"internal error: {e}",
                 )
         finally:
+            self._end_burst(run, row.vm_uuid)
             self._poke()
 
     def _options(self, run: _Run, row: VmRow, target: str | None) -> LiveMigrationOptions:
@@ -926,6 +968,7 @@ class Executor:
                 postcopy=p.phase == apb.MIGRATION_PHASE_POSTCOPY,
                 first_pass_done=p.iteration >= 2,
                 fair_share_bytes_per_s=self._fair_share(run),
+                held_back=self._held_back(run, row.vm_uuid),
             )
             row = self._observe(run, row, ref, w, obs, p)
             if self._stopped.is_set():
@@ -987,6 +1030,7 @@ class Executor:
                     remaining_bytes=remaining,
                     bandwidth_bytes_per_s=0.0,
                     max_downtime_ms=0,
+                    held_back=self._held_back(run, row.vm_uuid),
                 )
                 progress = apb.MigrationProgress(
                     domain_uuid=row.vm_uuid,
@@ -1056,6 +1100,7 @@ class Executor:
             params=self._params,
             postcopy_after_first_pass=bool(planned and planned.settings.postcopy_after_first_round),
             precopy_tries=planned.settings.precopy_tries if planned else 0,
+            burst_s=planned.settings.burst_s if planned else 0.0,
         )
 
     def _escalate(
@@ -1083,6 +1128,10 @@ class Executor:
                         domain_uuid=row.vm_uuid, vcpu_throttle_pct=decision.value
                     )
                 )
+            elif decision.action is escalation.Action.HOLD_LINK:
+                self._hold_link(run, row.vm_uuid, decision.value, decision.restore_ms)
+            elif decision.action is escalation.Action.RELEASE_LINK:
+                self._release_link(run, row.vm_uuid, decision.value)
             elif decision.action is escalation.Action.POSTCOPY:
                 self.driver.force_complete(ref)
             elif decision.action is escalation.Action.ABORT:
@@ -1102,6 +1151,78 @@ class Executor:
             run, cpb.DRAIN_EVENT_KIND_TUNED, vm=row, message=f"{label}: {decision.reason}"
         )
         return row, escalation.applied(done, decision, at_s)
+
+    # -- a burst: one migration holds the link for its switch-over ----------------------
+
+    def _planned_cap(self, run: _Run, vm_uuid: str) -> int:
+        planned = (run.planned or {}).get(vm_uuid)
+        cap = planned.settings.max_bandwidth_bytes_per_s if planned is not None else None
+        return round(cap or 0)
+
+    def _hold_link(self, run: _Run, holder: str, limit_ms: int, restore_ms: int) -> None:
+        """Caps every other running migration of the drain to a trickle, then raises the
+        holder's limit to the whole link's; any refusal undoes what was done (the holder's
+        limit is raised only once nothing else sends)."""
+        with run.burst_lock:
+            if run.burst is not None:
+                raise errors.PreconditionFailed("hold the link", f"{run.burst.holder} holds it")
+            burst = run.burst = _Burst(holder, self._clock(), restore_ms)
+        others = [u for u, t in list(run.threads.items()) if u != holder and t.is_alive()]
+        agent = self.registry.client(run.host)
+        try:
+            for vm in others:
+                restore = self._planned_cap(run, vm)
+                agent.tune(
+                    apb.TuneMigrationRequest(
+                        domain_uuid=vm, bandwidth_bytes_per_s=round(HELD_BACK_BYTES_PER_S)
+                    )
+                )
+                burst.held[vm] = restore
+            agent.tune(apb.TuneMigrationRequest(domain_uuid=holder, max_downtime_ms=limit_ms))
+        except errors.CoordinatorError:
+            self._end_burst(run, holder)
+            raise
+
+    def _release_link(self, run: _Run, holder: str, restore_ms: int) -> None:
+        """The holder's limit back to its share's first, then the others' bandwidth."""
+        try:
+            self.registry.client(run.host).tune(
+                apb.TuneMigrationRequest(
+                    domain_uuid=holder, max_downtime_ms=restore_ms, lower_max_downtime=True
+                )
+            )
+        finally:
+            self._end_burst(run, holder)
+
+    def _end_burst(self, run: _Run, holder: str) -> None:
+        """Gives the link back to the migrations a burst of ``holder`` holds back."""
+        with run.burst_lock:
+            burst = run.burst
+            if burst is None or burst.holder != holder:
+                return
+            run.burst = None
+        agent = self.registry.client(run.host)
+        for vm, cap in burst.held.items():
+            try:
+                agent.tune(apb.TuneMigrationRequest(domain_uuid=vm, bandwidth_bytes_per_s=cap))
+            except errors.CoordinatorError as e:  # ended meanwhile, or the agent is away
+                LOG.warning("bandwidth not restored after a burst vm=%s error=%s", vm, e)
+        LOG.info("link released holder=%s held=%d", holder, len(burst.held))
+
+    def _held_back(self, run: _Run, vm_uuid: str) -> bool:
+        """Another migration holds the link; one that holds it far past any burst (its
+        watcher lost) gives it back."""
+        burst = run.burst
+        if burst is None or burst.holder == vm_uuid:
+            return False
+        if self._clock() - burst.started > MAX_BURST_S + self.settings.stall_grace_s:
+            LOG.warning("burst overran, releasing the link holder=%s", burst.holder)
+            try:
+                self._release_link(run, burst.holder, burst.restore_ms)
+            except errors.CoordinatorError as e:
+                LOG.warning("holder's limit not restored vm=%s error=%s", burst.holder, e)
+            return False
+        return True
 
     def _abort(self, run: _Run, row: VmRow, reason: str) -> None:
         def act() -> str:

@@ -218,6 +218,9 @@ class Settings:
     # to converge before the switch (a writer whose rate is known only from below may
     # be slow enough; the switch catches it if not)
     precopy_tries: int = 0
+    # not QEMU's: how long the migration may hold the link for its switch-over (the
+    # escalation ladder caps the others meanwhile); 0: never
+    burst_s: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -489,6 +492,7 @@ class Migration:
             self.settings.postcopy_after_first_round
             and self.settings.postcopy_permitted
             and self.rounds > self.settings.precopy_tries
+            and not self.settings.burst_s  # the ladder switches it, after its burst
         ):
             self.start_postcopy()
         else:

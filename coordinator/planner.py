@@ -57,6 +57,7 @@ from hostmaint.coordinator.model import (
     Migration,
     ModelParams,
     Outcome,
+    Phase,
     Prediction,
     Settings,
     TargetHost,
@@ -78,6 +79,11 @@ COSTLY_PRECOPY_RATIO = 1.5
 # A writer whose rate is known only from below, planned for post-copy, first gets the
 # pre-copy rounds it would need at its floor rate, up to this many.
 MAX_PRECOPY_TRIES = 4
+# A migration holding the link for its switch-over caps the others to this (libvirt's
+# smallest cap: 1 MiB/s), for the time of a few rounds of what it must send then.
+HELD_BACK_BYTES_PER_S = float(MIB)
+BURST_ROUNDS = 3
+MIN_BURST_S, MAX_BURST_S = 1.0, 5.0
 
 
 @dataclass(frozen=True)
@@ -197,6 +203,7 @@ class PlanStrategy:
                 params=params,
                 postcopy_after_first_pass=i.settings.postcopy_after_first_round,
                 precopy_tries=i.settings.precopy_tries,
+                burst_s=i.settings.burst_s,
             )
             for i in items
         }
@@ -206,6 +213,9 @@ class PlanStrategy:
         self.polled: dict[str, tuple[float, float]] = {}  # last poll: time, bytes sent
         self.raised: set[str] = set()  # VMs whose limit the ladder raised: they hold the link
         self.sharing = 1  # migrations running at the last dispatch
+        self.live: dict[str, Migration] = {}  # the running migrations, at the last dispatch
+        self.holder: str | None = None  # the VM holding the link for its switch-over
+        self.held: list[Migration] = []  # the migrations it holds back
 
     def remaining(self) -> int:
         return len(self.queue)
@@ -213,6 +223,13 @@ class PlanStrategy:
     def next_jobs(self, now_s: float, running: Sequence[Migration]) -> list[Job]:
         """The executor's dispatch rule (``dispatch.ready_to_start``) over the plan's order."""
         self.sharing = max(1, len(running))
+        self.live = {m.vm.uuid: m for m in running}
+        if self.holder is not None:
+            holder = self.live.get(self.holder)
+            if holder is None or holder.phase not in (Phase.PRECOPY, Phase.SWITCHOVER):
+                self._release()  # switched over (or ended): the others get the link back
+            else:
+                return []  # nothing starts while a migration holds the link
         busy = [
             self._slot(self.by_uuid[m.vm.uuid], m.in_precopy, m.vm.uuid in self.raised)
             for m in running
@@ -249,6 +266,7 @@ class PlanStrategy:
         last_s, last_bytes = self.polled.get(uuid, (mig.start_s, 0.0))
         self.polled[uuid] = (now_s, mig.bytes_sent)
         history = self.history.setdefault(uuid, [])
+        held_back = self.holder is not None and self.holder != uuid
         history.append(
             escalation.Observation(
                 elapsed_s=now_s - mig.start_s,
@@ -259,6 +277,7 @@ class PlanStrategy:
                 postcopy=mig.postcopy,
                 first_pass_done=mig.rounds >= 2,
                 fair_share_bytes_per_s=self.total_bw / self.sharing,
+                held_back=held_back,
             )
         )
         done = self.done.get(uuid, escalation.Escalation())
@@ -270,11 +289,25 @@ class PlanStrategy:
             self.raised.add(uuid)
         elif action is escalation.Action.THROTTLE_VCPUS:
             mig.throttle_vcpus(decision.value)
+        elif action is escalation.Action.HOLD_LINK:
+            self.holder = uuid
+            self.held = [m for u, m in self.live.items() if u != uuid and not m.finished]
+            for m in self.held:
+                m.bandwidth_cap = HELD_BACK_BYTES_PER_S
+            mig.set_downtime_limit(decision.value)
+        elif action is escalation.Action.RELEASE_LINK:
+            mig.set_downtime_limit(decision.value)  # before the others send again
+            self._release()
         elif action is escalation.Action.POSTCOPY:
             ok = mig.start_postcopy()
         elif action is escalation.Action.ABORT:
             mig.abort()
         self.done[uuid] = escalation.applied(done, decision, now_s - mig.start_s, ok)
+
+    def _release(self) -> None:
+        for m in self.held:
+            m.bandwidth_cap = m.settings.max_bandwidth_bytes_per_s
+        self.holder, self.held = None, []
 
 
 def _cap(vm: VmSpec, policy: DrainPolicy) -> float:
@@ -371,7 +404,7 @@ def plan_drain(
     unmovable: list[Unmovable] = []
     # each VM as planned, its target, prediction, VM at its assumed rate (if planned at
     # its floor) and the pre-copy rounds a planned post-copy of it tries first
-    base: list[tuple[VmSpec, str | None, Prediction, VmSpec | None, int]] = []
+    base: list[tuple[VmSpec, str | None, Prediction, VmSpec | None, int, float]] = []
     for vm in sorted(vms, key=lambda v: -v.memory_bytes):
         if vm.blockers:
             unmovable.append(Unmovable(vm.uuid, vm.name, "blocked: " + ", ".join(vm.blockers)))
@@ -390,7 +423,7 @@ def plan_drain(
         if assumed is not None and policy.allow_postcopy:
             top_ms = _top_ms(vm, full_bw, full_bw, policy, params)
             tries = _precopy_tries(vm, full_bw, top_ms, params)
-        base.append((vm, where, pred, assumed, tries))
+        base.append((vm, where, pred, assumed, tries, _burst_s(vm, full_bw, policy, params)))
     cap_ms = {v.uuid: _cap(v, policy) for v in vms}
     bound = lower_bound([b[0] for b in base], link, policy, params)
     best: _Candidate | None = None
@@ -398,10 +431,12 @@ def plan_drain(
     for k in range(1, max(1, policy.max_parallel_per_source) + 1):
         worst = min(full_bw, link_bw / k)
         items = []
-        for vm, where, pred, assumed, tries in base:
+        for vm, where, pred, assumed, tries, burst_s in base:
             fast, precopy = _options(
                 vm, where, pred, assumed, tries, full_bw, worst, policy, params
             )
+            fast = _with_burst(fast, burst_s)
+            precopy = None if precopy is None else _with_burst(precopy, burst_s)
             items.append(fast)
             if precopy is not None:
                 choices[(k, vm.uuid)] = precopy
@@ -614,6 +649,25 @@ def _top_ms(
 ) -> float:
     """QEMU's downtime limit for the whole link, safe if the share drops to ``worst_bw``."""
     return qemu_downtime_limit_ms(_cap(vm, policy), full_bw, params, worst_bw)
+
+
+def _burst_s(vm: VmSpec, full_bw: float, policy: DrainPolicy, params: ModelParams) -> float:
+    """How long the VM may hold the link for its switch-over: 0 unless it converges alone on
+    the whole link with the whole link's limit; then the time to send its dirty set and
+    ``BURST_ROUNDS`` final rounds at that limit there (within the burst's bounds)."""
+    top_ms = _top_ms(vm, full_bw, full_bw, policy, params)
+    run = run_alone(vm, full_bw, Settings(top_ms), params, params.max_precopy_bytes_factor)
+    if run.outcome is not Outcome.COMPLETED:
+        return 0.0
+    dirty_set = min(vm.working_set_estimate_bytes, vm.sent_bytes)
+    window_s = dirty_set / full_bw + BURST_ROUNDS * top_ms / 1000.0
+    return min(MAX_BURST_S, max(MIN_BURST_S, window_s))
+
+
+def _with_burst(item: _Item, burst_s: float) -> _Item:
+    if not burst_s or item.holds_link:
+        return item
+    return dataclasses.replace(item, settings=dataclasses.replace(item.settings, burst_s=burst_s))
 
 
 def _precopy_tries(at_floor: VmSpec, full_bw: float, top_ms: float, params: ModelParams) -> int:

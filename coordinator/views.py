@@ -133,6 +133,7 @@ def plan_to_pb(
                 dirty_rate_bytes_per_s=spec.dirty_rate_bytes_per_s if spec is not None else 0.0,
                 holds_link=m.holds_link,
                 precopy_tries=m.settings.precopy_tries,
+                burst_s=m.settings.burst_s,
             )
         )
     for u in plan.unmovable:

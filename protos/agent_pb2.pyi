@@ -686,9 +686,12 @@ class TuneMigrationRequest(google.protobuf.message.Message):
     START_POSTCOPY_FIELD_NUMBER: builtins.int
     ABORT_FIELD_NUMBER: builtins.int
     VCPU_THROTTLE_PCT_FIELD_NUMBER: builtins.int
+    LOWER_MAX_DOWNTIME_FIELD_NUMBER: builtins.int
     domain_uuid: builtins.str
     max_downtime_ms: builtins.int
-    """Raise QEMU's downtime limit; a value lower than the current one is refused."""
+    """Raise QEMU's downtime limit; a value lower than the current one is refused
+    unless lower_max_downtime is set.
+    """
     bandwidth_bytes_per_s: builtins.int
     """Migration bandwidth cap; 0 lifts the cap."""
     start_postcopy: builtins.bool
@@ -696,6 +699,11 @@ class TuneMigrationRequest(google.protobuf.message.Message):
     vcpu_throttle_pct: builtins.int
     """Caps every vCPU at (100 - pct)% of a core; 0 removes the cap. Works on a
     running domain with or without a migration job.
+    """
+    lower_max_downtime: builtins.bool
+    """With max_downtime_ms: set it even below the limit in force (the end of a burst
+    that raised it for a switch-over on the whole link); the agent then holds the
+    new value against lower steps.
     """
     def __init__(
         self,
@@ -706,9 +714,10 @@ class TuneMigrationRequest(google.protobuf.message.Message):
         start_postcopy: builtins.bool = ...,
         abort: builtins.bool = ...,
         vcpu_throttle_pct: builtins.int | None = ...,
+        lower_max_downtime: builtins.bool = ...,
     ) -> None: ...
     def HasField(self, field_name: typing.Literal["_bandwidth_bytes_per_s", b"_bandwidth_bytes_per_s", "_max_downtime_ms", b"_max_downtime_ms", "_vcpu_throttle_pct", b"_vcpu_throttle_pct", "bandwidth_bytes_per_s", b"bandwidth_bytes_per_s", "max_downtime_ms", b"max_downtime_ms", "vcpu_throttle_pct", b"vcpu_throttle_pct"]) -> builtins.bool: ...
-    def ClearField(self, field_name: typing.Literal["_bandwidth_bytes_per_s", b"_bandwidth_bytes_per_s", "_max_downtime_ms", b"_max_downtime_ms", "_vcpu_throttle_pct", b"_vcpu_throttle_pct", "abort", b"abort", "bandwidth_bytes_per_s", b"bandwidth_bytes_per_s", "domain_uuid", b"domain_uuid", "max_downtime_ms", b"max_downtime_ms", "start_postcopy", b"start_postcopy", "vcpu_throttle_pct", b"vcpu_throttle_pct"]) -> None: ...
+    def ClearField(self, field_name: typing.Literal["_bandwidth_bytes_per_s", b"_bandwidth_bytes_per_s", "_max_downtime_ms", b"_max_downtime_ms", "_vcpu_throttle_pct", b"_vcpu_throttle_pct", "abort", b"abort", "bandwidth_bytes_per_s", b"bandwidth_bytes_per_s", "domain_uuid", b"domain_uuid", "lower_max_downtime", b"lower_max_downtime", "max_downtime_ms", b"max_downtime_ms", "start_postcopy", b"start_postcopy", "vcpu_throttle_pct", b"vcpu_throttle_pct"]) -> None: ...
     @typing.overload
     def WhichOneof(self, oneof_group: typing.Literal["_bandwidth_bytes_per_s", b"_bandwidth_bytes_per_s"]) -> typing.Literal["bandwidth_bytes_per_s"] | None: ...
     @typing.overload

@@ -269,6 +269,7 @@ class PlannedMigration(google.protobuf.message.Message):
     DIRTY_RATE_BYTES_PER_S_FIELD_NUMBER: builtins.int
     HOLDS_LINK_FIELD_NUMBER: builtins.int
     PRECOPY_TRIES_FIELD_NUMBER: builtins.int
+    BURST_S_FIELD_NUMBER: builtins.int
     vm_uuid: builtins.str
     name: builtins.str
     target_host: builtins.str
@@ -293,6 +294,11 @@ class PlannedMigration(google.protobuf.message.Message):
     before the switch (its dirty rate is known only from below: a writer as slow as
     that moves by pre-copy; a faster one switches after them).
     """
+    burst_s: builtins.float
+    """Where it shares the link and would otherwise switch to post-copy (or be aborted),
+    it may hold the link this long for its switch-over: the others are capped to a
+    trickle and its limit raised to the whole link's, then restored; 0: never.
+    """
     def __init__(
         self,
         *,
@@ -310,8 +316,9 @@ class PlannedMigration(google.protobuf.message.Message):
         dirty_rate_bytes_per_s: builtins.float = ...,
         holds_link: builtins.bool = ...,
         precopy_tries: builtins.int = ...,
+        burst_s: builtins.float = ...,
     ) -> None: ...
-    def ClearField(self, field_name: typing.Literal["dirty_rate_bytes_per_s", b"dirty_rate_bytes_per_s", "holds_link", b"holds_link", "memory_bytes", b"memory_bytes", "name", b"name", "position", b"position", "precopy_tries", b"precopy_tries", "predicted_downtime_ms", b"predicted_downtime_ms", "predicted_rounds", b"predicted_rounds", "predicted_total_s", b"predicted_total_s", "qemu_max_downtime_ms", b"qemu_max_downtime_ms", "start_s", b"start_s", "target_host", b"target_host", "tuning", b"tuning", "vm_uuid", b"vm_uuid"]) -> None: ...
+    def ClearField(self, field_name: typing.Literal["burst_s", b"burst_s", "dirty_rate_bytes_per_s", b"dirty_rate_bytes_per_s", "holds_link", b"holds_link", "memory_bytes", b"memory_bytes", "name", b"name", "position", b"position", "precopy_tries", b"precopy_tries", "predicted_downtime_ms", b"predicted_downtime_ms", "predicted_rounds", b"predicted_rounds", "predicted_total_s", b"predicted_total_s", "qemu_max_downtime_ms", b"qemu_max_downtime_ms", "start_s", b"start_s", "target_host", b"target_host", "tuning", b"tuning", "vm_uuid", b"vm_uuid"]) -> None: ...
 
 Global___PlannedMigration: typing_extensions.TypeAlias = PlannedMigration
 

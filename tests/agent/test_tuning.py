@@ -13,7 +13,10 @@ def test_downtime_is_only_raised() -> None:
     assert tuning.decide_max_downtime(500, 2000) == tuning.DowntimeDecision(True, 2000)
     assert tuning.decide_max_downtime(500, 500) == tuning.DowntimeDecision(False, 500)
     lowered = tuning.decide_max_downtime(2000, 500)
-    assert not lowered.apply and "never lowered" in lowered.refused
+    assert not lowered.apply and "lower_max_downtime" in lowered.refused
+    # the end of a burst lowers it, when asked to
+    assert tuning.decide_max_downtime(2000, 500, lower=True) == tuning.DowntimeDecision(True, 500)
+    assert tuning.decide_max_downtime(2000, 0, lower=True).refused
     assert "QEMU" in tuning.decide_max_downtime(300, 3_000_000).refused
     assert tuning.decide_max_downtime(300, 0).refused
 

@@ -233,3 +233,56 @@ def test_a_refused_postcopy_switch_leads_to_abort_not_to_nothing() -> None:
     assert first_try.action is esc.Action.POSTCOPY
     once = esc.applied(esc.Escalation(), first_try, 9.0, ok=False)
     assert esc.next_step([after], planned, once).action is esc.Action.NONE
+
+
+BURST = dataclasses.replace(
+    LIMITS, postcopy_after_first_pass=True, burst_s=2.0, link_bytes_per_s=100 * MB
+)
+
+
+def test_a_planned_postcopy_holds_the_link_for_its_switch_over_first() -> None:
+    """Sharing the link: the planned switch is preceded by a burst (the others capped, the
+    whole link's limit) and comes only once the burst ends without converging."""
+    shared = esc.Observation(
+        9.0, 2, 90 * MB, 25 * MB, 150, first_pass_done=True, fair_share_bytes_per_s=25 * MB
+    )
+    d = esc.next_step([shared], BURST, esc.Escalation())
+    assert (d.action, d.value, d.restore_ms) == (esc.Action.HOLD_LINK, 800, 150)
+    assert d.reason.startswith("planned: post-copy after the first pass")
+    holding = esc.applied(esc.Escalation(), d, 9.0)
+    assert holding.holding and holding.burst and holding.restore_ms == 150
+    # it waits out the burst, whatever else it sees ...
+    during = dataclasses.replace(shared, elapsed_s=10.5, remaining_bytes=80 * MB)
+    assert esc.next_step([shared, during], BURST, holding).action is esc.Action.NONE
+    # ... then restores its limit; the switch follows at once, no settling time
+    after = dataclasses.replace(shared, elapsed_s=11.0, max_downtime_ms=800)
+    released = esc.next_step([shared, after], BURST, holding)
+    assert (released.action, released.value) == (esc.Action.RELEASE_LINK, 150)
+    done = esc.applied(holding, released, 11.0)
+    assert not done.holding and done.burst and done.after_burst
+    d = esc.next_step([shared, after], BURST, done)
+    assert d.action is esc.Action.POSTCOPY
+    # alone on the link, or without the plan's leave, the switch comes with no burst
+    alone = dataclasses.replace(shared, fair_share_bytes_per_s=100 * MB)
+    assert esc.next_step([alone], BURST, esc.Escalation()).action is esc.Action.POSTCOPY
+    no_burst = dataclasses.replace(BURST, burst_s=0.0)
+    assert esc.next_step([shared], no_burst, esc.Escalation()).action is esc.Action.POSTCOPY
+
+
+def test_a_burst_comes_before_abort_and_a_held_back_migration_waits() -> None:
+    limits = dataclasses.replace(
+        LIMITS, allow_postcopy=False, cpu_bound=False, burst_s=2.0, link_bytes_per_s=100 * MB
+    )
+    stuck = [
+        dataclasses.replace(o, first_pass_done=True, fair_share_bytes_per_s=50 * MB)
+        for o in _history([500] * 20)
+    ]
+    raised = esc.applied(esc.Escalation(), esc.Decision(esc.Action.RAISE_DOWNTIME, 800), 0.0)
+    d = esc.next_step(stuck, limits, raised)
+    assert d.action is esc.Action.HOLD_LINK
+    assert esc.next_step(stuck, limits, esc.applied(raised, d, 38.0, ok=False)).action is (
+        esc.Action.NONE  # the burst was refused: nothing held, the next step settles first
+    )
+    # held back by another's burst: no step at all, however late it is
+    held = [*stuck[:-1], dataclasses.replace(stuck[-1], held_back=True)]
+    assert esc.next_step(held, limits, raised).action is esc.Action.NONE

@@ -72,6 +72,7 @@ class Watched:
 
     guest: str
     uuid: str
+    source: str = ""
     samples: list[pb.MigrationProgress] = field(default_factory=list)
     thread: threading.Thread | None = None
     error: str = ""
@@ -81,9 +82,16 @@ class Watched:
         return self.samples[-1] if self.samples and self.samples[-1].final else None
 
 
+def _tune(site: Site, w: Watched, **change: object) -> pb.TuneMigrationResponse:
+    request = pb.TuneMigrationRequest(domain_uuid=w.uuid, **change)  # type: ignore[arg-type]
+    answer: pb.TuneMigrationResponse = site.stubs[w.source].TuneMigration(request, timeout=T)
+    return answer
+
+
 def _start(site: Site, guest: str) -> Watched:
-    source, target = site.lab.hosts
-    assert site.lab.where(guest).name == source.name
+    """Migrates the guest to the other host, and follows it."""
+    source = site.lab.where(guest)
+    (target,) = [h for h in site.lab.hosts if h.name != source.name]
     w = Watched(guest, guest_uuid(site.lab, guest))
     stub = site.stubs[source.name]
     stub.Migrate(
@@ -108,6 +116,7 @@ def _start(site: Site, guest: str) -> Watched:
 
     w.thread = threading.Thread(target=follow, daemon=True)
     w.thread.start()
+    w.source = source.name
     return w
 
 
@@ -119,11 +128,8 @@ def _wait(w: Watched, timeout_s: float) -> pb.MigrationProgress | None:
 
 
 def _abort(site: Site, w: Watched) -> None:
-    source = site.lab.hosts[0]
     try:
-        site.stubs[source.name].TuneMigration(
-            pb.TuneMigrationRequest(domain_uuid=w.uuid, abort=True), timeout=T
-        )
+        _tune(site, w, abort=True)
     except grpc.RpcError as e:
         if e.code() != grpc.StatusCode.FAILED_PRECONDITION:  # no job: it already ended
             raise
@@ -179,3 +185,61 @@ def test_two_dirty_guests_converge_one_after_the_other_but_not_at_once(site: Sit
         f"at once: neither in {CONCURRENT_S:.0f}s"
     )
     assert [site.lab.where(g).name for g in NAMES] == [target.name] * len(NAMES)
+
+
+def _until(check: object, timeout_s: float, what: str) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not check():  # type: ignore[operator]
+        assert time.monotonic() < deadline, f"timed out: {what}"
+        time.sleep(0.25)
+
+
+def test_a_burst_lets_one_of_two_sharing_the_link_converge(site: Site) -> None:
+    """The coordinator's burst, step by step through the agent: of the pair that cannot
+    converge at once, the other is capped to a trickle (1 MiB/s), the holder's limit
+    raised; the holder converges on the whole link within its limit. Its neighbour's
+    limit can be lowered again only when asked to; uncapped, it converges alone."""
+    hosts = {h.name for h in site.lab.hosts}
+    holder, held = pair = [_start(site, g) for g in NAMES]
+    try:
+        # both past their first pass, sharing the link
+        _until(
+            lambda: all(w.samples and w.samples[-1].iteration >= 2 for w in pair),
+            CONCURRENT_S,
+            "both past the first pass",
+        )
+        assert all(w.final is None for w in pair)
+        capped = _tune(site, held, bandwidth_bytes_per_s=MIB)
+        assert list(capped.applied) == [f"bandwidth_bytes_per_s={MIB}"]
+        raised = _tune(site, holder, max_downtime_ms=400)
+        assert raised.max_downtime_ms == 400
+        burst_at = time.monotonic()
+        end = _wait(holder, 60)
+        burst_s = time.monotonic() - burst_at
+        assert end is not None and end.phase == pb.MIGRATION_PHASE_COMPLETED, end
+        assert end.downtime_ms <= 500, end
+        late = [s for s in held.samples[-4:] if not s.final]
+        held_bw = sum(s.bandwidth_bytes_per_s for s in late) / max(1, len(late))
+
+        # the neighbour's limit: raised, refused lower, lowered when asked to
+        assert _tune(site, held, max_downtime_ms=400).max_downtime_ms == 400
+        with pytest.raises(grpc.RpcError) as refused:
+            _tune(site, held, max_downtime_ms=300)
+        assert refused.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+        lowered = _tune(site, held, max_downtime_ms=300, lower_max_downtime=True)
+        assert lowered.max_downtime_ms == 300
+
+        _tune(site, held, bandwidth_bytes_per_s=0)  # released
+        other = _wait(held, 120)
+        assert other is not None and other.phase == pb.MIGRATION_PHASE_COMPLETED, other
+    finally:
+        for w in pair:
+            if w.final is None:
+                _abort(site, w)
+                _wait(w, 120)
+    print(
+        f"burst: {holder.guest} converged {burst_s:.1f}s after the burst began "
+        f"(downtime {end.downtime_ms} ms) while {held.guest} sent {held_bw / 1e6:.2f} MB/s; "
+        f"released, {held.guest} converged after {other.elapsed_ms / 1000:.1f}s in all"
+    )
+    assert {site.lab.where(g).name for g in NAMES} == hosts - {holder.source}

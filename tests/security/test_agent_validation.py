@@ -168,6 +168,15 @@ def test_bad_uuids_are_refused_everywhere(tls_agent: Agent, pki: Pki, uuid: str)
             "bandwidth_bytes_per_s",
         ),
         (
+            lambda s: s.TuneMigration(
+                pb.TuneMigrationRequest(
+                    domain_uuid=WEB.uuid, bandwidth_bytes_per_s=0, lower_max_downtime=True
+                ),
+                timeout=T,
+            ),
+            "lower_max_downtime",
+        ),
+        (
             lambda s: s.CheckCpuCompatibility(
                 pb.CheckCpuCompatibilityRequest(cpu=pb.CpuDefinition(model=LONG)), timeout=T
             ),

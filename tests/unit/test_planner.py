@@ -282,15 +282,15 @@ def test_a_writer_known_from_below_tries_precopy_before_its_planned_postcopy() -
         (r,) = simulate([truth], strategy, LINK, policy=pol).vms
         assert r.outcome is Outcome.COMPLETED and not r.over_downtime
         assert r.postcopy is switched, (rate, r)
-        if switched:
-            assert r.rounds == m.settings.precopy_tries + 1
+        if switched:  # by the ladder, at its first poll after the tries (it may burst)
+            assert r.rounds >= m.settings.precopy_tries + 1
 
 
 def test_post_copies_are_traded_for_at_most_the_stretch() -> None:
     """Against the soonest plan, the plan sends no more VMs through post-copy and is at
     most the policy's ``postcopy_avoidance_stretch`` longer (in its own simulation)."""
     traded = 0
-    for seed, link in ((21, 10.0), (22, 25.0)):
+    for seed, link in ((23, 10.0), (24, 25.0)):
         sc = make_scenario("pc", seed, 12, link, "heavy")
         plan = plan_drain(sc.reported, sc.targets, sc.link, sc.policy)
         fastest = dataclasses.replace(sc.policy, postcopy_avoidance_stretch=0.0)
@@ -341,3 +341,36 @@ def test_the_plan_is_what_running_it_on_the_reported_vms_gives() -> None:
         vms = [v for v in sc.reported if v.uuid in moving]
         run = simulate(vms, plan_strategy(plan, vms, sc.link, sc.policy), sc.link, policy=sc.policy)
         assert abs(run.makespan_s - plan.predicted_makespan_s) <= 0.01 * plan.predicted_makespan_s
+
+
+def test_a_hot_set_that_fits_only_the_whole_link_converges_in_a_burst() -> None:
+    """A 450 MiB set rewritten at 1.5 GiB/s: at a quarter of a 10 Gbit link it never fits
+    the downtime, on the whole link it does. Planned for post-copy after its first pass,
+    sharing the link with three idle VMs; the burst before the switch (the others capped,
+    the whole link's limit, then restored) moves it by pre-copy within the cap, at a cost
+    of the burst alone. Without the burst the same plan sends it through post-copy."""
+    hot = vm(
+        0,
+        nonzero_bytes=2 * GIB,
+        working_set_bytes=450 * MIB,
+        dirty_rate_bytes_per_s=1500 * MIB,
+        writer=WriterKind.PACED,
+    )
+    vms = [hot, *(vm(i, memory_bytes=8 * GIB, nonzero_bytes=4 * GIB) for i in range(1, 4))]
+    pol = DrainPolicy(allow_postcopy=True, postcopy_avoidance_stretch=0.0)
+    plan = plan_drain(vms, [], LINK, pol)
+    (m,) = [m for m in plan.migrations if m.vm_uuid == "v0"]
+    assert plan.concurrency > 1 and not m.holds_link
+    assert m.tuning is Tuning.POSTCOPY and m.settings.burst_s > 0
+    res = simulate(vms, plan_strategy(plan, vms, LINK, pol), LINK, policy=pol)
+    assert res.failed == 0 and res.over_downtime == 0 and res.postcopy_count == 0
+    without = dataclasses.replace(
+        plan,
+        migrations=tuple(
+            dataclasses.replace(p, settings=dataclasses.replace(p.settings, burst_s=0.0))
+            for p in plan.migrations
+        ),
+    )
+    plain = simulate(vms, plan_strategy(without, vms, LINK, pol), LINK, policy=pol)
+    assert [r.uuid for r in plain.vms if r.postcopy] == ["v0"]
+    assert res.makespan_s <= plain.makespan_s * 1.05

@@ -1,0 +1,165 @@
+"""A burst in the executor: the order of its agent calls, and that it always ends.
+
+The agent is a recorder of TuneMigration requests (the lab test
+tests/lab/test_link_sharing.py shows the same calls on real migrations); the
+running migrations are threads that stay alive until the test ends them.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+from hostmaint.coordinator import errors
+from hostmaint.coordinator.executor import EventBus, Executor, ExecutorSettings, _Run
+from hostmaint.coordinator.journal import Journal, VmRow, make_engine
+from hostmaint.coordinator.model import DrainPolicy, Settings, Tuning
+from hostmaint.coordinator.planner import HELD_BACK_BYTES_PER_S, MAX_BURST_S, PlannedMigration
+from hostmaint.protos import agent_pb2 as apb
+from hostmaint.protos import coordinator_pb2 as cpb
+
+HELD = round(HELD_BACK_BYTES_PER_S)
+
+
+@dataclass
+class Recorder:
+    """An agent client that records each TuneMigration and refuses the VMs in ``refuse``."""
+
+    refuse: set[str] = field(default_factory=set)
+    calls: list[tuple[str, str, int]] = field(default_factory=list)
+
+    def tune(self, request: apb.TuneMigrationRequest) -> apb.TuneMigrationResponse:
+        if request.domain_uuid in self.refuse:
+            raise errors.AgentRefused("h", "TuneMigration", "FAILED_PRECONDITION", "no job")
+        if request.HasField("bandwidth_bytes_per_s"):
+            self.calls.append((request.domain_uuid, "bandwidth", request.bandwidth_bytes_per_s))
+        if request.HasField("max_downtime_ms"):
+            kind = "lower" if request.lower_max_downtime else "raise"
+            self.calls.append((request.domain_uuid, kind, request.max_downtime_ms))
+        return apb.TuneMigrationResponse()
+
+
+@dataclass
+class Registry:
+    agent: Recorder
+
+    def client(self, host: str) -> Recorder:
+        return self.agent
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@dataclass
+class Bench:
+    executor: Executor
+    agent: Recorder
+    run: _Run
+    clock: Clock
+
+
+def _planned(vm: str, cap: float | None) -> PlannedMigration:
+    settings = Settings(150.0, max_bandwidth_bytes_per_s=cap, burst_s=2.0)
+    return PlannedMigration(vm, vm, None, 0, 0.0, 10.0, 100.0, Tuning.NONE, settings, 0.0)
+
+
+@pytest.fixture
+def bench(tmp_path: Path) -> Iterator[Bench]:
+    agent, clock = Recorder(), Clock()
+    journal = Journal(make_engine(f"sqlite:///{tmp_path / 'j.db'}"), clock=clock)
+    settings = ExecutorSettings(defaults=DrainPolicy(), link_bandwidth_bytes_per_s=1.25e9)
+    executor = Executor(None, Registry(agent), journal, settings, clock=clock)  # type: ignore[arg-type]
+    run = _Run("d", "h", DrainPolicy(), cpb.DrainPolicy(), EventBus())
+    run.planned = {"a": _planned("a", None), "b": _planned("b", 50e6), "c": _planned("c", None)}
+    stop = threading.Event()
+    for vm in ("a", "b", "c"):
+        run.threads[vm] = threading.Thread(target=stop.wait, daemon=True)
+        run.threads[vm].start()
+    try:
+        yield Bench(executor, agent, run, clock)
+    finally:
+        stop.set()
+
+
+def test_the_others_are_capped_before_the_holders_limit_is_raised(bench: Bench) -> None:
+    ex, run = bench.executor, bench.run
+    ex._hold_link(run, "a", 800, 150)
+    assert bench.agent.calls == [
+        ("b", "bandwidth", HELD),
+        ("c", "bandwidth", HELD),
+        ("a", "raise", 800),
+    ]
+    assert ex._held_back(run, "b") and ex._held_back(run, "c") and not ex._held_back(run, "a")
+    assert ex._slot(run, VmRow("d", "a", "a", 0, "migrating", "h")).holds_link  # nothing starts
+    with pytest.raises(errors.PreconditionFailed):
+        ex._hold_link(run, "b", 800, 150)  # one burst at a time
+    bench.agent.calls.clear()
+    ex._release_link(run, "a", 150)
+    # the holder's limit back down first, then each neighbour's own cap (0: none)
+    assert bench.agent.calls == [
+        ("a", "lower", 150),
+        ("b", "bandwidth", 50_000_000),
+        ("c", "bandwidth", 0),
+    ]
+    assert run.burst is None and not ex._held_back(run, "b")
+
+
+def test_a_refused_cap_undoes_the_burst_before_the_holders_limit_moves(bench: Bench) -> None:
+    bench.agent.refuse.add("c")
+    with pytest.raises(errors.AgentRefused):
+        bench.executor._hold_link(bench.run, "a", 800, 150)
+    assert bench.agent.calls == [("b", "bandwidth", HELD), ("b", "bandwidth", 50_000_000)]
+    assert bench.run.burst is None
+
+
+def test_a_burst_ends_with_its_holder_or_when_it_overruns(bench: Bench) -> None:
+    ex, run = bench.executor, bench.run
+    ex._hold_link(run, "a", 800, 150)
+    ex._end_burst(run, "b")  # not the holder: nothing
+    assert run.burst is not None
+    ex._end_burst(run, "a")  # the holder's watcher ended (converged, failed, stopping)
+    assert run.burst is None
+    assert bench.agent.calls[-2:] == [("b", "bandwidth", 50_000_000), ("c", "bandwidth", 0)]
+
+    bench.agent.calls.clear()
+    ex._hold_link(run, "a", 800, 150)
+    bench.clock.now += MAX_BURST_S + ex.settings.stall_grace_s - 1
+    assert ex._held_back(run, "b")
+    bench.clock.now += 2  # its watcher lost: a held-back neighbour gives the link back
+    assert not ex._held_back(run, "b")
+    assert run.burst is None
+    assert bench.agent.calls[-3:] == [
+        ("a", "lower", 150),
+        ("b", "bandwidth", 50_000_000),
+        ("c", "bandwidth", 0),
+    ]
+
+
+def test_a_restart_resets_the_burst_the_previous_coordinator_left(bench: Bench) -> None:
+    """Adopted after a restart: each migration gets its planned cap back; one that held
+    the link (its last burst mark a hold) also its planned limit, lowered."""
+    ex, run = bench.executor, bench.run
+    holder = VmRow("d", "a", "a", 0, "migrating", "h", tuning_applied=("hold_link=800",))
+    done = VmRow(
+        "d", "c", "c", 0, "migrating", "h", tuning_applied=("hold_link=800", "release_link=150")
+    )
+    held = VmRow("d", "b", "b", 0, "migrating", "h")
+    for row in (holder, done, held):
+        ex._undo_burst(run, row)
+    assert bench.agent.calls == [
+        ("a", "bandwidth", 0),
+        ("a", "lower", 150),
+        ("c", "bandwidth", 0),
+        ("b", "bandwidth", 50_000_000),
+    ]
+    bench.agent.refuse.add("a")  # it ended meanwhile: a warning, no error
+    ex._undo_burst(run, holder)
