@@ -5,6 +5,7 @@ from __future__ import annotations
 from oslo_config import cfg
 
 from hostmaint.coordinator.limits import MAX_DOWNTIME_MS, MAX_PARALLEL, MAX_POSTCOPY_STRETCH
+from hostmaint.coordinator.model import DrainPolicy
 
 grpc_opts = [
     cfg.StrOpt("listen", default="0.0.0.0:7711", help="The host:port the gRPC server binds."),
@@ -132,7 +133,7 @@ drain_opts = [
     cfg.IntOpt("max_parallel_per_target", default=2, min=1, max=MAX_PARALLEL, help="Default cap."),
     cfg.FloatOpt(
         "postcopy_avoidance_stretch",
-        default=0.10,
+        default=DrainPolicy.postcopy_avoidance_stretch,
         min=0.0,
         max=MAX_POSTCOPY_STRETCH,
         help="Where a drain allows post-copy: how much longer than the soonest plan (a "

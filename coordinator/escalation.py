@@ -130,7 +130,11 @@ def next_step(history: Sequence[Observation], limits: Limits, done: Escalation) 
         return Decision(Action.NONE)
     now = history[-1]
     if done.holding:
-        if now.elapsed_s - done.level_at_s < limits.burst_s:
+        # what is left fits the limit: it is switching over, and a release now would cut
+        # its bandwidth during the final copy; it gets one more burst's time for that
+        fits = now.remaining_bytes * 1000.0 <= now.bandwidth_bytes_per_s * now.max_downtime_ms
+        window_s = limits.burst_s * (2.0 if fits else 1.0)
+        if now.elapsed_s - done.level_at_s < window_s:
             return Decision(Action.NONE)
         why = f"not converged after holding the link for {limits.burst_s:.1f}s"
         return Decision(Action.RELEASE_LINK, done.restore_ms, why)

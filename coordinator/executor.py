@@ -933,6 +933,7 @@ class Executor:
                 row = self._watch_cloud(run, row, ref, w, reattach=True)
                 if w.finished:
                     break
+        self._end_burst(run, row.vm_uuid)  # before the cloud's record settles
         if self._stopped.is_set():
             return False, 0.0, "coordinator stopping"
         state = self._settle(ref)

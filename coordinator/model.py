@@ -167,7 +167,7 @@ class DrainPolicy:
     deadline_s: float | None = None
     # how much longer than the soonest plan (a fraction) the drain may take to send fewer
     # VMs through post-copy
-    postcopy_avoidance_stretch: float = 0.10
+    postcopy_avoidance_stretch: float = 0.05
 
 
 @dataclass(frozen=True)

@@ -291,7 +291,8 @@ class PlanStrategy:
             mig.throttle_vcpus(decision.value)
         elif action is escalation.Action.HOLD_LINK:
             self.holder = uuid
-            self.held = [m for u, m in self.live.items() if u != uuid and not m.finished]
+            # QEMU's cap binds pre-copy only (post-copy has its own)
+            self.held = [m for u, m in self.live.items() if u != uuid and m.in_precopy]
             for m in self.held:
                 m.bandwidth_cap = HELD_BACK_BYTES_PER_S
             mig.set_downtime_limit(decision.value)

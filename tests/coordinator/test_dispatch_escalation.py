@@ -286,3 +286,20 @@ def test_a_burst_comes_before_abort_and_a_held_back_migration_waits() -> None:
     # held back by another's burst: no step at all, however late it is
     held = [*stuck[:-1], dataclasses.replace(stuck[-1], held_back=True)]
     assert esc.next_step(held, limits, raised).action is esc.Action.NONE
+
+
+def test_a_burst_is_not_released_while_its_migration_switches_over() -> None:
+    """What is left fits the limit at the bandwidth it gets: the switch-over is under way
+    and the others must stay capped; it gets a second burst's time for it."""
+    start = esc.Observation(
+        9.0, 3, 90 * MB, 25 * MB, 150, first_pass_done=True, fair_share_bytes_per_s=25 * MB
+    )
+    holding = esc.applied(esc.Escalation(), esc.next_step([start], BURST, esc.Escalation()), 9.0)
+    fitting = dataclasses.replace(
+        start, remaining_bytes=70 * MB, bandwidth_bytes_per_s=100 * MB, max_downtime_ms=800
+    )
+    assert esc.next_step([dataclasses.replace(fitting, elapsed_s=11.5)], BURST, holding).action is (
+        esc.Action.NONE
+    )
+    late = dataclasses.replace(fitting, elapsed_s=13.0)
+    assert esc.next_step([late], BURST, holding).action is esc.Action.RELEASE_LINK

@@ -292,7 +292,8 @@ def test_post_copies_are_traded_for_at_most_the_stretch() -> None:
     traded = 0
     for seed, link in ((23, 10.0), (24, 25.0)):
         sc = make_scenario("pc", seed, 12, link, "heavy")
-        plan = plan_drain(sc.reported, sc.targets, sc.link, sc.policy)
+        pol = dataclasses.replace(sc.policy, postcopy_avoidance_stretch=0.10)
+        plan = plan_drain(sc.reported, sc.targets, sc.link, pol)
         fastest = dataclasses.replace(sc.policy, postcopy_avoidance_stretch=0.0)
         soonest = plan_drain(sc.reported, sc.targets, sc.link, fastest)
 
@@ -300,7 +301,7 @@ def test_post_copies_are_traded_for_at_most_the_stretch() -> None:
             return sum(1 for x in p.migrations if x.tuning is Tuning.POSTCOPY)
 
         assert postcopies(plan) <= postcopies(soonest)
-        stretch = 1.0 + sc.policy.postcopy_avoidance_stretch
+        stretch = 1.0 + pol.postcopy_avoidance_stretch
         assert plan.predicted_makespan_s <= soonest.predicted_makespan_s * stretch + 1e-6
         traded += postcopies(soonest) - postcopies(plan)
     assert traded > 0  # these hosts have post-copies worth trading
