@@ -35,7 +35,10 @@ of unknown rate planned at its floor, or ``COSTLY_PRECOPY_RATIO`` times longer t
 post-copy), the soonest plan takes it; then VMs go back to pre-copy, each time the one
 that lengthens the simulated drain least, while the drain stays within the policy's
 ``postcopy_avoidance_stretch`` of that plan (each post-copy is a VM lost if the network
-fails during it).
+fails during it). A VM that converges alone on the whole link with the whole link's
+limit may hold the link for its switch-over (``Settings.burst_s``: the ladder's burst,
+before a post-copy switch or an abort, which the plan's simulation runs too): sharing
+the link, a hot set that fits only the whole link's limit then moves by pre-copy.
 """
 
 from __future__ import annotations
