@@ -83,10 +83,12 @@ COSTLY_PRECOPY_RATIO = 1.5
 # pre-copy rounds it would need at its floor rate, up to this many.
 MAX_PRECOPY_TRIES = 4
 # A migration holding the link for its switch-over caps the others to this (libvirt's
-# smallest cap: 1 MiB/s), for the time of a few rounds of what it must send then.
+# smallest cap: 1 MiB/s), for the time its rounds after the first pass take alone on the
+# link, and a poll; within these bounds (longer bursts stall the others more than the
+# post-copies they save are worth on the benchmark's hosts).
 HELD_BACK_BYTES_PER_S = float(MIB)
-BURST_ROUNDS = 3
-MIN_BURST_S, MAX_BURST_S = 1.0, 5.0
+BURST_POLL_S = 1.0
+MIN_BURST_S, MAX_BURST_S = 1.0, 3.0
 
 
 @dataclass(frozen=True)
@@ -657,14 +659,15 @@ def _top_ms(
 
 def _burst_s(vm: VmSpec, full_bw: float, policy: DrainPolicy, params: ModelParams) -> float:
     """How long the VM may hold the link for its switch-over: 0 unless it converges alone on
-    the whole link with the whole link's limit; then the time to send its dirty set and
-    ``BURST_ROUNDS`` final rounds at that limit there (within the burst's bounds)."""
+    the whole link with the whole link's limit; then the time its rounds after the first
+    pass take there, and a poll (within the burst's bounds)."""
     top_ms = _top_ms(vm, full_bw, full_bw, policy, params)
     run = run_alone(vm, full_bw, Settings(top_ms), params, params.max_precopy_bytes_factor)
     if run.outcome is not Outcome.COMPLETED:
         return 0.0
-    dirty_set = min(vm.working_set_estimate_bytes, vm.sent_bytes)
-    window_s = dirty_set / full_bw + BURST_ROUNDS * top_ms / 1000.0
+    # the rounds after the first pass there (each sends what the sync before it found),
+    # and the poll that sees the end
+    window_s = sum(run.pending_at_sync) / full_bw + BURST_POLL_S
     return min(MAX_BURST_S, max(MIN_BURST_S, window_s))
 
 
