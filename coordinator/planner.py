@@ -174,7 +174,9 @@ class PlanStrategy:
     and steer each running migration with the executor's escalation ladder
     (``escalation.next_step``), fed every ``POLL_S`` with what the agent would report:
     elapsed time, QEMU's round, the bytes left in it, the bandwidth it got, its limit. A
-    migration whose limit the ladder raised holds the link, as in the executor."""
+    migration whose limit the ladder raised holds the link, as in the executor; one in a
+    burst caps its pre-copying neighbours until it releases the link or leaves
+    pre-copy."""
 
     def __init__(
         self,
@@ -409,7 +411,7 @@ def plan_drain(
     used: dict[str, list[VmSpec]] = {t.name: [] for t in targets}
     unmovable: list[Unmovable] = []
     # each VM as planned, its target, prediction, VM at its assumed rate (if planned at
-    # its floor) and the pre-copy rounds a planned post-copy of it tries first
+    # its floor), the pre-copy rounds a planned post-copy of it tries first and its burst
     base: list[tuple[VmSpec, str | None, Prediction, VmSpec | None, int, float]] = []
     for vm in sorted(vms, key=lambda v: -v.memory_bytes):
         if vm.blockers:
