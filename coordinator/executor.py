@@ -7,8 +7,9 @@ escalates with the cheapest step the policy allows when it falls behind, and
 records the result. A burst (the ladder's hold of the link for one migration's
 switch-over) caps the drain's other migrations through the source agent and
 always gives their bandwidth back: at its release, when its migration's
-watcher ends, when a held-back neighbour sees it overrun, and after a restart. Every step goes to the journal as an intent first, so a
-restarted coordinator resumes each drain without starting a migration twice.
+watcher ends, when a held-back neighbour sees it overrun, and after a restart.
+Every step goes to the journal as an intent first, so a restarted coordinator
+resumes each drain without starting a migration twice.
 
 VMs that cannot move live because of their state (shut off, paused,
 suspended) follow the policy's `non_live_action`: REPORT leaves them in place

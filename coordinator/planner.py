@@ -427,11 +427,11 @@ def plan_drain(
             continue
         if where is not None:
             used[where].append(vm)
+        top_ms = _top_ms(vm, full_bw, full_bw, policy, params)  # the whole link's limit
         tries = 0
         if assumed is not None and policy.allow_postcopy:
-            top_ms = _top_ms(vm, full_bw, full_bw, policy, params)
             tries = _precopy_tries(vm, full_bw, top_ms, params)
-        base.append((vm, where, pred, assumed, tries, _burst_s(vm, full_bw, policy, params)))
+        base.append((vm, where, pred, assumed, tries, _burst_s(vm, full_bw, top_ms, params)))
     cap_ms = {v.uuid: _cap(v, policy) for v in vms}
     bound = lower_bound([b[0] for b in base], link, policy, params)
     best: _Candidate | None = None
@@ -659,11 +659,10 @@ def _top_ms(
     return qemu_downtime_limit_ms(_cap(vm, policy), full_bw, params, worst_bw)
 
 
-def _burst_s(vm: VmSpec, full_bw: float, policy: DrainPolicy, params: ModelParams) -> float:
+def _burst_s(vm: VmSpec, full_bw: float, top_ms: float, params: ModelParams) -> float:
     """How long the VM may hold the link for its switch-over: 0 unless it converges alone on
-    the whole link with the whole link's limit; then the time its rounds after the first
-    pass take there, and a poll (within the burst's bounds)."""
-    top_ms = _top_ms(vm, full_bw, full_bw, policy, params)
+    the whole link with the whole link's limit ``top_ms``; then the time its rounds after
+    the first pass take there, and a poll (within the burst's bounds)."""
     run = run_alone(vm, full_bw, Settings(top_ms), params, params.max_precopy_bytes_factor)
     if run.outcome is not Outcome.COMPLETED:
         return 0.0

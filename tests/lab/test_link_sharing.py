@@ -22,6 +22,7 @@ import pytest
 from hostmaint.lab import cluster
 from hostmaint.lab.demo import guest_uuid
 from hostmaint.lab.guest import GuestMode, GuestSpec
+from hostmaint.lab.state import wait_until
 from hostmaint.protos import agent_pb2 as pb
 from hostmaint.protos import agent_pb2_grpc
 from tests.lab.conftest import require_lab
@@ -187,13 +188,6 @@ def test_two_dirty_guests_converge_one_after_the_other_but_not_at_once(site: Sit
     assert [site.lab.where(g).name for g in NAMES] == [target.name] * len(NAMES)
 
 
-def _until(check: object, timeout_s: float, what: str) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not check():  # type: ignore[operator]
-        assert time.monotonic() < deadline, f"timed out: {what}"
-        time.sleep(0.25)
-
-
 def test_a_burst_lets_one_of_two_sharing_the_link_converge(site: Site) -> None:
     """The coordinator's burst, step by step through the agent: of the pair that cannot
     converge at once, the other is capped to a trickle (1 MiB/s), the holder's limit
@@ -203,11 +197,10 @@ def test_a_burst_lets_one_of_two_sharing_the_link_converge(site: Site) -> None:
     holder, held = pair = [_start(site, g) for g in NAMES]
     try:
         # both past their first pass, sharing the link
-        _until(
+        assert wait_until(
             lambda: all(w.samples and w.samples[-1].iteration >= 2 for w in pair),
             CONCURRENT_S,
-            "both past the first pass",
-        )
+        ), "both past the first pass"
         assert all(w.final is None for w in pair)
         capped = _tune(site, held, bandwidth_bytes_per_s=MIB)
         assert list(capped.applied) == [f"bandwidth_bytes_per_s={MIB}"]
