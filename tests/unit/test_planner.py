@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import dataclasses
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from hostmaint.coordinator import planner
 from hostmaint.coordinator.model import (
     DEFAULT_PARAMS,
     GIB,
@@ -375,3 +377,31 @@ def test_a_hot_set_that_fits_only_the_whole_link_converges_in_a_burst() -> None:
     plain = simulate(vms, plan_strategy(without, vms, LINK, pol), LINK, policy=pol)
     assert [r.uuid for r in plain.vms if r.postcopy] == ["v0"]
     assert res.makespan_s <= plain.makespan_s * 1.05
+
+
+def test_the_order_is_refined_so_zero_page_scans_overlap_other_vms_sending(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Four 64 GiB VMs with 4 GiB in use spend most of their migration scanning zero pages
+    (a slot held, the link unused), beside four 16 GiB VMs full of data, on four slots.
+    The fixed orders leave a big VM to start last, its scan with nothing sending beside
+    it; the refined order starts every big VM before the last two full ones, whose
+    sending then covers the scans: the drain ends over a tenth sooner."""
+    big = [vm(i, memory_bytes=64 * GIB, nonzero_bytes=4 * GIB) for i in range(4)]
+    full = [vm(i, memory_bytes=16 * GIB, nonzero_bytes=12 * GIB) for i in range(4, 8)]
+    vms = big + full
+    pol = DrainPolicy(max_parallel_per_source=4)
+    plan = plan_drain(vms, [], LINK, pol)
+    check_plan(plan, vms, [], pol)
+    monkeypatch.setattr(planner, "REORDER_BUDGET", 0)
+    fixed = plan_drain(vms, [], LINK, pol)
+    assert plan.predicted_makespan_s < 0.9 * fixed.predicted_makespan_s
+    run = simulate(vms, plan_strategy(plan, vms, LINK, pol), LINK, policy=pol)
+    assert run.failed == 0 and run.makespan_s == pytest.approx(plan.predicted_makespan_s)
+
+    def big_before_last_two_full(p: DrainPlan) -> bool:
+        starts = {m.vm_uuid: m.start_s for m in p.migrations}
+        full_starts = sorted(starts[v.uuid] for v in full)
+        return max(starts[v.uuid] for v in big) < full_starts[-2]
+
+    assert big_before_last_two_full(plan) and not big_before_last_two_full(fixed)
