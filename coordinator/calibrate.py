@@ -17,7 +17,9 @@ Public API: ``LabRow``, ``read_rows(lines)``, ``predict_row(row, params)``,
 ``errors(rows, params) -> ErrorReport`` (median and 90th percentile of the relative error
 of total time and downtime over the rows that converged in the lab and in the model,
 and the count of rows where convergence disagrees), ``fit(rows, params)`` (coordinate
-search over the calibratable overheads). ``main`` prints the report.
+search over the calibratable overheads), ``repeatability(rows) -> Repeatability`` (the
+median deviation of the lab's repeated runs of one configuration from their own median:
+the noise floor of any model's error). ``main`` prints the report.
 
 The lab guests write their working sets in address order, so the rows are predicted
 with ``LAB_PARAMS`` (the model with the sequential writer's measured behind-the-cursor
@@ -323,6 +325,48 @@ def errors(rows: Sequence[LabRow], params: ModelParams = LAB_PARAMS) -> ErrorRep
     )
 
 
+@dataclass(frozen=True)
+class Repeatability:
+    """How far the lab's repeated runs of one configuration (every column the model reads)
+    land from their own median: the noise no model of those columns gets under."""
+
+    runs: int  # converged runs in configurations run more than once
+    configurations: int
+    total_median: float
+    downtime_median: float
+
+
+def repeatability(rows: Sequence[LabRow]) -> Repeatability:
+    by_config: dict[tuple[object, ...], list[LabRow]] = {}
+    for r in rows:
+        if r.converged:
+            key = (
+                r.size_mib,
+                r.fill_mib,
+                r.working_set_mib,
+                r.dirty_rate_mibps,
+                r.mode,
+                r.link_mbit,
+                r.concurrency,
+                r.downtime_limit_ms,
+            )
+            by_config.setdefault(key, []).append(r)
+    repeated = [g for g in by_config.values() if len(g) > 1]
+
+    def spread(values: Sequence[float]) -> list[float]:
+        mid = _pct(values, 0.5)
+        return [abs(v - mid) / mid for v in values] if mid > 0 else []
+
+    tot = [d for g in repeated for d in spread([r.total_s for r in g])]
+    down = [d for g in repeated for d in spread([r.downtime_ms for r in g])]
+    return Repeatability(
+        runs=sum(len(g) for g in repeated),
+        configurations=len(repeated),
+        total_median=_pct(tot, 0.5),
+        downtime_median=_pct(down, 0.5),
+    )
+
+
 def _score(rep: ErrorReport) -> float:
     parts = [x for x in (rep.total_median, rep.downtime_median) if math.isfinite(x)]
     return sum(parts) + rep.convergence_mismatch
@@ -364,6 +408,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     out = sys.stdout
     out.write("the lab guests' sequential writer:\n" + _report(errors(rows)))
     out.write("the planner's default (a uniform writer):\n" + _report(errors(rows, DEFAULT_PARAMS)))
+    rep = repeatability(rows)
+    out.write(
+        f"the lab's repeatability ({rep.runs} runs of {rep.configurations} configurations run"
+        " more than once, from their own median):\n"
+        f"total_s median={rep.total_median:.1%} downtime_ms median={rep.downtime_median:.1%}\n"
+    )
     if args.fit:
         fitted = fit(rows)
         out.write("fitted parameters:\n" + _report(errors(rows, fitted)))

@@ -67,6 +67,7 @@ def test_main_prints_report(tmp_path: Path, capsys: pytest.CaptureFixture[str]) 
     assert calibrate.main([str(path)]) == 0
     out = capsys.readouterr().out
     assert "total_s error: median=" in out and "downtime_ms error" in out
+    assert "the lab's repeatability" in out
 
 
 def _row(converged: bool, total_s: float) -> calibrate.LabRow:
@@ -101,3 +102,19 @@ def test_fill_sits_beside_the_working_set() -> None:
     assert calibrate._row_vm(row, 0).nonzero_bytes == 64 * 2**20
     full = dataclasses.replace(row, fill_mib=250)
     assert calibrate._row_vm(full, 0).nonzero_bytes == 256 * 2**20  # never above the size
+
+
+def test_repeatability_is_the_spread_of_repeated_runs_around_their_median() -> None:
+    """Three runs of one configuration (10, 12, 15 s; 100, 100, 200 ms) and one of another
+    (not repeated: left out); a run that did not converge is left out too."""
+    base = _row(True, 0.0)
+    rows = [
+        dataclasses.replace(base, total_s=t, downtime_ms=d)
+        for t, d in ((10.0, 100.0), (12.0, 100.0), (15.0, 200.0))
+    ]
+    rows.append(dataclasses.replace(base, downtime_limit_ms=100, total_s=99.0, downtime_ms=9.0))
+    rows.append(dataclasses.replace(base, converged=False, total_s=99.0))
+    rep = calibrate.repeatability(rows)
+    assert (rep.runs, rep.configurations) == (3, 1)
+    assert rep.total_median == pytest.approx(2 / 12)  # deviations 2/12, 0, 3/12
+    assert rep.downtime_median == pytest.approx(0.0)  # 0, 0, 1
