@@ -48,8 +48,9 @@ the link, a hot set that fits only the whole link's limit then moves by pre-copy
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
-from collections.abc import Collection, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 from itertools import zip_longest
 
@@ -175,6 +176,8 @@ class _Item:
 # a candidate plan: its key, concurrency, simulated result, items (their times alone) and
 # the items with the predictions the ladder checks (``_evaluate``)
 _Candidate = tuple[float, int, SimResult, list[_Item], list[_Item]]
+# ``_evaluate`` for one host: an order and a concurrency to its key, result and items
+_Evaluate = Callable[[Sequence[_Item], int], tuple[float, SimResult, list[_Item]]]
 
 
 class PlanStrategy:
@@ -445,6 +448,9 @@ def plan_drain(
         base.append((vm, where, pred, assumed, tries, _burst_s(vm, full_bw, top_ms, params)))
     cap_ms = {v.uuid: _cap(v, policy) for v in vms}
     bound = lower_bound([b[0] for b in base], link, policy, params)
+    evaluate = functools.partial(
+        _evaluate, link=link, link_bw=link_bw, cap_ms=cap_ms, policy=policy, params=params
+    )
     best: _Candidate | None = None
     choices: dict[tuple[int, str], _Item] = {}  # (k, VM): its pre-copy choice instead of post-copy
     for k in range(1, max(1, policy.max_parallel_per_source) + 1):
@@ -467,13 +473,13 @@ def plan_drain(
             _interleaved(items),
         )
         for order in orders:
-            key, res, refs = _evaluate(order, k, link, link_bw, cap_ms, policy, params)
+            key, res, refs = evaluate(order, k)
             if best is None or key < best[0]:
                 best = (key, k, res, order, refs)
     if best is None:
         return DrainPlan((), tuple(unmovable), 0.0, bound, 0, policy.deadline_s)
-    best = _fewer_postcopies(best, choices, link, link_bw, cap_ms, policy, params)
-    best = _reordered(best, link, link_bw, cap_ms, policy, params)
+    best = _fewer_postcopies(best, choices, evaluate, policy.postcopy_avoidance_stretch)
+    best = _reordered(best, evaluate)
     _, k, res, _, refs = best
     starts = {r.uuid: r for r in res.vms}
     by_start = sorted(refs, key=lambda i: starts[i.vm.uuid].start_s)
@@ -512,14 +518,7 @@ def plan_drain(
     )
 
 
-def _reordered(
-    best: _Candidate,
-    link: Link,
-    link_bw: float,
-    cap_ms: dict[str, float],
-    policy: DrainPolicy,
-    params: ModelParams,
-) -> _Candidate:
+def _reordered(best: _Candidate, evaluate: _Evaluate) -> _Candidate:
     """The chosen order refined by local search on the simulated drain: a VM moved to
     another place in the order, the first move that ends the drain at least
     ``MIN_REORDER_GAIN_S`` sooner (with no more post-copies) taken, until none does or
@@ -549,7 +548,7 @@ def _reordered(
                 continue
             seen.add(sig)
             spent += 1
-            t_key, t_res, t_refs = _evaluate(trial, k, link, link_bw, cap_ms, policy, params)
+            t_key, t_res, t_refs = evaluate(trial, k)
             if t_key <= key - MIN_REORDER_GAIN_S and t_res.postcopy_count <= res.postcopy_count:
                 key, res, order, refs = t_key, t_res, trial, t_refs
                 break
@@ -752,15 +751,12 @@ def _precopy_tries(at_floor: VmSpec, full_bw: float, top_ms: float, params: Mode
 def _fewer_postcopies(
     best: _Candidate,
     choices: dict[tuple[int, str], _Item],
-    link: Link,
-    link_bw: float,
-    cap_ms: dict[str, float],
-    policy: DrainPolicy,
-    params: ModelParams,
+    evaluate: _Evaluate,
+    stretch: float,
 ) -> _Candidate:
     """Move VMs of the soonest plan from post-copy back to pre-copy (each post-copy is a VM
-    lost if the network fails during it) while the drain stays within the policy's
-    ``postcopy_avoidance_stretch`` of that plan's makespan: one at a time, each time the
+    lost if the network fails during it) while the drain stays within ``stretch`` (the
+    policy's ``postcopy_avoidance_stretch``) of that plan's makespan: one at a time, each time the
     one whose move lengthens the simulated drain least (ties: the one whose pre-copy
     alone takes least longer than its post-copy). Greedy on the drain, not on the VM
     alone: a pre-copy that is cheap alone can cost the drain more, sharing the link.
@@ -769,7 +765,7 @@ def _fewer_postcopies(
     later); one known only from below (``simulated`` at its assumed rate) is a bet that
     it writes slower, taken at the cost the simulation gives it."""
     key, k, res, order, refs = best
-    budget = res.makespan_s * (1.0 + policy.postcopy_avoidance_stretch)
+    budget = res.makespan_s * (1.0 + stretch)
     fast = {i.vm.uuid: i.prediction.total_s for i in order}
     swaps = sorted(
         (choices[(k, i.vm.uuid)] for i in order if (k, i.vm.uuid) in choices),
@@ -779,7 +775,7 @@ def _fewer_postcopies(
         fitting: list[tuple[float, SimResult, list[_Item], list[_Item], _Item]] = []
         for pre in swaps:
             trial = [pre if i.vm.uuid == pre.vm.uuid else i for i in order]
-            t_key, t_res, t_refs = _evaluate(trial, k, link, link_bw, cap_ms, policy, params)
+            t_key, t_res, t_refs = evaluate(trial, k)
             no_worse = t_key - t_res.makespan_s <= key - res.makespan_s  # failures, deadline
             # a VM of known rate must leave post-copy in the simulation too; one known only
             # from below is a bet on its rate (simulated at the assumed one: at its cost)
