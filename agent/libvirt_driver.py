@@ -66,6 +66,9 @@ _CONNECTION_LOST = frozenset(
 DIRTY_RATE_MEASURED = 2
 DIRTY_RATE_MEASURING = 1
 _MIB = 1024 * 1024
+# libvirt reports an uncapped job as INT64_MAX bytes/s (in MiB/s, about 2**43): a cap
+# this high or higher is none
+_NO_CAP_MIB_PER_S = 1 << 40
 _VCPU_PERIOD_US = 100_000
 _NO_QUOTA = -1
 _PARSED_CACHE_SIZE = 4096
@@ -505,6 +508,13 @@ class LibvirtDriver:
         dom = self._domain(domain_uuid)
         with self._translated("set max downtime", domain_uuid):
             dom.migrateSetMaxDowntime(downtime_ms, 0)
+
+    def max_speed(self, domain_uuid: str) -> int:
+        """The migration job's bandwidth cap in bytes/s; 0 when there is none."""
+        dom = self._domain(domain_uuid)
+        with self._translated("get bandwidth", domain_uuid):
+            mib_per_s = int(dom.migrateGetMaxSpeed(0))
+        return 0 if mib_per_s >= _NO_CAP_MIB_PER_S else mib_per_s * _MIB
 
     def set_max_speed(self, domain_uuid: str, bandwidth_bytes_per_s: int) -> None:
         dom = self._domain(domain_uuid)

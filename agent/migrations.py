@@ -37,6 +37,16 @@ class Sample:
     sampled_at: float
 
 
+@dataclass(frozen=True)
+class Tuned:
+    """What a tune applied, in order; the downtime limit in force after it; with a
+    bandwidth change, the cap it replaced (0: none)."""
+
+    applied: list[str]
+    max_downtime_ms: int
+    previous_bandwidth_bytes_per_s: int | None = None
+
+
 @dataclass
 class _Outcome:
     phase: MigrationPhase
@@ -339,8 +349,8 @@ class MigrationTracker:
         abort: bool,
         vcpu_throttle_pct: int | None,
         lower_max_downtime: bool = False,
-    ) -> tuple[list[str], int]:
-        """Applies the changes in a safe order; returns what was applied and the downtime limit."""
+    ) -> Tuned:
+        """Applies the changes in a safe order."""
         applied: list[str] = []
         needs_job = max_downtime_ms is not None or bandwidth_bytes_per_s is not None
         needs_job = needs_job or start_postcopy or abort
@@ -356,7 +366,7 @@ class MigrationTracker:
         current = self._driver.max_downtime_ms(domain_uuid) if needs_job else 0
         if abort:
             self._driver.abort_job(domain_uuid)
-            return ["abort"], current
+            return Tuned(["abort"], current)
         if max_downtime_ms is not None:
             decision = tuning.decide_max_downtime(current, max_downtime_ms, lower_max_downtime)
             if decision.refused:
@@ -368,7 +378,9 @@ class MigrationTracker:
                 job = self._jobs.setdefault(domain_uuid, _Job(domain_uuid, ours=False))
                 job.downtime_floor_ms = decision.value_ms
             applied.append(f"max_downtime_ms={decision.value_ms}")
+        previous_bandwidth = None
         if bandwidth_bytes_per_s is not None:
+            previous_bandwidth = self._driver.max_speed(domain_uuid)
             self._driver.set_max_speed(domain_uuid, bandwidth_bytes_per_s)
             applied.append(f"bandwidth_bytes_per_s={bandwidth_bytes_per_s}")
         if vcpu_throttle_pct is not None:
@@ -381,4 +393,4 @@ class MigrationTracker:
             applied.append("postcopy")
         for change in applied:
             LOG.info("migration tuned vm=%s change=%s", domain_uuid, change)
-        return applied, current
+        return Tuned(applied, current, previous_bandwidth)

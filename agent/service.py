@@ -14,7 +14,7 @@ from urllib.parse import parse_qsl, urlsplit
 from hostmaint.agent import errors, hoststats, inventory
 from hostmaint.agent.dirtyrate import DirtyRateMeter, validate_window
 from hostmaint.agent.libvirt_driver import LibvirtDriver
-from hostmaint.agent.migrations import MigrationTracker, Sample
+from hostmaint.agent.migrations import MigrationTracker, Sample, Tuned
 from hostmaint.agent.types import (
     CpuComparison,
     CpuDefinition,
@@ -287,7 +287,7 @@ class AgentService:
         abort: bool,
         vcpu_throttle_pct: int | None,
         lower_max_downtime: bool = False,
-    ) -> tuple[list[str], int]:
+    ) -> Tuned:
         uuid = check_uuid(domain_uuid)
         if vcpu_throttle_pct is not None and not 0 <= vcpu_throttle_pct <= 99:
             raise errors.InvalidArgument("vcpu_throttle_pct", "must be between 0 and 99")

@@ -305,7 +305,7 @@ class HostAgentServicer(agent_pb2_grpc.HostAgentServicer):
     def TuneMigration(
         self, request: pb.TuneMigrationRequest, context: grpc.ServicerContext
     ) -> pb.TuneMigrationResponse:
-        applied, downtime = self._service.tune(
+        tuned = self._service.tune(
             request.domain_uuid,
             max_downtime_ms=request.max_downtime_ms
             if request.HasField("max_downtime_ms")
@@ -320,7 +320,12 @@ class HostAgentServicer(agent_pb2_grpc.HostAgentServicer):
             ),
             lower_max_downtime=request.lower_max_downtime,
         )
-        return pb.TuneMigrationResponse(applied=applied, max_downtime_ms=downtime)
+        answer = pb.TuneMigrationResponse(
+            applied=tuned.applied, max_downtime_ms=tuned.max_downtime_ms
+        )
+        if tuned.previous_bandwidth_bytes_per_s is not None:
+            answer.previous_bandwidth_bytes_per_s = tuned.previous_bandwidth_bytes_per_s
+        return answer
 
     @translated
     def Migrate(

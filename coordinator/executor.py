@@ -1167,7 +1167,9 @@ class Executor:
     def _hold_link(self, run: _Run, holder: str, limit_ms: int, restore_ms: int) -> None:
         """Caps every other running migration of the drain to a trickle, then raises the
         holder's limit to the whole link's; any refusal undoes what was done (the holder's
-        limit is raised only once nothing else sends)."""
+        limit is raised only once nothing else sends). Each is given back the cap the agent
+        says it replaced (one Nova or an operator set included); the plan's where the
+        agent does not say."""
         with run.burst_lock:
             if run.burst is not None:
                 raise errors.PreconditionFailed("hold the link", f"{run.burst.holder} holds it")
@@ -1176,13 +1178,16 @@ class Executor:
         agent = self.registry.client(run.host)
         try:
             for vm in others:
-                restore = self._planned_cap(run, vm)
-                agent.tune(
+                answer = agent.tune(
                     apb.TuneMigrationRequest(
                         domain_uuid=vm, bandwidth_bytes_per_s=round(HELD_BACK_BYTES_PER_S)
                     )
                 )
-                burst.held[vm] = restore
+                burst.held[vm] = (
+                    answer.previous_bandwidth_bytes_per_s
+                    if answer.HasField("previous_bandwidth_bytes_per_s")
+                    else self._planned_cap(run, vm)
+                )
             agent.tune(apb.TuneMigrationRequest(domain_uuid=holder, max_downtime_ms=limit_ms))
         except errors.CoordinatorError:
             self._end_burst(run, holder)

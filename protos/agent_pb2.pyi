@@ -733,7 +733,12 @@ class TuneMigrationResponse(google.protobuf.message.Message):
 
     APPLIED_FIELD_NUMBER: builtins.int
     MAX_DOWNTIME_MS_FIELD_NUMBER: builtins.int
+    PREVIOUS_BANDWIDTH_BYTES_PER_S_FIELD_NUMBER: builtins.int
     max_downtime_ms: builtins.int
+    previous_bandwidth_bytes_per_s: builtins.int
+    """With bandwidth_bytes_per_s: the job's cap before this request replaced it
+    (0: none), so that a caller that lowers it for a while can give it back.
+    """
     @property
     def applied(self) -> google.protobuf.internal.containers.RepeatedScalarFieldContainer[builtins.str]:
         """What was applied, in order, e.g. "max_downtime_ms=2000"."""
@@ -743,8 +748,11 @@ class TuneMigrationResponse(google.protobuf.message.Message):
         *,
         applied: collections.abc.Iterable[builtins.str] | None = ...,
         max_downtime_ms: builtins.int = ...,
+        previous_bandwidth_bytes_per_s: builtins.int | None = ...,
     ) -> None: ...
-    def ClearField(self, field_name: typing.Literal["applied", b"applied", "max_downtime_ms", b"max_downtime_ms"]) -> None: ...
+    def HasField(self, field_name: typing.Literal["_previous_bandwidth_bytes_per_s", b"_previous_bandwidth_bytes_per_s", "previous_bandwidth_bytes_per_s", b"previous_bandwidth_bytes_per_s"]) -> builtins.bool: ...
+    def ClearField(self, field_name: typing.Literal["_previous_bandwidth_bytes_per_s", b"_previous_bandwidth_bytes_per_s", "applied", b"applied", "max_downtime_ms", b"max_downtime_ms", "previous_bandwidth_bytes_per_s", b"previous_bandwidth_bytes_per_s"]) -> None: ...
+    def WhichOneof(self, oneof_group: typing.Literal["_previous_bandwidth_bytes_per_s", b"_previous_bandwidth_bytes_per_s"]) -> typing.Literal["previous_bandwidth_bytes_per_s"] | None: ...
 
 Global___TuneMigrationResponse: typing_extensions.TypeAlias = TuneMigrationResponse
 

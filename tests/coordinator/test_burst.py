@@ -27,20 +27,27 @@ HELD = round(HELD_BACK_BYTES_PER_S)
 
 @dataclass
 class Recorder:
-    """An agent client that records each TuneMigration and refuses the VMs in ``refuse``."""
+    """An agent client that records each TuneMigration and refuses the VMs in ``refuse``;
+    with ``caps`` (each job's bandwidth cap, 0: none) it answers the cap a bandwidth
+    change replaced, as the agent does (without: an agent that does not say)."""
 
     refuse: set[str] = field(default_factory=set)
     calls: list[tuple[str, str, int]] = field(default_factory=list)
+    caps: dict[str, int] | None = None
 
     def tune(self, request: apb.TuneMigrationRequest) -> apb.TuneMigrationResponse:
         if request.domain_uuid in self.refuse:
             raise errors.AgentRefused("h", "TuneMigration", "FAILED_PRECONDITION", "no job")
+        answer = apb.TuneMigrationResponse()
         if request.HasField("bandwidth_bytes_per_s"):
             self.calls.append((request.domain_uuid, "bandwidth", request.bandwidth_bytes_per_s))
+            if self.caps is not None:
+                answer.previous_bandwidth_bytes_per_s = self.caps.get(request.domain_uuid, 0)
+                self.caps[request.domain_uuid] = request.bandwidth_bytes_per_s
         if request.HasField("max_downtime_ms"):
             kind = "lower" if request.lower_max_downtime else "raise"
             self.calls.append((request.domain_uuid, kind, request.max_downtime_ms))
-        return apb.TuneMigrationResponse()
+        return answer
 
 
 @dataclass
@@ -104,13 +111,31 @@ def test_the_others_are_capped_before_the_holders_limit_is_raised(bench: Bench) 
         ex._hold_link(run, "b", 800, 150)  # one burst at a time
     bench.agent.calls.clear()
     ex._release_link(run, "a", 150)
-    # the holder's limit back down first, then each neighbour's own cap (0: none)
+    # the holder's limit back down first, then each neighbour's planned cap (0: none): this
+    # agent does not say what it replaced
     assert bench.agent.calls == [
         ("a", "lower", 150),
         ("b", "bandwidth", 50_000_000),
         ("c", "bandwidth", 0),
     ]
     assert run.burst is None and not ex._held_back(run, "b")
+
+
+def test_the_others_get_back_the_cap_the_agent_says_they_had(bench: Bench) -> None:
+    """b's job runs at 30 MB/s (Nova's live_migration_bandwidth, say), not the plan's
+    50 MB/s; c's at 100 MB/s an operator set, where the plan has none: each gets its own
+    back."""
+    bench.agent.caps = {"b": 30_000_000, "c": 100_000_000}
+    ex, run = bench.executor, bench.run
+    ex._hold_link(run, "a", 800, 150)
+    bench.agent.calls.clear()
+    ex._release_link(run, "a", 150)
+    assert bench.agent.calls == [
+        ("a", "lower", 150),
+        ("b", "bandwidth", 30_000_000),
+        ("c", "bandwidth", 100_000_000),
+    ]
+    assert bench.agent.caps == {"b": 30_000_000, "c": 100_000_000}
 
 
 def test_a_refused_cap_undoes_the_burst_before_the_holders_limit_moves(bench: Bench) -> None:

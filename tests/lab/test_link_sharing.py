@@ -192,7 +192,8 @@ def test_a_burst_lets_one_of_two_sharing_the_link_converge(site: Site) -> None:
     """The coordinator's burst, step by step through the agent: of the pair that cannot
     converge at once, the other is capped to a trickle (1 MiB/s), the holder's limit
     raised; the holder converges on the whole link within its limit. Its neighbour's
-    limit can be lowered again only when asked to; uncapped, it converges alone."""
+    limit can be lowered again only when asked to; uncapped (the agent answers the cap
+    each change replaced), it converges alone."""
     hosts = {h.name for h in site.lab.hosts}
     holder, held = pair = [_start(site, g) for g in NAMES]
     try:
@@ -204,6 +205,9 @@ def test_a_burst_lets_one_of_two_sharing_the_link_converge(site: Site) -> None:
         assert all(w.final is None for w in pair)
         capped = _tune(site, held, bandwidth_bytes_per_s=MIB)
         assert list(capped.applied) == [f"bandwidth_bytes_per_s={MIB}"]
+        # started with no cap: the agent says so, for the release to give it back
+        assert capped.HasField("previous_bandwidth_bytes_per_s")
+        assert capped.previous_bandwidth_bytes_per_s == 0
         raised = _tune(site, holder, max_downtime_ms=400)
         assert raised.max_downtime_ms == 400
         burst_at = time.monotonic()
@@ -222,7 +226,8 @@ def test_a_burst_lets_one_of_two_sharing_the_link_converge(site: Site) -> None:
         lowered = _tune(site, held, max_downtime_ms=300, lower_max_downtime=True)
         assert lowered.max_downtime_ms == 300
 
-        _tune(site, held, bandwidth_bytes_per_s=0)  # released
+        released = _tune(site, held, bandwidth_bytes_per_s=0)
+        assert released.previous_bandwidth_bytes_per_s == MIB
         other = _wait(held, 120)
         assert other is not None and other.phase == pb.MIGRATION_PHASE_COMPLETED, other
     finally:
