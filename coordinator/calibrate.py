@@ -244,6 +244,19 @@ def group_offsets(rows: Sequence[LabRow]) -> list[float] | None:
     return [lag - first for lag in lags]
 
 
+def _setup(row: LabRow) -> LabRow:
+    """The row's configuration: what the model reads, without what the lab measured or when."""
+    return dataclasses.replace(
+        row,
+        total_s=0,
+        downtime_ms=0,
+        iterations=0,
+        converged=True,
+        started_at="",
+        wall_s=0.0,  # NaN when absent, and NaN != NaN
+    )
+
+
 def _groups(rows: Sequence[LabRow]) -> list[list[LabRow]]:
     """Consecutive rows of one concurrent step (same ``started_at`` and set-up)."""
     out: list[list[LabRow]] = []
@@ -254,15 +267,7 @@ def _groups(rows: Sequence[LabRow]) -> list[list[LabRow]]:
             and row.concurrency > 1
             and row.started_at
             and row.started_at == prev.started_at
-            and dataclasses.replace(row, total_s=0, downtime_ms=0, iterations=0, converged=True)
-            == dataclasses.replace(
-                prev,
-                total_s=0,
-                downtime_ms=0,
-                iterations=0,
-                converged=True,
-                wall_s=row.wall_s,
-            )
+            and _setup(row) == _setup(prev)
             and len(out[-1]) < row.concurrency
         )
         if same:
@@ -337,20 +342,10 @@ class Repeatability:
 
 
 def repeatability(rows: Sequence[LabRow]) -> Repeatability:
-    by_config: dict[tuple[object, ...], list[LabRow]] = {}
+    by_config: dict[LabRow, list[LabRow]] = {}
     for r in rows:
         if r.converged:
-            key = (
-                r.size_mib,
-                r.fill_mib,
-                r.working_set_mib,
-                r.dirty_rate_mibps,
-                r.mode,
-                r.link_mbit,
-                r.concurrency,
-                r.downtime_limit_ms,
-            )
-            by_config.setdefault(key, []).append(r)
+            by_config.setdefault(_setup(r), []).append(r)
     repeated = [g for g in by_config.values() if len(g) > 1]
 
     def spread(values: Sequence[float]) -> list[float]:
