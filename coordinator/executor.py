@@ -24,6 +24,8 @@ record until it awaits confirmation, confirmed, and followed to its end.
 
 from __future__ import annotations
 
+import collections
+import itertools
 import json
 import logging
 import threading
@@ -76,6 +78,7 @@ _FINISHED_DRAIN = ("completed", "incomplete", "cancelled", "failed")
 _WATCH_START_TIMEOUT_S = 30.0
 _WATCH_DEADLINE_S = 6 * 3600.0
 _SETTLE_AFTER_WATCH_S = 120.0
+_EVENTS_HEAD = 10
 _EVENTS_KEPT = 5000
 _HISTORY_KEPT = 600
 # The journal row's `tuning` of a VM moved by a cold migration (not a model Tuning).
@@ -102,19 +105,30 @@ class ExecutorSettings:
 
 
 class EventBus:
-    """A drain's events, kept so a client that re-attaches sees them from the start."""
+    """A drain's events, kept so a client that re-attaches sees them from the start.
 
-    def __init__(self) -> None:
-        self._events: list[cpb.DrainEvent] = []
+    Each event has an absolute position in the drain's stream. The first
+    `_EVENTS_HEAD` (started, host disabled, planned...) are kept for good, the
+    newest `_EVENTS_KEPT` in a window that slides; a follower reads by absolute
+    position, so one that keeps up receives every event up to FINISHED however
+    many were published, and one that re-attaches late receives the head, then
+    the window.
+    """
+
+    def __init__(self, kept: int = _EVENTS_KEPT) -> None:
+        self._head: list[cpb.DrainEvent] = []
+        self._tail: collections.deque[cpb.DrainEvent] = collections.deque(maxlen=kept)
+        self._published = 0  # events ever published: the next one's position
         self._closed = False
         self._cond = threading.Condition()
 
     def publish(self, event: cpb.DrainEvent) -> None:
         with self._cond:
-            self._events.append(event)
-            if len(self._events) > _EVENTS_KEPT:
-                # Keep the first (started, planned) and the newest.
-                del self._events[10 : len(self._events) - _EVENTS_KEPT + 10]
+            if self._published < _EVENTS_HEAD:
+                self._head.append(event)
+            else:
+                self._tail.append(event)
+            self._published += 1
             self._cond.notify_all()
 
     def close(self) -> None:
@@ -122,18 +136,42 @@ class EventBus:
             self._closed = True
             self._cond.notify_all()
 
+    def _since(self, position: int) -> list[cpb.DrainEvent]:
+        """The kept events from `position` on (the window's oldest if it slid past)."""
+        batch = self._head[position:]
+        first_in_tail = self._published - len(self._tail)
+        skip = max(0, position - first_in_tail)
+        batch.extend(itertools.islice(self._tail, skip, None))
+        return batch
+
     def follow(self, stopped: Callable[[], bool]) -> Iterator[cpb.DrainEvent]:
-        index = 0
+        position = 0
         while True:
             with self._cond:
-                while index >= len(self._events) and not self._closed and not stopped():
+                while position >= self._published and not self._closed and not stopped():
                     self._cond.wait(0.5)
-                batch = self._events[index:]
-                index = len(self._events)
+                batch = self._since(position)
+                position = self._published
                 closed = self._closed
             yield from batch
             if (closed and not batch) or stopped():
                 return
+
+
+class _Workers:
+    """A drain's migration threads by VM: the dispatch thread adds, watchers read."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._threads: dict[str, threading.Thread] = {}
+
+    def add(self, vm_uuid: str, thread: threading.Thread) -> None:
+        with self._lock:
+            self._threads[vm_uuid] = thread
+
+    def alive(self) -> set[str]:
+        with self._lock:
+            return {u for u, t in self._threads.items() if t.is_alive()}
 
 
 @dataclass
@@ -172,7 +210,7 @@ class _Run:
     planned: dict[str, PlannedMigration] | None = None
     thread: threading.Thread | None = None
     cpu_bound: frozenset[str] = frozenset()  # VMs the ladder may throttle (planner.throttle_helps)
-    threads: dict[str, threading.Thread] = field(default_factory=dict)
+    threads: _Workers = field(default_factory=_Workers)
     burst: _Burst | None = None
     burst_lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -732,7 +770,6 @@ class Executor:
 
     def _dispatch_loop(self, run: _Run) -> None:
         assert run.planned is not None
-        threads = run.threads
         cancelled_running = False
         while not self._stopped.is_set():
             drain = self.journal.drain(run.drain_id)
@@ -753,7 +790,7 @@ class Executor:
                     for r in running_rows:
                         if not _is_cold(r):
                             self._abort(run, r, "drain cancelled")
-            alive = {u for u, t in threads.items() if t.is_alive()}
+            alive = run.threads.alive()
             if not queued and not running_rows and not alive:
                 break
             cold = [r for r in queued if _is_cold(r)]
@@ -812,7 +849,7 @@ class Executor:
             name=f"migwatch/{run.drain_id[:8]}:{row.vm_uuid}",
             daemon=True,
         )
-        run.threads[row.vm_uuid] = thread
+        run.threads.add(row.vm_uuid, thread)
         thread.start()
         return thread
 
@@ -983,7 +1020,7 @@ class Executor:
 
     def _fair_share(self, run: _Run) -> float:
         """The link over this drain's running migrations (some may still be setting up)."""
-        running = sum(1 for t in run.threads.values() if t.is_alive())
+        running = len(run.threads.alive())
         return run.link_bytes_per_s * self._params.link_efficiency / max(1, running)
 
     def _apply_planned_downtime(self, run: _Run, row: VmRow, current_ms: int) -> None:
@@ -1174,7 +1211,7 @@ class Executor:
             if run.burst is not None:
                 raise errors.PreconditionFailed("hold the link", f"{run.burst.holder} holds it")
             burst = run.burst = _Burst(holder, self._clock(), restore_ms)
-        others = [u for u, t in list(run.threads.items()) if u != holder and t.is_alive()]
+        others = sorted(run.threads.alive() - {holder})
         agent = self.registry.client(run.host)
         try:
             for vm in others:

@@ -89,8 +89,9 @@ def bench(tmp_path: Path) -> Iterator[Bench]:
     run.planned = {"a": _planned("a", None), "b": _planned("b", 50e6), "c": _planned("c", None)}
     stop = threading.Event()
     for vm in ("a", "b", "c"):
-        run.threads[vm] = threading.Thread(target=stop.wait, daemon=True)
-        run.threads[vm].start()
+        thread = threading.Thread(target=stop.wait, daemon=True)
+        run.threads.add(vm, thread)
+        thread.start()
     try:
         yield Bench(executor, agent, run, clock)
     finally:
