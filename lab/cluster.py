@@ -175,6 +175,36 @@ def prepare_machine() -> list[str]:
         if not path.exists():
             path.mkdir(parents=True)
             notes.append(f"created empty directory {path} (a mount point for the lab's daemons)")
+    notes.extend(machine_cpuset())
+    return notes
+
+
+def machine_cpuset(mounts: str | None = None) -> list[str]:
+    """Gives cgroup v1's `machine` cpuset its CPUs and memory nodes before any daemon starts.
+
+    Every lab daemon creates libvirt's `machine` partition on first use. On a machine
+    where it does not exist yet, one daemon's `mkdir machine` can be followed by another
+    daemon creating its guest's group under it before the first copied the parent's
+    `cpuset.cpus` and `cpuset.mems` into it: that guest inherits empty sets and fails to
+    start ("Unable to write to '.../cpuset/machine/qemu-1-<name>/emulator/tasks': No
+    space left on device"). Created here once, filled, it is never empty.
+    """
+    if mounts is None:
+        mounts = Path("/proc/self/mounts").read_text()
+    notes = []
+    for line in mounts.splitlines():
+        parts = line.split()
+        if len(parts) < 4 or parts[2] != "cgroup" or "cpuset" not in parts[3].split(","):
+            continue
+        root = Path(parts[1])
+        machine = root / "machine"
+        if not machine.exists():
+            machine.mkdir()
+            notes.append(f"created the cgroup {machine}")
+        for key in ("cpuset.cpus", "cpuset.mems"):
+            if not (machine / key).read_text().strip():
+                (machine / key).write_text((root / key).read_text())
+                notes.append(f"gave {machine / key} its parent's value")
     return notes
 
 
