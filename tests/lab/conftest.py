@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 from collections.abc import Iterator
@@ -75,6 +76,24 @@ def stale_coordinators(root: Path, current: Path) -> list[ProcessRecord]:
     return found
 
 
+OWNER_FILE = "owner.json"
+
+
+def _claim(base: Path) -> None:
+    """Marks this run's temporary root as owned by this process while it lives."""
+    me = psutil.Process()
+    (base / OWNER_FILE).write_text(json.dumps({"pid": me.pid, "started": me.create_time()}))
+
+
+def _owner_alive(run_dir: Path) -> bool:
+    """Whether the test run that owns this temporary root still runs (same pid, same start)."""
+    try:
+        owner = json.loads((run_dir / OWNER_FILE).read_text())
+        return bool(psutil.Process(owner["pid"]).create_time() == owner["started"])
+    except (OSError, ValueError, KeyError, psutil.Error):
+        return False
+
+
 @pytest.fixture(scope="session", autouse=True)
 def no_stale_test_labs(tmp_path_factory: pytest.TempPathFactory) -> None:
     """Tears down the labs an interrupted earlier test run left behind.
@@ -90,12 +109,18 @@ def no_stale_test_labs(tmp_path_factory: pytest.TempPathFactory) -> None:
     root = base.parent
     if not root.name.startswith("pytest-of-"):
         return
+    _claim(base)
+    live = [d for d in root.glob("pytest-*") if d != base and _owner_alive(d)]
     for record in stale_coordinators(root, base):
+        if any(Path(record.name).is_relative_to(d) for d in live):
+            continue
         print(f"stale test coordinator pid {record.pid} (config {record.name})")
         stop_process(record)
     namespaces = network.list_netns()
     stale = {f.resolve().parent for f in root.glob("pytest-*/*/lab.json")}
     for state_dir in sorted(d for d in stale if not d.is_relative_to(base)):
+        if any(state_dir.is_relative_to(d) for d in live):
+            continue  # another test run on this machine, still running, owns it
         state = StateStore(state_dir).load()
         if not {h.netns for h in state.hosts} & namespaces:
             continue  # torn down already, or the state of a unit test

@@ -194,3 +194,29 @@ def test_stale_coordinators_are_those_started_by_earlier_runs(tmp_path: Path) ->
         for proc in procs.values():
             proc.kill()
             proc.wait()
+
+
+def test_the_machine_cpuset_is_created_with_its_parents_cpus_and_nodes(tmp_path: Path) -> None:
+    root = tmp_path / "cpuset"
+    root.mkdir()
+    (root / "cpuset.cpus").write_text("0-1\n")
+    (root / "cpuset.mems").write_text("0\n")
+    mounts = (
+        f"cgroup {root} cgroup rw,relatime,cpuset 0 0\n"
+        f"cgroup {tmp_path / 'cpu'} cgroup rw,relatime,cpu 0 0\n"
+    )
+    real_mkdir = Path.mkdir
+
+    def mkdir_like_cgroupfs(self: Path, *args: object, **kwargs: object) -> None:
+        real_mkdir(self)
+        for key in ("cpuset.cpus", "cpuset.mems"):  # a new cpuset group starts empty
+            (self / key).write_text("\n")
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(Path, "mkdir", mkdir_like_cgroupfs)
+        notes = cluster.machine_cpuset(mounts)
+    assert (root / "machine" / "cpuset.cpus").read_text() == "0-1\n"
+    assert (root / "machine" / "cpuset.mems").read_text() == "0\n"
+    assert len(notes) == 3
+    assert cluster.machine_cpuset(mounts) == []  # filled already: nothing to do
+    assert not (tmp_path / "cpu" / "machine").exists()
