@@ -14,7 +14,7 @@ import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
-from hostmaint.coordinator import errors
+from hostmaint.coordinator import cpucheck, errors
 from hostmaint.coordinator.agents import AgentClient, AgentRegistry, Health
 from hostmaint.coordinator.dirty import (
     LONGER_WINDOW_LINK_SHARE,
@@ -157,7 +157,8 @@ def gather(
         _vm_spec(i, domains.get(i.uuid), readings.get(i.uuid, ()), vm_max_downtime_ms.get(i.uuid))
         for i in live
     )
-    targets = _targets(host, driver, registry, vms, domains, target_hosts, note)
+    judge = _CpuJudge(source, status.report.cpu if status.report is not None else None, note)
+    targets = _targets(host, driver, registry, judge, vms, domains, target_hosts, note)
     return Inputs(host, vms, targets, not_live, bandwidth, domains, tuple(notes))
 
 
@@ -211,6 +212,7 @@ def _targets(
     source: str,
     driver: MigrationDriver,
     registry: AgentRegistry,
+    judge: _CpuJudge,
     vms: Sequence[VmSpec],
     domains: dict[str, apb.Domain],
     wanted: Sequence[str],
@@ -229,6 +231,7 @@ def _targets(
         d = domains.get(vm.uuid)
         if d is not None and (d.cpu.model or d.cpu.xml):
             cpus[vm.uuid] = d.cpu
+    names = {vm.uuid: vm.name for vm in vms}
     groups_wanted = {g.id for vm in vms for g in vm.server_groups}
     found = []
     for h in hosts:
@@ -241,6 +244,7 @@ def _targets(
         free_vcpus = (h.vcpus - (h.vcpus_used or 0)) if h.vcpus is not None else None
         healthy = True
         compatible: frozenset[str] | None = None
+        refusals: tuple[tuple[str, str], ...] = ()
         try:
             status = registry.probe(h.name)
         except errors.UnknownHost:
@@ -252,7 +256,9 @@ def _targets(
             elif status.report is not None:
                 # 0 means the hypervisor does not say (libvirt's test:/// driver, for one).
                 free_mem = status.report.memory_free_bytes or free_mem
-                compatible = _cpu_compatible(registry, h.name, cpus, [v.uuid for v in vms], note)
+                compatible, refusals = _cpu_compatible(
+                    judge, registry.client(h.name), h.name, cpus, [v.uuid for v in vms], names, note
+                )
         groups: frozenset[str] = frozenset()
         if groups_wanted:
             try:
@@ -272,33 +278,92 @@ def _targets(
                 free_vcpus=free_vcpus if free_vcpus is not None else 1 << 30,
                 healthy=healthy,
                 cpu_compatible=compatible,
+                cpu_refusals=refusals,
                 server_groups=groups,
             )
         )
     return tuple(found)
 
 
+class _CpuJudge:
+    """Each distinct guest CPU compared once on the source, then on each target (cpucheck)."""
+
+    def __init__(
+        self, source: AgentClient, host_cpu: apb.CpuDefinition | None, note: Callable[[str], None]
+    ) -> None:
+        self._source_agent = source
+        self._host_cpu = host_cpu if host_cpu is not None and host_cpu.xml else None
+        self._note = note
+        self._on_source: dict[str, cpucheck.Comparison] = {}
+
+    @staticmethod
+    def _compare(client: AgentClient, cpu: apb.CpuDefinition) -> cpucheck.Comparison:
+        a = client.check_cpu(cpu)
+        return cpucheck.Comparison(a.compatible, frozenset(a.missing_features), a.reason)
+
+    def _on(self, cpu: apb.CpuDefinition) -> cpucheck.Comparison:
+        """The definition compared on the guest's current host."""
+        key = _cpu_key(cpu)
+        if key not in self._on_source:
+            try:
+                self._on_source[key] = self._compare(self._source_agent, cpu)
+            except errors.AgentRefused as e:
+                if e.code != "FAILED_PRECONDITION":
+                    raise
+                # Judged by the target alone, as if the definition fitted its current host.
+                self._note(f"the source cannot compare CPUs ({e.detail}): targets judge alone")
+                self._on_source[key] = cpucheck.Comparison(True)
+        return self._on_source[key]
+
+    def verdict(self, target: AgentClient, cpu: apb.CpuDefinition) -> cpucheck.CpuVerdict:
+        verdict = None
+        if cpu.mode not in cpucheck.HOST_CPU_MODES:
+            verdict = cpucheck.judge(self._on(cpu), self._compare(target, cpu))
+        if cpucheck.needs_host_cpu(cpu.mode, verdict):
+            if self._host_cpu is None:
+                return verdict or cpucheck.CpuVerdict(
+                    False, cpucheck.Rule.UNDECIDED, "the source host's CPU is unknown"
+                )
+            host = self._host_cpu
+            verdict = cpucheck.judge(self._on(host), self._compare(target, host), host_cpu=True)
+        assert verdict is not None
+        return verdict
+
+
+def _cpu_key(cpu: apb.CpuDefinition) -> str:
+    return cpu.xml or cpu.SerializeToString().hex()
+
+
 def _cpu_compatible(
-    registry: AgentRegistry,
+    judge: _CpuJudge,
+    client: AgentClient,
     host: str,
     cpus: dict[str, apb.CpuDefinition],
     all_vms: Sequence[str],
+    names: dict[str, str],
     note: Callable[[str], None],
-) -> frozenset[str] | None:
-    """The VMs whose CPU the host runs; None when the host cannot compare CPUs."""
-    client = registry.client(host)
+) -> tuple[frozenset[str] | None, tuple[tuple[str, str], ...]]:
+    """The VMs whose CPU the host runs (None when it cannot compare CPUs), and why not
+    for each VM it does not run."""
     accepted = set(u for u in all_vms if u not in cpus)  # no CPU model: runs anywhere
-    answers: dict[str, bool] = {}
+    refused: list[tuple[str, str]] = []
+    verdicts: dict[str, cpucheck.CpuVerdict] = {}
     for uuid, cpu in cpus.items():
-        key = cpu.xml or cpu.SerializeToString().hex()
-        if key not in answers:
+        key = _cpu_key(cpu)
+        if key not in verdicts:
             try:
-                answers[key] = client.check_cpu(cpu).compatible
+                verdicts[key] = judge.verdict(client, cpu)
             except errors.AgentRefused as e:
                 if e.code == "FAILED_PRECONDITION":
                     note(f"target {host} cannot compare CPUs ({e.detail}); the cloud checks")
-                    return None
+                    return None, ()
                 raise
-        if answers[key]:
+        verdict = verdicts[key]
+        if verdict.compatible:
             accepted.add(uuid)
-    return frozenset(accepted)
+        else:
+            refused.append((uuid, f"CPU: {verdict}"))
+        if verdict.rule is not cpucheck.Rule.GUEST_CPU:
+            outcome = "runs" if verdict.compatible else "refused"
+            note(f"CPU of {names.get(uuid, uuid)} on {host}: {outcome}, {verdict}")
+    return frozenset(accepted), tuple(refused)

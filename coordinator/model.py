@@ -148,6 +148,7 @@ class TargetHost:
     free_vcpus: int
     healthy: bool = True
     cpu_compatible: frozenset[str] | None = None  # VM uuids it accepts; None: all
+    cpu_refusals: tuple[tuple[str, str], ...] = ()  # (VM uuid, why its CPU is refused)
     server_groups: frozenset[str] = frozenset()  # groups with members already there
 
 

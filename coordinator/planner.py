@@ -356,7 +356,8 @@ def _place(
         elif free_cpu < vm.vcpus:
             why.append(f"{t.name}: {free_cpu} vCPUs free < {vm.vcpus}")
         elif t.cpu_compatible is not None and vm.uuid not in t.cpu_compatible:
-            why.append(f"{t.name}: CPU model not supported")
+            refusal = dict(t.cpu_refusals).get(vm.uuid, "CPU model not supported")
+            why.append(f"{t.name}: {refusal}")
         elif not _groups_ok(vm, t, placed):
             why.append(f"{t.name}: anti-affinity")
         elif together is not None and t.name not in together:

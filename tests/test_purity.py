@@ -29,6 +29,7 @@ PURE_MODULES = [
     "hostmaint.coordinator.bench",
     "hostmaint.coordinator.dispatch",
     "hostmaint.coordinator.escalation",
+    "hostmaint.coordinator.cpucheck",
     "hostmaint.coordinator.cliview",
     "hostmaint.coordinator.limits",
 ]
