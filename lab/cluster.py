@@ -19,6 +19,7 @@ import dataclasses
 import ipaddress
 import logging
 import os
+import re
 import shlex
 import shutil
 import socket
@@ -474,10 +475,14 @@ class Lab:
         *,
         uuid: str = "",
         nova: domains.NovaMetadata | None = None,
+        cpu_xml: str = "",
         wait: bool = True,
         ready_timeout_s: float = 300.0,
     ) -> None:
         """Boot one more guest on `host`, with a chosen domain uuid and Nova metadata.
+
+        `cpu_xml` gives it a <cpu> element of its own instead of the lab's model
+        (not recorded either: a recovered lab boots it with the lab's model).
 
         A Nova instance's domain carries the instance uuid and Nova's metadata:
         this makes a guest the lab's stand-in for a server Nova created. The
@@ -513,6 +518,7 @@ class Lab:
                 cpu_model=state.cpu_model,
                 uuid=uuid,
                 nova=nova,
+                cpu_xml=cpu_xml,
             )
             state = dataclasses.replace(state, guests=(*state.guests, record))
             self._store.save(state)
@@ -579,6 +585,41 @@ class Lab:
         if failure or new is None or not new.is_alive():
             raise errors.LabError(failure or f"agent of {h.name} did not start")
         return new
+
+    def hide_cpu_features(self, host_name: str, features: Sequence[str]) -> Path:
+        """Makes one host's libvirt see a KVM host CPU without `features` (QEMU's names).
+
+        Every lab host runs on this machine's CPU; a host that lacks a feature is
+        made by editing the QEMU capabilities libvirt cached for it (the host CPU
+        that KVM offers, as QEMU expanded it) and restarting its libvirtd, which
+        reloads the cache. libvirt's CPU comparisons on that host then report the
+        features missing. Its QEMU still has them: this is libvirt's view only.
+        Returns the cache file edited.
+        """
+        h = self._record(host_name)
+        conn = _open(self.host(host_name).uri)
+        try:
+            conn.getDomainCapabilities()  # probes QEMU and writes the cache, if not done yet
+        finally:
+            conn.close()
+        caches = sorted((Path(h.host_dir) / "cache" / "qemu" / "capabilities").glob("*.xml"))
+        if not caches:
+            raise errors.LabError(f"{host_name}: libvirt cached no QEMU capabilities")
+        path = caches[0]
+        text = path.read_text()
+        start = text.index("<hostCPU type='kvm'")
+        end = text.index("</hostCPU>", start)
+        section = text[start:end]
+        for feature in features:
+            pattern = re.compile(rf"<property name='{re.escape(feature)}' type='boolean' [^/]*/>")
+            if not pattern.search(section):
+                raise errors.LabError(f"{host_name}: no KVM host CPU property {feature!r}")
+            section = pattern.sub(
+                f"<property name='{feature}' type='boolean' value='false'/>", section
+            )
+        path.write_text(text[:start] + section + text[end:])
+        self.restart_libvirtd(host_name)
+        return path
 
     def kill_qemu(self, host_name: str, guest: str, grace_s: float = 5.0) -> int | None:
         """Stop the QEMU process of one guest on one host (SIGTERM, then SIGKILL).

@@ -100,6 +100,8 @@ class DomainConfig:
     # "" lets libvirt choose; a Nova instance's domain carries the instance uuid.
     uuid: str = ""
     nova: NovaMetadata | None = None
+    # A <cpu> element of the guest's own, instead of the lab's model.
+    cpu_xml: str = ""
 
     def __post_init__(self) -> None:
         if not MIN_MEMORY_MIB <= self.memory_mib <= MAX_MEMORY_MIB:
@@ -163,7 +165,9 @@ def domain_xml(cfg: DomainConfig) -> str:
     _sub(os_el, "type", "hvm", arch="x86_64", machine="pc")
     _sub(os_el, "kernel", str(cfg.kernel))
     _sub(os_el, "cmdline", cfg.cmdline)
-    if cfg.cpu_model:
+    if cfg.cpu_xml:
+        dom.append(ET.fromstring(cfg.cpu_xml))
+    elif cfg.cpu_model:
         cpu = _sub(dom, "cpu", mode="custom", match="exact", check="none")
         _sub(cpu, "model", cfg.cpu_model, fallback="forbid")
         if cfg.accel is Accel.KVM:
