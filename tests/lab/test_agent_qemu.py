@@ -6,6 +6,7 @@ known exactly. Each test leaves every guest running exactly once.
 
 from __future__ import annotations
 
+import math
 import threading
 import time
 from collections.abc import Iterator
@@ -15,7 +16,7 @@ import grpc
 import pytest
 
 from hostmaint.lab import cluster
-from hostmaint.lab.guest import GuestMode, GuestProgress, GuestSpec
+from hostmaint.lab.guest import RESERVED_MIB, GuestMode, GuestProgress, GuestSpec
 from hostmaint.protos import agent_pb2 as pb
 from hostmaint.protos import agent_pb2_grpc
 from tests.lab.conftest import require_lab
@@ -427,22 +428,54 @@ def test_raised_downtime_survives_novas_next_step(site: Site) -> None:
     print("nova step -> limit in force, set by:", sorted(set(seen)))
 
 
+# QEMU's auto-converge (7.2): throttle 20 % at first, then 10 % more each time a sync
+# period dirtied more than half of what it sent, counted every second such period.
+AC_INITIAL, AC_STEP = 0.20, 0.10
+
+
+def auto_converge_budget_s(free: float, cap: float, ws: float, first_pass: float) -> float:
+    """The longest auto-converge takes to bring a CPU-bound writer of `free` bytes/s,
+    rewriting `ws` bytes, under a bandwidth `cap` (bytes/s).
+
+    Each round resends at most the working set at the cap. The throttle rises every
+    two rounds until the throttled rate is at most half the cap; from then on what
+    is left at least halves each round, which sums to at most two rounds more.
+    """
+    round_s = ws / cap
+    enough = max(0.0, 1 - cap / (2 * free))  # the throttle that halves what is left
+    steps = 1 + max(0, math.ceil((enough - AC_INITIAL) / AC_STEP - 1e-9))
+    return first_pass / cap + (2 * steps + 2) * round_s
+
+
+def test_auto_converge_budget_follows_qemus_steps() -> None:
+    # 3 MiB/s under 2 MiB/s: the throttle must reach 67 %, six steps (20..70 %).
+    assert auto_converge_budget_s(3 * MIB, 2 * MIB, 16 * MIB, 18 * MIB) == 9 + 14 * 8
+
+
 def test_auto_converge_helps_cpu_bound_not_paced(site: Site) -> None:
     free = _measure(site, CPU.name, pb.DIRTY_RATE_METHOD_DIRTY_BITMAP).bytes_per_s
-    cap = max(MIB, int(free / 2) // MIB * MIB)
+    # Two thirds of what it writes: it cannot converge unthrottled, and QEMU's throttle
+    # stops rising at about 67 %, where its rate is half the cap.
+    cap = max(MIB, int(free * 2 / 3) // MIB * MIB)
+    assert cap < free, f"the CPU-bound guest writes {free / MIB:.1f} MiB/s: no cap below it"
+    first_pass = (CPU.working_set_mib + CPU.fill_mib + RESERVED_MIB) * MIB
+    budget_s = auto_converge_budget_s(free, cap, CPU.working_set_mib * MIB, first_pass)
     uuid, target, source = _migrate(
         site, CPU.name, pb.MigrateOptions(auto_converge=True, bandwidth_bytes_per_s=cap)
     )
-    samples, _ = _watch(source, uuid, seconds=240)
+    # Twice the budget: the guest's rate under a throttle is not exactly proportional.
+    samples, _ = _watch(source, uuid, seconds=2 * budget_s)
     cpu_final = samples[-1]
     if not cpu_final.final:
         source.TuneMigration(pb.TuneMigrationRequest(domain_uuid=uuid, abort=True), timeout=T)
         _watch(source, uuid)
     throttle = max(s.auto_converge_throttle_pct for s in samples)
     print(
-        f"cpu guest {free / MIB:.1f} MiB/s, cap {cap / MIB:.0f} MiB/s: {cpu_final.phase} throttle {throttle}%"
+        f"cpu guest {free / MIB:.1f} MiB/s, cap {cap / MIB:.0f} MiB/s, budget {budget_s:.0f} s: "
+        f"{cpu_final.phase} throttle {throttle}% after {len(samples) / 2:.0f} s"
     )
     assert cpu_final.final and cpu_final.phase == pb.MIGRATION_PHASE_COMPLETED, cpu_final
+    assert throttle > 0  # it converged because QEMU throttled it
     assert site.lab.where(CPU.name).name == target.name
 
     uuid, _, source = _migrate(
