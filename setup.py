@@ -41,6 +41,7 @@ setup(
         "psutil>=5.9",
         "oslo.config>=9.0",
         "openstacksdk>=3.0",
+        "keystoneauth1>=5.10",  # the nova driver's sessions (openstacksdk's own dependency)
         "SQLAlchemy>=2.0,<2.1",
         "cryptography>=42",
         "alembic>=1.13,<2",

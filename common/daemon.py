@@ -20,6 +20,7 @@ from grpc_reflection.v1alpha import reflection
 from oslo_config import cfg
 
 from hostmaint.common import authz
+from hostmaint.common.errors import MissingExtra
 
 LOG = logging.getLogger(__name__)
 LOOPBACK_HOSTS = frozenset({"127.0.0.1", "localhost", "::1", "[::1]"})
@@ -303,7 +304,7 @@ def serve(build: Callable[[], Daemon], prog: str) -> int:
     )
     try:
         d = build()
-    except (InsecureRefused, TlsConfigError) as e:
+    except (InsecureRefused, TlsConfigError, MissingExtra) as e:
         LOG.error("%s", e)
         return 2
     d.start()

@@ -59,12 +59,8 @@ class Coordinator:
         self.conf = conf
         self.stopped = stopped or threading.Event()
         self.exit_code = 0
-        url = conf.database.url
-        if url.startswith("sqlite:///") and not url.startswith("sqlite:///:memory:"):
-            Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
-        self.journal = Journal(
-            make_engine(url), clock=time.time, upgrade=conf.database.auto_upgrade
-        )
+        # First the options whose backends may be missing (MissingExtra): nothing
+        # is created or connected before them.
         c = conf.coordination
         self.coordination = ha.from_config(
             c.backend_url,
@@ -75,6 +71,11 @@ class Coordinator:
             on_elected=self._elected,
             on_lost=self._lost,
         )
+        url = conf.database.url
+        engine = make_engine(url)
+        if url.startswith("sqlite:///") and not url.startswith("sqlite:///:memory:"):
+            Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+        self.journal = Journal(engine, clock=time.time, upgrade=conf.database.auto_upgrade)
         tls = daemon.TlsFiles(conf.agents.cert_file, conf.agents.key_file, conf.agents.ca_file)
         tls.check("[agents]")
         self.driver: MigrationDriver

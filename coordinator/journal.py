@@ -26,6 +26,7 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import IntegrityError
 
+from hostmaint.common import extras
 from hostmaint.coordinator import errors, migrations
 
 metadata = sa.MetaData()
@@ -173,6 +174,11 @@ def _step(row: Any) -> StepRow:
 
 
 def make_engine(url: str) -> Engine:
+    """An engine on the journal's URL; connects on first use.
+
+    MissingExtra for a postgresql+psycopg URL when the `postgres` extra is not
+    installed.
+    """
     if url.startswith("sqlite"):
         # One writer at a time; wait for it rather than failing at once.
         engine = sa.create_engine(url, connect_args={"timeout": 30, "check_same_thread": False})
@@ -186,6 +192,9 @@ def make_engine(url: str) -> Engine:
             cur.close()
 
         return engine
+    parsed = sa.engine.make_url(url)
+    if (parsed.get_backend_name(), parsed.get_driver_name()) == ("postgresql", "psycopg"):
+        extras.require(extras.POSTGRES, "[database] url", ["psycopg"])
     return sa.create_engine(url, pool_pre_ping=True)
 
 

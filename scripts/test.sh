@@ -10,7 +10,9 @@ echo "== lint"; ruff check . && ruff format --check .
 echo "== mypy"; bash scripts/typecheck.sh
 echo "== protos"; python tools/genprotos.py --check
 # Where the machine can run the lab (root, a usable /dev/kvm), the real Nova,
-# PostgreSQL or etcd, a skipped test of that kind fails the run (tests/conftest.py).
+# PostgreSQL, etcd or a plain install of the package (a C compiler and
+# libvirt-dev for libvirt-python, ensurepip), a skipped test of that kind fails
+# the run (tests/conftest.py).
 required=nova
 if [ "$(id -u)" -eq 0 ] && [ -r /dev/kvm ] && [ -w /dev/kvm ]; then
   required="lab,$required"
@@ -20,6 +22,10 @@ if compgen -G "/usr/lib/postgresql/*/bin/postgres" >/dev/null; then
 fi
 if [ -x /usr/bin/etcd ]; then
   required="$required,etcd"
+fi
+if { command -v cc || command -v gcc; } >/dev/null && pkg-config --exists libvirt 2>/dev/null &&
+   python -c 'import ensurepip' 2>/dev/null; then
+  required="$required,install"
 fi
 export HOSTMAINT_REQUIRE=${HOSTMAINT_REQUIRE-$required}
 echo "== tests (required: $HOSTMAINT_REQUIRE)"

@@ -6,7 +6,10 @@ and the run fails if any test of those kinds was skipped anyway. The same
 holds for `postgres` (the journal on a throwaway PostgreSQL cluster; Debian's
 server binaries under /usr/lib/postgresql/*/bin) and `etcd` (coordination
 through tooz on a throwaway etcd; Debian's /usr/bin/etcd), which test.sh
-requires where those binaries are installed.
+requires where those binaries are installed, and for `install` (a plain
+install of the package into a fresh virtualenv, `tests/install`; a C compiler
+and libvirt's development files to build libvirt-python), which test.sh
+requires where those are.
 """
 
 from __future__ import annotations
@@ -25,6 +28,9 @@ def _required() -> set[str]:
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "postgres: needs PostgreSQL's server binaries")
     config.addinivalue_line("markers", "etcd: needs etcd's server binary")
+    config.addinivalue_line(
+        "markers", "install: needs a C compiler and libvirt-dev to pip install the package"
+    )
 
 
 def pytest_runtest_logreport(report: pytest.TestReport) -> None:

@@ -17,6 +17,7 @@ from collections.abc import Sequence
 from oslo_config import cfg
 
 from hostmaint.common import daemon
+from hostmaint.common.errors import MissingExtra
 from hostmaint.coordinator import config, migrations
 from hostmaint.coordinator.journal import make_engine
 
@@ -40,7 +41,11 @@ def _register(conf: cfg.ConfigOpts) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s %(message)s")
     conf = daemon.load_config(sys.argv[1:] if argv is None else argv, PROG, _register)
-    engine = make_engine(conf.database.url)
+    try:
+        engine = make_engine(conf.database.url)
+    except MissingExtra as e:
+        print(f"{PROG}: {e}", file=sys.stderr)
+        return 2
     try:
         if conf.action.name == "upgrade":
             print(migrations.upgrade(engine))

@@ -9,7 +9,7 @@ from __future__ import annotations
 import sys
 import threading
 
-from hostmaint.coordinator.ha import ToozCoordination
+from hostmaint.coordinator.ha_tooz import ToozCoordination
 
 
 def main(argv: list[str]) -> int:

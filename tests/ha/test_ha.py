@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from hostmaint.coordinator import ha
+from hostmaint.coordinator import ha_tooz
 from tests.ha.etcdserver import EtcdServer
 
 pytestmark = pytest.mark.etcd
@@ -31,9 +31,11 @@ def wait_until(cond: Callable[[], bool], timeout_s: float) -> bool:
 
 
 @pytest.fixture
-def members(etcd: EtcdServer, group: str) -> Iterator[list[ha.ToozCoordination]]:
+def members(etcd: EtcdServer, group: str) -> Iterator[list[ha_tooz.ToozCoordination]]:
     made = [
-        ha.ToozCoordination(etcd.tooz_url, group, name, lease_ttl_s=3, heartbeat_interval_s=0.5)
+        ha_tooz.ToozCoordination(
+            etcd.tooz_url, group, name, lease_ttl_s=3, heartbeat_interval_s=0.5
+        )
         for name in ("a", "b")
     ]
     for m in made:
@@ -43,7 +45,7 @@ def members(etcd: EtcdServer, group: str) -> Iterator[list[ha.ToozCoordination]]
         m.stop()
 
 
-def test_two_members_elect_one_leader(members: list[ha.ToozCoordination]) -> None:
+def test_two_members_elect_one_leader(members: list[ha_tooz.ToozCoordination]) -> None:
     a, b = members
     assert [a.is_leader(), b.is_leader()] == [True, False]  # a started first
     assert a.members() == b.members() == {"a", "b"}
@@ -55,7 +57,7 @@ def test_two_members_elect_one_leader(members: list[ha.ToozCoordination]) -> Non
     assert b.lock_host("host1")
 
 
-def test_a_stopped_leader_hands_over_at_once(members: list[ha.ToozCoordination]) -> None:
+def test_a_stopped_leader_hands_over_at_once(members: list[ha_tooz.ToozCoordination]) -> None:
     a, b = members
     a.lock_host("host1")
     a.stop()
@@ -75,7 +77,7 @@ def test_standby_takes_over_when_the_leader_is_killed(etcd: EtcdServer, group: s
         text=True,
     )  # fmt: skip
     elected = threading.Event()
-    standby = ha.ToozCoordination(
+    standby = ha_tooz.ToozCoordination(
         etcd.tooz_url,
         group,
         "standby",
@@ -115,7 +117,7 @@ def test_standby_takes_over_when_the_leader_is_killed(etcd: EtcdServer, group: s
 def test_a_lease_not_renewed_in_time_is_lost(etcd: EtcdServer, group: str) -> None:
     now = [0.0]
     lost: list[str] = []
-    member = ha.ToozCoordination(
+    member = ha_tooz.ToozCoordination(
         etcd.tooz_url,
         group,
         "paused",

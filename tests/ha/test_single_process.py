@@ -9,9 +9,7 @@ from hostmaint.coordinator import ha
 
 def test_ttl_must_leave_room_for_heartbeats() -> None:
     with pytest.raises(ValueError, match="lease_ttl_s=3"):
-        ha.ToozCoordination(
-            "etcd3+http://127.0.0.1:1", "g", lease_ttl_s=3, heartbeat_interval_s=1.5
-        )
+        ha.from_config("etcd3+http://127.0.0.1:1", "g", "", 3, 1.5)
 
 
 def test_single_process_by_default() -> None:

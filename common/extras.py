@@ -1,0 +1,27 @@
+"""The optional backends, each in an extra of the package (setup.py's extras_require).
+
+A plain install serves a single coordinator on SQLite and the agent; the
+`ha` extra (tooz, etcd3gw) adds `[coordination] backend_url`, the `postgres`
+extra (psycopg) a `postgresql+psycopg://` `[database] url`. Their modules
+are imported only where that option is set, through `require`, never at
+module load.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Iterable
+
+from hostmaint.common.errors import MissingExtra
+
+HA = "ha"
+POSTGRES = "postgres"
+
+
+def require(extra: str, option: str, modules: Iterable[str]) -> None:
+    """Imports `modules`; MissingExtra naming `extra` and `option` when one is not installed."""
+    for name in modules:
+        try:
+            importlib.import_module(name)
+        except ModuleNotFoundError as e:
+            raise MissingExtra(option, extra, e.name or name) from e
