@@ -621,6 +621,10 @@ class Lab:
         self.restart_libvirtd(host_name)
         return path
 
+    def qemu_pids(self, host_name: str) -> list[tuple[str, int]]:
+        """(guest, pid) of every QEMU process the host's libvirtd runs, from its pid files."""
+        return _qemu_pids_of_host(self._record(host_name))
+
     def kill_qemu(self, host_name: str, guest: str, grace_s: float = 5.0) -> int | None:
         """Stop the QEMU process of one guest on one host (SIGTERM, then SIGKILL).
 

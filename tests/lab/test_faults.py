@@ -28,7 +28,6 @@ from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import grpc
 import libvirt
@@ -60,6 +59,7 @@ DRAIN_TIMEOUT_S = 420.0
 KILL_ROUNDS = 10
 SEED = 20240607
 BIG = GuestSpec(f"{PREFIX}-big", 256, 16, 2, GuestMode.PACED, 128)
+CRAWL = 4 * 1024 * 1024  # bytes/s: big's 128 MiB take half a minute
 DIRTY = GuestSpec(f"{PREFIX}-dirty", 256, 32, 12, GuestMode.PACED, 0)
 SMALL = GuestSpec(f"{PREFIX}-small", 128, 8, 1, GuestMode.PACED, 8)
 GUESTS = [BIG, DIRTY, SMALL]
@@ -79,7 +79,6 @@ class Site:
     work: Path
     uuids: dict[str, str] = field(default_factory=dict)
     # What a fault test saw, for the checks of known defects that follow it.
-    seen: dict[str, Any] = field(default_factory=dict)
 
     def host(self, index: int) -> cluster.LabHost:
         return self.lab.hosts[index]
@@ -286,8 +285,19 @@ def _destroy_stale(lab: cluster.Lab, host_name: str, dom: libvirt.virDomain) -> 
                 raise
 
         if not wait_until(dropped, 60.0, interval_s=0.5):
-            raise AssertionError(f"{dom.name()} still active on {host_name} after {e}") from e
+            left = [p for g, p in lab.qemu_pids(host_name) if g == dom.name()]
+            raise AssertionError(
+                f"{dom.name()} still active on {host_name} after {e}: qemu pid stopped "
+                f"{pid}, qemu pids left {left}, state {_state_or_error(dom)}"
+            ) from e
         return f"destroy failed ({e}); qemu pid {pid} stopped"
+
+
+def _state_or_error(dom: libvirt.virDomain) -> str:
+    try:
+        return str(dom.state())
+    except libvirt.libvirtError as e:
+        return str(e)
 
 
 def _placement_problems(lab: cluster.Lab, forbidden: set[str]) -> list[str]:
@@ -368,6 +378,11 @@ def _kill(record: ProcessRecord) -> None:
         return not record.is_alive()
 
     assert wait_until(gone, 10, 0.05), f"pid {record.pid} survived SIGKILL"
+
+
+def _tune(host: cluster.LabHost, request: apb.TuneMigrationRequest) -> None:
+    with grpc.insecure_channel(host.agent_address) as channel:
+        agent_pb2_grpc.HostAgentStub(channel).TuneMigration(request, timeout=30)
 
 
 def _job_active(host: cluster.LabHost, guest: str) -> bool:
@@ -525,8 +540,11 @@ def test_source_agent_killed_mid_migration_is_followed_and_reattached(site: Site
     coordinator = site.coordinator("agentkill")
     coordinator.start()
     watch = DrainWatch(coordinator.address, src.name, _policy())
+    uuid = site.uuids[BIG.name]
     try:
         assert watch.wait_for(_started(BIG.name), 120) is not None, "big never started"
+        # Slowed to a crawl, so its job surely outlives the agent's restart.
+        _tune(src, apb.TuneMigrationRequest(domain_uuid=uuid, bandwidth_bytes_per_s=CRAWL))
         agent = site.lab.state.process(Role.AGENT, src.name)
         assert agent is not None
         _kill(agent)
@@ -536,25 +554,21 @@ def test_source_agent_killed_mid_migration_is_followed_and_reattached(site: Site
         where_after_kill = [h.name for h in site.lab.running_on(BIG.name)]
         site.lab.restart_agent(src.name)
         back_at = time.time()
-        samples: list[apb.MigrationProgress] = []
-        if _job_active(src, BIG.name):
-            with grpc.insecure_channel(src.agent_address) as channel:
-                stub = agent_pb2_grpc.HostAgentStub(channel)
-                samples = list(
-                    stub.WatchMigration(
-                        apb.WatchMigrationRequest(
-                            domain_uuid=site.uuids[BIG.name], interval_s=0.5, start_timeout_s=5
-                        ),
-                        timeout=300,
-                    )
-                )
+        with grpc.insecure_channel(src.agent_address) as channel:
+            stub = agent_pb2_grpc.HostAgentStub(channel)
+            stream = stub.WatchMigration(
+                apb.WatchMigrationRequest(domain_uuid=uuid, interval_s=0.5, start_timeout_s=5),
+                timeout=300,
+            )
+            samples = [next(stream)]  # the restarted agent found the job it did not start
+            _tune(src, apb.TuneMigrationRequest(domain_uuid=uuid, bandwidth_bytes_per_s=0))
+            samples.extend(stream)
         status = watch.finished()
     finally:
         watch.close()
         coordinator.stop()
     _print_vms(status)
     log = (site.work / "agentkill.log").read_text(errors="replace")
-    uuid = site.uuids[BIG.name]
     fell_back = f"agent watch lost, following the cloud vm={uuid}" in log
     reattached = [
         e
@@ -568,23 +582,17 @@ def test_source_agent_killed_mid_migration_is_followed_and_reattached(site: Site
         f"\nagent killed while big migrated: job active after kill={carried_on} "
         f"(big running on {where_after_kill}), "
         f"restarted agent's own watch samples={len(samples)} "
-        f"(final {apb.MigrationPhase.Name(samples[-1].phase) if samples else '-'}), "
+        f"(final {apb.MigrationPhase.Name(samples[-1].phase)}), "
         f"coordinator fell back={fell_back}, agent progress after restart={len(reattached)}"
     )
-    assert carried_on or where_after_kill, "big's migration ended and big runs nowhere"
+    assert carried_on, "big's migration did not outlive the agent"
+    assert where_after_kill == [src.name]
     assert fell_back, "the coordinator never noticed the lost watch"
-    if samples:
-        assert samples[-1].final
-        site.seen["adopted_final"] = samples[-1]
-    # Promises: nothing lost, duplicated or paused. The drain's report is checked below.
-    assert status.state in (cpb.DRAIN_STATE_COMPLETED, cpb.DRAIN_STATE_INCOMPLETE), status
-    assert _placement_problems(site.lab, set()) == []
-    assert [h.name for h in site.lab.running_on(BIG.name)] != [src.name]
+    assert samples[-1].final and samples[-1].phase == apb.MIGRATION_PHASE_COMPLETED, samples[-1]
+    # Promises: nothing lost, duplicated or paused, and the report says what happened.
+    assert status.state == cpb.DRAIN_STATE_COMPLETED, status
+    assert _placement_problems(site.lab, {src.name}) == []
     _assert_report_matches_the_world(site, src.name, status)
-    final = site.seen.get("adopted_final")
-    if final is not None:  # the restarted agent watched the job to its end
-        assert isinstance(final, apb.MigrationProgress)
-        assert final.phase == apb.MIGRATION_PHASE_COMPLETED, final
     steps = _steps(site.journal("agentkill"), status.drain_id)
     assert steps.by_vm[uuid] == 1, "big's migration was started again"
     assert max(steps.by_attempt.values()) == 1
@@ -619,9 +627,10 @@ def test_source_libvirtd_restarted_during_a_drain(site: Site) -> None:
     retried = [e.vm.name for e in watch.events if e.kind == cpb.DRAIN_EVENT_KIND_RETRIED]
     outcome = cpb.DrainState.Name(status.state)
     print(f"\nsource libvirtd restarted while big migrated: {outcome}, retried={retried}")
-    assert status.state in (cpb.DRAIN_STATE_COMPLETED, cpb.DRAIN_STATE_INCOMPLETE), status
-    assert all(vm.error for vm in status.vms if vm.state != cpb.VM_STATE_COMPLETED), status
-    assert _placement_problems(site.lab, set()) == []
+    # The restarted libvirtd cancels the outgoing job and resumes big on the source (or
+    # finds it done); a failed attempt is retried: every VM moves.
+    assert status.state == cpb.DRAIN_STATE_COMPLETED, status
+    assert _placement_problems(site.lab, {src.name}) == []
     assert BIG.name in states
     steps = _steps(site.journal("srclibvirtd"), status.drain_id)
     assert max(steps.by_attempt.values()) == 1
@@ -767,8 +776,8 @@ def test_network_cut_during_precopy_leaves_the_vm_on_the_source(site: Site) -> N
     )
     assert ended is not None and ended.kind != cpb.DRAIN_EVENT_KIND_MIGRATION_COMPLETED, ended
     assert running == [src.name]
-    assert status.state in (cpb.DRAIN_STATE_COMPLETED, cpb.DRAIN_STATE_INCOMPLETE), status
-    forbidden = {src.name} if status.state == cpb.DRAIN_STATE_COMPLETED else set()
-    assert _placement_problems(site.lab, forbidden) == []
+    # Aborted on the cut link, retried on the other host: every VM moves.
+    assert status.state == cpb.DRAIN_STATE_COMPLETED, status
+    assert _placement_problems(site.lab, {src.name}) == []
     steps = _steps(site.journal("netcut"), status.drain_id)
     assert max(steps.by_attempt.values()) == 1
