@@ -13,6 +13,9 @@ force-complete); abort, to retry elsewhere or report. Each step gets time to
 show its effect before the next; a migration held back by another's burst
 takes no step while it lasts.
 
+``limits_for`` builds a migration's ``Limits`` from the plan's settings for it and the
+configured ``Pacing``: the one builder for the plan's simulation and for the run.
+
 A migration the plan tuned for post-copy (no pre-copy setting converges in the
 model) switches as soon as its first pass over RAM is done, as planned, without
 waiting to fall behind; or, where the plan gave pre-copy a few rounds to try (a
@@ -27,7 +30,12 @@ import enum
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from hostmaint.coordinator.model import DEFAULT_PARAMS, ModelParams, qemu_downtime_limit_ms
+from hostmaint.coordinator.model import (
+    DEFAULT_PARAMS,
+    ModelParams,
+    Settings,
+    qemu_downtime_limit_ms,
+)
 
 
 class Action(enum.StrEnum):
@@ -79,6 +87,58 @@ class Limits:
     # how long the migration may hold the link for its switch-over (0: never); the plan
     # allows it to a VM that converges alone on the whole link with the whole link's limit
     burst_s: float = 0.0
+
+
+@dataclass(frozen=True)
+class Pacing:
+    """The ladder's pace, as the coordinator is configured (``[drain]``): when a migration
+    is behind, how long a step gets before the next, and how often progress is sampled.
+    The plan's simulation runs the ladder at the same pace as the drain."""
+
+    stall_factor: float = Limits.stall_factor
+    stall_grace_s: float = Limits.stall_grace_s
+    settle_s: float = Limits.settle_s
+    poll_interval_s: float = 1.0
+
+
+DEFAULT_PACING = Pacing()
+
+
+def limits_for(
+    *,
+    predicted_total_s: float,
+    operator_cap_ms: float,
+    link_bytes_per_s: float,
+    settings: Settings | None,
+    allow_postcopy: bool,
+    cpu_bound: bool,
+    pacing: Pacing,
+    params: ModelParams = DEFAULT_PARAMS,
+) -> Limits:
+    """One migration's ladder, for the plan's simulation and for the run alike.
+
+    ``settings``: how the plan starts it (None: not planned, started with nothing
+    permitted); ``cpu_bound``: throttling its vCPUs would slow its writer
+    (``planner.throttle_helps``).
+    """
+    return Limits(
+        predicted_total_s=predicted_total_s,
+        qemu_downtime_cap_ms=max(
+            1, int(qemu_downtime_limit_ms(operator_cap_ms, link_bytes_per_s, params))
+        ),
+        allow_postcopy=allow_postcopy,
+        postcopy_permitted=settings is not None and settings.postcopy_permitted,
+        cpu_bound=cpu_bound,
+        stall_factor=pacing.stall_factor,
+        stall_grace_s=pacing.stall_grace_s,
+        settle_s=pacing.settle_s,
+        operator_cap_ms=operator_cap_ms,
+        link_bytes_per_s=link_bytes_per_s,
+        params=params,
+        postcopy_after_first_pass=settings is not None and settings.postcopy_after_first_round,
+        precopy_tries=settings.precopy_tries if settings is not None else 0,
+        burst_s=settings.burst_s if settings is not None else 0.0,
+    )
 
 
 @dataclass(frozen=True)

@@ -58,7 +58,6 @@ from hostmaint.coordinator.model import (
     DrainPolicy,
     Link,
     ModelParams,
-    qemu_downtime_limit_ms,
 )
 from hostmaint.coordinator.planner import (
     HELD_BACK_BYTES_PER_S,
@@ -99,6 +98,16 @@ class ExecutorSettings:
     migration_addresses: dict[str, str] | None = None
     watch_start_timeout_s: float = _WATCH_START_TIMEOUT_S
     escalation_settle_s: float = escalation.Limits.settle_s
+
+    @property
+    def pacing(self) -> escalation.Pacing:
+        """The ladder's pace: the run's, and the plan's simulation of it."""
+        return escalation.Pacing(
+            stall_factor=self.stall_factor,
+            stall_grace_s=self.stall_grace_s,
+            settle_s=self.escalation_settle_s,
+            poll_interval_s=self.poll_interval_s,
+        )
 
 
 class EventBus:
@@ -236,6 +245,7 @@ class Executor:
             Link(inputs.link_bandwidth_bytes_per_s),
             policy,
             self._params,
+            pacing=self.settings.pacing,
         )
         stay: list[tuple[str, str, str]] = []
         cold: list[tuple[str, str, str, str]] = []
@@ -1084,28 +1094,20 @@ class Executor:
         return state
 
     def _limits(self, run: _Run, row: VmRow) -> escalation.Limits:
+        """The migration's ladder, built as the plan's simulation builds it."""
         assert run.planned is not None
         planned = run.planned.get(row.vm_uuid)
         cap = run.policy_pb.vm_max_downtime_ms.get(row.vm_uuid) or run.policy.max_downtime_ms
-        qemu_cap = qemu_downtime_limit_ms(
-            float(cap), run.link_bytes_per_s * self._params.link_efficiency, self._params
-        )
-        return escalation.Limits(
+        return escalation.limits_for(
             predicted_total_s=row.predicted_total_s
             or (planned.predicted_total_s if planned else 60.0),
-            qemu_downtime_cap_ms=max(1, int(qemu_cap)),
-            allow_postcopy=run.policy.allow_postcopy,
-            postcopy_permitted=bool(planned and planned.settings.postcopy_permitted),
-            cpu_bound=row.vm_uuid in run.cpu_bound,
-            stall_factor=self.settings.stall_factor,
-            stall_grace_s=self.settings.stall_grace_s,
-            settle_s=self.settings.escalation_settle_s,
             operator_cap_ms=float(cap),
             link_bytes_per_s=run.link_bytes_per_s * self._params.link_efficiency,
+            settings=planned.settings if planned else None,
+            allow_postcopy=run.policy.allow_postcopy,
+            cpu_bound=row.vm_uuid in run.cpu_bound,
+            pacing=self.settings.pacing,
             params=self._params,
-            postcopy_after_first_pass=bool(planned and planned.settings.postcopy_after_first_round),
-            precopy_tries=planned.settings.precopy_tries if planned else 0,
-            burst_s=planned.settings.burst_s if planned else 0.0,
         )
 
     def _escalate(
@@ -1468,7 +1470,12 @@ class Executor:
         if not vms or not targets:
             return failed
         plan = plan_drain(
-            vms, targets, Link(inputs.link_bandwidth_bytes_per_s), run.policy, self._params
+            vms,
+            targets,
+            Link(inputs.link_bandwidth_bytes_per_s),
+            run.policy,
+            self._params,
+            pacing=self.settings.pacing,
         )
         if not plan.migrations:
             return failed

@@ -80,7 +80,6 @@ from hostmaint.coordinator.model import (
 from hostmaint.coordinator.simulator import Job, SimResult, VmResult, simulate
 
 CANNOT_CONVERGE_REASON = "cannot converge: skip or stop the VM's workload"
-POLL_S = 1.0  # the executor's default progress sampling interval
 # A pre-copy this many times longer alone than the VM's post-copy (resending a hot working
 # set round after round, holding most of the link) is costly: post-copy is offered.
 COSTLY_PRECOPY_RATIO = 1.5
@@ -133,6 +132,7 @@ class DrainPlan:
     concurrency: int
     deadline_s: float | None = None  # the policy's
     warnings: tuple[str, ...] = ()  # e.g. the predicted makespan exceeds the deadline
+    pacing: escalation.Pacing = escalation.DEFAULT_PACING  # the ladder's, as simulated
 
     @property
     def lower_bound_s(self) -> float:
@@ -183,11 +183,11 @@ _Evaluate = Callable[[Sequence[_Item], int], tuple[float, SimResult, list[_Item]
 class PlanStrategy:
     """Start VMs in order (backfilling) while slots, per-target slots and bandwidth allow,
     and steer each running migration with the executor's escalation ladder
-    (``escalation.next_step``), fed every ``POLL_S`` with what the agent would report:
-    elapsed time, QEMU's round, the bytes left in it, the bandwidth it got, its limit. A
-    migration whose limit the ladder raised holds the link, as in the executor; one in a
-    burst caps its pre-copying neighbours until it releases the link or leaves
-    pre-copy."""
+    (``escalation.next_step`` over ``escalation.limits_for``, at the drain's ``pacing``),
+    fed every ``pacing.poll_interval_s`` with what the agent would report: elapsed time,
+    QEMU's round, the bytes left in it, the bandwidth it got, its limit. A migration whose
+    limit the ladder raised holds the link, as in the executor; one in a burst caps its
+    pre-copying neighbours until it releases the link or leaves pre-copy."""
 
     def __init__(
         self,
@@ -200,29 +200,27 @@ class PlanStrategy:
         params: ModelParams,
         allow_postcopy: bool,
         cpu_bound: Collection[str],
+        *,
+        pacing: escalation.Pacing = escalation.DEFAULT_PACING,
     ) -> None:
         self.name = name
         self.queue = list(items)
         self.max_parallel = max_parallel
         self.per_target = per_target
         self.total_bw = total_bw
+        self.poll_s = pacing.poll_interval_s
         self.by_uuid = {i.vm.uuid: i for i in items}
         self.queued = {i.vm.uuid: self._slot(i) for i in items}  # as dispatch sees them queued
         self.limits = {
-            i.vm.uuid: escalation.Limits(
+            i.vm.uuid: escalation.limits_for(
                 predicted_total_s=i.prediction.total_s,
-                qemu_downtime_cap_ms=max(
-                    1, int(qemu_downtime_limit_ms(cap_ms[i.vm.uuid], total_bw, params))
-                ),
-                allow_postcopy=allow_postcopy,
-                postcopy_permitted=i.settings.postcopy_permitted,
-                cpu_bound=i.vm.uuid in cpu_bound,
                 operator_cap_ms=cap_ms[i.vm.uuid],
                 link_bytes_per_s=total_bw,
+                settings=i.settings,
+                allow_postcopy=allow_postcopy,
+                cpu_bound=i.vm.uuid in cpu_bound,
+                pacing=pacing,
                 params=params,
-                postcopy_after_first_pass=i.settings.postcopy_after_first_round,
-                precopy_tries=i.settings.precopy_tries,
-                burst_s=i.settings.burst_s,
             )
             for i in items
         }
@@ -279,7 +277,7 @@ class PlanStrategy:
         if not mig.in_precopy:
             return math.inf
         last_s, _ = self.polled.get(mig.vm.uuid, (mig.start_s, 0.0))
-        return last_s + POLL_S
+        return last_s + self.poll_s
 
     def control(self, mig: Migration, now_s: float) -> None:
         """One progress sample, and the ladder's step if it calls for one."""
@@ -419,7 +417,11 @@ def plan_drain(
     link: Link,
     policy: DrainPolicy,
     params: ModelParams = DEFAULT_PARAMS,
+    *,
+    pacing: escalation.Pacing = escalation.DEFAULT_PACING,
 ) -> DrainPlan:
+    """The plan (see the module's docstring); ``pacing``: the ladder's, as the drain will
+    run it."""
     full_bw = effective_bandwidth(link, params)
     link_bw = link.bandwidth_bytes_per_s * params.link_efficiency
     used: dict[str, list[VmSpec]] = {t.name: [] for t in targets}
@@ -449,7 +451,13 @@ def plan_drain(
     cap_ms = {v.uuid: _cap(v, policy) for v in vms}
     bound = lower_bound([b[0] for b in base], link, policy, params)
     evaluate = functools.partial(
-        _evaluate, link=link, link_bw=link_bw, cap_ms=cap_ms, policy=policy, params=params
+        _evaluate,
+        link=link,
+        link_bw=link_bw,
+        cap_ms=cap_ms,
+        policy=policy,
+        params=params,
+        pacing=pacing,
     )
     best: _Candidate | None = None
     choices: dict[tuple[int, str], _Item] = {}  # (k, VM): its pre-copy choice instead of post-copy
@@ -477,7 +485,7 @@ def plan_drain(
             if best is None or key < best[0]:
                 best = (key, k, res, order, refs)
     if best is None:
-        return DrainPlan((), tuple(unmovable), 0.0, bound, 0, policy.deadline_s)
+        return DrainPlan((), tuple(unmovable), 0.0, bound, 0, policy.deadline_s, pacing=pacing)
     best = _fewer_postcopies(best, choices, evaluate, policy.postcopy_avoidance_stretch)
     best = _reordered(best, evaluate)
     _, k, res, _, refs = best
@@ -515,6 +523,7 @@ def plan_drain(
         k,
         policy.deadline_s,
         tuple(warnings),
+        pacing,
     )
 
 
@@ -583,6 +592,7 @@ def _evaluate(
     cap_ms: dict[str, float],
     policy: DrainPolicy,
     params: ModelParams,
+    pacing: escalation.Pacing,
 ) -> tuple[float, SimResult, list[_Item]]:
     """Simulate an order with at most ``k`` at once; its key (lower is better), result, and
     the items with the predictions the executor's ladder will check them against.
@@ -606,6 +616,7 @@ def _evaluate(
             params,
             policy.allow_postcopy,
             throttles,
+            pacing=pacing,
         )
         return simulate(vms, strat, link, params, seed=0, policy=policy)
 
@@ -863,7 +874,8 @@ def plan_strategy(
     reported: Sequence[VmSpec] | None = None,
 ) -> PlanStrategy:
     """The plan as a simulator strategy, to run it against (true) ``vms``; ``reported``: the
-    VMs as planned (default ``vms``), whose writer kinds the ladder goes by."""
+    VMs as planned (default ``vms``), whose writer kinds the ladder goes by. Its ladder is
+    the plan's, at the pace planned."""
     by_uuid = {v.uuid: v for v in vms}
     items = []
     for m in plan.migrations:
@@ -892,4 +904,5 @@ def plan_strategy(
         params,
         policy.allow_postcopy,
         throttle_helps(vms if reported is None else reported, policy),
+        pacing=plan.pacing,
     )
