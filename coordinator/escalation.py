@@ -11,10 +11,13 @@ to the whole link's for ``burst_s``, then its limit is restored before the
 others are released); switch to post-copy when the policy allows it (Nova:
 force-complete); abort, to retry elsewhere or report. Each step gets time to
 show its effect before the next; a migration held back by another's burst
-takes no step while it lasts.
+takes no step while it lasts. A step the source host cannot take (no cgroup CPU
+controller: no throttle; no userfaultfd: no post-copy) is left out, and the next
+one follows.
 
-``limits_for`` builds a migration's ``Limits`` from the plan's settings for it and the
-configured ``Pacing``: the one builder for the plan's simulation and for the run.
+``limits_for`` builds a migration's ``Limits`` from the plan's settings for it, the
+source host's capabilities and the configured ``Pacing``: the one builder for the
+plan's simulation and for the run.
 
 A migration the plan tuned for post-copy (no pre-copy setting converges in the
 model) switches as soon as its first pass over RAM is done, as planned, without
@@ -32,6 +35,7 @@ from dataclasses import dataclass
 
 from hostmaint.coordinator.model import (
     DEFAULT_PARAMS,
+    HostCapabilities,
     ModelParams,
     Settings,
     qemu_downtime_limit_ms,
@@ -112,6 +116,7 @@ def limits_for(
     settings: Settings | None,
     allow_postcopy: bool,
     cpu_bound: bool,
+    source: HostCapabilities,
     pacing: Pacing,
     params: ModelParams = DEFAULT_PARAMS,
 ) -> Limits:
@@ -119,16 +124,19 @@ def limits_for(
 
     ``settings``: how the plan starts it (None: not planned, started with nothing
     permitted); ``cpu_bound``: throttling its vCPUs would slow its writer
-    (``planner.throttle_helps``).
+    (``planner.throttle_helps``); ``source``: what the source host can do. A step the
+    source cannot take is left out (the ladder goes on to the next): no throttle without
+    its cgroup CPU controller, no post-copy without its userfaultfd (the plan permits
+    post-copy only where the target has userfaultfd too).
     """
     return Limits(
         predicted_total_s=predicted_total_s,
         qemu_downtime_cap_ms=max(
             1, int(qemu_downtime_limit_ms(operator_cap_ms, link_bytes_per_s, params))
         ),
-        allow_postcopy=allow_postcopy,
+        allow_postcopy=allow_postcopy and source.postcopy,
         postcopy_permitted=settings is not None and settings.postcopy_permitted,
-        cpu_bound=cpu_bound,
+        cpu_bound=cpu_bound and source.vcpu_throttle,
         stall_factor=pacing.stall_factor,
         stall_grace_s=pacing.stall_grace_s,
         settle_s=pacing.settle_s,

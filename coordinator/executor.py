@@ -55,7 +55,9 @@ from hostmaint.coordinator.ha import Coordination, SingleProcess
 from hostmaint.coordinator.journal import DrainRow, Journal, VmRow
 from hostmaint.coordinator.model import (
     DEFAULT_PARAMS,
+    FULLY_CAPABLE,
     DrainPolicy,
+    HostCapabilities,
     Link,
     ModelParams,
 )
@@ -181,6 +183,7 @@ class _Run:
     planned: dict[str, PlannedMigration] | None = None
     thread: threading.Thread | None = None
     cpu_bound: frozenset[str] = frozenset()  # VMs the ladder may throttle (planner.throttle_helps)
+    source: HostCapabilities = FULLY_CAPABLE  # what the source host can tune, as planned
     threads: dict[str, threading.Thread] = field(default_factory=dict)
     burst: _Burst | None = None
     burst_lock: threading.Lock = field(default_factory=threading.Lock)
@@ -245,6 +248,7 @@ class Executor:
             Link(inputs.link_bandwidth_bytes_per_s),
             policy,
             self._params,
+            source=inputs.source,
             pacing=self.settings.pacing,
         )
         stay: list[tuple[str, str, str]] = []
@@ -545,6 +549,7 @@ class Executor:
         run.planned = {m.vm_uuid: m for m in plan.migrations}
         run.link_bytes_per_s = inputs.link_bandwidth_bytes_per_s
         run.cpu_bound = throttle_helps(inputs.vms, run.policy)
+        run.source = inputs.source
 
     def _rows(self, run: _Run, plan: DrainPlan, inputs: Inputs) -> list[VmRow]:
         rows = [
@@ -1106,6 +1111,7 @@ class Executor:
             settings=planned.settings if planned else None,
             allow_postcopy=run.policy.allow_postcopy,
             cpu_bound=row.vm_uuid in run.cpu_bound,
+            source=run.source,
             pacing=self.settings.pacing,
             params=self._params,
         )
@@ -1475,6 +1481,7 @@ class Executor:
             Link(inputs.link_bandwidth_bytes_per_s),
             run.policy,
             self._params,
+            source=inputs.source,
             pacing=self.settings.pacing,
         )
         if not plan.migrations:

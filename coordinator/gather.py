@@ -5,7 +5,7 @@ server groups and which hosts are enabled; the source agent says what libvirt
 knows (memory, dirty rate, CPU, blockers) and measures dirty rates afresh over
 doubling windows (``dirty.writer_of`` reads a working set out of them); each
 candidate target's agent says its free memory and whether each distinct guest
-CPU runs there.
+CPU runs there; every agent's host report says what tuning its host can do.
 """
 
 from __future__ import annotations
@@ -29,7 +29,13 @@ from hostmaint.coordinator.drivers.base import (
     InstanceState,
     MigrationDriver,
 )
-from hostmaint.coordinator.model import ServerGroup, TargetHost, VmSpec
+from hostmaint.coordinator.model import (
+    FULLY_CAPABLE,
+    HostCapabilities,
+    ServerGroup,
+    TargetHost,
+    VmSpec,
+)
 from hostmaint.protos import agent_pb2 as apb
 
 LOG = logging.getLogger(__name__)
@@ -45,6 +51,23 @@ class Inputs:
     link_bandwidth_bytes_per_s: float
     domains: dict[str, apb.Domain] = field(default_factory=dict)
     notes: tuple[str, ...] = ()
+    source: HostCapabilities = FULLY_CAPABLE  # what the source host can tune
+
+
+def capabilities_of(report: apb.HostReport | None) -> HostCapabilities:
+    """The tuning a host's agent reports it can do; all of it where the agent does not say
+    (no report, or an agent from before the report)."""
+    if report is None or not report.HasField("capabilities"):
+        return FULLY_CAPABLE
+    c = report.capabilities
+    throttle = c.vcpu_throttle.available or not c.HasField("vcpu_throttle")
+    postcopy = c.postcopy.available or not c.HasField("postcopy")
+    return HostCapabilities(
+        vcpu_throttle=throttle,
+        vcpu_throttle_reason="" if throttle else c.vcpu_throttle.reason or "not available",
+        postcopy=postcopy,
+        postcopy_reason="" if postcopy else c.postcopy.reason or "not available",
+    )
 
 
 def _blockers(domain: apb.Domain | None) -> tuple[str, ...]:
@@ -158,7 +181,16 @@ def gather(
         for i in live
     )
     targets = _targets(host, driver, registry, vms, domains, target_hosts, note)
-    return Inputs(host, vms, targets, not_live, bandwidth, domains, tuple(notes))
+    return Inputs(
+        host,
+        vms,
+        targets,
+        not_live,
+        bandwidth,
+        domains,
+        tuple(notes),
+        source=capabilities_of(status.report),
+    )
 
 
 def _windows(
@@ -241,6 +273,7 @@ def _targets(
         free_vcpus = (h.vcpus - (h.vcpus_used or 0)) if h.vcpus is not None else None
         healthy = True
         compatible: frozenset[str] | None = None
+        capabilities = FULLY_CAPABLE
         try:
             status = registry.probe(h.name)
         except errors.UnknownHost:
@@ -253,6 +286,7 @@ def _targets(
                 # 0 means the hypervisor does not say (libvirt's test:/// driver, for one).
                 free_mem = status.report.memory_free_bytes or free_mem
                 compatible = _cpu_compatible(registry, h.name, cpus, [v.uuid for v in vms], note)
+                capabilities = capabilities_of(status.report)
         groups: frozenset[str] = frozenset()
         if groups_wanted:
             try:
@@ -273,6 +307,7 @@ def _targets(
                 healthy=healthy,
                 cpu_compatible=compatible,
                 server_groups=groups,
+                capabilities=capabilities,
             )
         )
     return tuple(found)

@@ -6,11 +6,13 @@ from pathlib import Path
 
 from hostmaint.coordinator import escalation as esc
 from hostmaint.coordinator.executor import EventBus, ExecutorSettings, _Run
+from hostmaint.coordinator.gather import capabilities_of
 from hostmaint.coordinator.journal import VmRow
 from hostmaint.coordinator.model import DrainPolicy, Link
 from hostmaint.coordinator.planner import plan_strategy
 from hostmaint.protos import coordinator_pb2 as cpb
 from tests.coordinator.stuckagent import (
+    CANNOT_THROTTLE,
     LINK_BYTES_PER_S,
     MIB,
     VM,
@@ -23,10 +25,11 @@ from tests.coordinator.stuckagent import (
 def test_the_runs_limits_are_the_plans_at_the_configured_pace(tmp_path: Path) -> None:
     """The default pace, then stall_factor 3 (and a grace, a settle time and a poll of
     their own): the plan simulates the ladder at that pace, and the executor follows the
-    migration with the very Limits the plan's simulation used."""
+    migration with the very Limits the plan's simulation used (the source's capabilities
+    included)."""
     paces = ((1.5, 10.0, 8.0, 1.0), (3.0, 5.0, 4.0, 0.5))
     for factor, grace_s, settle_s, poll_s in paces:
-        agent = Agent(Clock(), None, rate_bytes_per_s=100 * MIB)
+        agent = Agent(Clock(), CANNOT_THROTTLE, rate_bytes_per_s=100 * MIB)
         settings = ExecutorSettings(
             defaults=DrainPolicy(),
             link_bandwidth_bytes_per_s=LINK_BYTES_PER_S,
@@ -41,6 +44,7 @@ def test_the_runs_limits_are_the_plans_at_the_configured_pace(tmp_path: Path) ->
         assert plan.pacing == esc.Pacing(
             stall_factor=factor, stall_grace_s=grace_s, settle_s=settle_s, poll_interval_s=poll_s
         )
+        assert plan.source == capabilities_of(agent.report()) == inputs.source
         run = _Run("d", "src", ex.policy(policy_pb), policy_pb, EventBus())
         ex._remember(run, plan, inputs)
         (m,) = plan.migrations
@@ -56,4 +60,5 @@ def test_the_runs_limits_are_the_plans_at_the_configured_pace(tmp_path: Path) ->
             settle_s,
         )
         assert simulated.poll_s == poll_s
-        assert VM in run.cpu_bound and limits.cpu_bound  # a writer the ladder may throttle
+        # a writer the ladder would throttle, on a source that cannot
+        assert VM in run.cpu_bound and not limits.cpu_bound
