@@ -1,4 +1,4 @@
-"""Host figures libvirt does not give (load, qemu RSS, NIC speed), from psutil."""
+"""Host figures libvirt does not give (load, qemu RSS and users, NIC speed), from psutil."""
 
 from __future__ import annotations
 
@@ -28,6 +28,23 @@ def qemu_rss_bytes(domain_names: Iterable[str]) -> int:
             mem = proc.info.get("memory_info")
             total += int(mem.rss) if mem is not None else 0
     return total
+
+
+def qemu_uids(domain_names: Iterable[str]) -> frozenset[int]:
+    """The effective users of the qemu processes running these domains."""
+    wanted = {f"guest={name}" for name in domain_names}
+    if not wanted:
+        return frozenset()
+    found = set()
+    for proc in psutil.process_iter(["name", "cmdline", "uids"]):
+        name = proc.info.get("name") or ""
+        if not name.startswith("qemu"):
+            continue
+        cmdline = proc.info.get("cmdline") or []
+        uids = proc.info.get("uids")
+        if uids is not None and any(arg.split(",", 1)[0] in wanted for arg in cmdline):
+            found.add(int(uids.effective))
+    return frozenset(found)
 
 
 def read_host_load(domain_names: Iterable[str], migration_interface: str) -> HostLoad:

@@ -30,6 +30,7 @@ from hostmaint.agent.types import (
     JobStats,
     MigrationPhase,
     MigrationRequest,
+    SchedulerReading,
 )
 
 LOG = logging.getLogger(__name__)
@@ -60,6 +61,16 @@ _CONNECTION_LOST = frozenset(
         libvirt.VIR_ERR_NO_CONNECT,
         libvirt.VIR_ERR_INVALID_CONN,
         libvirt.VIR_ERR_RPC,
+    }
+)
+# How libvirt refuses scheduler parameters it cannot give (no cgroup CPU controller, a
+# driver without them, a domain that stopped running meanwhile).
+_SCHEDULER_REFUSALS = frozenset(
+    {
+        libvirt.VIR_ERR_OPERATION_INVALID,
+        libvirt.VIR_ERR_OPERATION_FAILED,
+        libvirt.VIR_ERR_NO_SUPPORT,
+        libvirt.VIR_ERR_OPERATION_UNSUPPORTED,
     }
 )
 # dirtyrate.calc_status: 0 unstarted, 1 measuring, 2 measured.
@@ -541,6 +552,30 @@ class LibvirtDriver:
                 {"vcpu_period": _VCPU_PERIOD_US, "vcpu_quota": quota},
                 libvirt.VIR_DOMAIN_AFFECT_LIVE,
             )
+
+    def vcpu_scheduler(self) -> SchedulerReading | None:
+        """The live scheduler parameters of a running domain (the first that answers), where
+        libvirt shows whether it can cap vCPUs; None when no domain runs. libvirt's refusal
+        (QEMU without the cgroup CPU controller: "cgroup CPU controller is not mounted") is
+        the reading's error."""
+        with self._translated("scheduler parameters"):
+            for dom in self._connection().listAllDomains(libvirt.VIR_CONNECT_LIST_DOMAINS_ACTIVE):
+                name, scheduler = "", ""
+                try:
+                    name = dom.name()
+                    scheduler = str(dom.schedulerType()[0])
+                    # a running domain's current parameters are its live ones (the flagged
+                    # call is refused by the test:/// driver)
+                    params = dom.schedulerParameters()
+                except libvirt.libvirtError as e:
+                    code = e.get_error_code()
+                    if code == libvirt.VIR_ERR_NO_DOMAIN:
+                        continue  # stopped since the listing
+                    if code not in _SCHEDULER_REFUSALS:
+                        raise  # translated (a lost connection among them)
+                    return SchedulerReading(name, scheduler, (), e.get_error_message() or str(e))
+                return SchedulerReading(name, scheduler, tuple(sorted(params or {})))
+        return None
 
     def migrate(self, request: MigrationRequest) -> None:
         """Runs a live peer-to-peer migration to the end; raises on failure or abort."""

@@ -17,6 +17,17 @@ _GIB = 1024**3
 _MIB = 1024**2
 
 
+def _tuning(host: pb.HostReport) -> str:
+    if not host.HasField("capabilities"):
+        return "not reported"
+    c = host.capabilities
+    return f"vcpu throttle {_capability(c.vcpu_throttle)}, post-copy {_capability(c.postcopy)}"
+
+
+def _capability(capability: pb.Capability) -> str:
+    return "yes" if capability.available else f"no ({capability.reason})"
+
+
 def render(host: pb.HostReport, domains: list[pb.Domain]) -> str:
     lines = [
         f"host {host.hostname}  {host.hypervisor_type} {host.hypervisor_version}  "
@@ -26,6 +37,7 @@ def render(host: pb.HostReport, domains: list[pb.Domain]) -> str:
         f"  memory {host.memory_total_bytes / _GIB:.1f} GiB, free "
         f"{host.memory_free_bytes / _GIB:.1f} GiB; {host.running_domain_count}/"
         f"{host.domain_count} domains running",
+        f"  tuning: {_tuning(host)}",
         "",
         f"{'domain':<22} {'nova name':<12} {'flavor':<11} {'state':<9} {'mem':>8} "
         f"{'vcpu':>4} {'dirty':>10}  blockers",

@@ -11,7 +11,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, replace
 from urllib.parse import parse_qsl, urlsplit
 
-from hostmaint.agent import errors, hoststats, inventory
+from hostmaint.agent import capabilities, errors, hoststats, inventory, kernel
 from hostmaint.agent.dirtyrate import DirtyRateMeter, validate_window
 from hostmaint.agent.libvirt_driver import LibvirtDriver
 from hostmaint.agent.migrations import MigrationTracker, Sample, Tuned
@@ -25,6 +25,7 @@ from hostmaint.agent.types import (
     HostInfo,
     HostLoad,
     MigrationRequest,
+    TuningCapabilities,
 )
 
 LOG = logging.getLogger(__name__)
@@ -209,12 +210,27 @@ class AgentService:
             tuple(h.strip() for h in allowed_migration_hosts if h.strip()),
         )
 
-    def host(self) -> tuple[HostInfo, HostLoad]:
+    def host(self) -> tuple[HostInfo, HostLoad, TuningCapabilities]:
         info = self.driver.host_info()
         names = [
             d.config.name for d in self.driver.list_domains() if d.state is DomainState.RUNNING
         ]
-        return info, hoststats.read_host_load(names, self._migration_interface)
+        load = hoststats.read_host_load(names, self._migration_interface)
+        return info, load, self.capabilities(info, names)
+
+    def capabilities(self, info: HostInfo, running: Sequence[str]) -> TuningCapabilities:
+        """The tuning this host can do (``capabilities``), from libvirt and the kernel."""
+        return TuningCapabilities(
+            vcpu_throttle=capabilities.vcpu_throttle(
+                self.driver.vcpu_scheduler(), kernel.cgroup_cpu(), info.hypervisor_type
+            ),
+            postcopy=capabilities.postcopy(
+                kernel.probe_userfaultfd(),
+                hoststats.qemu_uids(running),
+                info.hypervisor_type,
+                info.hypervisor_version,
+            ),
+        )
 
     def domains(self, domain_uuids: Sequence[str] = ()) -> list[Domain]:
         wanted = check_uuids(domain_uuids)

@@ -16,6 +16,7 @@ from hostmaint.agent.service import AgentService
 from hostmaint.agent.types import (
     Blocker,
     BlockerKind,
+    Capability,
     CpuDefinition,
     CpuFeature,
     DirtyRate,
@@ -24,6 +25,7 @@ from hostmaint.agent.types import (
     DomainState,
     MigrationPhase,
     MigrationRequest,
+    TuningCapabilities,
 )
 from hostmaint.protos import agent_pb2 as pb
 from hostmaint.protos import agent_pb2_grpc
@@ -111,6 +113,21 @@ def timestamp(epoch_s: float) -> Timestamp:
     ts = Timestamp()
     ts.FromNanoseconds(int(epoch_s * 1e9))
     return ts
+
+
+def capability_to_pb(capability: Capability) -> pb.Capability:
+    return pb.Capability(
+        available=capability.available,
+        reason=capability.reason,
+        decided_by=capability.decided_by,
+    )
+
+
+def capabilities_to_pb(capabilities: TuningCapabilities) -> pb.TuningCapabilities:
+    return pb.TuningCapabilities(
+        vcpu_throttle=capability_to_pb(capabilities.vcpu_throttle),
+        postcopy=capability_to_pb(capabilities.postcopy),
+    )
 
 
 def cpu_to_pb(cpu: CpuDefinition) -> pb.CpuDefinition:
@@ -233,7 +250,7 @@ class HostAgentServicer(agent_pb2_grpc.HostAgentServicer):
 
     @translated
     def GetHost(self, request: pb.GetHostRequest, context: grpc.ServicerContext) -> pb.HostReport:
-        info, load = self._service.host()
+        info, load, capabilities = self._service.host()
         return pb.HostReport(
             hostname=info.hostname,
             libvirt_uri=info.libvirt_uri,
@@ -254,6 +271,7 @@ class HostAgentServicer(agent_pb2_grpc.HostAgentServicer):
             migration_nic_speed_mbps=load.migration_nic_speed_mbps,
             migration_interface=load.migration_interface,
             reported_at=timestamp(self._clock()),
+            capabilities=capabilities_to_pb(capabilities),
         )
 
     @translated

@@ -164,6 +164,47 @@ class HostLoad:
 
 
 @dataclass(frozen=True)
+class SchedulerReading:
+    """A running domain's live scheduler parameters, as libvirt gives them (or refuses)."""
+
+    domain_name: str
+    scheduler: str  # libvirt's scheduler type: posix (QEMU's cgroups), fair (test:///)
+    parameters: tuple[str, ...]  # the names, e.g. cpu_shares, vcpu_period, vcpu_quota
+    error: str = ""  # libvirt's refusal, e.g. "cgroup CPU controller is not mounted"
+
+
+@dataclass(frozen=True)
+class CgroupCpu:
+    """The cgroup CPU controller as the host mounts it (read from /proc and /sys)."""
+
+    version: str  # v1, v2; empty when no hierarchy has the CPU controller
+    bandwidth: bool  # CFS quotas: cpu.cfs_quota_us (v1), cpu.max (v2)
+    where: str  # what was read
+
+
+@dataclass(frozen=True)
+class UserfaultfdProbe:
+    """What the kernel says of userfaultfd, the syscall QEMU's post-copy relies on."""
+
+    syscall: str  # "ok", the errno's name when refused (ENOSYS: none), "" when not tried
+    unprivileged_sysctl: int | None  # /proc/sys/vm/unprivileged_userfaultfd; None: absent
+    device: bool  # /dev/userfaultfd exists (Linux 6.1 and later)
+
+
+@dataclass(frozen=True)
+class Capability:
+    available: bool
+    reason: str = ""  # why not, when not available
+    decided_by: str = ""  # what the agent read or tried
+
+
+@dataclass(frozen=True)
+class TuningCapabilities:
+    vcpu_throttle: Capability
+    postcopy: Capability
+
+
+@dataclass(frozen=True)
 class CpuComparison:
     compatible: bool
     result: str  # incompatible, identical, superset

@@ -241,6 +241,7 @@ def render_plan(plan: pb.DrainPlan) -> str:
         lines.append(table(["VM", "uuid", "target"], rows, right=frozenset()))
     lines += ["", _makespan_line(plan)]
     lines += [f"warning: {w}" for w in plan.warnings]
+    lines += [f"note: {n}" for n in plan.notes]
     return "\n".join(lines)
 
 
@@ -615,6 +616,8 @@ def apply(view: LiveView, event: pb.DrainEvent, received_s: float) -> LiveView:
         changes["predicted_makespan_s"] = plan.predicted_makespan_s
         changes["planned"] = len(plan.migrations)
         changes["unmovable"] = len(plan.unmovable)
+        if plan.notes:
+            changes["notes"] = (*view.notes, *plan.notes)[-NOTES_KEPT:]
         for m in sorted(plan.migrations, key=lambda m: m.position):
             old = _find(rows, m.vm_uuid)
             rows = _upsert(

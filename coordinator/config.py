@@ -146,7 +146,15 @@ drain_opts = [
         min=0,
         help="Migration link bandwidth; 0: the source agent's NIC speed.",
     ),
-    cfg.FloatOpt("poll_interval_s", default=1.0, min=0.05, help="Progress sampling interval."),
+    cfg.FloatOpt(
+        "poll_interval_s",
+        default=1.0,
+        min=0.05,
+        help="Progress sampling interval of each migration, in the drain and in the plan's "
+        "simulation of it (which samples as often: the shorter, the longer planning takes). "
+        "The plan also simulates the escalation with stall_factor, stall_grace_s and "
+        "escalation_settle_s.",
+    ),
     cfg.FloatOpt(
         "stall_factor",
         default=1.5,

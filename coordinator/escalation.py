@@ -11,7 +11,13 @@ to the whole link's for ``burst_s``, then its limit is restored before the
 others are released); switch to post-copy when the policy allows it (Nova:
 force-complete); abort, to retry elsewhere or report. Each step gets time to
 show its effect before the next; a migration held back by another's burst
-takes no step while it lasts.
+takes no step while it lasts. A step the source host cannot take (no cgroup CPU
+controller: no throttle; no userfaultfd: no post-copy) is left out, and the next
+one follows.
+
+``limits_for`` builds a migration's ``Limits`` from the plan's settings for it, the
+source host's capabilities and the configured ``Pacing``: the one builder for the
+plan's simulation and for the run.
 
 A migration the plan tuned for post-copy (no pre-copy setting converges in the
 model) switches as soon as its first pass over RAM is done, as planned, without
@@ -27,7 +33,13 @@ import enum
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from hostmaint.coordinator.model import DEFAULT_PARAMS, ModelParams, qemu_downtime_limit_ms
+from hostmaint.coordinator.model import (
+    DEFAULT_PARAMS,
+    HostCapabilities,
+    ModelParams,
+    Settings,
+    qemu_downtime_limit_ms,
+)
 
 
 class Action(enum.StrEnum):
@@ -79,6 +91,62 @@ class Limits:
     # how long the migration may hold the link for its switch-over (0: never); the plan
     # allows it to a VM that converges alone on the whole link with the whole link's limit
     burst_s: float = 0.0
+
+
+@dataclass(frozen=True)
+class Pacing:
+    """The ladder's pace, as the coordinator is configured (``[drain]``): when a migration
+    is behind, how long a step gets before the next, and how often progress is sampled.
+    The plan's simulation runs the ladder at the same pace as the drain."""
+
+    stall_factor: float = Limits.stall_factor
+    stall_grace_s: float = Limits.stall_grace_s
+    settle_s: float = Limits.settle_s
+    poll_interval_s: float = 1.0
+
+
+DEFAULT_PACING = Pacing()
+
+
+def limits_for(
+    *,
+    predicted_total_s: float,
+    operator_cap_ms: float,
+    link_bytes_per_s: float,
+    settings: Settings | None,
+    allow_postcopy: bool,
+    cpu_bound: bool,
+    source: HostCapabilities,
+    pacing: Pacing,
+    params: ModelParams = DEFAULT_PARAMS,
+) -> Limits:
+    """One migration's ladder, for the plan's simulation and for the run alike.
+
+    ``settings``: how the plan starts it (None: not planned, started with nothing
+    permitted); ``cpu_bound``: throttling its vCPUs would slow its writer
+    (``planner.throttle_helps``); ``source``: what the source host can do. A step the
+    source cannot take is left out (the ladder goes on to the next): no throttle without
+    its cgroup CPU controller, no post-copy without its userfaultfd (the plan permits
+    post-copy only where the target has userfaultfd too).
+    """
+    return Limits(
+        predicted_total_s=predicted_total_s,
+        qemu_downtime_cap_ms=max(
+            1, int(qemu_downtime_limit_ms(operator_cap_ms, link_bytes_per_s, params))
+        ),
+        allow_postcopy=allow_postcopy and source.postcopy,
+        postcopy_permitted=settings is not None and settings.postcopy_permitted,
+        cpu_bound=cpu_bound and source.vcpu_throttle,
+        stall_factor=pacing.stall_factor,
+        stall_grace_s=pacing.stall_grace_s,
+        settle_s=pacing.settle_s,
+        operator_cap_ms=operator_cap_ms,
+        link_bytes_per_s=link_bytes_per_s,
+        params=params,
+        postcopy_after_first_pass=settings is not None and settings.postcopy_after_first_round,
+        precopy_tries=settings.precopy_tries if settings is not None else 0,
+        burst_s=settings.burst_s if settings is not None else 0.0,
+    )
 
 
 @dataclass(frozen=True)

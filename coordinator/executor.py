@@ -57,10 +57,11 @@ from hostmaint.coordinator.ha import Coordination, SingleProcess
 from hostmaint.coordinator.journal import DrainRow, Journal, VmRow
 from hostmaint.coordinator.model import (
     DEFAULT_PARAMS,
+    FULLY_CAPABLE,
     DrainPolicy,
+    HostCapabilities,
     Link,
     ModelParams,
-    qemu_downtime_limit_ms,
 )
 from hostmaint.coordinator.planner import (
     HELD_BACK_BYTES_PER_S,
@@ -102,6 +103,16 @@ class ExecutorSettings:
     migration_addresses: dict[str, str] | None = None
     watch_start_timeout_s: float = _WATCH_START_TIMEOUT_S
     escalation_settle_s: float = escalation.Limits.settle_s
+
+    @property
+    def pacing(self) -> escalation.Pacing:
+        """The ladder's pace: the run's, and the plan's simulation of it."""
+        return escalation.Pacing(
+            stall_factor=self.stall_factor,
+            stall_grace_s=self.stall_grace_s,
+            settle_s=self.escalation_settle_s,
+            poll_interval_s=self.poll_interval_s,
+        )
 
 
 class EventBus:
@@ -210,6 +221,7 @@ class _Run:
     planned: dict[str, PlannedMigration] | None = None
     thread: threading.Thread | None = None
     cpu_bound: frozenset[str] = frozenset()  # VMs the ladder may throttle (planner.throttle_helps)
+    source: HostCapabilities = FULLY_CAPABLE  # what the source host can tune, as planned
     threads: _Workers = field(default_factory=_Workers)
     burst: _Burst | None = None
     burst_lock: threading.Lock = field(default_factory=threading.Lock)
@@ -274,6 +286,8 @@ class Executor:
             Link(inputs.link_bandwidth_bytes_per_s),
             policy,
             self._params,
+            source=inputs.source,
+            pacing=self.settings.pacing,
         )
         stay: list[tuple[str, str, str]] = []
         cold: list[tuple[str, str, str, str]] = []
@@ -573,6 +587,7 @@ class Executor:
         run.planned = {m.vm_uuid: m for m in plan.migrations}
         run.link_bytes_per_s = inputs.link_bandwidth_bytes_per_s
         run.cpu_bound = throttle_helps(inputs.vms, run.policy)
+        run.source = inputs.source
 
     def _rows(self, run: _Run, plan: DrainPlan, inputs: Inputs) -> list[VmRow]:
         rows = [
@@ -1121,28 +1136,21 @@ class Executor:
         return state
 
     def _limits(self, run: _Run, row: VmRow) -> escalation.Limits:
+        """The migration's ladder, built as the plan's simulation builds it."""
         assert run.planned is not None
         planned = run.planned.get(row.vm_uuid)
         cap = run.policy_pb.vm_max_downtime_ms.get(row.vm_uuid) or run.policy.max_downtime_ms
-        qemu_cap = qemu_downtime_limit_ms(
-            float(cap), run.link_bytes_per_s * self._params.link_efficiency, self._params
-        )
-        return escalation.Limits(
+        return escalation.limits_for(
             predicted_total_s=row.predicted_total_s
             or (planned.predicted_total_s if planned else 60.0),
-            qemu_downtime_cap_ms=max(1, int(qemu_cap)),
-            allow_postcopy=run.policy.allow_postcopy,
-            postcopy_permitted=bool(planned and planned.settings.postcopy_permitted),
-            cpu_bound=row.vm_uuid in run.cpu_bound,
-            stall_factor=self.settings.stall_factor,
-            stall_grace_s=self.settings.stall_grace_s,
-            settle_s=self.settings.escalation_settle_s,
             operator_cap_ms=float(cap),
             link_bytes_per_s=run.link_bytes_per_s * self._params.link_efficiency,
+            settings=planned.settings if planned else None,
+            allow_postcopy=run.policy.allow_postcopy,
+            cpu_bound=row.vm_uuid in run.cpu_bound,
+            source=run.source,
+            pacing=self.settings.pacing,
             params=self._params,
-            postcopy_after_first_pass=bool(planned and planned.settings.postcopy_after_first_round),
-            precopy_tries=planned.settings.precopy_tries if planned else 0,
-            burst_s=planned.settings.burst_s if planned else 0.0,
         )
 
     def _escalate(
@@ -1505,7 +1513,13 @@ class Executor:
         if not vms or not targets:
             return failed
         plan = plan_drain(
-            vms, targets, Link(inputs.link_bandwidth_bytes_per_s), run.policy, self._params
+            vms,
+            targets,
+            Link(inputs.link_bandwidth_bytes_per_s),
+            run.policy,
+            self._params,
+            source=inputs.source,
+            pacing=self.settings.pacing,
         )
         if not plan.migrations:
             return failed

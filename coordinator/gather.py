@@ -5,7 +5,7 @@ server groups and which hosts are enabled; the source agent says what libvirt
 knows (memory, dirty rate, CPU, blockers) and measures dirty rates afresh over
 doubling windows (``dirty.writer_of`` reads a working set out of them); each
 candidate target's agent says its free memory and whether each distinct guest
-CPU runs there.
+CPU runs there; every agent's host report says what tuning its host can do.
 """
 
 from __future__ import annotations
@@ -29,7 +29,13 @@ from hostmaint.coordinator.drivers.base import (
     InstanceState,
     MigrationDriver,
 )
-from hostmaint.coordinator.model import ServerGroup, TargetHost, VmSpec
+from hostmaint.coordinator.model import (
+    FULLY_CAPABLE,
+    HostCapabilities,
+    ServerGroup,
+    TargetHost,
+    VmSpec,
+)
 from hostmaint.protos import agent_pb2 as apb
 
 LOG = logging.getLogger(__name__)
@@ -45,6 +51,23 @@ class Inputs:
     link_bandwidth_bytes_per_s: float
     domains: dict[str, apb.Domain] = field(default_factory=dict)
     notes: tuple[str, ...] = ()
+    source: HostCapabilities = FULLY_CAPABLE  # what the source host can tune
+
+
+def capabilities_of(report: apb.HostReport | None) -> HostCapabilities:
+    """The tuning a host's agent reports it can do; all of it where the agent does not say
+    (no report, or an agent from before the report)."""
+    if report is None or not report.HasField("capabilities"):
+        return FULLY_CAPABLE
+    c = report.capabilities
+    throttle = c.vcpu_throttle.available or not c.HasField("vcpu_throttle")
+    postcopy = c.postcopy.available or not c.HasField("postcopy")
+    return HostCapabilities(
+        vcpu_throttle=throttle,
+        vcpu_throttle_reason="" if throttle else c.vcpu_throttle.reason or "not available",
+        postcopy=postcopy,
+        postcopy_reason="" if postcopy else c.postcopy.reason or "not available",
+    )
 
 
 def _blockers(domain: apb.Domain | None) -> tuple[str, ...]:
@@ -159,7 +182,16 @@ def gather(
     )
     judge = _CpuJudge(source, status.report.cpu if status.report is not None else None, note)
     targets = _targets(host, driver, registry, judge, vms, domains, target_hosts, note)
-    return Inputs(host, vms, targets, not_live, bandwidth, domains, tuple(notes))
+    return Inputs(
+        host,
+        vms,
+        targets,
+        not_live,
+        bandwidth,
+        domains,
+        tuple(notes),
+        source=capabilities_of(status.report),
+    )
 
 
 def _windows(
@@ -245,6 +277,7 @@ def _targets(
         healthy = True
         compatible: frozenset[str] | None = None
         refusals: tuple[tuple[str, str], ...] = ()
+        capabilities = FULLY_CAPABLE
         try:
             status = registry.probe(h.name)
         except errors.UnknownHost:
@@ -259,6 +292,7 @@ def _targets(
                 compatible, refusals = _cpu_compatible(
                     judge, registry.client(h.name), h.name, cpus, [v.uuid for v in vms], names, note
                 )
+                capabilities = capabilities_of(status.report)
         groups: frozenset[str] = frozenset()
         if groups_wanted:
             try:
@@ -280,6 +314,7 @@ def _targets(
                 cpu_compatible=compatible,
                 cpu_refusals=refusals,
                 server_groups=groups,
+                capabilities=capabilities,
             )
         )
     return tuple(found)

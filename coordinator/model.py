@@ -5,7 +5,9 @@ Public API
 Values (frozen dataclasses, units in names):
   ``VmSpec``        a VM as the agents report it (memory, non-zero bytes, dirty rate,
                     working set, writer kind, CPU, server groups, blockers, downtime cap).
-  ``TargetHost``    a candidate target: free memory/vCPUs, CPU compatibility, health.
+  ``HostCapabilities`` the tuning a host can do (vCPU throttling, post-copy), and why not.
+  ``TargetHost``    a candidate target: free memory/vCPUs, CPU compatibility, health,
+                    capabilities.
   ``Link``          migration bandwidth of the source host (and an optional per-stream cap).
   ``DrainPolicy``   operator policy: max downtime, parallelism, post-copy/auto-converge, deadline.
   ``ModelParams``   the physics' constants (QEMU defaults plus calibratable overheads).
@@ -142,6 +144,20 @@ class VmSpec:
 
 
 @dataclass(frozen=True)
+class HostCapabilities:
+    """The tuning a host can do, as its agent reports it, with its reasons when not; a
+    host whose agent does not say is taken to do all of it."""
+
+    vcpu_throttle: bool = True  # libvirt's cgroup CPU controller (the ladder's throttle)
+    vcpu_throttle_reason: str = ""
+    postcopy: bool = True  # userfaultfd, usable by QEMU
+    postcopy_reason: str = ""
+
+
+FULLY_CAPABLE = HostCapabilities()
+
+
+@dataclass(frozen=True)
 class TargetHost:
     name: str
     free_memory_bytes: int
@@ -150,6 +166,7 @@ class TargetHost:
     cpu_compatible: frozenset[str] | None = None  # VM uuids it accepts; None: all
     cpu_refusals: tuple[tuple[str, str], ...] = ()  # (VM uuid, why its CPU is refused)
     server_groups: frozenset[str] = frozenset()  # groups with members already there
+    capabilities: HostCapabilities = FULLY_CAPABLE
 
 
 @dataclass(frozen=True)

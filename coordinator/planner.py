@@ -59,8 +59,10 @@ from hostmaint.coordinator.bounds import LowerBound, lower_bound
 from hostmaint.coordinator.dispatch import Slot, ready_to_start
 from hostmaint.coordinator.model import (
     DEFAULT_PARAMS,
+    FULLY_CAPABLE,
     MIB,
     DrainPolicy,
+    HostCapabilities,
     Link,
     Migration,
     ModelParams,
@@ -80,7 +82,6 @@ from hostmaint.coordinator.model import (
 from hostmaint.coordinator.simulator import Job, SimResult, VmResult, simulate
 
 CANNOT_CONVERGE_REASON = "cannot converge: skip or stop the VM's workload"
-POLL_S = 1.0  # the executor's default progress sampling interval
 # A pre-copy this many times longer alone than the VM's post-copy (resending a hot working
 # set round after round, holding most of the link) is costly: post-copy is offered.
 COSTLY_PRECOPY_RATIO = 1.5
@@ -133,6 +134,10 @@ class DrainPlan:
     concurrency: int
     deadline_s: float | None = None  # the policy's
     warnings: tuple[str, ...] = ()  # e.g. the predicted makespan exceeds the deadline
+    notes: tuple[str, ...] = ()  # tuning left out because a host cannot do it
+    # as simulated: what the source host can tune, and the ladder's pace
+    source: HostCapabilities = FULLY_CAPABLE
+    pacing: escalation.Pacing = escalation.DEFAULT_PACING
 
     @property
     def lower_bound_s(self) -> float:
@@ -183,11 +188,12 @@ _Evaluate = Callable[[Sequence[_Item], int], tuple[float, SimResult, list[_Item]
 class PlanStrategy:
     """Start VMs in order (backfilling) while slots, per-target slots and bandwidth allow,
     and steer each running migration with the executor's escalation ladder
-    (``escalation.next_step``), fed every ``POLL_S`` with what the agent would report:
-    elapsed time, QEMU's round, the bytes left in it, the bandwidth it got, its limit. A
-    migration whose limit the ladder raised holds the link, as in the executor; one in a
-    burst caps its pre-copying neighbours until it releases the link or leaves
-    pre-copy."""
+    (``escalation.next_step`` over ``escalation.limits_for``, at the drain's ``pacing``),
+    fed every ``pacing.poll_interval_s`` with what the agent would report: elapsed time,
+    QEMU's round, the bytes left in it, the bandwidth it got, its limit. A migration whose
+    limit the ladder raised holds the link, as in the executor; one in a burst caps its
+    pre-copying neighbours until it releases the link or leaves pre-copy. The ladder
+    takes no step the ``source`` host cannot."""
 
     def __init__(
         self,
@@ -200,29 +206,29 @@ class PlanStrategy:
         params: ModelParams,
         allow_postcopy: bool,
         cpu_bound: Collection[str],
+        *,
+        source: HostCapabilities = FULLY_CAPABLE,
+        pacing: escalation.Pacing = escalation.DEFAULT_PACING,
     ) -> None:
         self.name = name
         self.queue = list(items)
         self.max_parallel = max_parallel
         self.per_target = per_target
         self.total_bw = total_bw
+        self.poll_s = pacing.poll_interval_s
         self.by_uuid = {i.vm.uuid: i for i in items}
         self.queued = {i.vm.uuid: self._slot(i) for i in items}  # as dispatch sees them queued
         self.limits = {
-            i.vm.uuid: escalation.Limits(
+            i.vm.uuid: escalation.limits_for(
                 predicted_total_s=i.prediction.total_s,
-                qemu_downtime_cap_ms=max(
-                    1, int(qemu_downtime_limit_ms(cap_ms[i.vm.uuid], total_bw, params))
-                ),
-                allow_postcopy=allow_postcopy,
-                postcopy_permitted=i.settings.postcopy_permitted,
-                cpu_bound=i.vm.uuid in cpu_bound,
                 operator_cap_ms=cap_ms[i.vm.uuid],
                 link_bytes_per_s=total_bw,
+                settings=i.settings,
+                allow_postcopy=allow_postcopy,
+                cpu_bound=i.vm.uuid in cpu_bound,
+                source=source,
+                pacing=pacing,
                 params=params,
-                postcopy_after_first_pass=i.settings.postcopy_after_first_round,
-                precopy_tries=i.settings.precopy_tries,
-                burst_s=i.settings.burst_s,
             )
             for i in items
         }
@@ -279,7 +285,7 @@ class PlanStrategy:
         if not mig.in_precopy:
             return math.inf
         last_s, _ = self.polled.get(mig.vm.uuid, (mig.start_s, 0.0))
-        return last_s + POLL_S
+        return last_s + self.poll_s
 
     def control(self, mig: Migration, now_s: float) -> None:
         """One progress sample, and the ladder's step if it calls for one."""
@@ -337,8 +343,13 @@ def _cap(vm: VmSpec, policy: DrainPolicy) -> float:
 
 
 def _place(
-    vm: VmSpec, targets: Sequence[TargetHost], used: dict[str, list[VmSpec]]
+    vm: VmSpec,
+    targets: Sequence[TargetHost],
+    used: dict[str, list[VmSpec]],
+    needs_postcopy: bool = False,
 ) -> str | None | Unmovable:
+    """The target with room and fit (and post-copy, for a VM only post-copy moves) whose
+    soft group policies suffer least, then the one with most free memory."""
     if not targets:
         return None
     best: TargetHost | None = None
@@ -358,6 +369,8 @@ def _place(
         elif t.cpu_compatible is not None and vm.uuid not in t.cpu_compatible:
             refusal = dict(t.cpu_refusals).get(vm.uuid, "CPU model not supported")
             why.append(f"{t.name}: {refusal}")
+        elif needs_postcopy and not t.capabilities.postcopy:
+            why.append(f"{t.name}: no post-copy ({t.capabilities.postcopy_reason})")
         elif not _groups_ok(vm, t, placed):
             why.append(f"{t.name}: anti-affinity")
         elif together is not None and t.name not in together:
@@ -420,46 +433,80 @@ def plan_drain(
     link: Link,
     policy: DrainPolicy,
     params: ModelParams = DEFAULT_PARAMS,
+    *,
+    source: HostCapabilities = FULLY_CAPABLE,
+    pacing: escalation.Pacing = escalation.DEFAULT_PACING,
 ) -> DrainPlan:
+    """The plan (see the module's docstring). ``source``: what the source host can tune
+    (no post-copy without its userfaultfd, no vCPU throttle in the ladder without its CPU
+    controller); each target's ``capabilities`` likewise for the post-copies sent there.
+    ``pacing``: the ladder's, as the drain will run it."""
     full_bw = effective_bandwidth(link, params)
     link_bw = link.bandwidth_bytes_per_s * params.link_efficiency
     used: dict[str, list[VmSpec]] = {t.name: [] for t in targets}
+    hosts = {t.name: t for t in targets}
     unmovable: list[Unmovable] = []
+    # post-copy where the policy allows it and the source can; per VM, where its target can
+    plan_policy = policy if source.postcopy else dataclasses.replace(policy, allow_postcopy=False)
+    no_postcopy = dataclasses.replace(policy, allow_postcopy=False)
+    left_out: dict[str, int] = {}  # targets without post-copy: the VMs planned without it
     # each VM as planned, its target, prediction, VM at its assumed rate (if planned at
-    # its floor), the pre-copy rounds a planned post-copy of it tries first and its burst
-    base: list[tuple[VmSpec, str | None, Prediction, VmSpec | None, int, float]] = []
+    # its floor), the pre-copy rounds a planned post-copy of it tries first, its burst and
+    # its policy (without post-copy where its target has none)
+    base: list[tuple[VmSpec, str | None, Prediction, VmSpec | None, int, float, DrainPolicy]] = []
     for vm in sorted(vms, key=lambda v: -v.memory_bytes):
         if vm.blockers:
             unmovable.append(Unmovable(vm.uuid, vm.name, "blocked: " + ", ".join(vm.blockers)))
             continue
-        vm, pred, assumed = _with_rate_assumed(vm, full_bw, policy, params)
+        vm, pred, assumed = _with_rate_assumed(vm, full_bw, plan_policy, params)
         if pred.tuning is Tuning.CANNOT_CONVERGE:
-            unmovable.append(Unmovable(vm.uuid, vm.name, CANNOT_CONVERGE_REASON))
+            why = CANNOT_CONVERGE_REASON
+            if policy.allow_postcopy and not plan_policy.allow_postcopy:
+                why = (
+                    "cannot converge without post-copy, which the source host cannot do "
+                    f"({source.postcopy_reason}): skip or stop the VM's workload"
+                )
+            unmovable.append(Unmovable(vm.uuid, vm.name, why))
             continue
-        where = _place(vm, targets, used)
+        where = _place(vm, targets, used, needs_postcopy=pred.tuning is Tuning.POSTCOPY)
         if isinstance(where, Unmovable):
             unmovable.append(where)
             continue
+        vm_policy = plan_policy
         if where is not None:
             used[where].append(vm)
-        top_ms = _top_ms(vm, full_bw, full_bw, policy, params)  # the whole link's limit
+            if plan_policy.allow_postcopy and not hosts[where].capabilities.postcopy:
+                # it moves by pre-copy there, with nothing permitted (one that needs
+                # post-copy did not go there: its prediction stands without it)
+                vm_policy = no_postcopy
+                left_out[where] = left_out.get(where, 0) + 1
+        top_ms = _top_ms(vm, full_bw, full_bw, vm_policy, params)  # the whole link's limit
         tries = 0
-        if assumed is not None and policy.allow_postcopy:
+        if assumed is not None and vm_policy.allow_postcopy:
             tries = _precopy_tries(vm, full_bw, top_ms, params)
-        base.append((vm, where, pred, assumed, tries, _burst_s(vm, full_bw, top_ms, params)))
+        burst_s = _burst_s(vm, full_bw, top_ms, params)
+        base.append((vm, where, pred, assumed, tries, burst_s, vm_policy))
     cap_ms = {v.uuid: _cap(v, policy) for v in vms}
     bound = lower_bound([b[0] for b in base], link, policy, params)
     evaluate = functools.partial(
-        _evaluate, link=link, link_bw=link_bw, cap_ms=cap_ms, policy=policy, params=params
+        _evaluate,
+        link=link,
+        link_bw=link_bw,
+        cap_ms=cap_ms,
+        policy=policy,
+        params=params,
+        source=source,
+        pacing=pacing,
     )
+    notes = _left_out(base, hosts, left_out, policy, source)
     best: _Candidate | None = None
     choices: dict[tuple[int, str], _Item] = {}  # (k, VM): its pre-copy choice instead of post-copy
     for k in range(1, max(1, policy.max_parallel_per_source) + 1):
         worst = min(full_bw, link_bw / k)
         items = []
-        for vm, where, pred, assumed, tries, burst_s in base:
+        for vm, where, pred, assumed, tries, burst_s, vm_policy in base:
             fast, precopy = _options(
-                vm, where, pred, assumed, tries, full_bw, worst, policy, params
+                vm, where, pred, assumed, tries, full_bw, worst, vm_policy, params
             )
             fast = _with_burst(fast, burst_s)
             precopy = None if precopy is None else _with_burst(precopy, burst_s)
@@ -478,7 +525,17 @@ def plan_drain(
             if best is None or key < best[0]:
                 best = (key, k, res, order, refs)
     if best is None:
-        return DrainPlan((), tuple(unmovable), 0.0, bound, 0, policy.deadline_s)
+        return DrainPlan(
+            (),
+            tuple(unmovable),
+            0.0,
+            bound,
+            0,
+            policy.deadline_s,
+            notes=tuple(notes),
+            source=source,
+            pacing=pacing,
+        )
     best = _fewer_postcopies(best, choices, evaluate, policy.postcopy_avoidance_stretch)
     best = _reordered(best, evaluate)
     _, k, res, _, refs = best
@@ -516,7 +573,34 @@ def plan_drain(
         k,
         policy.deadline_s,
         tuple(warnings),
+        tuple(notes),
+        source,
+        pacing,
     )
+
+
+def _left_out(
+    base: Sequence[tuple[VmSpec, str | None, Prediction, VmSpec | None, int, float, DrainPolicy]],
+    hosts: dict[str, TargetHost],
+    left_out: dict[str, int],
+    policy: DrainPolicy,
+    source: HostCapabilities,
+) -> list[str]:
+    """What the plan left out because a host cannot do it, and the host's reason."""
+    notes = []
+    if policy.allow_postcopy and not source.postcopy:
+        notes.append(f"post-copy left out: the source host cannot do it ({source.postcopy_reason})")
+    for name, count in sorted(left_out.items()):
+        notes.append(
+            f"post-copy left out for the {count} VM{'s' if count > 1 else ''} going to {name}: "
+            f"it cannot do it ({hosts[name].capabilities.postcopy_reason})"
+        )
+    if not source.vcpu_throttle and throttle_helps([b[0] for b in base], policy):
+        notes.append(
+            "vCPU throttling left out of the escalation ladder: the source host cannot do it "
+            f"({source.vcpu_throttle_reason})"
+        )
+    return notes
 
 
 def _reordered(best: _Candidate, evaluate: _Evaluate) -> _Candidate:
@@ -584,6 +668,8 @@ def _evaluate(
     cap_ms: dict[str, float],
     policy: DrainPolicy,
     params: ModelParams,
+    source: HostCapabilities,
+    pacing: escalation.Pacing,
 ) -> tuple[float, SimResult, list[_Item]]:
     """Simulate an order with at most ``k`` at once; its key (lower is better), result, and
     the items with the predictions the executor's ladder will check them against.
@@ -607,6 +693,8 @@ def _evaluate(
             params,
             policy.allow_postcopy,
             throttles,
+            source=source,
+            pacing=pacing,
         )
         return simulate(vms, strat, link, params, seed=0, policy=policy)
 
@@ -864,7 +952,8 @@ def plan_strategy(
     reported: Sequence[VmSpec] | None = None,
 ) -> PlanStrategy:
     """The plan as a simulator strategy, to run it against (true) ``vms``; ``reported``: the
-    VMs as planned (default ``vms``), whose writer kinds the ladder goes by."""
+    VMs as planned (default ``vms``), whose writer kinds the ladder goes by. Its ladder is
+    the plan's: what the source can do, at the pace planned."""
     by_uuid = {v.uuid: v for v in vms}
     items = []
     for m in plan.migrations:
@@ -893,4 +982,6 @@ def plan_strategy(
         params,
         policy.allow_postcopy,
         throttle_helps(vms if reported is None else reported, policy),
+        source=plan.source,
+        pacing=plan.pacing,
     )

@@ -114,6 +114,7 @@ def plan_to_pb(
         link_bandwidth_bytes_per_s=link_bytes_per_s,
         deadline_s=plan.deadline_s or 0.0,
         warnings=list(plan.warnings),
+        notes=list(plan.notes),
     )
     specs = {v.uuid: v for v in vms}
     for m in plan.migrations:

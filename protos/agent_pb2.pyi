@@ -203,6 +203,7 @@ class HostReport(google.protobuf.message.Message):
     MIGRATION_NIC_SPEED_MBPS_FIELD_NUMBER: builtins.int
     MIGRATION_INTERFACE_FIELD_NUMBER: builtins.int
     REPORTED_AT_FIELD_NUMBER: builtins.int
+    CAPABILITIES_FIELD_NUMBER: builtins.int
     hostname: builtins.str
     libvirt_uri: builtins.str
     host_uuid: builtins.str
@@ -227,6 +228,12 @@ class HostReport(google.protobuf.message.Message):
     def cpu(self) -> Global___CpuDefinition: ...
     @property
     def reported_at(self) -> google.protobuf.timestamp_pb2.Timestamp: ...
+    @property
+    def capabilities(self) -> Global___TuningCapabilities:
+        """The tuning this host can do. Unset from an agent that does not report it: the
+        coordinator then takes every action as possible.
+        """
+
     def __init__(
         self,
         *,
@@ -249,11 +256,67 @@ class HostReport(google.protobuf.message.Message):
         migration_nic_speed_mbps: builtins.int = ...,
         migration_interface: builtins.str = ...,
         reported_at: google.protobuf.timestamp_pb2.Timestamp | None = ...,
+        capabilities: Global___TuningCapabilities | None = ...,
     ) -> None: ...
-    def HasField(self, field_name: typing.Literal["cpu", b"cpu", "reported_at", b"reported_at"]) -> builtins.bool: ...
-    def ClearField(self, field_name: typing.Literal["cpu", b"cpu", "cpu_count", b"cpu_count", "domain_count", b"domain_count", "host_uuid", b"host_uuid", "hostname", b"hostname", "hypervisor_type", b"hypervisor_type", "hypervisor_version", b"hypervisor_version", "libvirt_uri", b"libvirt_uri", "libvirt_version", b"libvirt_version", "load_15m", b"load_15m", "load_1m", b"load_1m", "load_5m", b"load_5m", "memory_free_bytes", b"memory_free_bytes", "memory_total_bytes", b"memory_total_bytes", "migration_interface", b"migration_interface", "migration_nic_speed_mbps", b"migration_nic_speed_mbps", "qemu_rss_bytes", b"qemu_rss_bytes", "reported_at", b"reported_at", "running_domain_count", b"running_domain_count"]) -> None: ...
+    def HasField(self, field_name: typing.Literal["capabilities", b"capabilities", "cpu", b"cpu", "reported_at", b"reported_at"]) -> builtins.bool: ...
+    def ClearField(self, field_name: typing.Literal["capabilities", b"capabilities", "cpu", b"cpu", "cpu_count", b"cpu_count", "domain_count", b"domain_count", "host_uuid", b"host_uuid", "hostname", b"hostname", "hypervisor_type", b"hypervisor_type", "hypervisor_version", b"hypervisor_version", "libvirt_uri", b"libvirt_uri", "libvirt_version", b"libvirt_version", "load_15m", b"load_15m", "load_1m", b"load_1m", "load_5m", b"load_5m", "memory_free_bytes", b"memory_free_bytes", "memory_total_bytes", b"memory_total_bytes", "migration_interface", b"migration_interface", "migration_nic_speed_mbps", b"migration_nic_speed_mbps", "qemu_rss_bytes", b"qemu_rss_bytes", "reported_at", b"reported_at", "running_domain_count", b"running_domain_count"]) -> None: ...
 
 Global___HostReport: typing_extensions.TypeAlias = HostReport
+
+@typing.final
+class Capability(google.protobuf.message.Message):
+    """Whether a host can do one kind of tuning, and how its agent decided."""
+
+    DESCRIPTOR: google.protobuf.descriptor.Descriptor
+
+    AVAILABLE_FIELD_NUMBER: builtins.int
+    REASON_FIELD_NUMBER: builtins.int
+    DECIDED_BY_FIELD_NUMBER: builtins.int
+    available: builtins.bool
+    reason: builtins.str
+    """Why not, when it is not available; empty otherwise."""
+    decided_by: builtins.str
+    """What the agent read or tried to decide it."""
+    def __init__(
+        self,
+        *,
+        available: builtins.bool = ...,
+        reason: builtins.str = ...,
+        decided_by: builtins.str = ...,
+    ) -> None: ...
+    def ClearField(self, field_name: typing.Literal["available", b"available", "decided_by", b"decided_by", "reason", b"reason"]) -> None: ...
+
+Global___Capability: typing_extensions.TypeAlias = Capability
+
+@typing.final
+class TuningCapabilities(google.protobuf.message.Message):
+    DESCRIPTOR: google.protobuf.descriptor.Descriptor
+
+    VCPU_THROTTLE_FIELD_NUMBER: builtins.int
+    POSTCOPY_FIELD_NUMBER: builtins.int
+    @property
+    def vcpu_throttle(self) -> Global___Capability:
+        """Capping a running domain's vCPUs (TuneMigration.vcpu_throttle_pct): libvirt's cgroup
+        CPU controller with CFS bandwidth (vcpu_period and vcpu_quota among a running
+        domain's live scheduler parameters).
+        """
+
+    @property
+    def postcopy(self) -> Global___Capability:
+        """Post-copy (MigrateOptions.allow_postcopy, TuneMigration.start_postcopy): the kernel's
+        userfaultfd, usable by QEMU (on the destination for the pages it pulls in).
+        """
+
+    def __init__(
+        self,
+        *,
+        vcpu_throttle: Global___Capability | None = ...,
+        postcopy: Global___Capability | None = ...,
+    ) -> None: ...
+    def HasField(self, field_name: typing.Literal["postcopy", b"postcopy", "vcpu_throttle", b"vcpu_throttle"]) -> builtins.bool: ...
+    def ClearField(self, field_name: typing.Literal["postcopy", b"postcopy", "vcpu_throttle", b"vcpu_throttle"]) -> None: ...
+
+Global___TuningCapabilities: typing_extensions.TypeAlias = TuningCapabilities
 
 @typing.final
 class ListDomainsRequest(google.protobuf.message.Message):

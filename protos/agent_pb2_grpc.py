@@ -75,7 +75,7 @@ class HostAgentServicer(object):
     """Missing associated documentation comment in .proto file."""
 
     def GetHost(self, request, context):
-        """The host itself: identity, versions, CPU, memory and load.
+        """The host itself: identity, versions, CPU, memory, load and the tuning it can do.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

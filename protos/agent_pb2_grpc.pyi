@@ -205,7 +205,7 @@ class HostAgentStub(typing.Generic[_HostAgentGetHostType, _HostAgentListDomainsT
     ], channel: grpc.aio.Channel) -> None: ...
 
     GetHost: _HostAgentGetHostType
-    """The host itself: identity, versions, CPU, memory and load."""
+    """The host itself: identity, versions, CPU, memory, load and the tuning it can do."""
 
     ListDomains: _HostAgentListDomainsType
     """Every domain defined on the host, with what blocks its migration."""
@@ -267,7 +267,7 @@ class HostAgentServicer(metaclass=abc.ABCMeta):
         request: hostmaint.protos.agent_pb2.GetHostRequest,
         context: _ServicerContext,
     ) -> typing.Union[hostmaint.protos.agent_pb2.HostReport, collections.abc.Awaitable[hostmaint.protos.agent_pb2.HostReport]]:
-        """The host itself: identity, versions, CPU, memory and load."""
+        """The host itself: identity, versions, CPU, memory, load and the tuning it can do."""
 
     @abc.abstractmethod
     def ListDomains(

@@ -385,6 +385,7 @@ class DrainPlan(google.protobuf.message.Message):
     DEADLINE_S_FIELD_NUMBER: builtins.int
     WARNINGS_FIELD_NUMBER: builtins.int
     COLD_MIGRATIONS_FIELD_NUMBER: builtins.int
+    NOTES_FIELD_NUMBER: builtins.int
     host: builtins.str
     predicted_makespan_s: builtins.float
     lower_bound_s: builtins.float
@@ -405,6 +406,13 @@ class DrainPlan(google.protobuf.message.Message):
 
     @property
     def cold_migrations(self) -> google.protobuf.internal.containers.RepeatedCompositeFieldContainer[Global___ColdMigration]: ...
+    @property
+    def notes(self) -> google.protobuf.internal.containers.RepeatedScalarFieldContainer[builtins.str]:
+        """Tuning the plan left out because a host cannot do it (vCPU throttling on a source
+        without libvirt's CPU controller, post-copy where the source or a target has no
+        userfaultfd), with the host's reason.
+        """
+
     def __init__(
         self,
         *,
@@ -417,8 +425,9 @@ class DrainPlan(google.protobuf.message.Message):
         deadline_s: builtins.float = ...,
         warnings: collections.abc.Iterable[builtins.str] | None = ...,
         cold_migrations: collections.abc.Iterable[Global___ColdMigration] | None = ...,
+        notes: collections.abc.Iterable[builtins.str] | None = ...,
     ) -> None: ...
-    def ClearField(self, field_name: typing.Literal["cold_migrations", b"cold_migrations", "deadline_s", b"deadline_s", "host", b"host", "link_bandwidth_bytes_per_s", b"link_bandwidth_bytes_per_s", "lower_bound_s", b"lower_bound_s", "migrations", b"migrations", "predicted_makespan_s", b"predicted_makespan_s", "unmovable", b"unmovable", "warnings", b"warnings"]) -> None: ...
+    def ClearField(self, field_name: typing.Literal["cold_migrations", b"cold_migrations", "deadline_s", b"deadline_s", "host", b"host", "link_bandwidth_bytes_per_s", b"link_bandwidth_bytes_per_s", "lower_bound_s", b"lower_bound_s", "migrations", b"migrations", "notes", b"notes", "predicted_makespan_s", b"predicted_makespan_s", "unmovable", b"unmovable", "warnings", b"warnings"]) -> None: ...
 
 Global___DrainPlan: typing_extensions.TypeAlias = DrainPlan
 

@@ -15,6 +15,7 @@ import pytest
 
 IMPURE = ("libvirt", "grpc", "psutil", "oslo_config", "sqlalchemy", "openstack")
 PURE_MODULES = [
+    "hostmaint.agent.capabilities",
     "hostmaint.agent.inventory",
     "hostmaint.agent.tuning",
     "hostmaint.agent.types",

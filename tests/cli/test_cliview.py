@@ -401,3 +401,11 @@ def test_plan_lists_cold_migrations_apart_from_the_unmovable() -> None:
     assert text.splitlines()[0] == "plan for h1: 0 to migrate, 1 unmovable, 1 to cold-migrate"
     cold = text[text.index("cold migrations") :]
     assert "off" in cold and "(scheduler)" in cold and "gpu" not in cold
+
+
+def test_plan_and_live_view_show_what_the_plan_left_out() -> None:
+    note = "vCPU throttling left out of the escalation ladder: the source host cannot do it (x)"
+    plan = pb.DrainPlan(host="h1", predicted_makespan_s=10.0, notes=[note])
+    assert cliview.render_plan(plan).splitlines()[-1] == f"note: {note}"
+    view = fold([samples.event(E.DRAIN_EVENT_KIND_PLANNED, T0, plan=plan)])
+    assert view.notes == (note,)

@@ -1,0 +1,64 @@
+"""The run follows each migration with the very ladder the plan simulated for it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from hostmaint.coordinator import escalation as esc
+from hostmaint.coordinator.executor import EventBus, ExecutorSettings, _Run
+from hostmaint.coordinator.gather import capabilities_of
+from hostmaint.coordinator.journal import VmRow
+from hostmaint.coordinator.model import DrainPolicy, Link
+from hostmaint.coordinator.planner import plan_strategy
+from hostmaint.protos import coordinator_pb2 as cpb
+from tests.coordinator.stuckagent import (
+    CANNOT_THROTTLE,
+    LINK_BYTES_PER_S,
+    MIB,
+    VM,
+    Agent,
+    Clock,
+    executor,
+)
+
+
+def test_the_runs_limits_are_the_plans_at_the_configured_pace(tmp_path: Path) -> None:
+    """The default pace, then stall_factor 3 (and a grace, a settle time and a poll of
+    their own): the plan simulates the ladder at that pace, and the executor follows the
+    migration with the very Limits the plan's simulation used (the source's capabilities
+    included)."""
+    paces = ((1.5, 10.0, 8.0, 1.0), (3.0, 5.0, 4.0, 0.5))
+    for factor, grace_s, settle_s, poll_s in paces:
+        agent = Agent(Clock(), CANNOT_THROTTLE, rate_bytes_per_s=100 * MIB)
+        settings = ExecutorSettings(
+            defaults=DrainPolicy(),
+            link_bandwidth_bytes_per_s=LINK_BYTES_PER_S,
+            stall_factor=factor,
+            stall_grace_s=grace_s,
+            escalation_settle_s=settle_s,
+            poll_interval_s=poll_s,
+        )
+        ex = executor(tmp_path / str(factor), agent, settings)
+        policy_pb = cpb.DrainPolicy()
+        _, plan, inputs = ex.plan("src", policy_pb)
+        assert plan.pacing == esc.Pacing(
+            stall_factor=factor, stall_grace_s=grace_s, settle_s=settle_s, poll_interval_s=poll_s
+        )
+        assert plan.source == capabilities_of(agent.report()) == inputs.source
+        run = _Run("d", "src", ex.policy(policy_pb), policy_pb, EventBus())
+        ex._remember(run, plan, inputs)
+        (m,) = plan.migrations
+        row = VmRow(
+            "d", VM, m.vm_name, 0, "migrating", "src", predicted_total_s=m.predicted_total_s
+        )
+        simulated = plan_strategy(plan, list(inputs.vms), Link(LINK_BYTES_PER_S), run.policy)
+        limits = ex._limits(run, row)
+        assert limits == simulated.limits[VM]
+        assert (limits.stall_factor, limits.stall_grace_s, limits.settle_s) == (
+            factor,
+            grace_s,
+            settle_s,
+        )
+        assert simulated.poll_s == poll_s
+        # a writer the ladder would throttle, on a source that cannot
+        assert VM in run.cpu_bound and not limits.cpu_bound
