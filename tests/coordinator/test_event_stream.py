@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 
 from hostmaint.coordinator.executor import EventBus
 from hostmaint.protos import coordinator_pb2 as cpb
@@ -14,20 +15,29 @@ def _event(i: int, kind: int = cpb.DRAIN_EVENT_KIND_PROGRESS) -> cpb.DrainEvent:
     return cpb.DrainEvent(kind=kind, message=str(i))
 
 
+def _wait_for(count: int, received: list[cpb.DrainEvent], timeout_s: float = 30.0) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while len(received) < count and time.monotonic() < deadline:
+        time.sleep(0.005)
+    return len(received) >= count
+
+
 def test_a_follower_that_keeps_up_receives_every_event_up_to_finished() -> None:
+    """12,000 events in batches of 1,000, each read before the next is published (a
+    drain publishes a few events a second; its follower keeps up)."""
     bus = EventBus()
     received: list[cpb.DrainEvent] = []
-    following = threading.Event()
 
     def follow() -> None:
-        following.set()
-        received.extend(bus.follow(lambda: False))
+        for event in bus.follow(lambda: False):
+            received.append(event)
 
     reader = threading.Thread(target=follow, name="follower", daemon=True)
     reader.start()
-    assert following.wait(5)
-    for i in range(EVENTS):
-        bus.publish(_event(i))
+    for start in range(0, EVENTS, 1_000):
+        for i in range(start, start + 1_000):
+            bus.publish(_event(i))
+        assert _wait_for(start + 1_000, received), f"the follower stopped at {len(received)}"
     bus.publish(_event(EVENTS, cpb.DRAIN_EVENT_KIND_FINISHED))
     bus.close()
     reader.join(30)
