@@ -9,7 +9,10 @@ switch-over) caps the drain's other migrations through the source agent and
 always gives their bandwidth back: at its release, when its migration's
 watcher ends, when a held-back neighbour sees it overrun, and after a restart.
 Every step goes to the journal as an intent first, so a restarted coordinator
-resumes each drain without starting a migration twice.
+resumes each drain without starting a migration twice. It resumes the plan the
+journal holds (each VM's settings): it adopts the running migrations at once,
+each with its planned tuning and its ladder where it stood (`resume.py`),
+measures nothing, and starts the queued VMs as planned.
 
 VMs that cannot move live because of their state (shut off, paused,
 suspended) follow the policy's `non_live_action`: REPORT leaves them in place
@@ -34,7 +37,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from hostmaint.coordinator import errors, escalation, views
+from hostmaint.coordinator import errors, escalation, resume, views
 from hostmaint.coordinator.agents import AgentRegistry
 from hostmaint.coordinator.dispatch import Slot, ready_to_start
 from hostmaint.coordinator.drivers.base import (
@@ -48,13 +51,14 @@ from hostmaint.coordinator.drivers.base import (
     MigrationKind,
     MigrationRef,
     MigrationState,
+    MigrationStatus,
     NotFound,
     Unavailable,
 )
 from hostmaint.coordinator.drivers.direct import DirectDriver
 from hostmaint.coordinator.gather import Inputs, gather
 from hostmaint.coordinator.ha import Coordination, SingleProcess
-from hostmaint.coordinator.journal import DrainRow, Journal, VmRow
+from hostmaint.coordinator.journal import STEP_DONE, STEP_INTENT, DrainRow, Journal, StepRow, VmRow
 from hostmaint.coordinator.model import (
     DEFAULT_PARAMS,
     FULLY_CAPABLE,
@@ -87,7 +91,7 @@ COLD = "cold"
 # The states in which a VM may be cold-migrated instead of live-migrated.
 _COLD_STATES = frozenset({InstanceState.SHUTOFF, InstanceState.PAUSED, InstanceState.SUSPENDED})
 _CONFIRM_ATTEMPTS = 3
-_BURST_MARKS = (escalation.Action.HOLD_LINK.value, escalation.Action.RELEASE_LINK.value)
+_INTERRUPTED = "interrupted by a coordinator restart"
 
 
 @dataclass(frozen=True)
@@ -571,9 +575,9 @@ class Executor:
         plan_pb, plan, inputs = self.plan(run.host, run.policy_pb)
         for note in inputs.notes:
             self._publish(run, cpb.DRAIN_EVENT_KIND_BLOCKED, message=note)
+        self._remember(run, plan, inputs)
         rows = self._rows(run, plan, inputs)
         self.journal.save_plan(run.drain_id, views.plan_json(plan_pb), rows)
-        self._remember(run, plan, inputs)
         self._publish(run, cpb.DRAIN_EVENT_KIND_PLANNED, plan=plan_pb)
         for row in self.journal.vms(run.drain_id):
             kind = (
@@ -602,6 +606,7 @@ class Executor:
                 tuning=str(m.tuning),
                 predicted_total_s=m.predicted_total_s,
                 predicted_downtime_ms=m.predicted_downtime_ms,
+                planned=self._vm_plan_json(run, m),
             )
             for m in plan.migrations
         ]
@@ -635,34 +640,117 @@ class Executor:
         return rows
 
     def _restore(self, run: _Run, drain: DrainRow) -> None:
-        """After a restart: re-plan for the prediction data, then reconcile each VM with the world."""
-        _, plan, inputs = self.plan(run.host, run.policy_pb)
-        self._remember(run, plan, inputs)
-        # Predictions of the first plan stay in the journal; the fresh plan supplies settings.
-        for step in self.journal.open_steps(run.drain_id):
+        """After a restart: the journaled plan, then each VM reconciled with the world.
+
+        The migrations still running are adopted at once, each with its planned
+        settings and its ladder where it stood; one that ended meanwhile is recorded
+        as it ended, not tuned; queued VMs that left the host meanwhile are done.
+        Nothing is measured. A drain journaled without each VM's settings (before
+        revision 0002) is planned afresh for them, measuring as a first plan does.
+        """
+        steps = self.journal.steps(run.drain_id)
+        if not self._recall(run, drain):
+            _, plan, inputs = self.plan(run.host, run.policy_pb)
+            self._remember(run, plan, inputs)
+        for step in steps:
+            if step.state != STEP_INTENT:
+                continue
             if step.action in ("start_migration", "cold_migrate"):
-                live = step.action == "start_migration"
-                self._reconcile_start(run, step.id, step.vm_uuid, live=live)
+                self._reconcile_start(run, step, live=step.action == "start_migration")
             elif step.action == "confirm_migration":
                 self._reconcile_confirm(run, step.id, step.vm_uuid)
         self._close_interrupted(run)
+        running: list[tuple[VmRow, escalation.Escalation]] = []
+        ended: list[tuple[VmRow, MigrationStatus, escalation.Escalation]] = []
+        burst_left = False  # a migration may hold the link: the others may be capped
         for row in self.journal.vms(run.drain_id):
             if row.state == "migrating" and not row.migration_ref:
                 # Dispatched, but the coordinator died before the start was journaled.
                 row = self._reconcile_unstarted(run, row)
-            if row.state == "migrating":
-                self._adopt(run, row)
-            elif row.state == "queued" and row.vm_uuid not in (run.planned or {}):
-                # Not in the fresh plan: it left the host, or it cannot move any more.
-                if self._moved(run, row):
-                    self.journal.update_vm(
-                        run.drain_id, row.vm_uuid, state="completed", finished_at=self._clock()
-                    )
+            done = self._ladder_state(row, steps)
+            burst_left = burst_left or done.holding
+            if row.state != "migrating":
+                continue
+            if _is_cold(row):
+                self._adopt(run, row, None)
+                continue
+            status = self._status_of(row)
+            if status is not None and status.state.finished:
+                ended.append((row, status, done))
+            else:
+                running.append((row, done))
+        if burst_left:
+            # the holder's limit back first, then the others' bandwidth
+            running = [
+                (row, self._undo_burst(run, row, done))
+                for row, done in sorted(running, key=lambda r: not r[1].holding)
+            ]
+        for row, done in running:
+            self._adopt(run, row, done)
+        for row, status, done in ended:
+            self._reconcile_ended(run, row, status, done)
+        self._reconcile_queued(run)
+
+    def _vm_plan_json(self, run: _Run, m: PlannedMigration) -> str:
+        """The VM's part of the run's plan, as the journal keeps it for a restart."""
+        return resume.vm_plan_json(resume.VmPlan(m, m.vm_uuid in run.cpu_bound, run.source))
+
+    def _recall(self, run: _Run, drain: DrainRow) -> bool:
+        """The plan the journal holds, into `run`; False when it lacks a VM's settings."""
+        plans: dict[str, resume.VmPlan] = {}
+        for row in self.journal.vms(run.drain_id):
+            if not row.planned:
+                if row.state in ("queued", "migrating") and not _is_cold(row):
+                    return False
+                continue
+            try:
+                plans[row.vm_uuid] = resume.vm_plan_from_json(row.planned)
+            except ValueError as e:
+                LOG.warning("journaled settings unreadable vm=%s error=%s", row.vm_uuid, e)
+                return False
+        if not drain.plan:
+            return False
+        link = views.plan_from_json(drain.plan).link_bandwidth_bytes_per_s
+        run.planned = {u: p.planned for u, p in plans.items()}
+        run.cpu_bound = frozenset(u for u, p in plans.items() if p.cpu_bound)
+        run.source = next((p.source for p in plans.values()), run.source)
+        run.link_bytes_per_s = link or self.settings.link_bandwidth_bytes_per_s
+        LOG.info("resuming the journaled plan drain=%s vms=%d", run.drain_id[:8], len(plans))
+        return True
+
+    def _ladder_state(self, row: VmRow, steps: list[StepRow]) -> escalation.Escalation:
+        """The ladder's state of the VM's current migration, from its journaled tuning."""
+        mine = [s for s in steps if s.vm_uuid == row.vm_uuid]
+        starts = [s.id for s in mine if s.action == "start_migration"]
+        since = starts[-1] if starts else 0
+        started = row.started_at or self._clock()
+        return resume.ladder_state(
+            [
+                resume.TuneStep(
+                    label=str(s.detail.get("action", "")),
+                    at_s=s.at - started,
+                    ok=None
+                    if s.state == STEP_INTENT or s.result == _INTERRUPTED
+                    else s.state == STEP_DONE,
+                    restore_ms=int(s.detail.get("restore_ms", 0)),
+                )
+                for s in mine
+                if s.action == "tune" and s.id > since
+            ]
+        )
+
+    def _status_of(self, row: VmRow) -> MigrationStatus | None:
+        """The cloud's record of the VM's migration; None when it cannot tell."""
+        try:
+            return self.driver.get_migration(_ref_from_json(row.migration_ref))
+        except (DriverError, ValueError) as e:
+            LOG.warning("cannot check the migration after a restart vm=%s error=%s", row.vm_uuid, e)
+            return None
 
     def _close_interrupted(self, run: _Run) -> None:
         """Ends the open steps that are carried out again rather than reconciled."""
         for step in self.journal.open_steps(run.drain_id):
-            self.journal.end_step(step.id, False, "interrupted by a coordinator restart")
+            self.journal.end_step(step.id, False, _INTERRUPTED)
 
     def _host_of(self, vm_uuid: str) -> str | None:
         try:
@@ -674,8 +762,13 @@ class Executor:
         host = self._host_of(row.vm_uuid)
         return host is not None and host != run.host
 
-    def _reconcile_start(self, run: _Run, step_id: int, vm_uuid: str, live: bool = True) -> None:
-        """An intent to start a migration with no outcome: find out whether it started."""
+    def _reconcile_start(self, run: _Run, step: StepRow, live: bool = True) -> None:
+        """An intent to start a migration with no outcome: find out whether it started.
+
+        One that did started when its intent was journaled, as near as the journal
+        knows: its ladder's time counts from then.
+        """
+        step_id, vm_uuid = step.id, step.vm_uuid
         row = self.journal.vm(run.drain_id, vm_uuid)
         ref = None
         try:
@@ -695,7 +788,7 @@ class Executor:
                     state="migrating",
                     migration_ref=_ref_json(ref),
                     attempts=row.attempts + 1,
-                    started_at=row.started_at or self._clock(),
+                    started_at=step.at,
                     target_host=status.dest_host or row.planned_target,
                 )
                 return
@@ -711,7 +804,7 @@ class Executor:
                 vm_uuid,
                 state="completed",
                 attempts=row.attempts + 1,
-                started_at=row.started_at or now,
+                started_at=step.at,
                 target_host=host,
                 finished_at=now,
                 error="",
@@ -760,28 +853,84 @@ class Executor:
             )
         return self.journal.update_vm(run.drain_id, row.vm_uuid, state="queued")
 
-    def _adopt(self, run: _Run, row: VmRow) -> None:
+    def _adopt(self, run: _Run, row: VmRow, done: escalation.Escalation | None) -> None:
+        """Follows a migration started before the restart; `done`: its ladder's state."""
         LOG.info("re-attaching to migration vm=%s drain=%s", row.vm_uuid, run.drain_id[:8])
-        if not _is_cold(row):
-            self._undo_burst(run, row)
-        self._spawn(run, row, adopt=True)
+        self._spawn(run, row, adopt=True, done=done)
 
-    def _undo_burst(self, run: _Run, row: VmRow) -> None:
-        """A burst the previous coordinator left: every adopted migration gets its planned
-        bandwidth back, and a holder its planned limit (at most what it had before)."""
-        marks = [t for t in row.tuning_applied if t.startswith(_BURST_MARKS)]
-        holding = bool(marks) and marks[-1].startswith(escalation.Action.HOLD_LINK)
+    def _undo_burst(
+        self, run: _Run, row: VmRow, done: escalation.Escalation
+    ) -> escalation.Escalation:
+        """A burst the previous coordinator left: an adopted migration gets its planned
+        bandwidth back, and one that held the link the limit it had before (the plan's
+        where the journal does not say); its ladder then stands as after a release."""
         planned = (run.planned or {}).get(row.vm_uuid)
         request = apb.TuneMigrationRequest(
             domain_uuid=row.vm_uuid, bandwidth_bytes_per_s=self._planned_cap(run, row.vm_uuid)
         )
-        if holding and planned is not None:
-            request.max_downtime_ms = round(planned.settings.downtime_limit_ms)
+        restore_ms = done.restore_ms
+        if not restore_ms and planned is not None:
+            restore_ms = round(planned.settings.downtime_limit_ms)
+        if done.holding and restore_ms:
+            request.max_downtime_ms = restore_ms
             request.lower_max_downtime = True
         try:
             self.registry.client(run.host).tune(request)
         except errors.CoordinatorError as e:  # it may have ended: its watcher finds out
             LOG.warning("cannot reset the migration after a restart vm=%s error=%s", row.vm_uuid, e)
+        if not done.holding:
+            return done
+        release = escalation.Decision(escalation.Action.RELEASE_LINK, restore_ms)
+        return escalation.applied(done, release, self._clock() - (row.started_at or self._clock()))
+
+    def _reconcile_ended(
+        self, run: _Run, row: VmRow, status: MigrationStatus, done: escalation.Escalation
+    ) -> None:
+        """A migration that ended while no coordinator followed it: its end is recorded
+        (a failed one retried as any), and nothing is tuned on a job that is gone."""
+        LOG.info(
+            "migration ended during the restart vm=%s drain=%s state=%s",
+            row.vm_uuid,
+            run.drain_id[:8],
+            status.state,
+        )
+        if done.throttle_pct:
+            self._unthrottle(run, row)
+        host = self._host_of(row.vm_uuid)
+        if status.state is not MigrationState.COMPLETED and (host is None or host == run.host):
+            self._finish_vm(run, row, False, 0.0, f"migration {status.state} during a restart")
+            return
+        row = self.journal.update_vm(
+            run.drain_id,
+            row.vm_uuid,
+            state="completed",
+            target_host=status.dest_host or host or row.target_host,
+            finished_at=self._clock(),
+            error="",
+        )
+        self._publish(
+            run,
+            cpb.DRAIN_EVENT_KIND_MIGRATION_COMPLETED,
+            vm=row,
+            message="completed while no coordinator followed it",
+        )
+
+    def _reconcile_queued(self, run: _Run) -> None:
+        """Queued VMs that left the host meanwhile are done (the cloud's list of the host)."""
+        queued = [r for r in self.journal.vms(run.drain_id) if r.state == "queued"]
+        if not queued:
+            return
+        try:
+            here = {i.uuid for i in self.driver.list_instances(run.host)}
+        except DriverError as e:
+            LOG.warning("cannot list the host's VMs after a restart host=%s error=%s", run.host, e)
+            return
+        for row in queued:
+            host = None if row.vm_uuid in here else self._host_of(row.vm_uuid)
+            if host is not None and host != run.host:
+                self.journal.update_vm(
+                    run.drain_id, row.vm_uuid, state="completed", finished_at=self._clock()
+                )
 
     def _dispatch_loop(self, run: _Run) -> None:
         assert run.planned is not None
@@ -857,10 +1006,12 @@ class Executor:
             holds_link=planned_alone or bursting or (row.state == "migrating" and raised),
         )
 
-    def _spawn(self, run: _Run, row: VmRow, adopt: bool) -> threading.Thread:
+    def _spawn(
+        self, run: _Run, row: VmRow, adopt: bool, done: escalation.Escalation | None = None
+    ) -> threading.Thread:
         thread = threading.Thread(
             target=self._run_vm,
-            args=(run, row, adopt),
+            args=(run, row, adopt, done),
             name=f"migwatch/{run.drain_id[:8]}:{row.vm_uuid}",
             daemon=True,
         )
@@ -870,7 +1021,9 @@ class Executor:
 
     # -- one migration --------------------------------------------------------------
 
-    def _run_vm(self, run: _Run, row: VmRow, adopt: bool) -> None:
+    def _run_vm(
+        self, run: _Run, row: VmRow, adopt: bool, done: escalation.Escalation | None = None
+    ) -> None:
         try:
             if _is_cold(row):
                 self._run_cold(run, row, adopt)
@@ -879,7 +1032,7 @@ class Executor:
             if ref is None:
                 return
             row = self.journal.vm(run.drain_id, row.vm_uuid)
-            ok, downtime_ms, error = self._follow(run, row, ref)
+            ok, downtime_ms, error = self._follow(run, row, ref, done)
             self._finish_vm(run, row, ok, downtime_ms, error)
         except Exception as e:  # thread boundary: the VM's row must not stay "migrating"
             LOG.exception("migration thread crashed vm=%s", row.vm_uuid)
@@ -967,15 +1120,24 @@ class Executor:
         )
         return ref
 
-    def _follow(self, run: _Run, row: VmRow, ref: MigrationRef) -> tuple[bool, float, str]:
+    def _follow(
+        self,
+        run: _Run,
+        row: VmRow,
+        ref: MigrationRef,
+        done: escalation.Escalation | None = None,
+    ) -> tuple[bool, float, str]:
         """Follows the migration to its end; returns (completed, downtime ms, error).
 
         The source agent's WatchMigration is the close view (and drives the
-        escalation); when the agent cannot watch (down, restarting, or a
-        hypervisor without job statistics) the cloud's migration record is
-        polled instead, and the agent is re-attached once it is back.
+        escalation, from `done` for a migration adopted after a restart); when the
+        agent cannot watch (down, restarting, or a hypervisor without job
+        statistics) the cloud's migration record is polled instead, and the agent
+        is re-attached once it is back.
         """
         w = _Watch(self._limits(run, row), row.started_at or self._clock())
+        if done is not None:
+            w.done = done
         while not self._stopped.is_set():
             try:
                 row = self._watch_agent(run, row, ref, w)
@@ -1188,8 +1350,11 @@ class Executor:
                 self.driver.abort(ref)
             return label
 
+        detail: dict[str, object] = {"action": label, "reason": decision.reason}
+        if decision.action is escalation.Action.HOLD_LINK:
+            detail["restore_ms"] = decision.restore_ms  # a restart's release restores it
         try:
-            self._step(run, "tune", row.vm_uuid, {"action": label, "reason": decision.reason}, act)
+            self._step(run, "tune", row.vm_uuid, detail, act)
         except (errors.CoordinatorError, DriverError) as e:
             LOG.warning("tuning failed vm=%s action=%s error=%s", row.vm_uuid, label, e)
             self._publish(run, cpb.DRAIN_EVENT_KIND_TUNED, vm=row, message=f"{label} failed: {e}")
@@ -1357,6 +1522,7 @@ class Executor:
         attempts = row.attempts + (1 if count_attempt else 0)
         if attempts < self.settings.max_attempts:
             target = self._other_target(run, row, failed_target)
+            replanned = (run.planned or {}).get(row.vm_uuid)
             row = self.journal.update_vm(
                 run.drain_id,
                 row.vm_uuid,
@@ -1365,6 +1531,7 @@ class Executor:
                 target_host=target or "",
                 planned_target=target or "",
                 error=error,
+                planned=self._vm_plan_json(run, replanned) if replanned else row.planned,
             )
             self._publish(
                 run,

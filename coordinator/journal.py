@@ -84,6 +84,10 @@ drain_vms = sa.Table(
     sa.Column("migration_ref", sa.Text, nullable=False, default=""),
     sa.Column("started_at", sa.Float, nullable=True),
     sa.Column("finished_at", sa.Float, nullable=True),
+    # the VM's part of the plan (resume.vm_plan_json): its settings and its ladder's, so
+    # that a resumed drain runs the plan it journaled; "" for a VM not planned to
+    # live-migrate, and in journals written before revision 0002
+    sa.Column("planned", sa.Text, nullable=False, default="", server_default=""),
 )
 
 steps = sa.Table(
@@ -142,6 +146,7 @@ class VmRow:
     migration_ref: str = ""
     started_at: float | None = None
     finished_at: float | None = None
+    planned: str = ""
 
 
 @dataclass(frozen=True)

@@ -193,7 +193,7 @@ def summary(drain: DrainRow, vms: Sequence[VmRow], plan: cpb.DrainPlan | None) -
 
 
 def status_to_pb(drain: DrainRow, vms: Sequence[VmRow]) -> cpb.DrainStatus:
-    plan = json_format.Parse(drain.plan, cpb.DrainPlan()) if drain.plan else None
+    plan = plan_from_json(drain.plan) if drain.plan else None
     msg = cpb.DrainStatus(
         drain_id=drain.id,
         host=drain.host,
@@ -214,3 +214,8 @@ def status_to_pb(drain: DrainRow, vms: Sequence[VmRow]) -> cpb.DrainStatus:
 
 def plan_json(plan: cpb.DrainPlan) -> str:
     return json_format.MessageToJson(plan, sort_keys=True)
+
+
+def plan_from_json(text: str) -> cpb.DrainPlan:
+    """A journaled plan (fields this version does not know, a newer one's, left out)."""
+    return json_format.Parse(text, cpb.DrainPlan(), ignore_unknown_fields=True)

@@ -33,6 +33,7 @@ PURE_MODULES = [
     "hostmaint.coordinator.cpucheck",
     "hostmaint.coordinator.cliview",
     "hostmaint.coordinator.limits",
+    "hostmaint.coordinator.resume",
 ]
 
 

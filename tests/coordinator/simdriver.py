@@ -14,7 +14,9 @@ and vCPUs (a running migration holds its claim on the target); a VM already
 migrating refuses another start. What it does not model: concurrent migrations
 sharing a link, dirty pages, failures. It exercises the coordinator (journal,
 dispatch, streaming, threads), not the physics; the simulator in
-`hostmaint.coordinator.simulator` is the tool for the physics.
+`hostmaint.coordinator.simulator` is the tool for the physics. The migrations of
+the VMs named in `precopy_never_ends` (writers faster than the link) end only
+when forced (post-copy), aborted or completed by the test (`complete`).
 """
 
 from __future__ import annotations
@@ -70,6 +72,15 @@ class _Migration:
 
 
 @dataclass(frozen=True)
+class Start:
+    """One migration started, as the simulated cloud was asked for it."""
+
+    instance_uuid: str
+    target: str
+    options: LiveMigrationOptions
+
+
+@dataclass(frozen=True)
 class Move:
     """One completed migration, as the simulated cloud recorded it."""
 
@@ -99,6 +110,7 @@ class SimDriver:
         link: Link,
         time_scale: float = 0.01,
         params: ModelParams = DEFAULT_PARAMS,
+        precopy_never_ends: Iterable[str] = (),
     ) -> None:
         self._hosts = {h.name: h for h in hosts}
         self._vms: dict[str, _Vm] = {}
@@ -114,6 +126,8 @@ class SimDriver:
         self._lock = threading.Lock()
         self._next_id = 1
         self._moves: list[Move] = []
+        self._never_ends = frozenset(precopy_never_ends)
+        self._starts: list[Start] = []
         self.migrations_started = 0
 
     # -- time -----------------------------------------------------------------------
@@ -134,6 +148,8 @@ class SimDriver:
 
     def _duration_s(self, vm: _Vm, options: LiveMigrationOptions) -> float:
         inst = vm.instance
+        if inst.uuid in self._never_ends:
+            return float("inf")
         spec = VmSpec(inst.uuid, inst.name, inst.memory_mb * MIB, vcpus=max(1, inst.vcpus))
         settings = Settings(
             downtime_limit_ms=float(
@@ -282,6 +298,9 @@ class SimDriver:
                 )
             )
             self.migrations_started += 1
+            self._starts.append(
+                Start(instance_uuid, target.name, options or LiveMigrationOptions())
+            )
             return ref
 
     def _migration(self, ref: MigrationRef) -> tuple[_Vm, _Migration]:
@@ -324,6 +343,16 @@ class SimDriver:
                 raise Conflict(f"migration {ref.migration_id} is {m.state}")
             self._complete(vm, m, self._clock())
 
+    def complete(self, instance_uuid: str) -> None:
+        """Ends the VM's running migration now, as a pre-copy that converged."""
+        with self._lock:
+            self._advance()
+            vm = self._vm(instance_uuid)
+            running = [m for m in vm.migrations if m.state is MigrationState.RUNNING]
+            if not running:
+                raise Conflict(f"{instance_uuid} is not migrating")
+            self._complete(vm, running[-1], self._clock())
+
     def abort(self, ref: MigrationRef) -> None:
         with self._lock:
             self._advance()
@@ -346,6 +375,11 @@ class SimDriver:
         with self._lock:
             self._advance()
             return {u: vm.host for u, vm in self._vms.items()}
+
+    def starts(self) -> list[Start]:
+        """Every migration started, in the order the driver was asked."""
+        with self._lock:
+            return list(self._starts)
 
     def moves(self) -> list[Move]:
         """Every completed migration, in the order the driver saw them end."""

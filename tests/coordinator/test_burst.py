@@ -7,6 +7,7 @@ running migrations are threads that stay alive until the test ends them.
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -14,7 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from hostmaint.coordinator import errors
+from hostmaint.coordinator import errors, resume
+from hostmaint.coordinator.escalation import Escalation
 from hostmaint.coordinator.executor import EventBus, Executor, ExecutorSettings, _Run
 from hostmaint.coordinator.journal import Journal, VmRow, make_engine
 from hostmaint.coordinator.model import DrainPolicy, Settings, Tuning
@@ -171,21 +173,32 @@ def test_a_burst_ends_with_its_holder_or_when_it_overruns(bench: Bench) -> None:
 
 
 def test_a_restart_resets_the_burst_the_previous_coordinator_left(bench: Bench) -> None:
-    """Adopted after a restart: each migration gets its planned cap back; one that held
-    the link (its last burst mark a hold) also its planned limit, lowered."""
-    ex, run = bench.executor, bench.run
-    holder = VmRow("d", "a", "a", 0, "migrating", "h", tuning_applied=("hold_link=800",))
-    done = VmRow(
-        "d", "c", "c", 0, "migrating", "h", tuning_applied=("hold_link=800", "release_link=150")
-    )
-    held = VmRow("d", "b", "b", 0, "migrating", "h")
-    for row in (holder, done, held):
-        ex._undo_burst(run, row)
+    """Adopted after a restart that a burst outlived: each migration gets its planned cap
+    back; the one that held the link (its journal: a hold, no release) also the limit it
+    had before the burst, lowered, and its ladder stands as after a release."""
+    ex, run, clock = bench.executor, bench.run, bench.clock
+    hold = resume.TuneStep("hold_link=800", 20.0, True, restore_ms=200)
+    holding = resume.ladder_state([hold])
+    released = resume.ladder_state([hold, resume.TuneStep("release_link=200", 23.0, True)])
+    holder = VmRow("d", "a", "a", 0, "migrating", "h", started_at=clock.now - 30)
+    done = VmRow("d", "c", "c", 0, "migrating", "h", started_at=clock.now - 30)
+    held = VmRow("d", "b", "b", 0, "migrating", "h", started_at=clock.now - 30)
+    after = [
+        ex._undo_burst(run, row, state)
+        for row, state in ((holder, holding), (done, released), (held, Escalation()))
+    ]
     assert bench.agent.calls == [
         ("a", "bandwidth", 0),
-        ("a", "lower", 150),
+        ("a", "lower", 200),
         ("c", "bandwidth", 0),
         ("b", "bandwidth", 50_000_000),
     ]
+    assert not after[0].holding and after[0].burst and after[0].after_burst
+    assert after[0].level_at_s == 30.0  # released now: the next step follows at once
+    assert after[1:] == [released, Escalation()]
+    # a hold journaled without the limit it replaced: the plan's limit
+    bench.agent.calls.clear()
+    ex._undo_burst(run, holder, resume.ladder_state([dataclasses.replace(hold, restore_ms=0)]))
+    assert bench.agent.calls == [("a", "bandwidth", 0), ("a", "lower", 150)]
     bench.agent.refuse.add("a")  # it ended meanwhile: a warning, no error
-    ex._undo_burst(run, holder)
+    ex._undo_burst(run, holder, holding)

@@ -46,13 +46,47 @@ def test_every_revision_downgrades_and_upgrades_again(db_url: str) -> None:
 
 def test_journal_made_before_migrations_is_stamped_and_kept(db_url: str) -> None:
     engine = sa.create_engine(db_url)
-    metadata.create_all(engine)  # how the journal was created before revisions existed
+    # how the journal was created before revisions existed: the tables of the first
+    # revision's metadata, and no alembic_version
+    migrations.upgrade(engine, migrations.BASELINE_REVISION)
+    with engine.begin() as conn:
+        conn.execute(sa.text("DROP TABLE alembic_version"))
     first = Journal(engine, clock=lambda: 1.0)
     drain = first.create_drain("h", "{}", "kept")
     Journal(engine, clock=lambda: 2.0)  # a restart of the upgraded journal
     assert migrations.current(engine) == migrations.head()
     assert first.drain(drain.id).reason == "kept"
     assert schema_diffs(engine) == []
+    engine.dispose()
+
+
+def test_a_drain_journaled_at_revision_0001_keeps_its_rows_without_settings(db_url: str) -> None:
+    """Upgraded, its VMs have no planned settings (a resumed drain plans again for them)."""
+    engine = sa.create_engine(db_url)
+    migrations.upgrade(engine, "0001")
+    with engine.begin() as conn:
+        conn.execute(
+            sa.text(
+                "INSERT INTO drains (id, host, state, policy, reason, plan, created_at, "
+                "cancel_requested, abort_running, error) VALUES ('d', 'h', 'running', '{}', "
+                "'', '{}', 1.0, false, false, '')"
+            )
+        )
+        conn.execute(
+            sa.text(
+                "INSERT INTO drain_vms (drain_id, vm_uuid, name, position, state, source_host, "
+                "planned_target, target_host, attempts, tuning, predicted_total_s, "
+                "predicted_downtime_ms, actual_total_s, actual_downtime_ms, tuning_applied, "
+                "error, migration_ref) VALUES ('d', 'v', 'v', 0, 'queued', 'h', 't', '', 0, "
+                "'none', 1.0, 1.0, 0.0, 0.0, '[]', '', '')"
+            )
+        )
+    journal = Journal(engine, clock=lambda: 2.0)
+    assert migrations.current(engine) == migrations.head()
+    (row,) = journal.vms("d")
+    assert (row.vm_uuid, row.planned_target, row.planned) == ("v", "t", "")
+    journal.update_vm("d", "v", planned='{"settings": {}}')
+    assert journal.vm("d", "v").planned == '{"settings": {}}'
     engine.dispose()
 
 
