@@ -32,6 +32,8 @@ PURE_MODULES = [
     "hostmaint.coordinator.cpucheck",
     "hostmaint.coordinator.cliview",
     "hostmaint.coordinator.limits",
+    "hostmaint.coordinator.roll",
+    "hostmaint.coordinator.rollpredict",
 ]
 
 
