@@ -34,6 +34,8 @@ PURE_MODULES = [
     "hostmaint.coordinator.cliview",
     "hostmaint.coordinator.limits",
     "hostmaint.coordinator.resume",
+    "hostmaint.coordinator.roll",
+    "hostmaint.coordinator.rollpredict",
 ]
 
 
