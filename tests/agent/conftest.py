@@ -80,16 +80,22 @@ def node_file(tmp_path: Path) -> Path:
     return write_node(tmp_path / "node.xml", DOMAINS)
 
 
-@pytest.fixture
-def agent(node_file: Path) -> Iterator[Agent]:
+def started_agent(node_file: Path, grace_s: float = 1.0) -> Agent:
+    """An agent serving a test:/// host on a free loopback port, measuring nothing."""
     conf = load_config([])
     conf.set_override("uri", f"test://{node_file}", group="libvirt")
     conf.set_override("listen", "127.0.0.1:0", group="grpc")
     conf.set_override("enabled", False, group="dirty_rate")
-    conf.set_override("grace_s", 1.0, group="grpc")
+    conf.set_override("grace_s", grace_s, group="grpc")
     agent = Agent(conf, threading.Event())
     agent.driver.connect()
     agent.start()
+    return agent
+
+
+@pytest.fixture
+def agent(node_file: Path) -> Iterator[Agent]:
+    agent = started_agent(node_file)
     yield agent
     agent.stop()
 

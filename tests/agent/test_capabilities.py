@@ -3,7 +3,6 @@ libvirt's test:/// driver (no vcpu_quota among its scheduler parameters)."""
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -11,11 +10,10 @@ import grpc
 import pytest
 
 from hostmaint.agent import capabilities, kernel
-from hostmaint.agent.cmd import Agent, load_config
 from hostmaint.agent.types import CgroupCpu, SchedulerReading, UserfaultfdProbe
 from hostmaint.protos import agent_pb2 as pb
 from hostmaint.protos import agent_pb2_grpc
-from tests.agent.conftest import STOPPED
+from tests.agent.conftest import STOPPED, started_agent
 from tests.agent.nodexml import write_node
 
 TIMEOUT = 10
@@ -161,14 +159,7 @@ def test_get_host_says_test_driver_domains_cannot_be_throttled(
 @pytest.fixture
 def idle_stub(tmp_path: Path) -> Iterator[agent_pb2_grpc.HostAgentStub]:
     """An agent on a test:/// host whose only domain is shut off."""
-    conf = load_config([])
-    conf.set_override("uri", f"test://{write_node(tmp_path / 'idle.xml', [STOPPED])}", "libvirt")
-    conf.set_override("listen", "127.0.0.1:0", group="grpc")
-    conf.set_override("enabled", False, group="dirty_rate")
-    conf.set_override("grace_s", 0.5, group="grpc")
-    agent = Agent(conf, threading.Event())
-    agent.driver.connect()
-    agent.start()
+    agent = started_agent(write_node(tmp_path / "idle.xml", [STOPPED]), grace_s=0.5)
     try:
         with grpc.insecure_channel(f"127.0.0.1:{agent.port}") as channel:
             yield agent_pb2_grpc.HostAgentStub(channel)

@@ -23,6 +23,7 @@ from hostmaint.coordinator.model import DrainPolicy, Settings, Tuning
 from hostmaint.coordinator.planner import HELD_BACK_BYTES_PER_S, MAX_BURST_S, PlannedMigration
 from hostmaint.protos import agent_pb2 as apb
 from hostmaint.protos import coordinator_pb2 as cpb
+from tests.coordinator.stuckagent import Clock
 
 HELD = round(HELD_BACK_BYTES_PER_S)
 
@@ -58,14 +59,6 @@ class Registry:
 
     def client(self, host: str) -> Recorder:
         return self.agent
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 @dataclass
