@@ -19,26 +19,13 @@ from hostmaint.coordinator.model import (
 )
 from hostmaint.coordinator.planner import plan_drain, plan_strategy
 from hostmaint.coordinator.simulator import simulate
+from tests.unit.test_planner import found_800_mib_set
 
 LINK = Link(10e9 / 8)
 NO_UFFD = "vm.unprivileged_userfaultfd is 0 and QEMU runs unprivileged (uid 64055)"
 NO_CPU_CONTROLLER = "libvirt refuses them: cgroup CPU controller is not mounted"
 WITHOUT_POSTCOPY = HostCapabilities(postcopy=False, postcopy_reason=NO_UFFD)
 WITHOUT_THROTTLE = HostCapabilities(vcpu_throttle=False, vcpu_throttle_reason=NO_CPU_CONTROLLER)
-
-
-def found_800_mib_set() -> VmSpec:
-    """A VM whose 1 s window already covered its 800 MiB set: at least 800 MiB/s, assumed
-    8 GiB/s (as in test_planner): with post-copy allowed, planned for post-copy."""
-    return VmSpec(
-        uuid="v0",
-        name="v0",
-        memory_bytes=4 * GIB,
-        nonzero_bytes=2 * GIB,
-        working_set_bytes=800 * MIB,
-        dirty_rate_bytes_per_s=8 * GIB,
-        dirty_rate_floor_bytes_per_s=800 * MIB,
-    )
 
 
 def hot(uuid: str = "hot") -> VmSpec:

@@ -228,7 +228,7 @@ def test_a_vm_converging_only_at_the_whole_links_limit_holds_the_link() -> None:
     assert res.failed == 0 and res.over_downtime == 0 and res.postcopy_count == 0
 
 
-def _found_800_mib_set() -> VmSpec:
+def found_800_mib_set() -> VmSpec:
     """A VM whose 1 s window already covered its 800 MiB set: at least 800 MiB/s,
     assumed 8 GiB/s."""
     return vm(
@@ -248,7 +248,7 @@ def test_a_found_working_set_is_planned_at_its_floor_and_a_faster_writer_meets_t
     the plan's ladder (the executor's) throttles it, within the downtime limit. With
     post-copy allowed, the plan's simulation runs it at the assumed rate, where the
     ladder's rescue takes longer than a post-copy: post-copy is planned."""
-    reported = _found_800_mib_set()
+    reported = found_800_mib_set()
     pol = DrainPolicy()
     plan = plan_drain([reported], [], LINK, pol)
     (m,) = plan.migrations
@@ -271,7 +271,7 @@ def test_a_writer_known_from_below_tries_precopy_before_its_planned_postcopy() -
     """The 800 MiB set of the test above, with post-copy allowed: planned post-copy (at the
     assumed rate), after the pre-copy rounds it would need at its floor. A writer that
     slow moves by pre-copy; a faster one switches once those rounds are spent."""
-    reported = _found_800_mib_set()
+    reported = found_800_mib_set()
     pol = DrainPolicy(allow_postcopy=True)
     plan = plan_drain([reported], [], LINK, pol)
     (m,) = plan.migrations

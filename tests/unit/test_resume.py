@@ -20,21 +20,14 @@ from hostmaint.coordinator.model import (
     VmSpec,
 )
 from hostmaint.coordinator.planner import PlannedMigration, plan_drain
+from tests.unit.test_planner import found_800_mib_set
 
 MB = 1e6
 
 
 def _plan() -> list[PlannedMigration]:
     vms = [
-        VmSpec(
-            "hot",
-            "hot",
-            4 * GIB,
-            nonzero_bytes=2 * GIB,
-            working_set_bytes=800 * MIB,
-            dirty_rate_bytes_per_s=8 * GIB,
-            dirty_rate_floor_bytes_per_s=800 * MIB,
-        ),
+        dataclasses.replace(found_800_mib_set(), uuid="hot", name="hot"),
         VmSpec("idle", "idle", 2 * GIB, dirty_rate_bytes_per_s=5 * MIB),
     ]
     targets = [TargetHost("t1", 64 * GIB, 64), TargetHost("t2", 64 * GIB, 64)]
