@@ -20,6 +20,7 @@ from hostmaint.coordinator.model import (
     VmSpec,
 )
 from hostmaint.coordinator.planner import PlannedMigration, plan_drain
+from tests.coordinator.test_dispatch_escalation import LIMITS
 from tests.unit.test_planner import found_800_mib_set
 
 MB = 1e6
@@ -59,15 +60,6 @@ def test_a_journal_of_another_version_is_read_or_refused() -> None:
     for text in ("", "{}", "[]", '{"settings": 1}', json.dumps({**data, "tuning": "warp"})):
         with pytest.raises(ValueError):
             resume.vm_plan_from_json(text)
-
-
-LIMITS = esc.Limits(
-    predicted_total_s=20.0,
-    qemu_downtime_cap_ms=800,
-    allow_postcopy=True,
-    postcopy_permitted=True,
-    cpu_bound=True,
-)
 
 
 def _stuck(until_s: float) -> list[esc.Observation]:
