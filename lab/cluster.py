@@ -915,6 +915,9 @@ class _Starter:
             'security_driver = "none"\n'
             'stdio_handler = "file"\n'
             "remember_owner = 0\n"
+            # The address a migration stream to this host uses when the source names
+            # none (as Nova's libvirt driver does without live_migration_inbound_addr).
+            f'migration_host = "{h.address}"\n'
         )
 
     def _ensure_daemon(self, state: LabState, h: HostRecord) -> LabState:

@@ -29,10 +29,15 @@ import resource
 import signal
 import sys
 import time
+import traceback
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 DRIVER = "nova_fakedriver.PerServerLiveMigrateDriver"
-DRIVERS = {"fake": DRIVER, "lab": "nova_labdriver.LabLiveMigrateDriver"}
+DRIVERS = {
+    "fake": DRIVER,
+    "lab": "nova_labdriver.LabLiveMigrateDriver",
+    "libvirt": "libvirt.LibvirtDriver",
+}
 _ENV_DURATION = "HOSTMAINT_NOVA_FAKE_MIGRATION_S"
 _ENV_LAB_CONFIG = "HOSTMAINT_NOVA_LAB_CONFIG"
 
@@ -63,11 +68,24 @@ def _parse(argv):
         "--driver",
         choices=sorted(DRIVERS),
         default="fake",
-        help="fake: per-server fake migrations; lab: real migrations of lab guests",
+        help=(
+            "fake: per-server fake migrations; lab: real migrations of lab guests; "
+            "libvirt: Nova's own libvirt driver on the lab's hosts (see nova_libvirt.py)"
+        ),
     )
     parser.add_argument(
         "--lab-config",
-        help="the lab driver's host map (JSON, see nova_labdriver.py); needed by --driver lab",
+        help=(
+            "the lab's host map (JSON, see nova_labdriver.py or nova_libvirt.py); "
+            "needed by --driver lab and --driver libvirt"
+        ),
+    )
+    parser.add_argument(
+        "--flag",
+        action="append",
+        default=[],
+        metavar="[GROUP.]NAME=VALUE",
+        help="a nova.conf option (repeatable), e.g. libvirt.live_migration_timeout_action=abort",
     )
     parser.add_argument(
         "--permit-post-copy",
@@ -86,6 +104,27 @@ def _parse(argv):
         help="Nova's [api] response_validation (its tests use error, deployments warn)",
     )
     return parser.parse_args(argv)
+
+
+def _import_libvirt(lab_config):
+    """The libvirt bindings from the folder the lab's host map names (Nova's venv has none)."""
+    with open(lab_config) as f:
+        folder = json.load(f).get("libvirt_python_dir", "")
+    if folder and folder not in sys.path:
+        sys.path.append(folder)  # appended: Nova's own libraries win
+    import libvirt
+
+    return libvirt
+
+
+def _flag(text):
+    """(group or None, name, value) from ``[GROUP.]NAME=VALUE``; lists split on commas."""
+    key, sep, value = text.partition("=")
+    if not sep:
+        raise SystemExit(f"--flag {text!r}: expected [GROUP.]NAME=VALUE")
+    group, _, name = key.rpartition(".")
+    parsed = {"true": True, "false": False}.get(value.lower(), value)
+    return group or None, name, parsed
 
 
 def _rss_bytes():
@@ -107,15 +146,18 @@ def main(argv=None):
     args = _parse(argv if argv is not None else sys.argv[1:])
     started = time.monotonic()
     os.environ[_ENV_DURATION] = str(args.migration_s)
-    if args.driver == "lab":
+    if args.driver in ("lab", "libvirt"):
         if not args.lab_config:
-            print("--driver lab needs --lab-config", file=sys.stderr)
+            print(f"--driver {args.driver} needs --lab-config", file=sys.stderr)
             return 2
         os.environ[_ENV_LAB_CONFIG] = os.path.abspath(args.lab_config)
     # Test-runner settings that would cut a long-lived process short.
     for name in ("OS_TEST_TIMEOUT", "OS_STDOUT_CAPTURE", "OS_STDERR_CAPTURE"):
         os.environ.pop(name, None)
 
+    if args.driver == "libvirt":
+        # Before Nova's modules: they import libvirt once, when they load.
+        _import_libvirt(args.lab_config)
     # Importing Nova's functional tests applies eventlet's monkey patching.
     import eventlet
     import eventlet.wsgi
@@ -125,11 +167,18 @@ def main(argv=None):
     # Nova loads `compute_driver` as `nova.virt.<name>`: let that package
     # find the fake driver beside this file.
     nova.virt.__path__.append(HERE)
+    lab_config = None
     if args.driver == "lab":
         # Nova's test base refuses imports of libvirt once set up: load it now.
         from nova.virt import nova_labdriver
 
         nova_labdriver.preload_libvirt()
+    if args.driver == "libvirt":
+        from nova.virt import nova_libvirt
+
+        lab_config = nova_libvirt.load(args.lab_config)
+        nova_libvirt.remember_originals()
+    flags = [_flag(text) for text in args.flag]
 
     hosts = list(dict.fromkeys(args.hosts))
 
@@ -154,9 +203,16 @@ def main(argv=None):
             # errors; a deployment only warns (Nova's default and advice).
             self.flags(response_validation=args.response_validation, group="api")
             self.flags(max_concurrent_live_migrations=args.max_concurrent_live_migrations)
+            if lab_config is not None:
+                nova_libvirt.lift_guards(self)
+                nova_libvirt.configure(self, lab_config)
+            for group, name, value in flags:
+                self.flags(**{name: value}, group=group)
             super()._setup_services()
 
         def _setup_compute_service(self):
+            if lab_config is not None:
+                return nova_libvirt.start_computes(self, lab_config, hosts)
             first = None
             for host in hosts:
                 compute = self._start_compute(host)
@@ -191,6 +247,8 @@ def main(argv=None):
         server = eventlet.spawn(
             eventlet.wsgi.server, sock, app, log=wsgi_log, log_output=args.debug
         )
+        if lab_config is not None:
+            nova_libvirt.register_images(nova.glance, lab_config)
         images = [{"id": i["id"], "name": i["name"]} for i in nova.glance.images.values()]
         info = {
             "port": port,
@@ -211,6 +269,11 @@ def main(argv=None):
             eventlet.sleep(0.1)
         server.kill()
         sock.close()
+    except BaseException:
+        # Printed now: the clean-up that follows can take long.
+        traceback.print_exc()
+        sys.stderr.flush()
+        raise
     finally:
         nova.doCleanups()
     return 0
