@@ -36,6 +36,7 @@ PURE_MODULES = [
     "hostmaint.coordinator.resume",
     "hostmaint.coordinator.roll",
     "hostmaint.coordinator.rollpredict",
+    "hostmaint.coordinator.states",
 ]
 
 
