@@ -338,10 +338,6 @@ class PlanStrategy:
         self.holder, self.held = None, []
 
 
-def _cap(vm: VmSpec, policy: DrainPolicy) -> float:
-    return vm.max_downtime_ms if vm.max_downtime_ms is not None else policy.max_downtime_ms
-
-
 def _place(
     vm: VmSpec,
     targets: Sequence[TargetHost],
@@ -486,7 +482,7 @@ def plan_drain(
             tries = _precopy_tries(vm, full_bw, top_ms, params)
         burst_s = _burst_s(vm, full_bw, top_ms, params)
         base.append((vm, where, pred, assumed, tries, burst_s, vm_policy))
-    cap_ms = {v.uuid: _cap(v, policy) for v in vms}
+    cap_ms = {v.uuid: policy.downtime_cap_ms(v.max_downtime_ms) for v in vms}
     bound = lower_bound([b[0] for b in base], link, policy, params)
     evaluate = functools.partial(
         _evaluate,
@@ -802,7 +798,9 @@ def _top_ms(
     vm: VmSpec, full_bw: float, worst_bw: float, policy: DrainPolicy, params: ModelParams
 ) -> float:
     """QEMU's downtime limit for the whole link, safe if the share drops to ``worst_bw``."""
-    return qemu_downtime_limit_ms(_cap(vm, policy), full_bw, params, worst_bw)
+    return qemu_downtime_limit_ms(
+        policy.downtime_cap_ms(vm.max_downtime_ms), full_bw, params, worst_bw
+    )
 
 
 def _burst_s(vm: VmSpec, full_bw: float, top_ms: float, params: ModelParams) -> float:
@@ -970,7 +968,7 @@ def plan_strategy(
         )
         vm = by_uuid[m.vm_uuid]
         items.append(_Item(vm, m.target, pred, m.settings, m.need_bytes_per_s, m.holds_link))
-    cap_ms = {v.uuid: _cap(v, policy) for v in vms}
+    cap_ms = {v.uuid: policy.downtime_cap_ms(v.max_downtime_ms) for v in vms}
     link_bw = link.bandwidth_bytes_per_s * params.link_efficiency
     return PlanStrategy(
         "hostmaint",
