@@ -286,7 +286,7 @@ class DrainLab:
         c.stopped.set()
         c.server.stop(0)
         c.registry.close()
-        for run_id in list(c.executor._runs):
+        for run_id in c.executor.drain_ids():
             c.executor.wait(run_id, T)
         self.coordinator = None
 
