@@ -113,34 +113,13 @@ class Events:
             event.status.CopyFrom(self.status(drain_id))
         return event
 
-    def publish(
-        self,
-        bus: EventBus,
-        drain_id: str,
-        host: str,
-        kind: cpb.DrainEventKind.ValueType,
-        *,
-        vm: VmRow | None = None,
-        message: str = "",
-        progress: apb.MigrationProgress | None = None,
-        plan: cpb.DrainPlan | None = None,
-        status: bool = False,
-    ) -> None:
-        event = self.event(
-            drain_id,
-            host,
-            kind,
-            vm=vm,
-            message=message,
-            progress=progress,
-            plan=plan,
-            status=status,
-        )
+    def publish(self, bus: EventBus, event: cpb.DrainEvent) -> None:
+        """Logs the event and puts it on the drain's bus."""
         LOG.info(
             "drain event drain=%s host=%s kind=%s vm=%s %s",
-            drain_id[:8],
-            host,
-            cpb.DrainEventKind.Name(kind).removeprefix("DRAIN_EVENT_KIND_").lower(),
+            event.drain_id[:8],
+            event.host,
+            cpb.DrainEventKind.Name(event.kind).removeprefix("DRAIN_EVENT_KIND_").lower(),
             event.vm_uuid[:8],
             event.message,
         )

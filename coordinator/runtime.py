@@ -14,6 +14,7 @@ import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from typing import Any
 
 from hostmaint.coordinator import errors, escalation, resume, views
 from hostmaint.coordinator.agents import AgentRegistry
@@ -50,7 +51,6 @@ from hostmaint.coordinator.planner import (
     throttle_helps,
 )
 from hostmaint.coordinator.states import VmState
-from hostmaint.protos import agent_pb2 as apb
 from hostmaint.protos import coordinator_pb2 as cpb
 
 LOG = logging.getLogger(__name__)
@@ -337,28 +337,9 @@ class Runtime:
 
     # -- journal and events -----------------------------------------------------------
 
-    def publish(
-        self,
-        run: DrainRun,
-        kind: cpb.DrainEventKind.ValueType,
-        *,
-        vm: VmRow | None = None,
-        message: str = "",
-        progress: apb.MigrationProgress | None = None,
-        plan: cpb.DrainPlan | None = None,
-        status: bool = False,
-    ) -> None:
-        self.events.publish(
-            run.bus,
-            run.drain_id,
-            run.host,
-            kind,
-            vm=vm,
-            message=message,
-            progress=progress,
-            plan=plan,
-            status=status,
-        )
+    def publish(self, run: DrainRun, kind: cpb.DrainEventKind.ValueType, **kw: Any) -> None:
+        """An event of the drain (`Events.event`'s keywords), logged and published."""
+        self.events.publish(run.bus, self.events.event(run.drain_id, run.host, kind, **kw))
 
     def step(
         self,
