@@ -28,6 +28,7 @@ from sqlalchemy.exc import IntegrityError
 
 from hostmaint.common import extras
 from hostmaint.coordinator import errors, migrations
+from hostmaint.coordinator.states import ACTIVE_DRAIN_STATES, DrainState, VmState
 
 metadata = sa.MetaData()
 
@@ -107,14 +108,13 @@ steps = sa.Table(
 STEP_INTENT = "intent"
 STEP_DONE = "done"
 STEP_FAILED = "failed"
-ACTIVE_DRAIN_STATES = ("planning", "running", "cancelling")
 
 
 @dataclass(frozen=True)
 class DrainRow:
     id: str
     host: str
-    state: str
+    state: DrainState
     policy: str
     reason: str
     plan: str
@@ -131,7 +131,7 @@ class VmRow:
     vm_uuid: str
     name: str
     position: int
-    state: str
+    state: VmState
     source_host: str
     planned_target: str = ""
     target_host: str = ""
@@ -163,12 +163,15 @@ class StepRow:
 
 
 def _drain(row: Any) -> DrainRow:
-    return DrainRow(**{f.name: getattr(row, f.name) for f in fields(DrainRow)})
+    values = {f.name: getattr(row, f.name) for f in fields(DrainRow)}
+    values["state"] = DrainState(row.state)
+    return DrainRow(**values)
 
 
 def _vm(row: Any) -> VmRow:
     values = {f.name: getattr(row, f.name) for f in fields(VmRow)}
     values["tuning_applied"] = tuple(json.loads(row.tuning_applied or "[]"))
+    values["state"] = VmState(row.state)
     return VmRow(**values)
 
 
@@ -238,7 +241,7 @@ class Journal:
                     drains.insert().values(
                         id=drain_id,
                         host=host,
-                        state="planning",
+                        state=DrainState.PLANNING,
                         policy=policy,
                         reason=reason,
                         plan="",
@@ -288,7 +291,7 @@ class Journal:
         with self._tx() as conn:
             conn.execute(drains.update().where(drains.c.id == drain_id).values(**values))
 
-    def finish_drain(self, drain_id: str, host: str, state: str, error: str = "") -> None:
+    def finish_drain(self, drain_id: str, host: str, state: DrainState, error: str = "") -> None:
         """Ends a drain and releases its host in one transaction."""
         with self._tx() as conn:
             conn.execute(
@@ -316,7 +319,9 @@ class Journal:
         """The plan and every VM's row, once: a resumed drain keeps its first plan's VMs."""
         with self._tx() as conn:
             conn.execute(
-                drains.update().where(drains.c.id == drain_id).values(plan=plan, state="running")
+                drains.update()
+                .where(drains.c.id == drain_id)
+                .values(plan=plan, state=DrainState.RUNNING)
             )
             existing = {
                 r.vm_uuid

@@ -187,6 +187,10 @@ class DrainPolicy:
     # VMs through post-copy
     postcopy_avoidance_stretch: float = 0.05
 
+    def downtime_cap_ms(self, vm_max_downtime_ms: float | None) -> float:
+        """The operator's limit on one VM's downtime: the VM's own, else the policy's."""
+        return self.max_downtime_ms if vm_max_downtime_ms is None else vm_max_downtime_ms
+
 
 @dataclass(frozen=True)
 class ModelParams:
@@ -653,8 +657,7 @@ def candidate_settings(
     vm: VmSpec, bw: float, policy: DrainPolicy, params: ModelParams = DEFAULT_PARAMS
 ) -> list[tuple[Tuning, Settings]]:
     """The tunings ``predict`` tries, cheapest first, with their start settings."""
-    cap = vm.max_downtime_ms if vm.max_downtime_ms is not None else policy.max_downtime_ms
-    top = qemu_downtime_limit_ms(cap, bw, params)
+    top = qemu_downtime_limit_ms(policy.downtime_cap_ms(vm.max_downtime_ms), bw, params)
     base = min(params.qemu_default_downtime_ms, top)
     out = [(Tuning.NONE, Settings(downtime_limit_ms=base))]
     if top > base:

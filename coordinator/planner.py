@@ -45,29 +45,21 @@ before a post-copy switch or an abort, which the plan's simulation runs too): sh
 the link, a hot set that fits only the whole link's limit then moves by pre-copy.
 """
 
-from __future__ import annotations
-
 import dataclasses
 import functools
-import math
-from collections.abc import Callable, Collection, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from itertools import zip_longest
 
 from hostmaint.coordinator import escalation
 from hostmaint.coordinator.bounds import LowerBound, lower_bound
-from hostmaint.coordinator.dispatch import Slot, ready_to_start
 from hostmaint.coordinator.model import (
     DEFAULT_PARAMS,
     FULLY_CAPABLE,
-    MIB,
     DrainPolicy,
     HostCapabilities,
     Link,
-    Migration,
     ModelParams,
-    Outcome,
-    Phase,
     Prediction,
     Settings,
     TargetHost,
@@ -75,26 +67,23 @@ from hostmaint.coordinator.model import (
     VmSpec,
     WriterKind,
     effective_bandwidth,
-    predict_at,
-    qemu_downtime_limit_ms,
-    run_alone,
 )
-from hostmaint.coordinator.simulator import Job, SimResult, VmResult, simulate
+from hostmaint.coordinator.placement import Unmovable as Unmovable
+from hostmaint.coordinator.placement import place
+from hostmaint.coordinator.planstrategy import HELD_BACK_BYTES_PER_S as HELD_BACK_BYTES_PER_S
+from hostmaint.coordinator.planstrategy import MAX_BURST_S as MAX_BURST_S
+from hostmaint.coordinator.planstrategy import PlanItem, PlanStrategy
+from hostmaint.coordinator.plantuning import (
+    burst_window_s,
+    options,
+    precopy_tries,
+    whole_link_limit_ms,
+    with_burst,
+    with_rate_assumed,
+)
+from hostmaint.coordinator.simulator import SimResult, VmResult, simulate
 
 CANNOT_CONVERGE_REASON = "cannot converge: skip or stop the VM's workload"
-# A pre-copy this many times longer alone than the VM's post-copy (resending a hot working
-# set round after round, holding most of the link) is costly: post-copy is offered.
-COSTLY_PRECOPY_RATIO = 1.5
-# A writer whose rate is known only from below, planned for post-copy, first gets the
-# pre-copy rounds it would need at its floor rate, up to this many.
-MAX_PRECOPY_TRIES = 4
-# A migration holding the link for its switch-over caps the others to this (libvirt's
-# smallest cap: 1 MiB/s), for the time its rounds after the first pass take alone on the
-# link, and a poll; within these bounds (longer bursts stall the others more than the
-# post-copies they save are worth on the benchmark's hosts).
-HELD_BACK_BYTES_PER_S = float(MIB)
-BURST_POLL_S = 1.0
-MIN_BURST_S, MAX_BURST_S = 1.0, 3.0
 # The chosen order is refined by moving one VM at a time while a move ends the simulated
 # drain at least this much sooner, within this many simulated plans.
 MIN_REORDER_GAIN_S = 0.5
@@ -116,13 +105,6 @@ class PlannedMigration:
     # it runs alone (starts when nothing runs, nothing starts beside it): its limit is set
     # for the whole link, which a neighbour's sending would cut at the switch-over
     holds_link: bool = False
-
-
-@dataclass(frozen=True)
-class Unmovable:
-    vm_uuid: str
-    vm_name: str
-    reason: str
 
 
 @dataclass(frozen=True)
@@ -148,283 +130,19 @@ class DrainPlan:
         return self.deadline_s is None or self.predicted_makespan_s <= self.deadline_s
 
 
-def need_bandwidth(vm: VmSpec, settings: Settings, full_bw: float, params: ModelParams) -> float:
-    """Smallest bandwidth (to 2 %) at which the VM converges with these settings."""
-    if settings.postcopy_after_first_round:
-        return 0.0
-    pre = Settings(settings.downtime_limit_ms, auto_converge=settings.auto_converge)
-    lo, hi = 0.0, full_bw
-    if run_alone(vm, full_bw * 0.02, pre, params).outcome is Outcome.COMPLETED:
-        return full_bw * 0.02
-    for _ in range(8):
-        mid = (lo + hi) / 2
-        if run_alone(vm, mid, pre, params).outcome is Outcome.COMPLETED:
-            hi = mid
-        else:
-            lo = mid
-    return hi
-
-
 @dataclass(frozen=True)
-class _Item:
-    vm: VmSpec
-    target: str | None
-    prediction: Prediction
-    settings: Settings
-    need: float
-    holds_link: bool = False
-    # the VM the plan's simulation runs when it is not ``vm``: a writer planned at its
-    # rate floor is simulated at its assumed rate, so the plan counts the ladder's cost
-    simulated: VmSpec | None = None
+class _Candidate:
+    """A candidate plan, as ``_evaluate`` simulated it."""
+
+    key: float  # lower is better (``_evaluate``)
+    k: int  # its concurrency
+    res: SimResult
+    order: list[PlanItem]  # its items in order (their times alone)
+    refs: list[PlanItem]  # the items with the predictions the ladder checks
 
 
-# a candidate plan: its key, concurrency, simulated result, items (their times alone) and
-# the items with the predictions the ladder checks (``_evaluate``)
-_Candidate = tuple[float, int, SimResult, list[_Item], list[_Item]]
 # ``_evaluate`` for one host: an order and a concurrency to its key, result and items
-_Evaluate = Callable[[Sequence[_Item], int], tuple[float, SimResult, list[_Item]]]
-
-
-class PlanStrategy:
-    """Start VMs in order (backfilling) while slots, per-target slots and bandwidth allow,
-    and steer each running migration with the executor's escalation ladder
-    (``escalation.next_step`` over ``escalation.limits_for``, at the drain's ``pacing``),
-    fed every ``pacing.poll_interval_s`` with what the agent would report: elapsed time,
-    QEMU's round, the bytes left in it, the bandwidth it got, its limit. A migration whose
-    limit the ladder raised holds the link, as in the executor; one in a burst caps its
-    pre-copying neighbours until it releases the link or leaves pre-copy. The ladder
-    takes no step the ``source`` host cannot."""
-
-    def __init__(
-        self,
-        name: str,
-        items: Sequence[_Item],
-        max_parallel: int,
-        per_target: int,
-        total_bw: float,
-        cap_ms: dict[str, float],
-        params: ModelParams,
-        allow_postcopy: bool,
-        cpu_bound: Collection[str],
-        *,
-        source: HostCapabilities = FULLY_CAPABLE,
-        pacing: escalation.Pacing = escalation.DEFAULT_PACING,
-    ) -> None:
-        self.name = name
-        self.queue = list(items)
-        self.max_parallel = max_parallel
-        self.per_target = per_target
-        self.total_bw = total_bw
-        self.poll_s = pacing.poll_interval_s
-        self.by_uuid = {i.vm.uuid: i for i in items}
-        self.queued = {i.vm.uuid: self._slot(i) for i in items}  # as dispatch sees them queued
-        self.limits = {
-            i.vm.uuid: escalation.limits_for(
-                predicted_total_s=i.prediction.total_s,
-                operator_cap_ms=cap_ms[i.vm.uuid],
-                link_bytes_per_s=total_bw,
-                settings=i.settings,
-                allow_postcopy=allow_postcopy,
-                cpu_bound=i.vm.uuid in cpu_bound,
-                source=source,
-                pacing=pacing,
-                params=params,
-            )
-            for i in items
-        }
-        # per running VM (by uuid: an id() is reused once freed)
-        self.history: dict[str, list[escalation.Observation]] = {}
-        self.done: dict[str, escalation.Escalation] = {}
-        self.polled: dict[str, tuple[float, float]] = {}  # last poll: time, bytes sent
-        self.raised: set[str] = set()  # VMs whose limit the ladder raised: they hold the link
-        self.sharing = 1  # migrations running at the last dispatch
-        self.live: dict[str, Migration] = {}  # the running migrations, at the last dispatch
-        self.holder: str | None = None  # the VM holding the link for its switch-over
-        self.held: list[Migration] = []  # the migrations it holds back
-
-    def remaining(self) -> int:
-        return len(self.queue)
-
-    def next_jobs(self, now_s: float, running: Sequence[Migration]) -> list[Job]:
-        """The executor's dispatch rule (``dispatch.ready_to_start``) over the plan's order."""
-        self.sharing = max(1, len(running))
-        self.live = {m.vm.uuid: m for m in running}
-        if self.holder is not None:
-            holder = self.live.get(self.holder)
-            if holder is None or holder.phase not in (Phase.PRECOPY, Phase.SWITCHOVER):
-                self._release()  # switched over (or ended): the others get the link back
-            else:
-                return []  # nothing starts while a migration holds the link
-        if not self.queue or len(running) >= self.max_parallel:
-            return []  # what ready_to_start would answer, without building the slots
-        busy = [
-            self._slot(self.by_uuid[m.vm.uuid], m.in_precopy, m.vm.uuid in self.raised)
-            for m in running
-        ]
-        chosen = ready_to_start(
-            [self.queued[i.vm.uuid] for i in self.queue],
-            busy,
-            max_parallel=self.max_parallel,
-            max_parallel_per_target=self.per_target,
-            link_bytes_per_s=self.total_bw,
-        )
-        starting = {c.vm_uuid for c in chosen}
-        jobs = [
-            Job(i.simulated or i.vm, i.settings, i.target)
-            for i in self.queue
-            if i.vm.uuid in starting
-        ]
-        self.queue = [i for i in self.queue if i.vm.uuid not in starting]
-        return jobs
-
-    @staticmethod
-    def _slot(item: _Item, in_precopy: bool = True, raised: bool = False) -> Slot:
-        return Slot(item.vm.uuid, item.target, item.need, in_precopy, raised or item.holds_link)
-
-    def next_control_s(self, mig: Migration) -> float:
-        if not mig.in_precopy:
-            return math.inf
-        last_s, _ = self.polled.get(mig.vm.uuid, (mig.start_s, 0.0))
-        return last_s + self.poll_s
-
-    def control(self, mig: Migration, now_s: float) -> None:
-        """One progress sample, and the ladder's step if it calls for one."""
-        uuid = mig.vm.uuid
-        last_s, last_bytes = self.polled.get(uuid, (mig.start_s, 0.0))
-        self.polled[uuid] = (now_s, mig.bytes_sent)
-        history = self.history.setdefault(uuid, [])
-        held_back = self.holder is not None and self.holder != uuid
-        history.append(
-            escalation.Observation(
-                elapsed_s=now_s - mig.start_s,
-                iteration=mig.rounds,
-                remaining_bytes=int(mig.remaining),
-                bandwidth_bytes_per_s=(mig.bytes_sent - last_bytes) / max(now_s - last_s, 1e-9),
-                max_downtime_ms=int(mig.downtime_limit_ms),
-                postcopy=mig.postcopy,
-                first_pass_done=mig.rounds >= 2,
-                fair_share_bytes_per_s=self.total_bw / self.sharing,
-                held_back=held_back,
-            )
-        )
-        done = self.done.get(uuid, escalation.Escalation())
-        decision = escalation.next_step(history, self.limits[uuid], done)
-        action = decision.action
-        ok = True
-        if action is escalation.Action.RAISE_DOWNTIME:
-            mig.set_downtime_limit(decision.value)
-            self.raised.add(uuid)
-        elif action is escalation.Action.THROTTLE_VCPUS:
-            mig.throttle_vcpus(decision.value)
-        elif action is escalation.Action.HOLD_LINK:
-            self.holder = uuid
-            # QEMU's cap binds pre-copy only (post-copy has its own)
-            self.held = [m for u, m in self.live.items() if u != uuid and m.in_precopy]
-            for m in self.held:
-                m.bandwidth_cap = HELD_BACK_BYTES_PER_S
-            mig.set_downtime_limit(decision.value)
-        elif action is escalation.Action.RELEASE_LINK:
-            mig.set_downtime_limit(decision.value)  # before the others send again
-            self._release()
-        elif action is escalation.Action.POSTCOPY:
-            ok = mig.start_postcopy()
-        elif action is escalation.Action.ABORT:
-            mig.abort()
-        self.done[uuid] = escalation.applied(done, decision, now_s - mig.start_s, ok)
-
-    def _release(self) -> None:
-        for m in self.held:
-            m.bandwidth_cap = m.settings.max_bandwidth_bytes_per_s
-        self.holder, self.held = None, []
-
-
-def _cap(vm: VmSpec, policy: DrainPolicy) -> float:
-    return vm.max_downtime_ms if vm.max_downtime_ms is not None else policy.max_downtime_ms
-
-
-def _place(
-    vm: VmSpec,
-    targets: Sequence[TargetHost],
-    used: dict[str, list[VmSpec]],
-    needs_postcopy: bool = False,
-) -> str | None | Unmovable:
-    """The target with room and fit (and post-copy, for a VM only post-copy moves) whose
-    soft group policies suffer least, then the one with most free memory."""
-    if not targets:
-        return None
-    best: TargetHost | None = None
-    best_key: tuple[int, int] | None = None  # (soft group conflicts, -free memory)
-    why: list[str] = []
-    together = _affinity_targets(vm, targets, used)
-    for t in targets:
-        placed = used[t.name]
-        free_mem = t.free_memory_bytes - sum(p.memory_bytes for p in placed)
-        free_cpu = t.free_vcpus - sum(p.vcpus for p in placed)
-        if not t.healthy:
-            why.append(f"{t.name}: unhealthy")
-        elif free_mem < vm.memory_bytes:
-            why.append(f"{t.name}: {free_mem // MIB} MiB free < {vm.memory_bytes // MIB} MiB")
-        elif free_cpu < vm.vcpus:
-            why.append(f"{t.name}: {free_cpu} vCPUs free < {vm.vcpus}")
-        elif t.cpu_compatible is not None and vm.uuid not in t.cpu_compatible:
-            refusal = dict(t.cpu_refusals).get(vm.uuid, "CPU model not supported")
-            why.append(f"{t.name}: {refusal}")
-        elif needs_postcopy and not t.capabilities.postcopy:
-            why.append(f"{t.name}: no post-copy ({t.capabilities.postcopy_reason})")
-        elif not _groups_ok(vm, t, placed):
-            why.append(f"{t.name}: anti-affinity")
-        elif together is not None and t.name not in together:
-            why.append(f"{t.name}: affinity")
-        else:
-            key = (_soft_conflicts(vm, t, placed), -free_mem)
-            if best_key is None or key < best_key:
-                best, best_key = t, key
-    if best is None:
-        return Unmovable(
-            vm.uuid,
-            vm.name,
-            "no target host with capacity, CPU and group fit (" + "; ".join(why) + ")",
-        )
-    return best.name
-
-
-def _members(g_id: str, t: TargetHost, placed: Sequence[VmSpec]) -> int:
-    """Members of group ``g_id`` on ``t``: already there (at least one) or placed by the plan."""
-    there = 1 if g_id in t.server_groups else 0
-    return there + sum(1 for p in placed if any(g.id == g_id for g in p.server_groups))
-
-
-def _groups_ok(vm: VmSpec, t: TargetHost, placed: Sequence[VmSpec]) -> bool:
-    """Hard anti-affinity: no other member of the group on the target."""
-    return all(
-        _members(g.id, t, placed) == 0 for g in vm.server_groups if g.policy == "anti-affinity"
-    )
-
-
-def _affinity_targets(
-    vm: VmSpec, targets: Sequence[TargetHost], used: dict[str, list[VmSpec]]
-) -> set[str] | None:
-    """Hard affinity: the targets where the group's members are or go (None: any target)."""
-    allowed: set[str] | None = None
-    for g in vm.server_groups:
-        if g.policy != "affinity":
-            continue
-        hosts = {t.name for t in targets if _members(g.id, t, used[t.name]) > 0}
-        if hosts:
-            allowed = hosts if allowed is None else allowed & hosts
-    return allowed
-
-
-def _soft_conflicts(vm: VmSpec, t: TargetHost, placed: Sequence[VmSpec]) -> int:
-    """Soft policies, as a cost to minimise: members of a soft-anti-affinity group already on
-    the target, and for a soft-affinity group a target without its members."""
-    cost = 0
-    for g in vm.server_groups:
-        if g.policy == "soft-anti-affinity":
-            cost += _members(g.id, t, placed)
-        elif g.policy == "soft-affinity":
-            cost += 0 if _members(g.id, t, placed) > 0 else 1
-    return cost
+_Evaluate = Callable[[Sequence[PlanItem], int], tuple[float, SimResult, list[PlanItem]]]
 
 
 def plan_drain(
@@ -458,7 +176,7 @@ def plan_drain(
         if vm.blockers:
             unmovable.append(Unmovable(vm.uuid, vm.name, "blocked: " + ", ".join(vm.blockers)))
             continue
-        vm, pred, assumed = _with_rate_assumed(vm, full_bw, plan_policy, params)
+        vm, pred, assumed = with_rate_assumed(vm, full_bw, plan_policy, params)
         if pred.tuning is Tuning.CANNOT_CONVERGE:
             why = CANNOT_CONVERGE_REASON
             if policy.allow_postcopy and not plan_policy.allow_postcopy:
@@ -468,7 +186,7 @@ def plan_drain(
                 )
             unmovable.append(Unmovable(vm.uuid, vm.name, why))
             continue
-        where = _place(vm, targets, used, needs_postcopy=pred.tuning is Tuning.POSTCOPY)
+        where = place(vm, targets, used, needs_postcopy=pred.tuning is Tuning.POSTCOPY)
         if isinstance(where, Unmovable):
             unmovable.append(where)
             continue
@@ -480,13 +198,15 @@ def plan_drain(
                 # post-copy did not go there: its prediction stands without it)
                 vm_policy = no_postcopy
                 left_out[where] = left_out.get(where, 0) + 1
-        top_ms = _top_ms(vm, full_bw, full_bw, vm_policy, params)  # the whole link's limit
+        top_ms = whole_link_limit_ms(
+            vm, full_bw, full_bw, vm_policy, params
+        )  # the whole link's limit
         tries = 0
         if assumed is not None and vm_policy.allow_postcopy:
-            tries = _precopy_tries(vm, full_bw, top_ms, params)
-        burst_s = _burst_s(vm, full_bw, top_ms, params)
+            tries = precopy_tries(vm, full_bw, top_ms, params)
+        burst_s = burst_window_s(vm, full_bw, top_ms, params)
         base.append((vm, where, pred, assumed, tries, burst_s, vm_policy))
-    cap_ms = {v.uuid: _cap(v, policy) for v in vms}
+    cap_ms = {v.uuid: policy.downtime_cap_ms(v.max_downtime_ms) for v in vms}
     bound = lower_bound([b[0] for b in base], link, policy, params)
     evaluate = functools.partial(
         _evaluate,
@@ -500,16 +220,18 @@ def plan_drain(
     )
     notes = _left_out(base, hosts, left_out, policy, source)
     best: _Candidate | None = None
-    choices: dict[tuple[int, str], _Item] = {}  # (k, VM): its pre-copy choice instead of post-copy
+    choices: dict[
+        tuple[int, str], PlanItem
+    ] = {}  # (k, VM): its pre-copy choice instead of post-copy
     for k in range(1, max(1, policy.max_parallel_per_source) + 1):
         worst = min(full_bw, link_bw / k)
         items = []
         for vm, where, pred, assumed, tries, burst_s, vm_policy in base:
-            fast, precopy = _options(
+            fast, precopy = options(
                 vm, where, pred, assumed, tries, full_bw, worst, vm_policy, params
             )
-            fast = _with_burst(fast, burst_s)
-            precopy = None if precopy is None else _with_burst(precopy, burst_s)
+            fast = with_burst(fast, burst_s)
+            precopy = None if precopy is None else with_burst(precopy, burst_s)
             items.append(fast)
             if precopy is not None:
                 choices[(k, vm.uuid)] = precopy
@@ -522,8 +244,8 @@ def plan_drain(
         )
         for order in orders:
             key, res, refs = evaluate(order, k)
-            if best is None or key < best[0]:
-                best = (key, k, res, order, refs)
+            if best is None or key < best.key:
+                best = _Candidate(key, k, res, order, refs)
     if best is None:
         return DrainPlan(
             (),
@@ -538,7 +260,7 @@ def plan_drain(
         )
     best = _fewer_postcopies(best, choices, evaluate, policy.postcopy_avoidance_stretch)
     best = _reordered(best, evaluate)
-    _, k, res, _, refs = best
+    k, res, refs = best.k, best.res, best.refs
     starts = {r.uuid: r for r in res.vms}
     by_start = sorted(refs, key=lambda i: starts[i.vm.uuid].start_s)
     planned = tuple(
@@ -615,7 +337,7 @@ def _reordered(best: _Candidate, evaluate: _Evaluate) -> _Candidate:
     * the VM that ends last to an earlier place (the start, each quarter of the way to
       its place): the drain ends with it.
     """
-    key, k, res, order, refs = best
+    key, k, res, order, refs = best.key, best.k, best.res, best.order, best.refs
     seen = {tuple(i.vm.uuid for i in order)}
     spent = 0
     while spent < REORDER_BUDGET and len(order) > 1:
@@ -639,10 +361,10 @@ def _reordered(best: _Candidate, evaluate: _Evaluate) -> _Candidate:
                 break
         else:
             break  # no move helps
-    return key, k, res, order, refs
+    return _Candidate(key, k, res, order, refs)
 
 
-def _interleaved(items: Sequence[_Item]) -> list[_Item]:
+def _interleaved(items: Sequence[PlanItem]) -> list[PlanItem]:
     """The longest and the shortest alternately (by time alone): a long migration, bound
     by the link, runs beside short ones bound by their fixed costs (set-up, the zero-page
     scan), so neither the link nor the slots idle while the other is the limit."""
@@ -652,7 +374,7 @@ def _interleaved(items: Sequence[_Item]) -> list[_Item]:
     return [i for pair in zip_longest(longest, shortest) for i in pair if i is not None]
 
 
-def _predicted_total_s(item: _Item, run: VmResult) -> float:
+def _predicted_total_s(item: PlanItem, run: VmResult) -> float:
     """The plan's time for the VM: as simulated, but for a VM planned at its rate floor
     (simulated at its assumed rate) the time at the floor, which the ladder checks."""
     if item.simulated is not None:
@@ -661,7 +383,7 @@ def _predicted_total_s(item: _Item, run: VmResult) -> float:
 
 
 def _evaluate(
-    order: Sequence[_Item],
+    order: Sequence[PlanItem],
     k: int,
     link: Link,
     link_bw: float,
@@ -670,7 +392,7 @@ def _evaluate(
     params: ModelParams,
     source: HostCapabilities,
     pacing: escalation.Pacing,
-) -> tuple[float, SimResult, list[_Item]]:
+) -> tuple[float, SimResult, list[PlanItem]]:
     """Simulate an order with at most ``k`` at once; its key (lower is better), result, and
     the items with the predictions the executor's ladder will check them against.
 
@@ -682,7 +404,7 @@ def _evaluate(
     throttles = throttle_helps([i.vm for i in order], policy)
     vms = [i.simulated or i.vm for i in order]
 
-    def run(items: Sequence[_Item]) -> SimResult:
+    def run(items: Sequence[PlanItem]) -> SimResult:
         strat = PlanStrategy(
             "plan",
             items,
@@ -714,132 +436,9 @@ def _evaluate(
     return key, res, refs
 
 
-def _with_rate_assumed(
-    vm: VmSpec, full_bw: float, policy: DrainPolicy, params: ModelParams
-) -> tuple[VmSpec, Prediction, VmSpec | None]:
-    """The VM as planned, its prediction, and the VM at its assumed rate when it is planned
-    at its rate floor instead.
-
-    A VM whose rate is known only to be at least its floor is planned at its assumed (high)
-    rate when that still moves it by pre-copy without throttling or holding the link;
-    otherwise at its floor, where a faster writer falls behind and meets the escalation
-    ladder (raise, throttle, post-copy)."""
-    pred = predict_at(vm, full_bw, policy, params)
-    floor = vm.dirty_rate_floor_bytes_per_s
-    if floor is None or pred.tuning in (Tuning.NONE, Tuning.RAISE_DOWNTIME):
-        return vm, pred, None
-    at_floor = dataclasses.replace(vm, dirty_rate_bytes_per_s=floor)
-    floor_pred = predict_at(at_floor, full_bw, policy, params)
-    if floor_pred.tuning in (Tuning.CANNOT_CONVERGE, Tuning.POSTCOPY):
-        return vm, pred, None
-    return at_floor, floor_pred, vm
-
-
-def _options(
-    vm: VmSpec,
-    where: str | None,
-    pred: Prediction,
-    assumed: VmSpec | None,
-    tries: int,
-    full_bw: float,
-    worst_bw: float,
-    policy: DrainPolicy,
-    params: ModelParams,
-) -> tuple[_Item, _Item | None]:
-    """The VM's fastest way to move, and its pre-copy way when the fastest is post-copy.
-
-    A pre-copy that throttles the guest (auto-converge) or needs the link to itself costs
-    the drain time; post-copy, where the policy allows it and it is sooner alone, is the
-    fast way then, and the pre-copy one is kept for ``_fewer_postcopies``. So is a VM
-    planned at its rate floor (``assumed``: the VM at its assumed rate): post-copy at the
-    assumed rate, after ``tries`` pre-copy rounds (``_precopy_tries``), is its fast way,
-    and its pre-copy is simulated at the assumed rate, so the plan takes it only where
-    the ladder's rescue of a fast writer costs little.
-    """
-    settings, holds = _fastest_settings(vm, pred, full_bw, worst_bw, policy, params)
-    need = need_bandwidth(vm, settings, full_bw, params)
-    if policy.allow_postcopy and not settings.postcopy_permitted:
-        s = settings  # permit post-copy at start so the ladder can use it later
-        settings = Settings(s.downtime_limit_ms, s.auto_converge, True, False)
-    if assumed is not None and policy.allow_postcopy:
-        precopy = _Item(vm, where, pred, settings, need, holds, simulated=assumed)
-        fast = _postcopy_item(assumed, where, pred, full_bw, worst_bw, policy, params, tries)
-        return fast, precopy
-    precopy = _Item(vm, where, pred, settings, need, holds)
-    if not policy.allow_postcopy or pred.tuning is Tuning.POSTCOPY:
-        return precopy, None
-    fast = _postcopy_item(vm, where, pred, full_bw, worst_bw, policy, params)
-    pre_run = run_alone(vm, full_bw, settings, params)
-    if pre_run.end_s is None or fast.prediction.total_s >= pre_run.end_s:
-        return precopy, None
-    resends = pre_run.end_s > COSTLY_PRECOPY_RATIO * fast.prediction.total_s
-    if not (holds or settings.auto_converge or resends):
-        return precopy, None
-    return fast, precopy
-
-
-def _postcopy_item(
-    vm: VmSpec,
-    where: str | None,
-    pred: Prediction,
-    full_bw: float,
-    worst_bw: float,
-    policy: DrainPolicy,
-    params: ModelParams,
-    tries: int = 0,
-) -> _Item:
-    top = _top_ms(vm, full_bw, worst_bw, policy, params)
-    post = Settings(
-        top, postcopy_permitted=True, postcopy_after_first_round=True, precopy_tries=tries
-    )
-    run = run_alone(vm, full_bw, post, params)
-    total_s = run.end_s if run.end_s is not None else math.inf
-    post_pred = dataclasses.replace(pred, tuning=Tuning.POSTCOPY, total_s=total_s, settings=post)
-    return _Item(vm, where, post_pred, post, 0.0)
-
-
-def _top_ms(
-    vm: VmSpec, full_bw: float, worst_bw: float, policy: DrainPolicy, params: ModelParams
-) -> float:
-    """QEMU's downtime limit for the whole link, safe if the share drops to ``worst_bw``."""
-    return qemu_downtime_limit_ms(_cap(vm, policy), full_bw, params, worst_bw)
-
-
-def _burst_s(vm: VmSpec, full_bw: float, top_ms: float, params: ModelParams) -> float:
-    """How long the VM may hold the link for its switch-over: 0 unless it converges alone on
-    the whole link with the whole link's limit ``top_ms``; then the time its rounds after
-    the first pass take there, and a poll (within the burst's bounds)."""
-    run = run_alone(vm, full_bw, Settings(top_ms), params, params.max_precopy_bytes_factor)
-    if run.outcome is not Outcome.COMPLETED:
-        return 0.0
-    # the rounds after the first pass there (each sends what the sync before it found),
-    # and the poll that sees the end
-    window_s = sum(run.pending_at_sync) / full_bw + BURST_POLL_S
-    return min(MAX_BURST_S, max(MIN_BURST_S, window_s))
-
-
-def _with_burst(item: _Item, burst_s: float) -> _Item:
-    if not burst_s or item.holds_link:
-        return item
-    return dataclasses.replace(item, settings=dataclasses.replace(item.settings, burst_s=burst_s))
-
-
-def _precopy_tries(at_floor: VmSpec, full_bw: float, top_ms: float, params: ModelParams) -> int:
-    """Rounds after the first pass that pre-copy gets before a planned post-copy switch,
-    for a writer known only to dirty at least at its floor rate: as many as it needs at
-    its floor alone on the link (the same for every concurrency the planner tries: a
-    writer that slow converges by pre-copy alone; a faster one, or one sharing the link,
-    may switch after them), none when that is more than ``MAX_PRECOPY_TRIES``."""
-    run = run_alone(at_floor, full_bw, Settings(top_ms), params)
-    if run.outcome is not Outcome.COMPLETED:
-        return 0
-    tries = run.rounds - 1
-    return tries if tries <= MAX_PRECOPY_TRIES else 0
-
-
 def _fewer_postcopies(
     best: _Candidate,
-    choices: dict[tuple[int, str], _Item],
+    choices: dict[tuple[int, str], PlanItem],
     evaluate: _Evaluate,
     stretch: float,
 ) -> _Candidate:
@@ -853,7 +452,7 @@ def _fewer_postcopies(
     (sharing the link, its pre-copy may still end in the ladder's post-copy, only
     later); one known only from below (``simulated`` at its assumed rate) is a bet that
     it writes slower, taken at the cost the simulation gives it."""
-    key, k, res, order, refs = best
+    key, k, res, order, refs = best.key, best.k, best.res, best.order, best.refs
     budget = res.makespan_s * (1.0 + stretch)
     fast = {i.vm.uuid: i.prediction.total_s for i in order}
     swaps = sorted(
@@ -861,7 +460,7 @@ def _fewer_postcopies(
         key=lambda c: c.prediction.total_s - fast[c.vm.uuid],
     )
     while swaps:
-        fitting: list[tuple[float, SimResult, list[_Item], list[_Item], _Item]] = []
+        fitting: list[tuple[float, SimResult, list[PlanItem], list[PlanItem], PlanItem]] = []
         for pre in swaps:
             trial = [pre if i.vm.uuid == pre.vm.uuid else i for i in order]
             t_key, t_res, t_refs = evaluate(trial, k)
@@ -876,64 +475,7 @@ def _fewer_postcopies(
         key, res, order, refs, taken = min(fitting, key=lambda f: f[0])
         # not retried: one that did not fit or gain will hardly once the drain is longer
         swaps = [f[4] for f in fitting if f[4] is not taken]
-    return key, k, res, order, refs
-
-
-def _fastest_settings(
-    vm: VmSpec,
-    pred: Prediction,
-    full_bw: float,
-    worst_bw: float,
-    policy: DrainPolicy,
-    params: ModelParams,
-) -> tuple[Settings, bool]:
-    """Within what the operator allows, the settings that finish soonest, and whether the
-    migration must hold the link.
-
-    The limit is set so that the real downtime stays under the cap even if the migration's
-    share drops to ``worst_bw`` at the switch-over. A VM that converges only with a higher
-    limit gets the limit for the whole link and runs alone, so its share cannot drop.
-    Post-copy only where the prediction found no pre-copy that converges.
-    """
-    if pred.tuning is Tuning.POSTCOPY:
-        top = _top_ms(vm, full_bw, worst_bw, policy, params)
-        return dataclasses.replace(pred.settings, downtime_limit_ms=top), False
-    for worst, holds in ((worst_bw, False), (full_bw, worst_bw < full_bw)):
-        top = _top_ms(vm, full_bw, worst, policy, params)
-        settings, total_s = _fastest_precopy(vm, pred, full_bw, top, policy, params)
-        if math.isfinite(total_s):
-            return settings, holds
-    return pred.settings, worst_bw < full_bw  # converged alone on the link, as predicted
-
-
-def _fastest_precopy(
-    vm: VmSpec,
-    pred: Prediction,
-    full_bw: float,
-    top: float,
-    policy: DrainPolicy,
-    params: ModelParams,
-) -> tuple[Settings, float]:
-    """Pre-copy settings with QEMU's limit at most ``top`` that finish soonest, and when.
-
-    A limit up to ``top`` costs the guest nothing the operator has not accepted and cuts
-    the rounds; auto-converge (where the prediction allows it) is taken when it shortens
-    the migration by a fifth or more.
-    """
-    first = min(pred.settings.downtime_limit_ms, top)
-    best = Settings(first, auto_converge=pred.settings.auto_converge)
-    best_s = math.inf
-    for cand in (best, Settings(top, auto_converge=best.auto_converge)):
-        mig = run_alone(vm, full_bw, cand, params)
-        if mig.outcome is Outcome.COMPLETED and mig.end_s is not None:
-            if mig.end_s < 0.95 * best_s:
-                best, best_s = cand, mig.end_s
-    if policy.allow_auto_converge and vm.writer is not WriterKind.PACED and not best.auto_converge:
-        auto = Settings(top, auto_converge=True)
-        mig = run_alone(vm, full_bw, auto, params)
-        if mig.outcome is Outcome.COMPLETED and mig.end_s is not None and mig.end_s < 0.8 * best_s:
-            best, best_s = auto, mig.end_s
-    return best, best_s
+    return _Candidate(key, k, res, order, refs)
 
 
 def throttle_helps(vms: Sequence[VmSpec], policy: DrainPolicy) -> frozenset[str]:
@@ -958,19 +500,19 @@ def plan_strategy(
     items = []
     for m in plan.migrations:
         pred = Prediction(
-            m.tuning,
-            True,
-            True,
-            m.predicted_total_s,
-            m.predicted_downtime_ms,
-            0,
-            0.0,
-            m.settings.downtime_limit_ms,
-            m.settings,
+            tuning=m.tuning,
+            converges=True,
+            converges_untuned=True,
+            total_s=m.predicted_total_s,
+            downtime_ms=m.predicted_downtime_ms,
+            rounds=0,
+            bytes_sent=0.0,
+            qemu_downtime_limit_ms=m.settings.downtime_limit_ms,
+            settings=m.settings,
         )
         vm = by_uuid[m.vm_uuid]
-        items.append(_Item(vm, m.target, pred, m.settings, m.need_bytes_per_s, m.holds_link))
-    cap_ms = {v.uuid: _cap(v, policy) for v in vms}
+        items.append(PlanItem(vm, m.target, pred, m.settings, m.need_bytes_per_s, m.holds_link))
+    cap_ms = {v.uuid: policy.downtime_cap_ms(v.max_downtime_ms) for v in vms}
     link_bw = link.bandwidth_bytes_per_s * params.link_efficiency
     return PlanStrategy(
         "hostmaint",

@@ -132,9 +132,7 @@ def simulate(
     max_events: int = MAX_EVENTS,
 ) -> SimResult:
     rng = random.Random(seed)
-    caps_ms = {
-        v.uuid: (v.max_downtime_ms if v.max_downtime_ms is not None else _cap(policy)) for v in vms
-    }
+    caps_ms = {v.uuid: (policy or DrainPolicy()).downtime_cap_ms(v.max_downtime_ms) for v in vms}
     total_bw = link.bandwidth_bytes_per_s * params.link_efficiency
     stream_cap = link.max_stream_bytes_per_s or math.inf
     now = 0.0
@@ -206,10 +204,6 @@ def _next_start_s(strategy: Strategy) -> float:
         return math.inf
     value = hook()
     return float(value) if isinstance(value, (int, float)) else math.inf
-
-
-def _cap(policy: DrainPolicy | None) -> float:
-    return (policy or DrainPolicy()).max_downtime_ms
 
 
 def _result(m: Migration, target: str | None, cap_ms: float) -> VmResult:

@@ -17,6 +17,7 @@ from hostmaint.coordinator.limits import (
 )
 from hostmaint.coordinator.model import DrainPolicy, Tuning, VmSpec
 from hostmaint.coordinator.planner import DrainPlan
+from hostmaint.coordinator.states import DrainState, VmState
 from hostmaint.protos import coordinator_pb2 as cpb
 
 TUNINGS = {
@@ -27,21 +28,21 @@ TUNINGS = {
     Tuning.CANNOT_CONVERGE: cpb.TUNING_CANNOT_CONVERGE,
 }
 DRAIN_STATES = {
-    "planning": cpb.DRAIN_STATE_PLANNING,
-    "running": cpb.DRAIN_STATE_RUNNING,
-    "cancelling": cpb.DRAIN_STATE_CANCELLING,
-    "completed": cpb.DRAIN_STATE_COMPLETED,
-    "incomplete": cpb.DRAIN_STATE_INCOMPLETE,
-    "cancelled": cpb.DRAIN_STATE_CANCELLED,
-    "failed": cpb.DRAIN_STATE_FAILED,
+    DrainState.PLANNING: cpb.DRAIN_STATE_PLANNING,
+    DrainState.RUNNING: cpb.DRAIN_STATE_RUNNING,
+    DrainState.CANCELLING: cpb.DRAIN_STATE_CANCELLING,
+    DrainState.COMPLETED: cpb.DRAIN_STATE_COMPLETED,
+    DrainState.INCOMPLETE: cpb.DRAIN_STATE_INCOMPLETE,
+    DrainState.CANCELLED: cpb.DRAIN_STATE_CANCELLED,
+    DrainState.FAILED: cpb.DRAIN_STATE_FAILED,
 }
 VM_STATES = {
-    "queued": cpb.VM_STATE_QUEUED,
-    "migrating": cpb.VM_STATE_MIGRATING,
-    "completed": cpb.VM_STATE_COMPLETED,
-    "failed": cpb.VM_STATE_FAILED,
-    "unmovable": cpb.VM_STATE_UNMOVABLE,
-    "skipped": cpb.VM_STATE_SKIPPED,
+    VmState.QUEUED: cpb.VM_STATE_QUEUED,
+    VmState.MIGRATING: cpb.VM_STATE_MIGRATING,
+    VmState.COMPLETED: cpb.VM_STATE_COMPLETED,
+    VmState.FAILED: cpb.VM_STATE_FAILED,
+    VmState.UNMOVABLE: cpb.VM_STATE_UNMOVABLE,
+    VmState.SKIPPED: cpb.VM_STATE_SKIPPED,
 }
 
 
@@ -175,7 +176,7 @@ def vm_to_pb(row: VmRow) -> cpb.VmStatus:
 
 
 def summary(drain: DrainRow, vms: Sequence[VmRow], plan: cpb.DrainPlan | None) -> cpb.DrainSummary:
-    done = [v for v in vms if v.state == "completed"]
+    done = [v for v in vms if v.state == VmState.COMPLETED]
     end = drain.finished_at
     if end is None:
         end = max((v.finished_at or 0.0 for v in vms), default=drain.created_at)
@@ -184,8 +185,8 @@ def summary(drain: DrainRow, vms: Sequence[VmRow], plan: cpb.DrainPlan | None) -
         actual_makespan_s=max(0.0, end - drain.created_at) if drain.finished_at else 0.0,
         max_downtime_ms=round(max((v.actual_downtime_ms for v in done), default=0.0)),
         migrated=len(done),
-        failed=sum(1 for v in vms if v.state == "failed"),
-        unmovable=sum(1 for v in vms if v.state in ("unmovable", "skipped")),
+        failed=sum(1 for v in vms if v.state == VmState.FAILED),
+        unmovable=sum(1 for v in vms if v.state in (VmState.UNMOVABLE, VmState.SKIPPED)),
         postcopy_used=sum(
             1 for v in vms if any(t.startswith("postcopy") for t in v.tuning_applied)
         ),

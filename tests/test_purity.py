@@ -21,6 +21,9 @@ PURE_MODULES = [
     "hostmaint.agent.types",
     "hostmaint.coordinator.model",
     "hostmaint.coordinator.planner",
+    "hostmaint.coordinator.planstrategy",
+    "hostmaint.coordinator.plantuning",
+    "hostmaint.coordinator.placement",
     "hostmaint.coordinator.bounds",
     "hostmaint.coordinator.dirty",
     "hostmaint.coordinator.simulator",
@@ -36,6 +39,7 @@ PURE_MODULES = [
     "hostmaint.coordinator.resume",
     "hostmaint.coordinator.roll",
     "hostmaint.coordinator.rollpredict",
+    "hostmaint.coordinator.states",
 ]
 
 

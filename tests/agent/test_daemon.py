@@ -14,12 +14,7 @@ import pytest
 from hostmaint.common import daemon
 from tests.agent.conftest import DOMAINS
 from tests.agent.nodexml import write_node
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+from tests.ports import free_port
 
 
 def _agent_bin() -> str:
@@ -28,7 +23,7 @@ def _agent_bin() -> str:
 
 def test_ready_health_and_sigterm(tmp_path: Path) -> None:
     node = write_node(tmp_path / "node.xml", DOMAINS)
-    port = _free_port()
+    port = free_port()
     conf = tmp_path / "agent.conf"
     conf.write_text(
         f"[libvirt]\nuri = test://{node}\n[grpc]\nlisten = 127.0.0.1:{port}\ngrace_s = 1\n"
@@ -89,7 +84,7 @@ def test_ready_health_and_sigterm(tmp_path: Path) -> None:
 def test_plaintext_off_loopback_is_refused(tmp_path: Path) -> None:
     node = write_node(tmp_path / "node.xml", DOMAINS)
     conf = tmp_path / "agent.conf"
-    conf.write_text(f"[libvirt]\nuri = test://{node}\n[grpc]\nlisten = 0.0.0.0:{_free_port()}\n")
+    conf.write_text(f"[libvirt]\nuri = test://{node}\n[grpc]\nlisten = 0.0.0.0:{free_port()}\n")
     proc = subprocess.run(
         [_agent_bin(), "--config-file", str(conf)], capture_output=True, text=True, timeout=60
     )
@@ -103,7 +98,7 @@ def test_probe_reports_unreachable() -> None:
             sys.executable,
             "-m",
             "hostmaint.common.probe",
-            f"127.0.0.1:{_free_port()}",
+            f"127.0.0.1:{free_port()}",
             "--timeout",
             "0.5",
         ],

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from hostmaint.coordinator import escalation as esc
-from hostmaint.coordinator.executor import EventBus, ExecutorSettings, _Run
+from hostmaint.coordinator.executor import ExecutorSettings
 from hostmaint.coordinator.gather import capabilities_of
 from hostmaint.coordinator.journal import VmRow
 from hostmaint.coordinator.model import DrainPolicy, Link
@@ -45,14 +45,14 @@ def test_the_runs_limits_are_the_plans_at_the_configured_pace(tmp_path: Path) ->
             stall_factor=factor, stall_grace_s=grace_s, settle_s=settle_s, poll_interval_s=poll_s
         )
         assert plan.source == capabilities_of(agent.report()) == inputs.source
-        run = _Run("d", "src", ex.policy(policy_pb), policy_pb, EventBus())
-        ex._remember(run, plan, inputs)
+        run = ex.runtime.new_run("d", "src", policy_pb)
+        run.remember(plan, inputs)
         (m,) = plan.migrations
         row = VmRow(
             "d", VM, m.vm_name, 0, "migrating", "src", predicted_total_s=m.predicted_total_s
         )
         simulated = plan_strategy(plan, list(inputs.vms), Link(LINK_BYTES_PER_S), run.policy)
-        limits = ex._limits(run, row)
+        limits = run.limits(row, ex.settings.pacing)
         assert limits == simulated.limits[VM]
         assert (limits.stall_factor, limits.stall_grace_s, limits.settle_s) == (
             factor,

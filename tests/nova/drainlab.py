@@ -9,7 +9,6 @@ cannot watch, and the coordinator follows Nova's migration record.
 
 from __future__ import annotations
 
-import socket
 import subprocess
 import sys
 import threading
@@ -30,6 +29,7 @@ from hostmaint.protos import coordinator_pb2 as cpb
 from hostmaint.protos import coordinator_pb2_grpc
 from tests.agent.nodexml import NovaMeta, TestDomain, write_node
 from tests.coordinator.conftest import start_agent
+from tests.ports import free_port
 
 from .conftest import NovaAdmin
 
@@ -233,7 +233,7 @@ class DrainLab:
         """
         self.db_path = self.db_path or self.tmp / "coordinator.db"
         db_url = db_url or f"sqlite:///{self.db_path}"
-        port = _free_port()
+        port = free_port()
         self.ports[name] = port
         agents = ",".join(f"{h}:127.0.0.1:{a.port}" for h, a in self.agents.items())
         settings = {**BASE_DRAIN, **(drain or {})}
@@ -286,7 +286,7 @@ class DrainLab:
         c.stopped.set()
         c.server.stop(0)
         c.registry.close()
-        for run_id in list(c.executor._runs):
+        for run_id in c.executor.drain_ids():
             c.executor.wait(run_id, T)
         self.coordinator = None
 
@@ -333,13 +333,6 @@ class DrainLab:
     def _settled(self, server_id: str) -> bool:
         s = self.admin.server(server_id)
         return s.get("OS-EXT-STS:task_state") is None
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 def wait_until(pred: Callable[[], bool], timeout_s: float, what: str) -> None:

@@ -1,0 +1,179 @@
+"""How a VM's migration ends up in the journal and the event stream.
+
+Started, completed, retried on another target, failed; and the two clean-ups a
+migration's end may need (its vCPU throttle lifted, or the job aborted).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+
+from hostmaint.coordinator import errors
+from hostmaint.coordinator.drivers.base import DriverError, MigrationRef
+from hostmaint.coordinator.journal import VmRow
+from hostmaint.coordinator.runtime import DrainRun, Runtime, ref_from_json, ref_json
+from hostmaint.coordinator.states import VmState
+from hostmaint.protos import agent_pb2 as apb
+from hostmaint.protos import coordinator_pb2 as cpb
+
+LOG = logging.getLogger(__name__)
+
+
+class Outcomes:
+    def __init__(self, rt: Runtime) -> None:
+        self.rt = rt
+
+    def started(self, run: DrainRun, row: VmRow, ref: MigrationRef, target: str | None) -> None:
+        rt = self.rt
+        row = rt.journal.update_vm(
+            run.drain_id,
+            row.vm_uuid,
+            state=VmState.MIGRATING,
+            migration_ref=ref_json(ref),
+            attempts=row.attempts + 1,
+            started_at=rt.clock(),
+            target_host=target or "",
+            error="",
+        )
+        rt.publish(
+            run, cpb.DRAIN_EVENT_KIND_MIGRATION_STARTED, vm=row, message=target or "(scheduler)"
+        )
+
+    def finish(self, run: DrainRun, row: VmRow, ok: bool, downtime_ms: float, error: str) -> None:
+        rt = self.rt
+        now = rt.clock()
+        if ok:
+            row = rt.journal.update_vm(
+                run.drain_id,
+                row.vm_uuid,
+                state=VmState.COMPLETED,
+                actual_total_s=now - (row.started_at or now),
+                actual_downtime_ms=downtime_ms,
+                finished_at=now,
+                error="",
+            )
+            rt.publish(run, cpb.DRAIN_EVENT_KIND_MIGRATION_COMPLETED, vm=row)
+            return
+        if rt.stopped.is_set():
+            return
+        drain = rt.journal.drain(run.drain_id)
+        if drain.cancel_requested:
+            row = rt.journal.update_vm(
+                run.drain_id, row.vm_uuid, state=VmState.SKIPPED, error=error, finished_at=now
+            )
+            rt.publish(run, cpb.DRAIN_EVENT_KIND_MIGRATION_FAILED, vm=row, message=error)
+            return
+        self.retry_or_fail(run, row, error, row.target_host or None, count_attempt=False)
+
+    def retry_or_fail(
+        self,
+        run: DrainRun,
+        row: VmRow,
+        error: str,
+        failed_target: str | None,
+        count_attempt: bool,
+    ) -> None:
+        rt = self.rt
+        row = rt.journal.vm(run.drain_id, row.vm_uuid)
+        inst_host = rt.host_of(row.vm_uuid)
+        if inst_host is not None and inst_host != run.host:
+            # The attempt looked failed from here (its agent or libvirtd went away, the
+            # answer was lost) but the VM runs elsewhere now: where it runs is the truth.
+            LOG.warning("moved despite a failed attempt vm=%s error=%s", row.vm_uuid, error)
+            now = rt.clock()
+            row = rt.journal.update_vm(
+                run.drain_id,
+                row.vm_uuid,
+                state=VmState.COMPLETED,
+                target_host=inst_host,
+                actual_total_s=now - (row.started_at or now),
+                finished_at=now,
+                error="",
+            )
+            rt.publish(
+                run,
+                cpb.DRAIN_EVENT_KIND_MIGRATION_COMPLETED,
+                vm=row,
+                message=f"runs on {inst_host} (the attempt reported: {error})",
+            )
+            return
+        attempts = row.attempts + (1 if count_attempt else 0)
+        if attempts < rt.settings.max_attempts:
+            target = self._other_target(run, row, failed_target)
+            replanned = run.planned.get(row.vm_uuid)
+            row = rt.journal.update_vm(
+                run.drain_id,
+                row.vm_uuid,
+                state=VmState.QUEUED,
+                attempts=attempts,
+                target_host=target or "",
+                planned_target=target or "",
+                error=error,
+                planned=run.vm_plan_json(replanned) if replanned else row.planned,
+            )
+            rt.publish(
+                run,
+                cpb.DRAIN_EVENT_KIND_RETRIED,
+                vm=row,
+                message=f"{error}; next target {target or '(scheduler)'}",
+            )
+            return
+        self.fail(run, row, error, attempts=attempts)
+
+    def fail(self, run: DrainRun, row: VmRow, error: str, *, attempts: int) -> None:
+        """The VM stays where it is: its migration failed for good."""
+        rt = self.rt
+        row = rt.journal.update_vm(
+            run.drain_id,
+            row.vm_uuid,
+            state=VmState.FAILED,
+            attempts=attempts,
+            error=error,
+            finished_at=rt.clock(),
+        )
+        rt.publish(run, cpb.DRAIN_EVENT_KIND_MIGRATION_FAILED, vm=row, message=error)
+
+    def _other_target(self, run: DrainRun, row: VmRow, failed: str | None) -> str | None:
+        """Another target for a retry: re-plan this VM alone, excluding the one that failed."""
+        policy_pb = cpb.DrainPolicy()
+        policy_pb.CopyFrom(run.policy_pb)
+        try:
+            inputs = self.rt.gather(run.host, policy_pb, measure=False)
+        except errors.CoordinatorError as e:
+            LOG.warning("cannot re-plan a retry vm=%s error=%s", row.vm_uuid, e)
+            return failed
+        vms = [v for v in inputs.vms if v.uuid == row.vm_uuid]
+        targets = [t for t in inputs.targets if t.name != failed] or list(inputs.targets)
+        if not vms or not targets:
+            return failed
+        alone = dataclasses.replace(inputs, vms=tuple(vms), targets=tuple(targets))
+        plan = self.rt.plan_drain(alone, run.policy)
+        if not plan.migrations:
+            return failed
+        run.planned[row.vm_uuid] = plan.migrations[0]
+        return plan.migrations[0].target
+
+    def abort(self, run: DrainRun, row: VmRow, reason: str) -> None:
+        def act() -> str:
+            self.rt.driver.abort(ref_from_json(row.migration_ref))
+            return "aborted"
+
+        try:
+            self.rt.step(run, "abort", row.vm_uuid, {"reason": reason}, act)
+        except (DriverError, ValueError) as e:
+            LOG.warning("abort failed vm=%s error=%s", row.vm_uuid, e)
+
+    def unthrottle(self, run: DrainRun, row: VmRow) -> None:
+        """The vCPU cap travels with the live XML: lift it wherever the VM runs now."""
+        for host in (row.target_host, run.host):
+            if not host:
+                continue
+            try:
+                self.rt.registry.client(host).tune(
+                    apb.TuneMigrationRequest(domain_uuid=row.vm_uuid, vcpu_throttle_pct=0)
+                )
+                return
+            except errors.CoordinatorError:
+                continue  # not on that host
+        LOG.warning("could not lift the vCPU throttle vm=%s", row.vm_uuid)
