@@ -11,6 +11,7 @@ SYSTEM_PACKAGES=(
   qemu-system-x86 qemu-utils iproute2 procps                  # the lab's hosts and network
   python3 python3-venv python3-dev
   postgresql etcd-server                                      # journal and coordination tests
+  chromium fonts-dejavu-core                                  # the drain report, looked at headless
 )
 
 missing=()

@@ -36,6 +36,8 @@ PURE_MODULES = [
     "hostmaint.coordinator.resume",
     "hostmaint.coordinator.roll",
     "hostmaint.coordinator.rollpredict",
+    "hostmaint.coordinator.timeline",
+    "hostmaint.coordinator.report",
 ]
 
 
