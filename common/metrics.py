@@ -105,11 +105,7 @@ class RpcCounter(grpc.ServerInterceptor):  # type: ignore[misc]
                 self._count(method, context, failed=False)
                 return answer
 
-            return grpc.unary_unary_rpc_method_handler(
-                unary_unary,
-                request_deserializer=handler.request_deserializer,
-                response_serializer=handler.response_serializer,
-            )
+            return daemon.rewrapped(handler, unary_unary=unary_unary)
         if handler.unary_stream is not None:
             inner_us = handler.unary_stream
 
@@ -124,9 +120,5 @@ class RpcCounter(grpc.ServerInterceptor):  # type: ignore[misc]
                     raise
                 self._count(method, context, failed=False)
 
-            return grpc.unary_stream_rpc_method_handler(
-                unary_stream,
-                request_deserializer=handler.request_deserializer,
-                response_serializer=handler.response_serializer,
-            )
+            return daemon.rewrapped(handler, unary_stream=unary_stream)
         return handler  # client-streaming methods: none of ours

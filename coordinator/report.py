@@ -71,21 +71,18 @@ def _lane(lane: Lane, y: float, span_s: float) -> list[str]:
         f'<text class="lane-label" x="4" y="{y + 19}">{escape(lane.name[:26])}'
         f"{_title(f'{lane.name} {lane.vm_uuid} -> {where}')}</text>"
     ]
-    if lane.planned is not None:
-        a, b = lane.planned
+    bars = (
+        ("bar planned", lane.planned, 3, 8, lane.predicted_downtime_ms, "planned"),
+        (f"bar actual {lane.state}", lane.actual, 13, 14, lane.actual_downtime_ms, lane.state),
+    )
+    for cls, span, dy, height, down_ms, what in bars:
+        if span is None:
+            continue
+        a, b = span
         out.append(
-            f'<rect class="bar planned" data-vm="{lane.vm_uuid}" x="{_x(a, span_s):.1f}" '
-            f'y="{y + 3}" width="{max(1.0, _x(b, span_s) - _x(a, span_s)):.1f}" height="8">'
-            f"{_title(f'planned: {a:.1f}-{b:.1f} s, {lane.predicted_downtime_ms:.0f} ms down')}"
-            "</rect>"
-        )
-    if lane.actual is not None:
-        a, b = lane.actual
-        out.append(
-            f'<rect class="bar actual {lane.state}" data-vm="{lane.vm_uuid}" '
-            f'x="{_x(a, span_s):.1f}" y="{y + 13}" '
-            f'width="{max(1.0, _x(b, span_s) - _x(a, span_s)):.1f}" height="14">'
-            f"{_title(f'{lane.state}: {a:.1f}-{b:.1f} s, {lane.actual_downtime_ms:.0f} ms down')}"
+            f'<rect class="{cls}" data-vm="{lane.vm_uuid}" x="{_x(a, span_s):.1f}" '
+            f'y="{y + dy}" width="{max(1.0, _x(b, span_s) - _x(a, span_s)):.1f}" '
+            f'height="{height}">{_title(f"{what}: {a:.1f}-{b:.1f} s, {down_ms:.0f} ms down")}'
             "</rect>"
         )
     for a, b in lane.bursts:

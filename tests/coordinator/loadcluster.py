@@ -15,8 +15,9 @@ from __future__ import annotations
 import threading
 import time
 from collections import Counter, defaultdict
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
 from pathlib import Path
@@ -284,6 +285,29 @@ class SimCoordinator:
         if self.metrics is not None:
             self.metrics.stop()
         self.registry.close()
+
+
+@contextmanager
+def simulated(workdir: Path, layout: Layout, **spec: Any) -> Iterator[SimCoordinator]:
+    """Agents on test:/// hosts for `layout`, and a SimCoordinator over them, started;
+    `spec` sets CoordinatorSpec's other fields."""
+    agents = start_agents(workdir, layout)
+    coordinator = SimCoordinator(
+        CoordinatorSpec(
+            db_url=f"sqlite:///{workdir / 'coordinator.db'}",
+            agent_addresses=addresses(agents),
+            hosts=layout.sim_hosts(),
+            instances=layout.instances(),
+            **spec,
+        )
+    )
+    coordinator.start()
+    try:
+        yield coordinator
+    finally:
+        coordinator.stop()
+        for a in agents.values():
+            a.stop()
 
 
 @dataclass(frozen=True)

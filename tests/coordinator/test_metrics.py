@@ -15,20 +15,15 @@ from pathlib import Path
 import grpc
 import pytest
 
-from hostmaint.coordinator.cmd import Coordinator
 from hostmaint.protos import coordinator_pb2 as cpb
 from hostmaint.protos import coordinator_pb2_grpc
-from tests.agent.conftest import DOMAINS
-from tests.agent.nodexml import write_node
-from tests.coordinator.conftest import Cluster, libvirt_coordinator_config, start_agent
+from tests.coordinator.conftest import Cluster, running_cluster
 from tests.coordinator.loadcluster import (
-    CoordinatorSpec,
     Layout,
     SimCoordinator,
-    addresses,
     drain_policy,
     follow_drain,
-    start_agents,
+    simulated,
 )
 from tests.scrape import Series, labelled, scrape, value
 
@@ -38,22 +33,8 @@ WAIT_S = 30.0
 @pytest.fixture
 def measured(tmp_path: Path) -> Iterator[Cluster]:
     """The libvirt-driver cluster of test:/// hosts, its coordinator serving metrics."""
-    agents = {
-        "host1": start_agent(write_node(tmp_path / "host1.xml", DOMAINS)),
-        "host2": start_agent(write_node(tmp_path / "host2.xml", [])),
-    }
-    conf = libvirt_coordinator_config(tmp_path, agents)
-    conf.set_override("listen", "127.0.0.1:0", group="metrics")
-    coordinator = Coordinator(conf, threading.Event())
-    coordinator.start()
-    channel = grpc.insecure_channel(f"127.0.0.1:{coordinator.port}")
-    try:
-        yield Cluster(agents, coordinator, coordinator_pb2_grpc.CoordinatorStub(channel))
-    finally:
-        channel.close()
-        coordinator.stop()
-        for a in agents.values():
-            a.stop()
+    with running_cluster(tmp_path, metrics_listen="127.0.0.1:0") as cluster:
+        yield cluster
 
 
 def scrape_until(port: int, name: str, want: float, **labels: str) -> Series:
@@ -123,34 +104,21 @@ def layout() -> Layout:
 
 
 @pytest.fixture
-def simulated(tmp_path: Path, layout: Layout) -> Iterator[SimCoordinator]:
-    agents = start_agents(tmp_path, layout)
-    spec = CoordinatorSpec(
-        db_url=f"sqlite:///{tmp_path / 'coordinator.db'}",
-        agent_addresses=addresses(agents),
-        hosts=layout.sim_hosts(),
-        instances=layout.instances(),
-        time_scale=0.02,
-        poll_interval_s=0.05,
-        metrics_listen="127.0.0.1:0",
-    )
-    coordinator = SimCoordinator(spec)
-    coordinator.start()
-    try:
+def simulated_cloud(tmp_path: Path, layout: Layout) -> Iterator[SimCoordinator]:
+    with simulated(
+        tmp_path, layout, time_scale=0.02, poll_interval_s=0.05, metrics_listen="127.0.0.1:0"
+    ) as coordinator:
         yield coordinator
-    finally:
-        coordinator.stop()
-        for a in agents.values():
-            a.stop()
 
 
 def test_running_migrations_show_while_they_run_and_completed_ones_are_counted(
-    simulated: SimCoordinator, layout: Layout
+    simulated_cloud: SimCoordinator, layout: Layout
 ) -> None:
-    assert simulated.metrics is not None and simulated.metrics.endpoint is not None
-    port = simulated.metrics.endpoint.port
+    metrics = simulated_cloud.metrics
+    assert metrics is not None and metrics.endpoint is not None
+    port = metrics.endpoint.port
     stub = coordinator_pb2_grpc.CoordinatorStub(
-        grpc.insecure_channel(f"127.0.0.1:{simulated.port}")
+        grpc.insecure_channel(f"127.0.0.1:{simulated_cloud.port}")
     )
     seen: list[Series] = []
     stop = threading.Event()

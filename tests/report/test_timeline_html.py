@@ -21,13 +21,10 @@ from hostmaint.coordinator import cli
 from hostmaint.protos import coordinator_pb2 as cpb
 from hostmaint.protos import coordinator_pb2_grpc
 from tests.coordinator.loadcluster import (
-    CoordinatorSpec,
     Layout,
-    SimCoordinator,
-    addresses,
     drain_policy,
     follow_drain,
-    start_agents,
+    simulated,
 )
 
 VMS = 4
@@ -38,37 +35,27 @@ CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 def drained(tmp_path: Path) -> Iterator[tuple[str, str]]:
     """(the coordinator's address, the id of a drain that completed there)."""
     layout = Layout.build(1, VMS, 2)
-    agents = start_agents(tmp_path, layout)
-    spec = CoordinatorSpec(
-        db_url=f"sqlite:///{tmp_path / 'coordinator.db'}",
-        agent_addresses=addresses(agents),
-        hosts=layout.sim_hosts(),
-        instances=layout.instances(),
-        time_scale=0.2,
-        poll_interval_s=0.05,
-        max_parallel_per_source=2,
-    )
-    coordinator = SimCoordinator(spec)
-    coordinator.start()
-    address = f"127.0.0.1:{coordinator.port}"
-    try:
+    with simulated(
+        tmp_path, layout, time_scale=0.2, poll_interval_s=0.05, max_parallel_per_source=2
+    ) as coordinator:
+        address = f"127.0.0.1:{coordinator.port}"
         with grpc.insecure_channel(address) as channel:
             stub = coordinator_pb2_grpc.CoordinatorStub(channel)
             result = follow_drain(stub, "src000", drain_policy(layout.targets), timeout_s=120)
         assert result.final is not None and result.final.state == cpb.DRAIN_STATE_COMPLETED
         yield address, result.drain_id
-    finally:
-        coordinator.stop()
-        for a in agents.values():
-            a.stop()
+
+
+def write_report(drained: tuple[str, str], page: Path) -> int:
+    address, drain_id = drained
+    return cli.main(["--coordinator", address, "report", drain_id, "--html", str(page)])
 
 
 def test_the_report_draws_each_vm_planned_and_actual(
     drained: tuple[str, str], tmp_path: Path
 ) -> None:
-    address, drain_id = drained
     page = tmp_path / "drain.html"
-    assert cli.main(["--coordinator", address, "report", drain_id, "--html", str(page)]) == 0
+    assert write_report(drained, page) == 0
     html = page.read_text()
     assert "http://" not in html.replace('xmlns="http://www.w3.org/2000/svg"', "")
     assert "<script" not in html and "<link" not in html  # nothing to fetch
@@ -131,9 +118,8 @@ def _png_rgb(png: bytes) -> tuple[int, int, set[tuple[int, int, int]]]:
 def test_chromium_draws_the_bars_the_link_and_the_table(
     drained: tuple[str, str], tmp_path: Path
 ) -> None:
-    address, drain_id = drained
     page = tmp_path / "drain.html"
-    assert cli.main(["--coordinator", address, "report", drain_id, "--html", str(page)]) == 0
+    assert write_report(drained, page) == 0
     assert CHROMIUM is not None
     base = [
         CHROMIUM,
