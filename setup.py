@@ -59,6 +59,8 @@ setup(
         "postgres": ["psycopg[binary]>=3.1,<4"],
         # Several coordinators: leader election and host locks ([coordination]).
         "ha": ["tooz>=6.0", "etcd3gw>=2.0"],
+        # Prometheus metrics on both daemons ([metrics] listen).
+        "metrics": ["prometheus-client>=0.20,<1"],
     },
     entry_points={
         "console_scripts": [

@@ -7,7 +7,9 @@ import sys
 import threading
 import time
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
+import grpc
 from oslo_config import cfg
 
 from hostmaint.agent import config, errors
@@ -19,8 +21,13 @@ from hostmaint.agent.service import AgentService
 from hostmaint.agent.servicer import MUTATING_METHODS, HostAgentServicer
 from hostmaint.agent.servicer import SERVICE_NAME as SERVICE_NAME
 from hostmaint.agent.types import DirtyRateMethod
-from hostmaint.common import authz, daemon
+from hostmaint.common import authz, daemon, extras
 from hostmaint.protos import agent_pb2_grpc
+
+if TYPE_CHECKING:
+    from prometheus_client import CollectorRegistry
+
+    from hostmaint.common.metrics import Endpoint
 
 LOG = logging.getLogger(__name__)
 _RECONNECT_S = 2.0
@@ -55,6 +62,8 @@ class Agent:
         self.conf = conf
         self.stopped = stopped or threading.Event()
         self.exit_code = 0
+        if conf.metrics.listen:  # before anything is opened: MissingExtra without the extra
+            extras.require(extras.METRICS, extras.METRICS_OPTION, ["prometheus_client"])
         start_event_loop()
         self.driver = LibvirtDriver(
             conf.libvirt.uri,
@@ -81,6 +90,14 @@ class Agent:
             authz.PlaintextPolicy(conf.grpc.plaintext_mutations),
         )
         _log_policy(conf, tls, policy)
+        interceptors: list[grpc.ServerInterceptor] = [daemon.Authorizer(policy)]
+        self._metrics_registry: CollectorRegistry | None = None
+        self.metrics: Endpoint | None = None
+        if conf.metrics.listen:
+            from hostmaint.agent import metrics
+
+            self._metrics_registry, counter = metrics.registry_for(self.service)
+            interceptors.insert(0, counter)  # outermost: refused calls count too
         self.server = daemon.build_server(
             conf.grpc.listen,
             lambda s: agent_pb2_grpc.add_HostAgentServicer_to_server(servicer, s),
@@ -88,7 +105,7 @@ class Agent:
             tls=tls,
             insecure=conf.grpc.insecure,
             max_workers=conf.grpc.max_workers,
-            interceptors=[daemon.Authorizer(policy)],
+            interceptors=interceptors,
         )
         self._threads: list[threading.Thread] = []
 
@@ -98,6 +115,10 @@ class Agent:
 
     def start(self) -> None:
         self.server.server.start()
+        if self._metrics_registry is not None:
+            from hostmaint.common import metrics
+
+            self.metrics = metrics.serve(self.conf.metrics.listen, self._metrics_registry)
         self._threads.append(
             threading.Thread(target=self._keep_connected, name="libvirt-connect", daemon=True)
         )
@@ -141,6 +162,8 @@ class Agent:
         daemon.sd_notify("STOPPING=1")
         self.stopped.set()
         self.server.stop(self.conf.grpc.grace_s)
+        if self.metrics is not None:
+            self.metrics.stop()
         self.driver.close()
 
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from oslo_config import cfg
 
+from hostmaint.common.options import metrics_opts
+
 libvirt_opts = [
     cfg.StrOpt(
         "uri",
@@ -144,6 +146,7 @@ GROUPS = {
     "grpc": grpc_opts,
     "dirty_rate": dirty_rate_opts,
     "migration": migration_opts,
+    "metrics": metrics_opts(9710),
 }
 
 

@@ -221,6 +221,17 @@ class MigrationTracker:
             stats = self._sample(domain_uuid)
         yield self._final_sample(domain_uuid, last)
 
+    def current(self, domain_uuid: str) -> Sample | None:
+        """A progress sample of the domain's running job now; None when none runs (or the
+        hypervisor reports no job statistics)."""
+        try:
+            stats = self._driver.job_stats(domain_uuid)
+        except (errors.DomainNotFound, errors.OperationRefused, errors.Unsupported):
+            return None  # gone, stopped here, or a hypervisor without job statistics
+        if stats is None or not stats.active:
+            return None
+        return self._progress_sample(domain_uuid, stats)
+
     def _sample(self, domain_uuid: str) -> JobStats | None:
         try:
             stats = self._driver.job_stats(domain_uuid)

@@ -147,6 +147,26 @@ def peer_of(context: grpc.ServicerContext) -> authz.Peer:
     )
 
 
+def rewrapped(
+    handler: grpc.RpcMethodHandler,
+    *,
+    unary_unary: Callable[[Any, grpc.ServicerContext], Any] | None = None,
+    unary_stream: Callable[[Any, grpc.ServicerContext], Iterator[Any]] | None = None,
+) -> grpc.RpcMethodHandler:
+    """`handler` with its behaviour replaced by an interceptor's, its (de)serializers kept."""
+    if unary_unary is not None:
+        return grpc.unary_unary_rpc_method_handler(
+            unary_unary,
+            request_deserializer=handler.request_deserializer,
+            response_serializer=handler.response_serializer,
+        )
+    return grpc.unary_stream_rpc_method_handler(
+        unary_stream,
+        request_deserializer=handler.request_deserializer,
+        response_serializer=handler.response_serializer,
+    )
+
+
 class Authorizer(grpc.ServerInterceptor):  # type: ignore[misc]
     """Refuses protected methods with PERMISSION_DENIED unless `authz.decide` allows them."""
 
@@ -183,11 +203,7 @@ class Authorizer(grpc.ServerInterceptor):  # type: ignore[misc]
                 self._check(method, context)
                 return inner_uu(request, context)
 
-            return grpc.unary_unary_rpc_method_handler(
-                unary_unary,
-                request_deserializer=handler.request_deserializer,
-                response_serializer=handler.response_serializer,
-            )
+            return rewrapped(handler, unary_unary=unary_unary)
         if handler.unary_stream is not None:
             inner_us = handler.unary_stream
 
@@ -195,11 +211,7 @@ class Authorizer(grpc.ServerInterceptor):  # type: ignore[misc]
                 self._check(method, context)
                 yield from inner_us(request, context)
 
-            return grpc.unary_stream_rpc_method_handler(
-                unary_stream,
-                request_deserializer=handler.request_deserializer,
-                response_serializer=handler.response_serializer,
-            )
+            return rewrapped(handler, unary_stream=unary_stream)
         # Client-streaming methods: none are protected today; refuse rather than pass.
         raise TypeError(f"cannot protect streaming-request method {method}")
 

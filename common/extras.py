@@ -2,7 +2,8 @@
 
 A plain install serves a single coordinator on SQLite and the agent; the
 `ha` extra (tooz, etcd3gw) adds `[coordination] backend_url`, the `postgres`
-extra (psycopg) a `postgresql+psycopg://` `[database] url`. Their modules
+extra (psycopg) a `postgresql+psycopg://` `[database] url`, the `metrics` extra
+(prometheus-client) the `[metrics] listen` endpoint. Their modules
 are imported only where that option is set, through `require`, never at
 module load.
 """
@@ -16,6 +17,8 @@ from hostmaint.common.errors import MissingExtra
 
 HA = "ha"
 POSTGRES = "postgres"
+METRICS = "metrics"
+METRICS_OPTION = "[metrics] listen"
 
 
 def require(extra: str, option: str, modules: Iterable[str]) -> None:

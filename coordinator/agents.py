@@ -49,11 +49,27 @@ class AgentStatus:
     checked_at: float
 
 
+# Told of every failed call to an agent: (host, operation, status code name).
+CallFailed = Callable[[str, str, str], None]
+
+
+def ignore_call_failure(host: str, operation: str, code: str) -> None:
+    pass
+
+
 class AgentClient:
     """One agent, reached over one channel."""
 
-    def __init__(self, host: str, address: str, channel: grpc.Channel, timeout_s: float) -> None:
+    def __init__(
+        self,
+        host: str,
+        address: str,
+        channel: grpc.Channel,
+        timeout_s: float,
+        on_failure: CallFailed = ignore_call_failure,
+    ) -> None:
         self.host = host
+        self._on_failure = on_failure
         self.address = address
         self._channel = channel
         self._stub = agent_pb2_grpc.HostAgentStub(channel)
@@ -66,6 +82,7 @@ class AgentClient:
     def _translate(self, operation: str, e: grpc.RpcError) -> errors.CoordinatorError:
         code = e.code()
         details = e.details() or ""
+        self._on_failure(self.host, operation, code.name)
         if code in _TRANSPORT:
             return errors.AgentUnavailable(self.host, self.address, f"{code.name}: {details}")
         return errors.AgentRefused(self.host, operation, code.name, details)
@@ -83,6 +100,7 @@ class AgentClient:
             )
         except grpc.RpcError as e:
             code = e.code()
+            self._on_failure(self.host, "Health", code.name)
             return Health.UNREACHABLE if code in _TRANSPORT else Health.UNKNOWN
         return str(health_pb2.HealthCheckResponse.ServingStatus.Name(answer.status))
 
@@ -154,8 +172,11 @@ class AgentRegistry:
         clock: Callable[[], float],
         discover: Callable[[], Mapping[str, str]] | None = None,
         insecure: bool = False,
+        on_call_failed: CallFailed = ignore_call_failure,
     ) -> None:
         """Plaintext to an agent off loopback is refused unless `insecure`.
+
+        `on_call_failed` is told of every call to an agent that fails (the metrics).
 
         Raises daemon.InsecureRefused at once for a configured address that breaks
         the rule; a discovered one is refused when first used.
@@ -168,6 +189,7 @@ class AgentRegistry:
             daemon.check_plaintext_target(address, tls, insecure, INSECURE_OPTION)
         self._clock = clock
         self._discover = discover
+        self._on_call_failed = on_call_failed
         self._lock = threading.Lock()
         self._clients: dict[str, AgentClient] = {}
         self._status: dict[str, AgentStatus] = {}
@@ -208,7 +230,13 @@ class AgentRegistry:
                 daemon.check_plaintext_target(address, self._tls, self._insecure, INSECURE_OPTION)
             except daemon.InsecureRefused as e:
                 raise errors.AgentUnavailable(host, address, str(e)) from e
-        client = AgentClient(host, address, daemon.channel(address, self._tls), self._timeout_s)
+        client = AgentClient(
+            host,
+            address,
+            daemon.channel(address, self._tls),
+            self._timeout_s,
+            self._on_call_failed,
+        )
         with self._lock:
             return self._clients.setdefault(host, client)
 
@@ -251,6 +279,11 @@ class AgentRegistry:
     def last(self, host: str) -> AgentStatus | None:
         with self._lock:
             return self._status.get(host)
+
+    def statuses(self) -> list[AgentStatus]:
+        """Every agent probed so far, as last probed, by host."""
+        with self._lock:
+            return [self._status[h] for h in sorted(self._status)]
 
     def close(self) -> None:
         with self._lock:

@@ -52,7 +52,7 @@ import grpc
 from google.protobuf import json_format, message
 
 from hostmaint.common import daemon
-from hostmaint.coordinator import cliview
+from hostmaint.coordinator import cliview, report, timeline
 from hostmaint.coordinator.limits import (
     MAX_DEADLINE_S,
     MAX_DOWNTIME_MS,
@@ -244,6 +244,12 @@ def build_parser() -> argparse.ArgumentParser:
     undrain.add_argument("host", metavar="HOST")
 
     command("agents", "list the agents the coordinator knows, with their health")
+
+    report = command("report", "write a drain's timeline: plan against actual, per VM")
+    report.add_argument("drain_id", metavar="DRAIN_ID")
+    report.add_argument(
+        "--html", required=True, metavar="FILE", help="the self-contained HTML page to write"
+    )
     return parser
 
 
@@ -344,6 +350,12 @@ def _check_args(args: argparse.Namespace) -> None:
             raise UsageError("status needs HOST or --drain-id")
     if args.command in ("status", "cancel") and args.drain_id:
         args.drain_id = args.drain_id.strip()
+    if args.command == "report":
+        args.drain_id = args.drain_id.strip()
+        if not args.drain_id:
+            raise UsageError("report needs a DRAIN_ID")
+        if not Path(args.html).resolve().parent.is_dir():
+            raise UsageError(f"--html {args.html}: no such directory")
 
 
 # ---- output ------------------------------------------------------------------------------
@@ -425,6 +437,20 @@ def cmd_drain(stub: Stub, args: argparse.Namespace) -> int:
     return follower.run(lambda: stub.Drain(request))
 
 
+def cmd_report(stub: Stub, args: argparse.Namespace) -> int:
+    history = stub.GetDrainHistory(pb.GetDrainRequest(drain_id=args.drain_id), timeout=args.timeout)
+    page = report.render(timeline.build(history))
+    Path(args.html).write_text(page, encoding="utf-8")
+    kept = f"{len(history.events)} events kept" if history.events else "no events kept"
+    _print_message(
+        history.status,
+        f"wrote {args.html}: drain {history.status.drain_id} of {history.status.host} "
+        f"({len(history.status.vms)} VMs, {len(history.steps)} journal steps, {kept})",
+        args.json,
+    )
+    return EXIT_OK
+
+
 COMMANDS: dict[str, Callable[[Stub, argparse.Namespace], int]] = {
     "plan": cmd_plan,
     "drain": cmd_drain,
@@ -432,6 +458,7 @@ COMMANDS: dict[str, Callable[[Stub, argparse.Namespace], int]] = {
     "cancel": cmd_cancel,
     "undrain": cmd_undrain,
     "agents": cmd_agents,
+    "report": cmd_report,
 }
 
 

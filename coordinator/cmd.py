@@ -8,12 +8,13 @@ import threading
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from oslo_config import cfg
 
-from hostmaint.common import daemon
+from hostmaint.common import daemon, extras
 from hostmaint.coordinator import config, ha
-from hostmaint.coordinator.agents import AgentRegistry
+from hostmaint.coordinator.agents import AgentRegistry, CallFailed, ignore_call_failure
 from hostmaint.coordinator.drivers import nova
 from hostmaint.coordinator.drivers.base import MigrationDriver
 from hostmaint.coordinator.drivers.direct import DirectDriver
@@ -22,6 +23,9 @@ from hostmaint.coordinator.journal import Journal, make_engine
 from hostmaint.coordinator.model import DrainPolicy
 from hostmaint.coordinator.servicer import CoordinatorServicer
 from hostmaint.protos import coordinator_pb2_grpc
+
+if TYPE_CHECKING:
+    from hostmaint.coordinator.metrics import CoordinatorMetrics
 
 LOG = logging.getLogger(__name__)
 SERVICE_NAME = "hostmaint.v1.Coordinator"
@@ -61,6 +65,14 @@ class Coordinator:
         self.exit_code = 0
         # First the options whose backends may be missing (MissingExtra): nothing
         # is created or connected before them.
+        self.metrics: CoordinatorMetrics | None = None
+        on_call_failed: CallFailed = ignore_call_failure
+        if conf.metrics.listen:
+            extras.require(extras.METRICS, extras.METRICS_OPTION, ["prometheus_client"])
+            from hostmaint.coordinator.metrics import CoordinatorMetrics
+
+            self.metrics = CoordinatorMetrics()
+            on_call_failed = self.metrics.agent_call_failed
         c = conf.coordination
         self.coordination = ha.from_config(
             c.backend_url,
@@ -86,6 +98,7 @@ class Coordinator:
                 tls=tls,
                 clock=time.time,
                 insecure=conf.agents.insecure,
+                on_call_failed=on_call_failed,
             )
             self.driver = DirectDriver(
                 self.registry,
@@ -108,6 +121,7 @@ class Coordinator:
                 clock=time.time,
                 discover=discover,
                 insecure=conf.agents.insecure,
+                on_call_failed=on_call_failed,
             )
             self.driver = cloud
         d = conf.drain
@@ -144,6 +158,7 @@ class Coordinator:
             [SERVICE_NAME],
             tls=daemon.TlsFiles(conf.grpc.cert_file, conf.grpc.key_file, conf.grpc.ca_file),
             insecure=conf.grpc.insecure,
+            interceptors=[self.metrics.rpcs] if self.metrics is not None else [],
         )
 
     @property
@@ -152,6 +167,16 @@ class Coordinator:
 
     def start(self) -> None:
         self.server.server.start()
+        if self.metrics is not None:
+            self.metrics.start(
+                self.conf.metrics.listen,
+                self.executor,
+                self.journal,
+                self.registry,
+                clock=time.time,
+                stopped=self.stopped,
+                interval_s=self.conf.drain.poll_interval_s,
+            )
         # Elected at once when alone; otherwise a standby until the leader's lease lapses.
         self.coordination.start()
         if not self.coordination.is_leader():
@@ -193,6 +218,8 @@ class Coordinator:
         daemon.sd_notify("STOPPING=1")
         self.stopped.set()
         self.server.stop(self.conf.grpc.grace_s)
+        if self.metrics is not None:
+            self.metrics.stop()
         self.coordination.stop()
         self.registry.close()
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from oslo_config import cfg
 
+from hostmaint.common.options import metrics_opts
 from hostmaint.coordinator.limits import MAX_DOWNTIME_MS, MAX_PARALLEL, MAX_POSTCOPY_STRETCH
 from hostmaint.coordinator.model import DrainPolicy
 
@@ -263,6 +264,7 @@ GROUPS = {
     "nova": nova_opts,
     "drain": drain_opts,
     "coordination": coordination_opts,
+    "metrics": metrics_opts(9711),
 }
 
 

@@ -287,6 +287,16 @@ class Journal:
             ).all()
         return [_drain(r) for r in rows]
 
+    def drains_since(self, created_after: float) -> list[DrainRow]:
+        """The drains created at or after `created_after` (seconds since the epoch), oldest first."""
+        with self._engine.connect() as conn:
+            rows = conn.execute(
+                sa.select(drains)
+                .where(drains.c.created_at >= created_after)
+                .order_by(drains.c.created_at)
+            ).all()
+        return [_drain(r) for r in rows]
+
     def update_drain(self, drain_id: str, **values: Any) -> None:
         with self._tx() as conn:
             conn.execute(drains.update().where(drains.c.id == drain_id).values(**values))

@@ -153,6 +153,20 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServicer):
         return self._executor.status(self._drain_id(request.host, request.drain_id))
 
     @translated
+    def GetDrainHistory(
+        self, request: cpb.GetDrainRequest, context: grpc.ServicerContext
+    ) -> cpb.DrainHistory:
+        drain_id = self._drain_id(request.host, request.drain_id)
+        status = self._executor.status(drain_id)
+        steps = [views.step_to_pb(s) for s in self._executor.journal.steps(drain_id)]
+        # The events kept in memory, read once (a drain not run by this process has none
+        # but a FINISHED made up for it); FINISHED repeats the status, and is left out.
+        kept = list(self._executor.events(drain_id, lambda: True))
+        ran_here = bool(kept) and kept[0].kind == cpb.DRAIN_EVENT_KIND_STARTED
+        events = [e for e in kept if ran_here and e.kind != cpb.DRAIN_EVENT_KIND_FINISHED]
+        return cpb.DrainHistory(status=status, steps=steps, events=events)
+
+    @translated
     def CancelDrain(
         self, request: cpb.CancelDrainRequest, context: grpc.ServicerContext
     ) -> cpb.DrainStatus:

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 
 from google.protobuf import json_format
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from hostmaint.coordinator import errors
-from hostmaint.coordinator.journal import DrainRow, VmRow
+from hostmaint.coordinator.journal import DrainRow, StepRow, VmRow
 from hostmaint.coordinator.limits import (
     MAX_DEADLINE_S,
     MAX_DOWNTIME_MS,
@@ -172,6 +173,20 @@ def vm_to_pb(row: VmRow) -> cpb.VmStatus:
         tuning=_tuning_pb(row.tuning),
         tuning_applied=list(row.tuning_applied),
         error=row.error,
+        started_at=timestamp(row.started_at),
+        finished_at=timestamp(row.finished_at),
+    )
+
+
+def step_to_pb(step: StepRow) -> cpb.JournalStep:
+    return cpb.JournalStep(
+        vm_uuid=step.vm_uuid,
+        action=step.action,
+        detail_json=json.dumps(step.detail, sort_keys=True),
+        state=step.state,
+        at=timestamp(step.at),
+        done_at=timestamp(step.done_at),
+        result=step.result,
     )
 
 

@@ -471,6 +471,8 @@ class VmStatus(google.protobuf.message.Message):
     TUNING_FIELD_NUMBER: builtins.int
     TUNING_APPLIED_FIELD_NUMBER: builtins.int
     ERROR_FIELD_NUMBER: builtins.int
+    STARTED_AT_FIELD_NUMBER: builtins.int
+    FINISHED_AT_FIELD_NUMBER: builtins.int
     vm_uuid: builtins.str
     name: builtins.str
     state: Global___VmState.ValueType
@@ -485,6 +487,12 @@ class VmStatus(google.protobuf.message.Message):
     error: builtins.str
     @property
     def tuning_applied(self) -> google.protobuf.internal.containers.RepeatedScalarFieldContainer[builtins.str]: ...
+    @property
+    def started_at(self) -> google.protobuf.timestamp_pb2.Timestamp:
+        """When its (last) migration started and when the VM was done with."""
+
+    @property
+    def finished_at(self) -> google.protobuf.timestamp_pb2.Timestamp: ...
     def __init__(
         self,
         *,
@@ -501,8 +509,11 @@ class VmStatus(google.protobuf.message.Message):
         tuning: Global___Tuning.ValueType = ...,
         tuning_applied: collections.abc.Iterable[builtins.str] | None = ...,
         error: builtins.str = ...,
+        started_at: google.protobuf.timestamp_pb2.Timestamp | None = ...,
+        finished_at: google.protobuf.timestamp_pb2.Timestamp | None = ...,
     ) -> None: ...
-    def ClearField(self, field_name: typing.Literal["actual_downtime_ms", b"actual_downtime_ms", "actual_total_s", b"actual_total_s", "attempts", b"attempts", "error", b"error", "name", b"name", "predicted_downtime_ms", b"predicted_downtime_ms", "predicted_total_s", b"predicted_total_s", "source_host", b"source_host", "state", b"state", "target_host", b"target_host", "tuning", b"tuning", "tuning_applied", b"tuning_applied", "vm_uuid", b"vm_uuid"]) -> None: ...
+    def HasField(self, field_name: typing.Literal["finished_at", b"finished_at", "started_at", b"started_at"]) -> builtins.bool: ...
+    def ClearField(self, field_name: typing.Literal["actual_downtime_ms", b"actual_downtime_ms", "actual_total_s", b"actual_total_s", "attempts", b"attempts", "error", b"error", "finished_at", b"finished_at", "name", b"name", "predicted_downtime_ms", b"predicted_downtime_ms", "predicted_total_s", b"predicted_total_s", "source_host", b"source_host", "started_at", b"started_at", "state", b"state", "target_host", b"target_host", "tuning", b"tuning", "tuning_applied", b"tuning_applied", "vm_uuid", b"vm_uuid"]) -> None: ...
 
 Global___VmStatus: typing_extensions.TypeAlias = VmStatus
 
@@ -774,3 +785,69 @@ class ListAgentsResponse(google.protobuf.message.Message):
     def ClearField(self, field_name: typing.Literal["agents", b"agents"]) -> None: ...
 
 Global___ListAgentsResponse: typing_extensions.TypeAlias = ListAgentsResponse
+
+@typing.final
+class JournalStep(google.protobuf.message.Message):
+    """One step of a drain as its journal holds it: an intent, then its result."""
+
+    DESCRIPTOR: google.protobuf.descriptor.Descriptor
+
+    VM_UUID_FIELD_NUMBER: builtins.int
+    ACTION_FIELD_NUMBER: builtins.int
+    DETAIL_JSON_FIELD_NUMBER: builtins.int
+    STATE_FIELD_NUMBER: builtins.int
+    AT_FIELD_NUMBER: builtins.int
+    DONE_AT_FIELD_NUMBER: builtins.int
+    RESULT_FIELD_NUMBER: builtins.int
+    vm_uuid: builtins.str
+    action: builtins.str
+    """disable_host, start_migration, tune, abort, cold_migrate, confirm_migration"""
+    detail_json: builtins.str
+    """The step's details as JSON (a tune's action and reason, ...)."""
+    state: builtins.str
+    """intent, done or failed"""
+    result: builtins.str
+    @property
+    def at(self) -> google.protobuf.timestamp_pb2.Timestamp: ...
+    @property
+    def done_at(self) -> google.protobuf.timestamp_pb2.Timestamp: ...
+    def __init__(
+        self,
+        *,
+        vm_uuid: builtins.str = ...,
+        action: builtins.str = ...,
+        detail_json: builtins.str = ...,
+        state: builtins.str = ...,
+        at: google.protobuf.timestamp_pb2.Timestamp | None = ...,
+        done_at: google.protobuf.timestamp_pb2.Timestamp | None = ...,
+        result: builtins.str = ...,
+    ) -> None: ...
+    def HasField(self, field_name: typing.Literal["at", b"at", "done_at", b"done_at"]) -> builtins.bool: ...
+    def ClearField(self, field_name: typing.Literal["action", b"action", "at", b"at", "detail_json", b"detail_json", "done_at", b"done_at", "result", b"result", "state", b"state", "vm_uuid", b"vm_uuid"]) -> None: ...
+
+Global___JournalStep: typing_extensions.TypeAlias = JournalStep
+
+@typing.final
+class DrainHistory(google.protobuf.message.Message):
+    DESCRIPTOR: google.protobuf.descriptor.Descriptor
+
+    STATUS_FIELD_NUMBER: builtins.int
+    STEPS_FIELD_NUMBER: builtins.int
+    EVENTS_FIELD_NUMBER: builtins.int
+    @property
+    def status(self) -> Global___DrainStatus: ...
+    @property
+    def steps(self) -> google.protobuf.internal.containers.RepeatedCompositeFieldContainer[Global___JournalStep]: ...
+    @property
+    def events(self) -> google.protobuf.internal.containers.RepeatedCompositeFieldContainer[Global___DrainEvent]: ...
+    def __init__(
+        self,
+        *,
+        status: Global___DrainStatus | None = ...,
+        steps: collections.abc.Iterable[Global___JournalStep] | None = ...,
+        events: collections.abc.Iterable[Global___DrainEvent] | None = ...,
+    ) -> None: ...
+    def HasField(self, field_name: typing.Literal["status", b"status"]) -> builtins.bool: ...
+    def ClearField(self, field_name: typing.Literal["events", b"events", "status", b"status", "steps", b"steps"]) -> None: ...
+
+Global___DrainHistory: typing_extensions.TypeAlias = DrainHistory

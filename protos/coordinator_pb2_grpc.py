@@ -64,6 +64,11 @@ class CoordinatorStub(object):
                 request_serializer=hostmaint_dot_protos_dot_coordinator__pb2.ListAgentsRequest.SerializeToString,
                 response_deserializer=hostmaint_dot_protos_dot_coordinator__pb2.ListAgentsResponse.FromString,
                 _registered_method=True)
+        self.GetDrainHistory = channel.unary_unary(
+                '/hostmaint.v1.Coordinator/GetDrainHistory',
+                request_serializer=hostmaint_dot_protos_dot_coordinator__pb2.GetDrainRequest.SerializeToString,
+                response_deserializer=hostmaint_dot_protos_dot_coordinator__pb2.DrainHistory.FromString,
+                _registered_method=True)
 
 
 class CoordinatorServicer(object):
@@ -110,6 +115,14 @@ class CoordinatorServicer(object):
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetDrainHistory(self, request, context):
+        """A drain's record for a timeline: its status, the steps its journal holds,
+        and the events this coordinator still keeps of it (none after a restart).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_CoordinatorServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -142,6 +155,11 @@ def add_CoordinatorServicer_to_server(servicer, server):
                     servicer.ListAgents,
                     request_deserializer=hostmaint_dot_protos_dot_coordinator__pb2.ListAgentsRequest.FromString,
                     response_serializer=hostmaint_dot_protos_dot_coordinator__pb2.ListAgentsResponse.SerializeToString,
+            ),
+            'GetDrainHistory': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetDrainHistory,
+                    request_deserializer=hostmaint_dot_protos_dot_coordinator__pb2.GetDrainRequest.FromString,
+                    response_serializer=hostmaint_dot_protos_dot_coordinator__pb2.DrainHistory.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -306,6 +324,33 @@ class Coordinator(object):
             '/hostmaint.v1.Coordinator/ListAgents',
             hostmaint_dot_protos_dot_coordinator__pb2.ListAgentsRequest.SerializeToString,
             hostmaint_dot_protos_dot_coordinator__pb2.ListAgentsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetDrainHistory(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/hostmaint.v1.Coordinator/GetDrainHistory',
+            hostmaint_dot_protos_dot_coordinator__pb2.GetDrainRequest.SerializeToString,
+            hostmaint_dot_protos_dot_coordinator__pb2.DrainHistory.FromString,
             options,
             channel_credentials,
             insecure,

@@ -121,7 +121,23 @@ _CoordinatorListAgentsType = typing_extensions.TypeVar(
     ],
 )
 
-class CoordinatorStub(typing.Generic[_CoordinatorPlanDrainType, _CoordinatorDrainType, _CoordinatorGetDrainType, _CoordinatorCancelDrainType, _CoordinatorUndrainType, _CoordinatorListAgentsType]):
+_CoordinatorGetDrainHistoryType = typing_extensions.TypeVar(
+    '_CoordinatorGetDrainHistoryType',
+    grpc.UnaryUnaryMultiCallable[
+        hostmaint.protos.coordinator_pb2.GetDrainRequest,
+        hostmaint.protos.coordinator_pb2.DrainHistory,
+    ],
+    grpc.aio.UnaryUnaryMultiCallable[
+        hostmaint.protos.coordinator_pb2.GetDrainRequest,
+        hostmaint.protos.coordinator_pb2.DrainHistory,
+    ],
+    default=grpc.UnaryUnaryMultiCallable[
+        hostmaint.protos.coordinator_pb2.GetDrainRequest,
+        hostmaint.protos.coordinator_pb2.DrainHistory,
+    ],
+)
+
+class CoordinatorStub(typing.Generic[_CoordinatorPlanDrainType, _CoordinatorDrainType, _CoordinatorGetDrainType, _CoordinatorCancelDrainType, _CoordinatorUndrainType, _CoordinatorListAgentsType, _CoordinatorGetDrainHistoryType]):
     @typing.overload
     def __init__(self: CoordinatorStub[
         grpc.UnaryUnaryMultiCallable[
@@ -147,6 +163,10 @@ class CoordinatorStub(typing.Generic[_CoordinatorPlanDrainType, _CoordinatorDrai
         grpc.UnaryUnaryMultiCallable[
             hostmaint.protos.coordinator_pb2.ListAgentsRequest,
             hostmaint.protos.coordinator_pb2.ListAgentsResponse,
+        ],
+        grpc.UnaryUnaryMultiCallable[
+            hostmaint.protos.coordinator_pb2.GetDrainRequest,
+            hostmaint.protos.coordinator_pb2.DrainHistory,
         ],
     ], channel: grpc.Channel) -> None: ...
 
@@ -176,6 +196,10 @@ class CoordinatorStub(typing.Generic[_CoordinatorPlanDrainType, _CoordinatorDrai
             hostmaint.protos.coordinator_pb2.ListAgentsRequest,
             hostmaint.protos.coordinator_pb2.ListAgentsResponse,
         ],
+        grpc.aio.UnaryUnaryMultiCallable[
+            hostmaint.protos.coordinator_pb2.GetDrainRequest,
+            hostmaint.protos.coordinator_pb2.DrainHistory,
+        ],
     ], channel: grpc.aio.Channel) -> None: ...
 
     PlanDrain: _CoordinatorPlanDrainType
@@ -195,6 +219,11 @@ class CoordinatorStub(typing.Generic[_CoordinatorPlanDrainType, _CoordinatorDrai
     """Re-enables a host that was drained."""
 
     ListAgents: _CoordinatorListAgentsType
+
+    GetDrainHistory: _CoordinatorGetDrainHistoryType
+    """A drain's record for a timeline: its status, the steps its journal holds,
+    and the events this coordinator still keeps of it (none after a restart).
+    """
 
 CoordinatorAsyncStub: typing_extensions.TypeAlias = CoordinatorStub[
     grpc.aio.UnaryUnaryMultiCallable[
@@ -220,6 +249,10 @@ CoordinatorAsyncStub: typing_extensions.TypeAlias = CoordinatorStub[
     grpc.aio.UnaryUnaryMultiCallable[
         hostmaint.protos.coordinator_pb2.ListAgentsRequest,
         hostmaint.protos.coordinator_pb2.ListAgentsResponse,
+    ],
+    grpc.aio.UnaryUnaryMultiCallable[
+        hostmaint.protos.coordinator_pb2.GetDrainRequest,
+        hostmaint.protos.coordinator_pb2.DrainHistory,
     ],
 ]
 
@@ -271,5 +304,15 @@ class CoordinatorServicer(metaclass=abc.ABCMeta):
         request: hostmaint.protos.coordinator_pb2.ListAgentsRequest,
         context: _ServicerContext,
     ) -> typing.Union[hostmaint.protos.coordinator_pb2.ListAgentsResponse, collections.abc.Awaitable[hostmaint.protos.coordinator_pb2.ListAgentsResponse]]: ...
+
+    @abc.abstractmethod
+    def GetDrainHistory(
+        self,
+        request: hostmaint.protos.coordinator_pb2.GetDrainRequest,
+        context: _ServicerContext,
+    ) -> typing.Union[hostmaint.protos.coordinator_pb2.DrainHistory, collections.abc.Awaitable[hostmaint.protos.coordinator_pb2.DrainHistory]]:
+        """A drain's record for a timeline: its status, the steps its journal holds,
+        and the events this coordinator still keeps of it (none after a restart).
+        """
 
 def add_CoordinatorServicer_to_server(servicer: CoordinatorServicer, server: typing.Union[grpc.Server, grpc.aio.Server]) -> None: ...

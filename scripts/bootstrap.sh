@@ -11,6 +11,7 @@ SYSTEM_PACKAGES=(
   qemu-system-x86 qemu-utils iproute2 procps                  # the lab's hosts and network
   python3 python3-venv python3-dev
   postgresql etcd-server                                      # journal and coordination tests
+  chromium fonts-dejavu-core                                  # the drain report, looked at headless
 )
 
 missing=()
@@ -36,7 +37,7 @@ if [ ! -f "$stamp" ] || [ setup.py -nt "$stamp" ] || [ constraints.txt -nt "$sta
   echo "bootstrap: installing hostmaint into .venv (log: .venv/install.log)"
   if ! { .venv/bin/pip install --disable-pip-version-check -U pip &&
          .venv/bin/pip install --disable-pip-version-check -c constraints.txt \
-           -e '.[test,postgres,ha]' mypy ruff types-protobuf types-psutil tox; } > .venv/install.log 2>&1; then
+           -e '.[test,postgres,ha,metrics]' mypy ruff types-protobuf types-psutil tox; } > .venv/install.log 2>&1; then
     tail -40 .venv/install.log >&2
     exit 1
   fi

@@ -10,7 +10,7 @@ echo "== lint"; ruff check . && ruff format --check .
 echo "== mypy"; bash scripts/typecheck.sh
 echo "== protos"; python tools/genprotos.py --check
 # Where the machine can run the lab (root, a usable /dev/kvm), the real Nova,
-# PostgreSQL, etcd or a plain install of the package (a C compiler and
+# PostgreSQL, etcd, Chromium or a plain install of the package (a C compiler and
 # libvirt-dev for libvirt-python, ensurepip), a skipped test of that kind fails
 # the run (tests/conftest.py).
 required=nova
@@ -22,6 +22,9 @@ if compgen -G "/usr/lib/postgresql/*/bin/postgres" >/dev/null; then
 fi
 if [ -x /usr/bin/etcd ]; then
   required="$required,etcd"
+fi
+if [ -x /usr/bin/chromium ]; then
+  required="$required,chromium"
 fi
 if { command -v cc || command -v gcc; } >/dev/null && pkg-config --exists libvirt 2>/dev/null &&
    python -c 'import ensurepip' 2>/dev/null; then

@@ -9,7 +9,9 @@ through tooz on a throwaway etcd; Debian's /usr/bin/etcd), which test.sh
 requires where those binaries are installed, and for `install` (a plain
 install of the package into a fresh virtualenv, `tests/install`; a C compiler
 and libvirt's development files to build libvirt-python), which test.sh
-requires where those are.
+requires where those are, and for `chromium` (the drain report looked at in
+headless Chromium, `tests/report`), which test.sh requires where
+/usr/bin/chromium is.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line(
         "markers", "install: needs a C compiler and libvirt-dev to pip install the package"
     )
+    config.addinivalue_line("markers", "chromium: needs headless Chromium (Debian's chromium)")
 
 
 def pytest_runtest_logreport(report: pytest.TestReport) -> None:

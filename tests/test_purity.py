@@ -40,6 +40,8 @@ PURE_MODULES = [
     "hostmaint.coordinator.roll",
     "hostmaint.coordinator.rollpredict",
     "hostmaint.coordinator.states",
+    "hostmaint.coordinator.timeline",
+    "hostmaint.coordinator.report",
 ]
 
 

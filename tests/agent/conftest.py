@@ -80,9 +80,10 @@ def node_file(tmp_path: Path) -> Path:
     return write_node(tmp_path / "node.xml", DOMAINS)
 
 
-def started_agent(node_file: Path, grace_s: float = 1.0) -> Agent:
+def started_agent(node_file: Path, grace_s: float = 1.0, metrics_listen: str = "") -> Agent:
     """An agent serving a test:/// host on a free loopback port, measuring nothing."""
     conf = load_config([])
+    conf.set_override("listen", metrics_listen, group="metrics")
     conf.set_override("uri", f"test://{node_file}", group="libvirt")
     conf.set_override("listen", "127.0.0.1:0", group="grpc")
     conf.set_override("enabled", False, group="dirty_rate")

@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -55,14 +56,16 @@ class Cluster:
     stub: coordinator_pb2_grpc.CoordinatorStub
 
 
-@pytest.fixture
-def cluster(tmp_path: Path) -> Iterator[Cluster]:
+@contextmanager
+def running_cluster(tmp_path: Path, metrics_listen: str = "") -> Iterator[Cluster]:
     """Two test:/// hosts with agents, and a coordinator with the libvirt driver."""
     agents = {
         "host1": start_agent(write_node(tmp_path / "host1.xml", DOMAINS)),
         "host2": start_agent(write_node(tmp_path / "host2.xml", [])),
     }
-    coordinator = Coordinator(libvirt_coordinator_config(tmp_path, agents), threading.Event())
+    conf = libvirt_coordinator_config(tmp_path, agents)
+    conf.set_override("listen", metrics_listen, group="metrics")
+    coordinator = Coordinator(conf, threading.Event())
     coordinator.start()
     channel = grpc.insecure_channel(f"127.0.0.1:{coordinator.port}")
     try:
@@ -72,6 +75,12 @@ def cluster(tmp_path: Path) -> Iterator[Cluster]:
         coordinator.stop()
         for a in agents.values():
             a.stop()
+
+
+@pytest.fixture
+def cluster(tmp_path: Path) -> Iterator[Cluster]:
+    with running_cluster(tmp_path) as running:
+        yield running
 
 
 @pytest.fixture(scope="session")

@@ -15,8 +15,9 @@ from __future__ import annotations
 import threading
 import time
 from collections import Counter, defaultdict
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
 from pathlib import Path
@@ -27,11 +28,12 @@ from sqlalchemy.engine import Engine
 
 from hostmaint.agent.cmd import Agent
 from hostmaint.common import daemon
-from hostmaint.coordinator.agents import AgentRegistry
+from hostmaint.coordinator.agents import AgentRegistry, ignore_call_failure
 from hostmaint.coordinator.cmd import SERVICE_NAME
 from hostmaint.coordinator.drivers.base import Instance, InstanceState
 from hostmaint.coordinator.executor import Executor, ExecutorSettings
 from hostmaint.coordinator.journal import STEP_DONE, Journal, make_engine
+from hostmaint.coordinator.metrics import CoordinatorMetrics
 from hostmaint.coordinator.model import DrainPolicy, Link
 from hostmaint.coordinator.servicer import CoordinatorServicer
 from hostmaint.protos import coordinator_pb2 as cpb
@@ -204,6 +206,7 @@ class CoordinatorSpec:
     poll_interval_s: float = 0.1
     max_parallel_per_source: int = 4
     max_parallel_per_target: int = 2
+    metrics_listen: str = ""  # host:port of a Prometheus endpoint, as [metrics] listen
 
 
 class SimCoordinator:
@@ -211,9 +214,17 @@ class SimCoordinator:
 
     def __init__(self, spec: CoordinatorSpec) -> None:
         self.stopped = threading.Event()
+        self.spec = spec
+        self.metrics = CoordinatorMetrics() if spec.metrics_listen else None
         self.journal = TimedJournal(make_engine(spec.db_url), clock=time.time)
         self.registry = AgentRegistry(
-            spec.agent_addresses, timeout_s=10.0, tls=None, clock=time.time
+            spec.agent_addresses,
+            timeout_s=10.0,
+            tls=None,
+            clock=time.time,
+            on_call_failed=(
+                self.metrics.agent_call_failed if self.metrics else ignore_call_failure
+            ),
         )
         self.driver = SimDriver(
             spec.hosts,
@@ -247,6 +258,7 @@ class SimCoordinator:
             tls=daemon.TlsFiles("", "", ""),
             insecure=False,
             max_workers=64,
+            interceptors=[self.metrics.rpcs] if self.metrics else [],
         )
 
     @property
@@ -256,11 +268,46 @@ class SimCoordinator:
     def start(self) -> None:
         self.server.server.start()
         self.server.set_serving(True)
+        if self.metrics is not None:
+            self.metrics.start(
+                self.spec.metrics_listen,
+                self.executor,
+                self.journal,
+                self.registry,
+                clock=time.time,
+                stopped=self.stopped,
+                interval_s=self.spec.poll_interval_s,
+            )
 
     def stop(self) -> None:
         self.stopped.set()
         self.server.stop(0.5)
+        if self.metrics is not None:
+            self.metrics.stop()
         self.registry.close()
+
+
+@contextmanager
+def simulated(workdir: Path, layout: Layout, **spec: Any) -> Iterator[SimCoordinator]:
+    """Agents on test:/// hosts for `layout`, and a SimCoordinator over them, started;
+    `spec` sets CoordinatorSpec's other fields."""
+    agents = start_agents(workdir, layout)
+    coordinator = SimCoordinator(
+        CoordinatorSpec(
+            db_url=f"sqlite:///{workdir / 'coordinator.db'}",
+            agent_addresses=addresses(agents),
+            hosts=layout.sim_hosts(),
+            instances=layout.instances(),
+            **spec,
+        )
+    )
+    coordinator.start()
+    try:
+        yield coordinator
+    finally:
+        coordinator.stop()
+        for a in agents.values():
+            a.stop()
 
 
 @dataclass(frozen=True)

@@ -18,14 +18,12 @@ from hostmaint.coordinator import views
 from hostmaint.coordinator.journal import STEP_DONE, STEP_FAILED
 from hostmaint.protos import coordinator_pb2 as cpb
 from tests.coordinator.loadcluster import (
-    CoordinatorSpec,
     Layout,
     SimCoordinator,
     SimReport,
-    addresses,
     drain_all,
     drain_policy,
-    start_agents,
+    simulated,
     verify,
 )
 
@@ -39,23 +37,8 @@ def layout() -> Layout:
 
 @pytest.fixture
 def coordinator(tmp_path: Path, layout: Layout) -> Iterator[SimCoordinator]:
-    agents = start_agents(tmp_path, layout)
-    spec = CoordinatorSpec(
-        db_url=f"sqlite:///{tmp_path / 'coordinator.db'}",
-        agent_addresses=addresses(agents),
-        hosts=layout.sim_hosts(),
-        instances=layout.instances(),
-        time_scale=0.01,
-        poll_interval_s=0.05,
-    )
-    coordinator = SimCoordinator(spec)
-    coordinator.start()
-    try:
+    with simulated(tmp_path, layout, time_scale=0.01, poll_interval_s=0.05) as coordinator:
         yield coordinator
-    finally:
-        coordinator.stop()
-        for a in agents.values():
-            a.stop()
 
 
 def test_concurrent_drains_complete_and_move_every_vm_once(

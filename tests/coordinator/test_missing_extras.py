@@ -20,6 +20,7 @@ from hostmaint.coordinator.journal import make_engine
 ETCD_URL = "etcd3+http://127.0.0.1:1"  # nothing listens: an attempt to connect would fail
 POSTGRES_URL = "postgresql+psycopg://hostmaint@/hostmaint?host=/nonexistent"
 HA_MESSAGE = "[coordination] backend_url needs the 'ha' extra: pip install 'hostmaint[ha]'"
+METRICS_MESSAGE = "[metrics] listen needs the 'metrics' extra: pip install 'hostmaint[metrics]'"
 POSTGRES_MESSAGE = "[database] url needs the 'postgres' extra: pip install 'hostmaint[postgres]'"
 
 
@@ -138,3 +139,23 @@ def test_schema_tool_without_postgres_extra_exits_cleanly(tmp_path: Path) -> Non
     assert f"hostmaint-coordinator-db: {POSTGRES_MESSAGE}" in got.stderr
     assert "Traceback" not in got.stderr
     assert got.stdout == ""  # no revision applied
+
+
+@pytest.mark.parametrize("daemon", ["agent", "coordinator"])
+def test_metrics_without_prometheus_client_exit_cleanly(tmp_path: Path, daemon: str) -> None:
+    if daemon == "agent":
+        conf = tmp_path / "agent.conf"
+        conf.write_text(
+            "[libvirt]\nuri = test:///default\n[grpc]\nlisten = 127.0.0.1:0\n"
+            "[metrics]\nlisten = 127.0.0.1:0\n"
+        )
+    else:
+        conf = write_conf(tmp_path)
+        conf.write_text(conf.read_text() + "[metrics]\nlisten = 127.0.0.1:0\n")
+    got = run_without(
+        "prometheus_client", f"hostmaint.{daemon}.cmd", ["--config-file", str(conf)], tmp_path
+    )
+    assert got.returncode == 2, got.stderr
+    assert f"{METRICS_MESSAGE} (module 'prometheus_client' is not installed)" in got.stderr
+    assert "Traceback" not in got.stderr
+    assert "serving" not in got.stderr

@@ -174,11 +174,15 @@ def test_installed_without_extras_and_not_editable(plain: PlainInstall) -> None:
 
 
 def test_every_module_imports(plain: PlainInstall) -> None:
-    """All but the one module built on an extra, which the coordinator loads only when configured."""
+    """All but the modules built on an extra, which the daemons load only when configured."""
     got = _python(plain, IMPORT_ALL, json.dumps(sorted(NOT_IMPORTED)))
     assert got.returncode == 0, got.stderr
+    no_prometheus = "ModuleNotFoundError: No module named 'prometheus_client'"
     assert json.loads(got.stdout) == {
-        "hostmaint.coordinator.ha_tooz": "ModuleNotFoundError: No module named 'tooz'"
+        "hostmaint.coordinator.ha_tooz": "ModuleNotFoundError: No module named 'tooz'",
+        "hostmaint.common.metrics": no_prometheus,
+        "hostmaint.agent.metrics": no_prometheus,
+        "hostmaint.coordinator.metrics": no_prometheus,
     }
 
 
