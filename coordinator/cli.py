@@ -52,7 +52,7 @@ import grpc
 from google.protobuf import json_format, message
 
 from hostmaint.common import daemon
-from hostmaint.coordinator import cliview, report, timeline
+from hostmaint.coordinator import clilive, cliview, report, timeline
 from hostmaint.coordinator.limits import (
     MAX_DEADLINE_S,
     MAX_DOWNTIME_MS,
@@ -476,7 +476,7 @@ class DrainFollower:
         self.host = host
         self.as_json = as_json
         self.live = live
-        self.view = cliview.LiveView(host=host)
+        self.view = clilive.LiveView(host=host)
         self.drawn_lines = 0
         self.out: TextIO = sys.stdout
 
@@ -549,7 +549,7 @@ class DrainFollower:
                 return self._finished(self.view.final)
 
     def _show(self, event: pb.DrainEvent) -> None:
-        self.view = cliview.apply(self.view, event, time.time())
+        self.view = clilive.apply(self.view, event, time.time())
         if self.as_json:
             self.out.write(json.dumps(to_json(event), sort_keys=True) + "\n")
         elif self.live:
@@ -561,10 +561,10 @@ class DrainFollower:
 
     def _draw(self) -> None:
         size = shutil.get_terminal_size()
-        frame = cliview.render_live(self.view, time.time(), size.columns, max(8, size.lines - 1))
-        self.out.write(cliview.redraw(self.drawn_lines, frame))
+        frame = clilive.render_live(self.view, time.time(), size.columns, max(8, size.lines - 1))
+        self.out.write(clilive.redraw(self.drawn_lines, frame))
         self.out.flush()
-        self.drawn_lines = cliview.frame_height(frame)
+        self.drawn_lines = clilive.frame_height(frame)
 
     def _finish_drawing(self) -> None:
         """Leaves the last frame on screen; what follows prints below it."""

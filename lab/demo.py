@@ -37,7 +37,7 @@ import grpc
 import libvirt
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from hostmaint.coordinator import cliview
+from hostmaint.coordinator import cliformat
 from hostmaint.protos import agent_pb2 as apb
 from hostmaint.protos import agent_pb2_grpc, coordinator_pb2_grpc
 from hostmaint.protos import coordinator_pb2 as cpb
@@ -232,12 +232,12 @@ def result_table(status: cpb.DrainStatus, limit_ms: float) -> str:
         downtime = vm.actual_downtime_ms
         verdict = "ok" if downtime <= limit_ms else "OVER"
         if vm.state != cpb.VM_STATE_COMPLETED:
-            verdict = cliview.vm_state_label(vm.state)
+            verdict = cliformat.vm_state_label(vm.state)
         rows.append(
             [
                 vm.name,
                 f"{vm.source_host}->{vm.target_host or '?'}",
-                cliview.tuning_label(vm.tuning),
+                cliformat.tuning_label(vm.tuning),
                 ",".join(vm.tuning_applied) or "-",
                 f"{vm.predicted_total_s:.1f}",
                 f"{vm.actual_total_s:.1f}",
@@ -265,7 +265,7 @@ def result_table(status: cpb.DrainStatus, limit_ms: float) -> str:
         f"max real downtime {s.max_downtime_ms} ms (limit {limit_ms:.0f} ms); "
         f"migrated {s.migrated}, failed {s.failed}, unmovable {s.unmovable}"
     )
-    return cliview.table(headers, rows, frozenset({4, 5, 6, 7, 8})) + "\n" + footer
+    return cliformat.table(headers, rows, frozenset({4, 5, 6, 7, 8})) + "\n" + footer
 
 
 def latest_drain(address: str, host: str) -> cpb.DrainStatus:
@@ -442,7 +442,7 @@ def run(args: argparse.Namespace) -> int:
             for guest, hosts in sorted(where.items()):
                 print(f"  {guest}: running on {', '.join(hosts) or 'NO HOST'}")
             problems = placement_problems(where, drained)
-            state = cliview.drain_state_label(status.state)
+            state = cliformat.drain_state_label(status.state)
             print(
                 f"\n  drain {state} in {drain_s:.0f}s (hostmaint exit {drain_rc}); "
                 f"accelerator {report.accel}; total so far {time.monotonic() - t0:.0f}s"

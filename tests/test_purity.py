@@ -35,6 +35,8 @@ PURE_MODULES = [
     "hostmaint.coordinator.escalation",
     "hostmaint.coordinator.cpucheck",
     "hostmaint.coordinator.cliview",
+    "hostmaint.coordinator.clilive",
+    "hostmaint.coordinator.cliformat",
     "hostmaint.coordinator.limits",
     "hostmaint.coordinator.resume",
     "hostmaint.coordinator.roll",

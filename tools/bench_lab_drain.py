@@ -38,7 +38,7 @@ from pathlib import Path
 
 import grpc
 
-from hostmaint.coordinator import cliview
+from hostmaint.coordinator import cliformat
 from hostmaint.coordinator.baselines import NovaConf, downtime_steps
 from hostmaint.lab import cluster
 from hostmaint.lab.demo import (
@@ -111,7 +111,7 @@ def run_hostmaint(lab: cluster.Lab, work: Path, limit_ms: int) -> RunResult:
             vm.name,
             ok=vm.state == cpb.VM_STATE_COMPLETED,
             total_s=vm.actual_total_s,
-            note=",".join(vm.tuning_applied) or cliview.tuning_label(vm.tuning),
+            note=",".join(vm.tuning_applied) or cliformat.tuning_label(vm.tuning),
         )
     return result
 

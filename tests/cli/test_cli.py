@@ -17,7 +17,7 @@ import pytest
 from google.protobuf import json_format
 
 from hostmaint.common import daemon
-from hostmaint.coordinator import cli, cliview
+from hostmaint.coordinator import cli, cliformat, cliview
 from hostmaint.protos import coordinator_pb2 as pb
 from hostmaint.protos import coordinator_pb2_grpc
 from tests.cli import samples
@@ -143,7 +143,7 @@ def test_drain_exit_code_follows_how_it_finished(
 ) -> None:
     served.fake.events = samples.events(state)
     assert run(served, "drain", HOST) == exit_code
-    assert f": {cliview.drain_state_label(state)}" in capsys.readouterr().out
+    assert f": {cliformat.drain_state_label(state)}" in capsys.readouterr().out
 
 
 def test_drain_json_lines_one_object_per_event(

@@ -5,7 +5,7 @@ from __future__ import annotations
 from hypothesis import given
 from hypothesis import strategies as st
 
-from hostmaint.coordinator import cliview
+from hostmaint.coordinator import cliformat, clilive, cliview
 from hostmaint.protos import agent_pb2 as apb
 from hostmaint.protos import coordinator_pb2 as pb
 from tests.cli import samples
@@ -14,10 +14,10 @@ from tests.cli.samples import BATCH, BATCH_NAME, DB, GPU, T0, WEB
 E = pb.DrainEventKind
 
 
-def fold(events: list[pb.DrainEvent], delay_s: float = 0.0) -> cliview.LiveView:
-    view = cliview.LiveView()
+def fold(events: list[pb.DrainEvent], delay_s: float = 0.0) -> clilive.LiveView:
+    view = clilive.LiveView()
     for ev in events:
-        view = cliview.apply(view, ev, ev.at.seconds + ev.at.nanos / 1e9 + delay_s)
+        view = clilive.apply(view, ev, ev.at.seconds + ev.at.nanos / 1e9 + delay_s)
     return view
 
 
@@ -45,7 +45,7 @@ def row_line(frame: str, name: str) -> str:
 
 @given(st.floats(min_value=-2, max_value=3, allow_nan=False), st.integers(1, 200))
 def test_bar_is_always_its_width_and_fills_in_proportion(fraction: float, width: int) -> None:
-    text = cliview.bar(fraction, width)
+    text = cliformat.bar(fraction, width)
     assert len(text) == width + 2
     assert text[0] == "[" and text[-1] == "]"
     filled = text.count("#")
@@ -56,47 +56,47 @@ def test_bar_is_always_its_width_and_fills_in_proportion(fraction: float, width:
 
 @given(st.text(max_size=80), st.integers(0, 60))
 def test_clip_never_exceeds_the_width_and_keeps_short_text(text: str, width: int) -> None:
-    out = cliview.clip(text, width)
+    out = cliformat.clip(text, width)
     assert len(out) <= width
     if len(text) <= width:
         assert out == text
     elif width > 0:
-        assert out.endswith(cliview.ELLIPSIS)
+        assert out.endswith(cliformat.ELLIPSIS)
         assert text.startswith(out[:-1])
 
 
 def test_seconds_formats_each_range_and_marks_unknowns() -> None:
-    assert cliview.seconds(None) == "?"
-    assert cliview.seconds(-1.0) == "?"
-    assert cliview.seconds(0.0) == "0.0s"
-    assert cliview.seconds(12.34) == "12.3s"
-    assert cliview.seconds(125.0) == "2m05s"
-    assert cliview.seconds(2 * 3600 + 3 * 60 + 10) == "2h03m"
-    assert cliview.prediction(0.0) == "?"
-    assert cliview.prediction(20.0) == "20.0s"
+    assert cliformat.seconds(None) == "?"
+    assert cliformat.seconds(-1.0) == "?"
+    assert cliformat.seconds(0.0) == "0.0s"
+    assert cliformat.seconds(12.34) == "12.3s"
+    assert cliformat.seconds(125.0) == "2m05s"
+    assert cliformat.seconds(2 * 3600 + 3 * 60 + 10) == "2h03m"
+    assert cliformat.prediction(0.0) == "?"
+    assert cliformat.prediction(20.0) == "20.0s"
 
 
 def test_enum_labels_handle_values_this_build_does_not_know() -> None:
-    assert cliview.tuning_label(pb.TUNING_RAISE_DOWNTIME) == "raise-downtime"
-    assert cliview.tuning_label(pb.TUNING_UNSPECIFIED) == "-"
-    assert cliview.tuning_label(99) == "tuning-99"
-    assert cliview.drain_state_label(pb.DRAIN_STATE_INCOMPLETE) == "incomplete"
-    assert cliview.drain_state_label(42) == "state-42"
-    assert cliview.phase_label(apb.MIGRATION_PHASE_POSTCOPY) == "postcopy"
-    assert cliview.event_label(77) == "EVENT_77"
+    assert cliformat.tuning_label(pb.TUNING_RAISE_DOWNTIME) == "raise-downtime"
+    assert cliformat.tuning_label(pb.TUNING_UNSPECIFIED) == "-"
+    assert cliformat.tuning_label(99) == "tuning-99"
+    assert cliformat.drain_state_label(pb.DRAIN_STATE_INCOMPLETE) == "incomplete"
+    assert cliformat.drain_state_label(42) == "state-42"
+    assert cliformat.phase_label(apb.MIGRATION_PHASE_POSTCOPY) == "postcopy"
+    assert cliformat.event_label(77) == "EVENT_77"
 
 
 def test_transferred_fraction_is_one_minus_remaining_over_total() -> None:
     p = apb.MigrationProgress(
         memory_total_bytes=4 * samples.GIB, memory_remaining_bytes=samples.GIB
     )
-    assert cliview.transferred_fraction(p) == 0.75
+    assert cliformat.transferred_fraction(p) == 0.75
     # Remaining above total (a burst of dirtying) is not a negative share.
     p.memory_remaining_bytes = 5 * samples.GIB
-    assert cliview.transferred_fraction(p) == 0.0
-    assert cliview.transferred_fraction(apb.MigrationProgress()) == 0.0
+    assert cliformat.transferred_fraction(p) == 0.0
+    assert cliformat.transferred_fraction(apb.MigrationProgress()) == 0.0
     done = apb.MigrationProgress(phase=apb.MIGRATION_PHASE_COMPLETED)
-    assert cliview.transferred_fraction(done) == 1.0
+    assert cliformat.transferred_fraction(done) == 1.0
 
 
 # ---- plan --------------------------------------------------------------------------------
@@ -183,7 +183,7 @@ def test_status_of_a_running_drain_counts_states_and_elapsed_from_now() -> None:
 def test_status_of_a_finished_drain_uses_its_end_not_now() -> None:
     status = samples.final_status(pb.DRAIN_STATE_COMPLETED)
     text = cliview.render_status(status, now=T0 + 10_000)
-    assert f"elapsed {cliview.seconds(74.2)}" in text
+    assert f"elapsed {cliformat.seconds(74.2)}" in text
     assert "migrated 3, failed 0" in text
 
 
@@ -206,7 +206,7 @@ def test_every_event_gives_one_line_naming_its_kind() -> None:
     for ev in samples.events():
         line = cliview.render_event_line(ev)
         assert "\n" not in line
-        assert cliview.event_label(ev.kind) in line
+        assert cliformat.event_label(ev.kind) in line
 
 
 def test_progress_line_has_percent_iteration_and_who_set_the_limit() -> None:
@@ -234,11 +234,11 @@ def test_live_view_mid_drain() -> None:
     events = until(E.DRAIN_EVENT_KIND_PROGRESS, nth=3)  # db-1 after its tuning
     view = fold(events)
     now = T0 + 30.0
-    frame = cliview.render_live(view, now, width=120, height=30)
+    frame = clilive.render_live(view, now, width=120, height=30)
     head, overall = frame.splitlines()[:2]
     assert head.startswith(f"drain of {samples.HOST} ({samples.DRAIN_ID[:8]}): running")
     assert "1/3 VMs done" in head and "2 migrating" in head and "1 unmovable" in head
-    assert f"elapsed {cliview.seconds(30.0)} / predicted {cliview.seconds(61.5)}" in overall
+    assert f"elapsed {cliformat.seconds(30.0)} / predicted {cliformat.seconds(61.5)}" in overall
     assert " 33% " in overall
 
     db = row_line(frame, "db-1")
@@ -248,18 +248,18 @@ def test_live_view_mid_drain() -> None:
     assert f"it {p.iteration}" in db
     # Elapsed: QEMU's job time at the sample plus the time since the sample.
     sampled = p.sampled_at.seconds + p.sampled_at.nanos / 1e9
-    assert f"{cliview.seconds(p.elapsed_ms / 1000 + now - sampled)}/28.0s" in db
+    assert f"{cliformat.seconds(p.elapsed_ms / 1000 + now - sampled)}/28.0s" in db
     assert "limit 2000 ms (hostmaint)" in db
     web = row_line(frame, "web-1")
     assert "done" in web and "100%" in web and "dt 171 ms (pred 150)" in web
     # Started, no sample yet: elapsed since its start, prediction unknown.
     batch = row_line(frame, BATCH_NAME[:4])
-    assert "starting" in batch and "  -% " in batch and f"{cliview.seconds(6.0)}/?" in batch
+    assert "starting" in batch and "  -% " in batch and f"{cliformat.seconds(6.0)}/?" in batch
     assert "  tuned db-1: max_downtime_ms=2000" in frame.splitlines()
 
 
 def test_bars_line_up_whatever_the_row_state() -> None:
-    frame = cliview.render_live(fold(samples.events()), T0 + 80, width=120, height=30)
+    frame = clilive.render_live(fold(samples.events()), T0 + 80, width=120, height=30)
     rows = [line for line in frame.splitlines()[2:] if "[" in line]
     assert len(rows) == 3
     assert len({line.index("[") for line in rows}) == 1
@@ -269,14 +269,14 @@ def test_bars_line_up_whatever_the_row_state() -> None:
 def test_finished_view_shows_the_failed_vm_and_the_final_state() -> None:
     view = fold(samples.events())
     assert view.finished and view.state == pb.DRAIN_STATE_INCOMPLETE
-    frame = cliview.render_live(view, T0 + 500, width=160, height=30)
+    frame = clilive.render_live(view, T0 + 500, width=160, height=30)
     assert "incomplete" in frame.splitlines()[0]
     # The drain's elapsed time stops at its end.
-    assert f"elapsed {cliview.seconds(74.2)}" in frame
+    assert f"elapsed {cliformat.seconds(74.2)}" in frame
     batch = row_line(frame, BATCH_NAME[:4])
     assert "failed" in batch and "error: migration did not converge" in batch
     # The second attempt ran from its start to its failure.
-    assert f"{cliview.seconds(74.0 - 51.5)}/?" in batch
+    assert f"{cliformat.seconds(74.0 - 51.5)}/?" in batch
 
 
 def test_retry_clears_the_failure_until_the_next_attempt_ends() -> None:
@@ -291,15 +291,15 @@ def test_a_skewed_local_clock_does_not_skew_elapsed_times() -> None:
     skew_s = 3600.0  # the local clock runs an hour ahead of the coordinator's
     events = until(E.DRAIN_EVENT_KIND_MIGRATION_STARTED, nth=3)
     view = fold(events, delay_s=skew_s)
-    frame = cliview.render_live(view, T0 + 30 + skew_s, width=120)
-    assert f"elapsed {cliview.seconds(30.0)}" in frame
+    frame = clilive.render_live(view, T0 + 30 + skew_s, width=120)
+    assert f"elapsed {cliformat.seconds(30.0)}" in frame
     # A replayed old event (received late) does not move the offset.
-    replay = cliview.apply(view, events[0], T0 + 30 + skew_s)
+    replay = clilive.apply(view, events[0], T0 + 30 + skew_s)
     assert replay.clock_offset_s == view.clock_offset_s
 
 
 def test_unknown_predictions_and_an_empty_drain() -> None:
-    frame = cliview.render_live(cliview.LiveView(host="h1"), now=T0, width=80)
+    frame = clilive.render_live(clilive.LiveView(host="h1"), now=T0, width=80)
     head, overall = frame.splitlines()
     assert "0/0 VMs done" in head
     assert "elapsed ? / predicted ?" in overall
@@ -329,7 +329,7 @@ def test_height_keeps_running_migrations_and_drops_old_finished_ones() -> None:
                 )
             )
     height = 12
-    frame = cliview.render_live(fold(events), T0 + 40, width=100, height=height)
+    frame = clilive.render_live(fold(events), T0 + 40, width=100, height=height)
     lines = frame.splitlines()
     assert len(lines) <= height
     shown = [line.split()[0] for line in lines[2:] if line.startswith("  vm-")]
@@ -368,14 +368,14 @@ def test_no_line_of_the_live_view_wraps(width: int, vm_names: list[str], iterati
                 ),
             )
         )
-    frame = cliview.render_live(fold(events), T0 + 1e5, width=width, height=50)
+    frame = clilive.render_live(fold(events), T0 + 1e5, width=width, height=50)
     assert all(len(line) < max(40, width) for line in frame.splitlines())
 
 
 def test_redraw_moves_up_over_the_previous_frame() -> None:
-    assert cliview.redraw(0, "a\nb") == "\x1b[Ja\nb\n"
-    assert cliview.redraw(2, "c") == "\x1b[2F\x1b[Jc\n"
-    assert cliview.frame_height("a\nb\nc") == 3
+    assert clilive.redraw(0, "a\nb") == "\x1b[Ja\nb\n"
+    assert clilive.redraw(2, "c") == "\x1b[2F\x1b[Jc\n"
+    assert clilive.frame_height("a\nb\nc") == 3
 
 
 def test_plan_shows_a_missed_deadline_and_the_warnings() -> None:
