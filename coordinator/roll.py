@@ -2,7 +2,7 @@
 
 Public API
 ----------
-Values (frozen dataclasses, units in names):
+Values (frozen dataclasses, units in names; in ``rolltypes``):
   ``RollHost``     a compute host: memory capacity (and what it reports in use, whose part
                    beyond its VMs' memory stays when they leave), physical CPUs and the
                    vCPU allocation ratio, its VMs (``model.VmSpec``: memory, vCPUs, server
@@ -21,9 +21,10 @@ Values (frozen dataclasses, units in names):
   comparison: host after host in name order, each VM (with its hard-affinity group) to
   the least-filled host that is not being drained, as a scheduler picks, ignoring
   future drains.
-``replay_roll(hosts, plan) -> RollAudit``: the plan replayed wave by wave from the
+``rollaudit.replay_roll(hosts, plan) -> RollAudit``: the plan replayed wave by wave from the
   hosts as given: the fullest any host gets, and every rule broken.
 ``RollInfeasible``: no roll keeps the rules (its ``host``, ``vm_uuid`` and ``reason``).
+The state a roll is planned on (where each VM is, what a host refuses): ``rollcloud``.
 
 The roll
 --------
@@ -95,323 +96,32 @@ then on again when those drain; host after host, 176 s.
 
 from __future__ import annotations
 
-import math
 from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 from hostmaint.coordinator.model import VmSpec
-
-HARD_AFFINITY = "affinity"
-HARD_ANTI_AFFINITY = "anti-affinity"
-SOFT_AFFINITY = "soft-affinity"
-SOFT_ANTI_AFFINITY = "soft-anti-affinity"
-GROUP_POLICIES = (HARD_AFFINITY, HARD_ANTI_AFFINITY, SOFT_AFFINITY, SOFT_ANTI_AFFINITY)
+from hostmaint.coordinator.rollcloud import Cloud, Unit
+from hostmaint.coordinator.rolltypes import (
+    DrainEstimate,
+    DrainPredictor,
+    HostDrain,
+    Parked,
+    RollHost,
+    RollInfeasible,
+    RollMove,
+    RollPlan,
+    RollPolicy,
+    Wave,
+)
 
 NO_HOST_DONE_REASON = "no host is done yet: it waits on a host drained later"
 SCHEDULER_REASON = "the scheduler does not know its target is drained later"
 
 
-@dataclass(frozen=True)
-class RollHost:
-    name: str
-    memory_capacity_bytes: int  # what guests may use (after the host's own reservation)
-    pcpus: int
-    cpu_allocation_ratio: float = 1.0
-    vms: tuple[VmSpec, ...] = ()
-    # as the host reports it; the part beyond its VMs' memory (overheads) stays on the
-    # host when they leave. None: the VMs' memory
-    memory_used_bytes: int | None = None
-
-    @property
-    def vcpu_capacity(self) -> int:
-        return math.floor(self.pcpus * self.cpu_allocation_ratio + 1e-9)
-
-    @property
-    def memory_overhead_bytes(self) -> int:
-        if self.memory_used_bytes is None:
-            return 0
-        return max(0, self.memory_used_bytes - sum(v.memory_bytes for v in self.vms))
-
-
-@dataclass(frozen=True)
-class RollPolicy:
-    max_hosts_per_wave: int = 1
-    maintenance_s: float = 0.0  # patching and rebooting a wave's hosts, after their drain
-
-
-@dataclass(frozen=True)
-class DrainEstimate:
-    time_s: float
-    bytes_sent: float
-
-
-# one host's drain predicted: the host, and each VM with its target
-DrainPredictor = Callable[[str, Sequence[tuple[VmSpec, str]]], DrainEstimate]
-
-
-@dataclass(frozen=True)
-class RollMove:
-    vm_uuid: str
-    vm_name: str
-    source: str
-    target: str
-    wave: int  # from 1
-    nth: int  # the VM's first move, second, ...
-
-
-@dataclass(frozen=True)
-class Parked:
-    """A VM sent to a host drained later in the roll: it moves again then."""
-
-    vm_uuid: str
-    vm_name: str
-    wave: int
-    source: str
-    target: str
-    reason: str
-
-
-@dataclass(frozen=True)
-class HostDrain:
-    host: str
-    moves: tuple[RollMove, ...]
-    predicted_s: float
-    bytes_sent: float
-
-
-@dataclass(frozen=True)
-class Wave:
-    index: int  # from 1
-    drains: tuple[HostDrain, ...]
-    predicted_drain_s: float  # its longest host drain
-    predicted_s: float  # with the maintenance
-    memory_fill_peak: float  # the fullest host at the end of the wave (used / capacity)
-    vcpu_fill_peak: float
-
-    @property
-    def hosts(self) -> tuple[str, ...]:
-        return tuple(d.host for d in self.drains)
-
-    @property
-    def bytes_sent(self) -> float:
-        return sum(d.bytes_sent for d in self.drains)
-
-
-@dataclass(frozen=True)
-class RollPlan:
-    strategy: str
-    waves: tuple[Wave, ...]
-    parked: tuple[Parked, ...]
-    vm_count: int
-    placement: tuple[tuple[str, str], ...]  # (VM uuid, host) at the end, by uuid
-    memory_fill_peak: float  # the fullest any host is, from the start to the end
-    vcpu_fill_peak: float
-
-    @property
-    def moves(self) -> tuple[RollMove, ...]:
-        return tuple(m for w in self.waves for d in w.drains for m in d.moves)
-
-    @property
-    def moves_per_vm(self) -> float:
-        return len(self.moves) / self.vm_count if self.vm_count else 0.0
-
-    @property
-    def predicted_s(self) -> float:
-        return sum(w.predicted_s for w in self.waves)
-
-    @property
-    def bytes_sent(self) -> float:
-        return sum(w.bytes_sent for w in self.waves)
-
-    @property
-    def host_order(self) -> tuple[tuple[str, ...], ...]:
-        return tuple(w.hosts for w in self.waves)
-
-
-@dataclass(frozen=True)
-class RollAudit:
-    memory_fill_peak: float
-    vcpu_fill_peak: float
-    violations: tuple[str, ...]
-
-
-class RollInfeasible(Exception):
-    """No host can take a VM without breaking capacity or a hard server-group rule."""
-
-    def __init__(self, host: str, vm_uuid: str, reason: str) -> None:
-        super().__init__(f"host {host}: VM {vm_uuid} has nowhere to go ({reason})")
-        self.host = host
-        self.vm_uuid = vm_uuid
-        self.reason = reason
-
-
-@dataclass(frozen=True)
-class _Unit:
-    """VMs that move together (a hard-affinity group's members on one host), as one."""
-
-    vms: tuple[VmSpec, ...]
-    memory_bytes: int
-    vcpus: int
-    anti: frozenset[str]  # hard anti-affinity groups
-    affinity: tuple[tuple[str, int], ...]  # hard-affinity groups, members in the unit
-    soft_anti: frozenset[str]
-    soft_affinity: tuple[tuple[str, int], ...]
-
-    @staticmethod
-    def of(vms: Sequence[VmSpec]) -> _Unit:
-        def groups(policy: str) -> Counter[str]:
-            return Counter(g.id for v in vms for g in v.server_groups if g.policy == policy)
-
-        return _Unit(
-            vms=tuple(sorted(vms, key=lambda v: v.uuid)),
-            memory_bytes=sum(v.memory_bytes for v in vms),
-            vcpus=sum(v.vcpus for v in vms),
-            anti=frozenset(groups(HARD_ANTI_AFFINITY)),
-            affinity=tuple(sorted(groups(HARD_AFFINITY).items())),
-            soft_anti=frozenset(groups(SOFT_ANTI_AFFINITY)),
-            soft_affinity=tuple(sorted(groups(SOFT_AFFINITY).items())),
-        )
-
-
-class _Cloud:
-    """Where every VM is, and each host's use: the roll's state while it is planned."""
-
-    def __init__(self, hosts: Sequence[RollHost]) -> None:
-        _validate(hosts)
-        self.names = sorted(h.name for h in hosts)
-        self.cap_mem = {h.name: h.memory_capacity_bytes for h in hosts}
-        self.cap_cpu = {h.name: h.vcpu_capacity for h in hosts}
-        self.used_mem = {h.name: h.memory_overhead_bytes for h in hosts}
-        self.used_cpu = dict.fromkeys(self.cap_mem, 0)
-        self.vms: dict[str, dict[str, VmSpec]] = {h.name: {} for h in hosts}
-        self.members: dict[str, Counter[str]] = {h.name: Counter() for h in hosts}
-        self.group_total: Counter[str] = Counter()
-        self.moves: Counter[str] = Counter()  # per VM uuid
-        for h in hosts:
-            for vm in sorted(h.vms, key=lambda v: v.uuid):
-                self._add(vm, h.name)
-                self.group_total.update(g.id for g in vm.server_groups)
-
-    def _add(self, vm: VmSpec, host: str) -> None:
-        self.vms[host][vm.uuid] = vm
-        self.used_mem[host] += vm.memory_bytes
-        self.used_cpu[host] += vm.vcpus
-        self.members[host].update(g.id for g in vm.server_groups)
-
-    def _remove(self, vm: VmSpec, host: str) -> None:
-        del self.vms[host][vm.uuid]
-        self.used_mem[host] -= vm.memory_bytes
-        self.used_cpu[host] -= vm.vcpus
-        self.members[host].subtract(g.id for g in vm.server_groups)
-
-    def move(self, unit: _Unit, source: str, target: str) -> None:
-        for vm in unit.vms:
-            self._remove(vm, source)
-            self._add(vm, target)
-
-    def units(self, host: str) -> list[_Unit]:
-        """The host's VMs as units (hard-affinity groups whole), largest first."""
-        vms = list(self.vms[host].values())
-        parent = list(range(len(vms)))
-
-        def root(i: int) -> int:
-            while parent[i] != i:
-                parent[i] = parent[parent[i]]
-                i = parent[i]
-            return i
-
-        first: dict[str, int] = {}
-        for i, vm in enumerate(vms):
-            for g in vm.server_groups:
-                if g.policy == HARD_AFFINITY:
-                    parent[root(i)] = root(first.setdefault(g.id, i))
-        comps: dict[int, list[VmSpec]] = {}
-        for i, vm in enumerate(vms):
-            comps.setdefault(root(i), []).append(vm)
-        units = [_Unit.of(c) for c in comps.values()]
-        return sorted(units, key=_unit_order)
-
-    def refusal(self, unit: _Unit, host: str) -> str | None:
-        """Why ``host`` cannot take ``unit`` (None: it can)."""
-        if self.used_mem[host] + unit.memory_bytes > self.cap_mem[host]:
-            return "memory"
-        if self.used_cpu[host] + unit.vcpus > self.cap_cpu[host]:
-            return "vCPUs"
-        here = self.members[host]
-        if any(here[g] > 0 for g in unit.anti):
-            return "anti-affinity"
-        for g, n in unit.affinity:
-            others = self.group_total[g] - n
-            if others and here[g] != others:
-                return "affinity"
-        return None
-
-    def soft_conflicts(self, unit: _Unit, host: str) -> int:
-        here = self.members[host]
-        cost = sum(here[g] for g in unit.soft_anti)
-        return cost + sum(
-            1 for g, n in unit.soft_affinity if self.group_total[g] > n and here[g] == 0
-        )
-
-    def memory_fill(self, host: str, extra_bytes: int = 0) -> float:
-        cap = self.cap_mem[host]
-        return (self.used_mem[host] + extra_bytes) / cap if cap else 0.0
-
-    def vcpu_fill(self, host: str, extra: int = 0) -> float:
-        cap = self.cap_cpu[host]
-        return (self.used_cpu[host] + extra) / cap if cap else 0.0
-
-    def vm_memory(self, host: str) -> int:
-        return sum(v.memory_bytes for v in self.vms[host].values())
-
-    def free_memory(self, host: str) -> int:
-        return self.cap_mem[host] - self.used_mem[host]
-
-    def fill_peaks(self) -> tuple[float, float]:
-        return (
-            max((self.memory_fill(h) for h in self.names), default=0.0),
-            max((self.vcpu_fill(h) for h in self.names), default=0.0),
-        )
-
-
-def _unit_order(u: _Unit) -> tuple[int, int, int, str]:
-    """The most constrained first (hard groups: fewer hosts can take it), then the largest."""
-    return (-len(u.anti) - len(u.affinity), -u.memory_bytes, -u.vcpus, u.vms[0].uuid)
-
-
-def _validate(hosts: Sequence[RollHost]) -> None:
-    names = [h.name for h in hosts]
-    if len(set(names)) != len(names):
-        raise ValueError("host names repeat")
-    uuids = [v.uuid for h in hosts for v in h.vms]
-    if len(set(uuids)) != len(uuids):
-        raise ValueError("a VM is listed twice")
-    policy: dict[str, str] = {}
-    hosts_of: dict[str, list[str]] = {}
-    for h in hosts:
-        if h.memory_capacity_bytes < 0 or h.pcpus < 0 or h.cpu_allocation_ratio < 0:
-            raise ValueError(f"host {h.name}: negative capacity")
-        used = h.memory_overhead_bytes + sum(v.memory_bytes for v in h.vms)
-        if used > h.memory_capacity_bytes or sum(v.vcpus for v in h.vms) > h.vcpu_capacity:
-            raise ValueError(f"host {h.name} is over its capacity already")
-        for vm in h.vms:
-            for g in vm.server_groups:
-                if g.policy not in GROUP_POLICIES:
-                    raise ValueError(f"server group {g.id}: unknown policy {g.policy!r}")
-                if policy.setdefault(g.id, g.policy) != g.policy:
-                    raise ValueError(f"server group {g.id} has two policies")
-                hosts_of.setdefault(g.id, []).append(h.name)
-    for gid, where in sorted(hosts_of.items()):
-        if policy[gid] == HARD_AFFINITY and len(set(where)) > 1:
-            raise ValueError(f"affinity group {gid} is split over hosts already")
-        if policy[gid] == HARD_ANTI_AFFINITY and len(set(where)) < len(where):
-            raise ValueError(f"anti-affinity group {gid} has members together already")
-
-
 def _choose(
-    cloud: _Cloud,
-    unit: _Unit,
+    cloud: Cloud,
+    unit: Unit,
     candidates: Iterable[str],
     key: Callable[[str], tuple[float | str, ...]],
     refused: Counter[str],
@@ -430,7 +140,7 @@ def _choose(
     return best
 
 
-def _spread_key(cloud: _Cloud, unit: _Unit) -> Callable[[str], tuple[float | str, ...]]:
+def _spread_key(cloud: Cloud, unit: Unit) -> Callable[[str], tuple[float | str, ...]]:
     """Done hosts: the fewest soft conflicts, then the least filled after the move."""
     return lambda h: (
         cloud.soft_conflicts(unit, h),
@@ -440,7 +150,7 @@ def _spread_key(cloud: _Cloud, unit: _Unit) -> Callable[[str], tuple[float | str
     )
 
 
-def _best_fit_key(cloud: _Cloud, unit: _Unit) -> Callable[[str], tuple[float | str, ...]]:
+def _best_fit_key(cloud: Cloud, unit: Unit) -> Callable[[str], tuple[float | str, ...]]:
     """Parking: the fewest soft conflicts, then the least free memory left (best fit)."""
     return lambda h: (
         cloud.soft_conflicts(unit, h),
@@ -453,8 +163,8 @@ def _best_fit_key(cloud: _Cloud, unit: _Unit) -> Callable[[str], tuple[float | s
 class _Keys:
     """How targets are ranked: on done hosts, and when parked on hosts still to drain."""
 
-    done: Callable[[_Cloud, _Unit], Callable[[str], tuple[float | str, ...]]]
-    parking: Callable[[_Cloud, _Unit], Callable[[str], tuple[float | str, ...]]]
+    done: Callable[[Cloud, Unit], Callable[[str], tuple[float | str, ...]]]
+    parking: Callable[[Cloud, Unit], Callable[[str], tuple[float | str, ...]]]
 
 
 # tried in turn until one finds a roll: spreading onto done hosts and parking best fit;
@@ -466,7 +176,7 @@ _KEYS = (
 )
 
 
-def _least_filled_key(cloud: _Cloud) -> Callable[[str], tuple[float | str, ...]]:
+def _least_filled_key(cloud: Cloud) -> Callable[[str], tuple[float | str, ...]]:
     """The scheduler's weigher: the least filled (memory) now."""
     return lambda h: (cloud.memory_fill(h), h)
 
@@ -477,15 +187,15 @@ def _why(refused: Counter[str], hosts: int) -> str:
 
 
 # one unit's move while a wave is planned: unit, source, target, and the reason when parked
-_Placed = tuple[_Unit, str, str, str | None]
+_Placed = tuple[Unit, str, str, str | None]
 
 
-def _undo(cloud: _Cloud, placed: Sequence[_Placed]) -> None:
+def _undo(cloud: Cloud, placed: Sequence[_Placed]) -> None:
     for unit, source, target, _ in reversed(placed):
         cloud.move(unit, target, source)
 
 
-def _onto_done(cloud: _Cloud, host: str, done: Sequence[str], keys: _Keys) -> list[_Placed] | None:
+def _onto_done(cloud: Cloud, host: str, done: Sequence[str], keys: _Keys) -> list[_Placed] | None:
     """Every unit of ``host`` onto done hosts (applied), or None (nothing applied)."""
     placed: list[_Placed] = []
     for unit in cloud.units(host):
@@ -499,7 +209,7 @@ def _onto_done(cloud: _Cloud, host: str, done: Sequence[str], keys: _Keys) -> li
 
 
 def _with_parking(
-    cloud: _Cloud, host: str, done: Sequence[str], pending: Sequence[str], keys: _Keys
+    cloud: Cloud, host: str, done: Sequence[str], pending: Sequence[str], keys: _Keys
 ) -> list[_Placed] | RollInfeasible:
     """The units of ``host`` onto done hosts where they fit, the rest parked on hosts still
     to drain (applied); or why one fits nowhere (nothing applied)."""
@@ -528,7 +238,7 @@ def _parked(placed: Sequence[_Placed]) -> tuple[int, int]:
 
 
 def _fallback(
-    cloud: _Cloud, done: Sequence[str], pending: Sequence[str], keys: _Keys
+    cloud: Cloud, done: Sequence[str], pending: Sequence[str], keys: _Keys
 ) -> tuple[str, list[_Placed]]:
     """The one host to drain when none fits on done hosts: the fewest VMs parked (each is
     one more migration, one more pause of the guest), then the least memory."""
@@ -554,14 +264,14 @@ def _fallback(
     return best[1], placed
 
 
-def _drain_order_key(cloud: _Cloud, host: str) -> tuple[int, int, str]:
+def _drain_order_key(cloud: Cloud, host: str) -> tuple[int, int, str]:
     return (-cloud.free_memory(host), cloud.vm_memory(host), host)
 
 
 class _Recorder:
     """Turns placed units into moves and waves; the drains are predicted at the end."""
 
-    def __init__(self, cloud: _Cloud) -> None:
+    def __init__(self, cloud: Cloud) -> None:
         self.cloud = cloud
         self.start_peaks = cloud.fill_peaks()
         # per wave: its hosts, each host's moves and (VM, target) pairs, the fill peaks
@@ -632,7 +342,7 @@ def plan_roll(hosts: Sequence[RollHost], policy: RollPolicy, predict: DrainPredi
 
 
 def _place_waves(hosts: Sequence[RollHost], max_per_wave: int, keys: _Keys) -> _Recorder:
-    cloud = _Cloud(hosts)
+    cloud = Cloud(hosts)
     rec = _Recorder(cloud)
     done: list[str] = []
     pending = set(cloud.names)
@@ -671,7 +381,7 @@ def naive_roll(
     """Host after host in name order; each VM (its hard-affinity group whole) to the
     least-filled host (memory) that is not being drained and can take it (capacity, hard
     groups), ignoring future drains; soft rules ignored."""
-    cloud = _Cloud(hosts)
+    cloud = Cloud(hosts)
     rec = _Recorder(cloud)
     drained: set[str] = set()
     for host in cloud.names:
@@ -688,62 +398,3 @@ def naive_roll(
         rec.wave([host], placed)
         drained.add(host)
     return rec.plan("naive", predict, maintenance_s)
-
-
-def replay_roll(
-    hosts: Sequence[RollHost], plan: RollPlan, max_hosts_per_wave: int | None = None
-) -> RollAudit:
-    """Replay ``plan`` from ``hosts`` wave by wave: the fullest any host gets (memory and
-    vCPUs, used over capacity, at the end of each wave and at the start) and every rule
-    broken: a host over capacity, a hard server-group rule broken, a VM moved from where
-    it is not, to a host of its own wave, a host drained twice or never, a host left
-    with VMs after its wave, a wave larger than ``max_hosts_per_wave``."""
-    where = {v.uuid: h.name for h in hosts for v in h.vms}
-    vm_of = {v.uuid: v for h in hosts for v in h.vms}
-    by_name = {h.name: h for h in hosts}
-    overhead = {h.name: h.memory_overhead_bytes for h in hosts}
-    bad: list[str] = []
-    peaks = [(0.0, 0.0)]
-
-    def check(label: str) -> None:
-        mem = dict(overhead)
-        cpu = dict.fromkeys(by_name, 0)
-        groups: dict[tuple[str, str], list[str]] = {}
-        for uuid, at in where.items():
-            mem[at] += vm_of[uuid].memory_bytes
-            cpu[at] += vm_of[uuid].vcpus
-            for group in vm_of[uuid].server_groups:
-                groups.setdefault((group.policy, group.id), []).append(at)
-        for name, host in by_name.items():
-            cap_m, cap_c = host.memory_capacity_bytes, host.vcpu_capacity
-            if mem[name] > cap_m or cpu[name] > cap_c:
-                bad.append(f"{label}: host {name} over capacity")
-            peaks.append((mem[name] / cap_m if cap_m else 0.0, cpu[name] / cap_c if cap_c else 0.0))
-        for (policy, gid), at_hosts in groups.items():
-            if policy == HARD_ANTI_AFFINITY and len(set(at_hosts)) < len(at_hosts):
-                bad.append(f"{label}: anti-affinity group {gid} has members together")
-            if policy == HARD_AFFINITY and len(set(at_hosts)) > 1:
-                bad.append(f"{label}: affinity group {gid} is split")
-
-    check("start")
-    seen: set[str] = set()
-    for w in plan.waves:
-        label = f"wave {w.index}"
-        if max_hosts_per_wave is not None and len(w.hosts) > max_hosts_per_wave:
-            bad.append(f"{label}: {len(w.hosts)} hosts at once")
-        if seen & set(w.hosts):
-            bad.append(f"{label}: a host is drained twice")
-        seen |= set(w.hosts)
-        for m in (m for d in w.drains for m in d.moves):
-            if where.get(m.vm_uuid) != m.source:
-                bad.append(f"{label}: {m.vm_uuid} is not on {m.source}")
-            if m.target in w.hosts or m.target not in by_name:
-                bad.append(f"{label}: {m.vm_uuid} sent to {m.target}")
-            where[m.vm_uuid] = m.target
-        left = [u for u, h in where.items() if h in w.hosts]
-        if left:
-            bad.append(f"{label}: {len(left)} VMs left on its hosts")
-        check(label)
-    if seen != set(by_name):
-        bad.append(f"hosts never drained: {sorted(set(by_name) - seen)}")
-    return RollAudit(max(p[0] for p in peaks), max(p[1] for p in peaks), tuple(bad))

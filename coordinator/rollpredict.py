@@ -41,7 +41,7 @@ from hostmaint.coordinator.model import (
     predict_at,
 )
 from hostmaint.coordinator.planner import plan_drain, plan_strategy
-from hostmaint.coordinator.roll import DrainEstimate, DrainPredictor
+from hostmaint.coordinator.rolltypes import DrainEstimate, DrainPredictor
 from hostmaint.coordinator.simulator import Job, simulate
 
 _UNLIMITED = 1 << 62

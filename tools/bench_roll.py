@@ -52,15 +52,9 @@ from hostmaint.coordinator.model import (
     VmSpec,
     first_round_bytes,
 )
-from hostmaint.coordinator.roll import (
-    DrainPredictor,
-    RollHost,
-    RollPlan,
-    RollPolicy,
-    naive_roll,
-    plan_roll,
-    replay_roll,
-)
+from hostmaint.coordinator.roll import naive_roll, plan_roll
+from hostmaint.coordinator.rollaudit import replay_roll
+from hostmaint.coordinator.rolltypes import DrainPredictor, RollHost, RollPlan, RollPolicy
 from hostmaint.coordinator.scenarios import make_scenario
 
 HOST_MEMORY_BYTES = 512 * GIB

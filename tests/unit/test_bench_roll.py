@@ -10,7 +10,8 @@ from types import ModuleType
 
 import pytest
 
-from hostmaint.coordinator.roll import NO_HOST_DONE_REASON, replay_roll
+from hostmaint.coordinator.roll import NO_HOST_DONE_REASON
+from hostmaint.coordinator.rollaudit import replay_roll
 
 
 def _bench() -> ModuleType:

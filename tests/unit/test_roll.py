@@ -15,16 +15,14 @@ from hypothesis import strategies as st
 from hostmaint.coordinator import rollpredict
 from hostmaint.coordinator.model import GIB, DrainPolicy, Link, ServerGroup, TargetHost, VmSpec
 from hostmaint.coordinator.planner import plan_drain
-from hostmaint.coordinator.roll import (
-    NO_HOST_DONE_REASON,
+from hostmaint.coordinator.roll import NO_HOST_DONE_REASON, naive_roll, plan_roll
+from hostmaint.coordinator.rollaudit import replay_roll
+from hostmaint.coordinator.rolltypes import (
     DrainEstimate,
     RollHost,
     RollInfeasible,
     RollPlan,
     RollPolicy,
-    naive_roll,
-    plan_roll,
-    replay_roll,
 )
 
 
