@@ -23,7 +23,8 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from hostmaint.coordinator.model import GIB, Migration, Settings, VmSpec
+from hostmaint.coordinator.convergence import Migration
+from hostmaint.coordinator.model import GIB, Settings, VmSpec
 from hostmaint.coordinator.simulator import Job
 
 

@@ -17,7 +17,7 @@ Public API
   policy's ``max_parallel_per_source`` caps how many run at once;
 * ``longest_s``: the longest of those shortest run times.
 
-Each VM's shortest run is ``model.run_alone`` with the set-up at its least
+Each VM's shortest run is ``convergence.run_alone`` with the set-up at its least
 (``simulator.SETUP_JITTER``); one that converges with no allowed setting counts its
 first copy only.
 """
@@ -28,6 +28,7 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from hostmaint.coordinator.convergence import candidate_settings, run_alone
 from hostmaint.coordinator.model import (
     DEFAULT_PARAMS,
     DrainPolicy,
@@ -35,10 +36,8 @@ from hostmaint.coordinator.model import (
     ModelParams,
     Outcome,
     VmSpec,
-    candidate_settings,
     effective_bandwidth,
     first_round_bytes,
-    run_alone,
     zero_scan_s,
 )
 from hostmaint.coordinator.simulator import SETUP_JITTER

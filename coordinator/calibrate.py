@@ -38,12 +38,12 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 from hostmaint.coordinator.baselines import QueueStrategy
+from hostmaint.coordinator.convergence import Migration
 from hostmaint.coordinator.model import (
     DEFAULT_PARAMS,
     MIB,
     SEQUENTIAL_WRITER_BEHIND_FACTOR,
     Link,
-    Migration,
     ModelParams,
     Outcome,
     Settings,

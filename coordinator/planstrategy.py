@@ -12,19 +12,18 @@ from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 
 from hostmaint.coordinator import escalation
+from hostmaint.coordinator.convergence import Migration, run_alone
 from hostmaint.coordinator.dispatch import Slot, ready_to_start
 from hostmaint.coordinator.model import (
     FULLY_CAPABLE,
     MIB,
     HostCapabilities,
-    Migration,
     ModelParams,
     Outcome,
     Phase,
     Prediction,
     Settings,
     VmSpec,
-    run_alone,
 )
 from hostmaint.coordinator.simulator import Job
 

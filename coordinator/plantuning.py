@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import math
 
+from hostmaint.coordinator.convergence import predict_at, run_alone
 from hostmaint.coordinator.model import (
     DrainPolicy,
     ModelParams,
@@ -19,9 +20,7 @@ from hostmaint.coordinator.model import (
     Tuning,
     VmSpec,
     WriterKind,
-    predict_at,
     qemu_downtime_limit_ms,
-    run_alone,
 )
 from hostmaint.coordinator.planstrategy import (
     BURST_POLL_S,

@@ -11,7 +11,7 @@ Public API
     or so per host of 30 VMs.
 ``queued(link, policy, params=DEFAULT_PARAMS) -> DrainPredictor``
     quicker, for clouds of hundreds of hosts: each VM with the cheapest tuning that
-    converges at its share of the link (``model.predict_at`` at the link over the
+    converges at its share of the link (``convergence.predict_at`` at the link over the
     policy's ``max_parallel_per_source``, or alone on the link where no tuning converges
     at the share), started largest first, up to ``max_parallel_per_source`` at once and
     ``max_parallel_per_target`` per target, simulated (``simulator.simulate``). A VM that
@@ -27,18 +27,17 @@ import math
 from collections import Counter
 from collections.abc import Sequence
 
+from hostmaint.coordinator.convergence import Migration, predict_at
 from hostmaint.coordinator.model import (
     DEFAULT_PARAMS,
     DrainPolicy,
     Link,
-    Migration,
     ModelParams,
     Settings,
     TargetHost,
     Tuning,
     VmSpec,
     effective_bandwidth,
-    predict_at,
 )
 from hostmaint.coordinator.planner import plan_drain, plan_strategy
 from hostmaint.coordinator.rolltypes import DrainEstimate, DrainPredictor

@@ -3,7 +3,7 @@
 Public API
 ----------
 ``simulate(vms, strategy, link, params=DEFAULT_PARAMS, seed=0, policy=None) -> SimResult``
-    runs every VM's migration with the physics of ``model.Migration``; concurrent
+    runs every VM's migration with the physics of ``convergence.Migration``; concurrent
     migrations share the link max-min fairly (each capped by its own max bandwidth and
     the link's per-stream cap). Events: a migration's own events (setup done, bitmap
     sync, switch-over done, post-copy done), the strategy's control timers (downtime
@@ -33,11 +33,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
+from hostmaint.coordinator.convergence import Migration
 from hostmaint.coordinator.model import (
     DEFAULT_PARAMS,
     DrainPolicy,
     Link,
-    Migration,
     ModelParams,
     Outcome,
     Settings,

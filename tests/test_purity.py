@@ -20,6 +20,7 @@ PURE_MODULES = [
     "hostmaint.agent.tuning",
     "hostmaint.agent.types",
     "hostmaint.coordinator.model",
+    "hostmaint.coordinator.convergence",
     "hostmaint.coordinator.planner",
     "hostmaint.coordinator.planstrategy",
     "hostmaint.coordinator.plantuning",

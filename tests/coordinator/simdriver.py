@@ -25,6 +25,7 @@ import threading
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
+from hostmaint.coordinator.convergence import run_alone
 from hostmaint.coordinator.drivers.base import (
     ComputeHost,
     Conflict,
@@ -46,7 +47,6 @@ from hostmaint.coordinator.model import (
     Settings,
     VmSpec,
     effective_bandwidth,
-    run_alone,
 )
 
 MIB = 1024 * 1024

@@ -8,6 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from hostmaint.coordinator.convergence import predict, predict_at, run_alone
 from hostmaint.coordinator.model import (
     DEFAULT_PARAMS,
     MIB,
@@ -19,10 +20,7 @@ from hostmaint.coordinator.model import (
     Tuning,
     VmSpec,
     WriterKind,
-    predict,
-    predict_at,
     qemu_downtime_limit_ms,
-    run_alone,
 )
 
 MB = 1_000_000

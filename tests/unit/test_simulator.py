@@ -8,7 +8,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from hostmaint.coordinator import baselines
-from hostmaint.coordinator.model import MIB, Link, Migration, Outcome, Settings, VmSpec, WriterKind
+from hostmaint.coordinator.convergence import Migration
+from hostmaint.coordinator.model import MIB, Link, Outcome, Settings, VmSpec, WriterKind
 from hostmaint.coordinator.scenarios import make_scenario
 from hostmaint.coordinator.simulator import Job, share_bandwidth, simulate
 
