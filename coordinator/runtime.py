@@ -29,7 +29,6 @@ from hostmaint.coordinator.drivers.base import (
     NotFound,
     Unavailable,
 )
-from hostmaint.coordinator.drivers.direct import DirectDriver
 from hostmaint.coordinator.events import EventBus, Events
 from hostmaint.coordinator.gather import Inputs, gather
 from hostmaint.coordinator.journal import Journal, VmRow
@@ -324,8 +323,8 @@ class Runtime:
         )
 
     def cold_migration_supported(self) -> bool:
-        """Whether the driver can cold-migrate: the libvirt driver cannot (no image service)."""
-        return not isinstance(self.driver, DirectDriver)
+        """Whether the driver can cold-migrate (the libvirt driver cannot: no image service)."""
+        return self.driver.can_cold_migrate
 
     def non_live(self, inst: Instance, inputs: Inputs, policy_pb: cpb.DrainPolicy) -> NonLive:
         return non_live(

@@ -210,6 +210,11 @@ class Unavailable(DriverError):
 class MigrationDriver(Protocol):
     """Drives VM migrations on a cloud; every method may raise a DriverError."""
 
+    @property
+    def can_cold_migrate(self) -> bool:
+        """Whether `cold_migrate` can move a VM on this cloud; when it cannot, a drain
+        leaves the VMs that cannot move live in place."""
+
     def disable_host(self, host: str, reason: str) -> None:
         """Stop new VMs landing on `host`, recording `reason`."""
 

@@ -59,6 +59,11 @@ def _driver_error(e: errors.CoordinatorError, what: str) -> DriverError:
 
 
 class DirectDriver:
+    """MigrationDriver over the hosts' agents and libvirt, without a cloud."""
+
+    # no image service to carry a stopped VM's disks
+    can_cold_migrate = False
+
     def __init__(
         self,
         registry: AgentRegistry,

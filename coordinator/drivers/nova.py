@@ -165,6 +165,8 @@ def _client_error(status: int, message: str, method: str, path: str) -> DriverEr
 class NovaDriver:
     """MigrationDriver over the Nova compute API."""
 
+    can_cold_migrate = True  # Nova's migrate and confirm-resize
+
     def __init__(
         self,
         conn: openstack.connection.Connection,

@@ -101,6 +101,8 @@ class _Vm:
 class SimDriver:
     """A MigrationDriver over a table of hosts and VMs; `clock` is seconds (monotonic)."""
 
+    can_cold_migrate = False  # cold_migrate refuses: the simulated cloud has none
+
     def __init__(
         self,
         hosts: Iterable[SimHost],
