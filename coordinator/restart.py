@@ -6,6 +6,9 @@ migrations are adopted at once, each with its planned settings and its ladder
 where it stood (`resume.py`); one that ended meanwhile is recorded as it ended,
 not tuned; queued VMs that left the host meanwhile are done; a burst the previous
 coordinator left is undone. Nothing is measured.
+
+What each VM's journal row and the world amount to is decided in `reconcile.py`
+(pure); this module reads the world and journals the decisions.
 """
 
 from __future__ import annotations
@@ -14,11 +17,12 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from hostmaint.coordinator import escalation, resume, views
-from hostmaint.coordinator.drivers.base import DriverError, MigrationState, MigrationStatus
+from hostmaint.coordinator import escalation, reconcile, resume, views
+from hostmaint.coordinator.drivers.base import DriverError, MigrationStatus
 from hostmaint.coordinator.journal import STEP_DONE, STEP_INTENT, DrainRow, StepRow, VmRow
 from hostmaint.coordinator.nonlive import is_cold
 from hostmaint.coordinator.outcomes import Outcomes
+from hostmaint.coordinator.reconcile import Verdict
 from hostmaint.coordinator.runtime import DrainRun, Runtime, ref_from_json, ref_json
 from hostmaint.coordinator.states import VmState
 from hostmaint.protos import coordinator_pb2 as cpb
@@ -77,12 +81,14 @@ class Restart:
             burst_left = burst_left or done.holding
             if row.state != VmState.MIGRATING:
                 continue
-            if is_cold(row):
-                self._adopt_logged(run, row, None)
-                continue
-            status = self._status_of(row)
-            if status is not None and status.state.finished:
+            cold = is_cold(row)
+            # a cold migration's follower reads the cloud's record itself
+            status = None if cold else self._status_of(row)
+            if reconcile.journaled_start(cold=cold, record=status).verdict is Verdict.ENDED:
+                assert status is not None
                 ended.append((row, status, done))
+            elif cold:
+                self._adopt_logged(run, row, None)
             else:
                 running.append(_Running(row, done))
         if burst_left:
@@ -167,41 +173,46 @@ class Restart:
             ref = rt.driver.latest_migration(vm_uuid)
         except DriverError as e:
             LOG.warning("cannot check migration after restart vm=%s error=%s", vm_uuid, e)
+        status = None
         if ref is not None:
             try:
                 status = rt.driver.get_migration(ref)
             except DriverError:
                 status = None
-            if status is not None and (not status.state.finished or rt.moved(run, vm_uuid)):
-                rt.journal.end_step(step_id, True, "started before the restart")
-                rt.journal.update_vm(
-                    run.drain_id,
-                    vm_uuid,
-                    state=VmState.MIGRATING,
-                    migration_ref=ref_json(ref),
-                    attempts=row.attempts + 1,
-                    started_at=step.at,
-                    target_host=status.dest_host or row.planned_target,
-                )
-                return
-        host = rt.host_of(vm_uuid)
-        if live and host is not None and host != run.host and row.state == VmState.MIGRATING:
-            # No record of the job any more (it ended with the process that watched it), but
-            # the VM runs elsewhere: this start happened, and it completed. (A cold migration
-            # that moved still waits for its confirmation: not this shortcut.)
-            rt.journal.end_step(step_id, True, f"started before the restart; runs on {host}")
+        decision = reconcile.start_intent(
+            live=live,
+            row_state=row.state,
+            record=status,
+            host=rt.host_of(vm_uuid),
+            source=run.host,
+            planned_target=row.planned_target,
+        )
+        if decision.verdict is Verdict.STARTED:
+            assert ref is not None
+            rt.journal.end_step(step_id, True, decision.note)
+            rt.journal.update_vm(
+                run.drain_id,
+                vm_uuid,
+                state=VmState.MIGRATING,
+                migration_ref=ref_json(ref),
+                attempts=row.attempts + 1,
+                started_at=step.at,
+                target_host=decision.target_host,
+            )
+        elif decision.verdict is Verdict.COMPLETED:
+            rt.journal.end_step(step_id, True, decision.note)
             rt.journal.update_vm(
                 run.drain_id,
                 vm_uuid,
                 state=VmState.COMPLETED,
                 attempts=row.attempts + 1,
                 started_at=step.at,
-                target_host=host,
+                target_host=decision.target_host,
                 finished_at=rt.clock(),
                 error="",
             )
-            return
-        rt.journal.end_step(step_id, False, "not started before the restart")
+        else:
+            rt.journal.end_step(step_id, False, decision.note)
 
     def _reconcile_confirm(self, run: DrainRun, step_id: int, vm_uuid: str) -> None:
         """A confirmation with no outcome: the cloud's record says whether it arrived.
@@ -210,28 +221,25 @@ class Restart:
         only a migration still waiting for it.
         """
         row = self.rt.journal.vm(run.drain_id, vm_uuid)
-        status = self._status_of(row)
-        if status is None or status.state in (
-            MigrationState.AWAITING_CONFIRM,
-            MigrationState.UNKNOWN,
-        ):
-            self.rt.journal.end_step(step_id, False, "not confirmed before the restart")
-        else:
-            self.rt.journal.end_step(
-                step_id, True, f"confirmed before the restart ({status.cloud_status})"
-            )
+        decision = reconcile.confirm_intent(self._status_of(row))
+        confirmed = decision.verdict is Verdict.CONFIRMED
+        self.rt.journal.end_step(step_id, confirmed, decision.note)
 
     def _reconcile_unstarted(self, run: DrainRun, row: VmRow) -> VmRow:
         rt = self.rt
-        # A cold migration moves the VM before it is confirmed: look for it first.
-        found = rt.started_anyway(row.vm_uuid) if is_cold(row) else None
-        if found is None:
-            if rt.moved(run, row.vm_uuid):
-                return rt.journal.update_vm(
-                    run.drain_id, row.vm_uuid, state=VmState.COMPLETED, finished_at=rt.clock()
-                )
-            found = rt.started_anyway(row.vm_uuid)
-        if found is not None:
+        found = rt.started_anyway(row.vm_uuid)
+        decision = reconcile.unstarted(
+            cold=is_cold(row),
+            running=found is not None,
+            host=rt.host_of(row.vm_uuid),
+            source=run.host,
+        )
+        if decision.verdict is Verdict.COMPLETED:
+            return rt.journal.update_vm(
+                run.drain_id, row.vm_uuid, state=VmState.COMPLETED, finished_at=rt.clock()
+            )
+        if decision.verdict is Verdict.STARTED:
+            assert found is not None
             return rt.journal.update_vm(
                 run.drain_id,
                 row.vm_uuid,
@@ -270,15 +278,20 @@ class Restart:
         )
         if done.throttle_pct:
             self.outcomes.unthrottle(run, row)
-        host = rt.host_of(row.vm_uuid)
-        if status.state is not MigrationState.COMPLETED and (host is None or host == run.host):
-            self.outcomes.finish(run, row, False, 0.0, f"migration {status.state} during a restart")
+        decision = reconcile.ended(
+            record=status,
+            host=rt.host_of(row.vm_uuid),
+            source=run.host,
+            row_target=row.target_host,
+        )
+        if decision.verdict is Verdict.FAILED:
+            self.outcomes.finish(run, row, False, 0.0, decision.note)
             return
         row = rt.journal.update_vm(
             run.drain_id,
             row.vm_uuid,
             state=VmState.COMPLETED,
-            target_host=status.dest_host or host or row.target_host,
+            target_host=decision.target_host,
             finished_at=rt.clock(),
             error="",
         )
@@ -302,7 +315,7 @@ class Restart:
             return
         for row in queued:
             host = None if row.vm_uuid in here else rt.host_of(row.vm_uuid)
-            if host is not None and host != run.host:
+            if reconcile.queued(host, run.host).verdict is Verdict.COMPLETED:
                 rt.journal.update_vm(
                     run.drain_id, row.vm_uuid, state=VmState.COMPLETED, finished_at=rt.clock()
                 )

@@ -394,10 +394,6 @@ class Runtime:
         except DriverError:
             return None
 
-    def moved(self, run: DrainRun, vm_uuid: str) -> bool:
-        host = self.host_of(vm_uuid)
-        return host is not None and host != run.host
-
     def started_anyway(self, vm_uuid: str) -> MigrationRef | None:
         """The VM's migration the cloud runs, if any."""
         try:

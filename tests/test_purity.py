@@ -40,6 +40,7 @@ PURE_MODULES = [
     "hostmaint.coordinator.cliformat",
     "hostmaint.coordinator.limits",
     "hostmaint.coordinator.resume",
+    "hostmaint.coordinator.reconcile",
     "hostmaint.coordinator.roll",
     "hostmaint.coordinator.rolltypes",
     "hostmaint.coordinator.rollcloud",
