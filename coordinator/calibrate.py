@@ -128,7 +128,8 @@ def read_rows(lines: Iterable[str]) -> list[LabRow]:
     return rows
 
 
-def _row_vm(row: LabRow, i: int) -> VmSpec:
+def row_vm(row: LabRow, i: int) -> VmSpec:
+    """The `i`-th VM of a lab row as the model sees it."""
     writer = WriterKind.CPU if row.mode.endswith("/cpu") else WriterKind.PACED
     return VmSpec(
         uuid=f"lab-{i}",
@@ -141,7 +142,8 @@ def _row_vm(row: LabRow, i: int) -> VmSpec:
     )
 
 
-def _row_settings(row: LabRow) -> Settings:
+def row_settings(row: LabRow) -> Settings:
+    """How the lab row's migrations were started, as the model's settings."""
     mode = row.mode.split("/")[0]
     if mode in ("postcopy", "post-copy"):
         return Settings(
@@ -214,10 +216,10 @@ def predict_group(
     """The row's ``concurrency`` identical migrations, started at ``offsets_s`` (default all
     at once): (converged, total_s, downtime_ms, rounds) of each, in order."""
     n = row.concurrency if offsets_s is None else len(offsets_s)
-    vms = [_row_vm(row, i) for i in range(n)]
+    vms = [row_vm(row, i) for i in range(n)]
     horizon = _horizon_s(row)
     link = Link(row.link_mbit * 1e6 / 8)
-    res = simulate(vms, _Give(vms, _row_settings(row), horizon, offsets_s), link, params, seed=1)
+    res = simulate(vms, _Give(vms, row_settings(row), horizon, offsets_s), link, params, seed=1)
     by_uuid = {r.uuid: r for r in res.vms}
     out = []
     for vm in vms:

@@ -162,7 +162,7 @@ def gather(
             rates = source.measure_dirty_rate(wanted, dirty_rate_window_s)
             for uuid, rate in rates.items():
                 domains[uuid].dirty_rate.CopyFrom(rate)
-            readings = _windows(
+            readings = measure_windows(
                 source,
                 domains,
                 rates,
@@ -194,7 +194,7 @@ def gather(
     )
 
 
-def _windows(
+def measure_windows(
     source: AgentClient,
     domains: dict[str, apb.Domain],
     rates: dict[str, apb.DirtyRate],

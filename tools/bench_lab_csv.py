@@ -378,7 +378,7 @@ class Bench:
         deadline = time.monotonic() + UNKNOWN_OUTCOME_WAIT_S
         while True:
             hosts = [h.name for h in self.lab.running_on(job.spec.name)]
-            done = _outcome_of_placement(job.source.name, job.target.name, hosts)
+            done = outcome_of_placement(job.source.name, job.target.name, hosts)
             if done is True:
                 return _completed_on_target(job)
             if done is False:
@@ -469,7 +469,7 @@ class OutcomeUnknown(Exception):
         self.running_on = running_on
 
 
-def _outcome_of_placement(
+def outcome_of_placement(
     job_source: str, job_target: str, running_on: Sequence[str]
 ) -> bool | None:
     """Completed (True), not (False), or unknown (None) from where the guest runs."""

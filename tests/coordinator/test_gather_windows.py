@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from hostmaint.coordinator import errors
 from hostmaint.coordinator.dirty import Writer, readings_of, writer_of
-from hostmaint.coordinator.gather import _windows
+from hostmaint.coordinator.gather import measure_windows
 from hostmaint.coordinator.model import GIB, MIB
 from hostmaint.protos import agent_pb2 as apb
 
@@ -46,7 +46,7 @@ def _domains() -> dict[str, apb.Domain]:
 
 def _run(source: Source, notes: list[str]) -> dict[str, Writer]:
     rates = source.measure_dirty_rate(list(GUESTS), 2)
-    readings = _windows(source, _domains(), rates, 2, 8, LINK * 0.1, notes.append)
+    readings = measure_windows(source, _domains(), rates, 2, 8, LINK * 0.1, notes.append)
     return {u: writer_of(r) for u, r in readings.items()}
 
 

@@ -95,8 +95,8 @@ def test_rows_read_back_by_calibrate(converged: bool) -> None:
     assert list(row) == list(bench.COLUMNS)
     (back,) = calibrate.read_rows(io.StringIO(_csv([row])))
     assert back.mode == "auto_converge/cpu"
-    assert calibrate._row_vm(back, 0).writer is WriterKind.CPU
-    assert calibrate._row_settings(back).auto_converge
+    assert calibrate.row_vm(back, 0).writer is WriterKind.CPU
+    assert calibrate.row_settings(back).auto_converge
     assert (back.size_mib, back.fill_mib, back.working_set_mib) == (
         spec.memory_mib,
         spec.fill_mib,
@@ -120,7 +120,7 @@ def test_mean_rate_of_progress_lines() -> None:
 
 
 def test_outcome_from_where_the_guest_runs() -> None:
-    assert bench._outcome_of_placement("h0", "h1", ["h1"]) is True
-    assert bench._outcome_of_placement("h0", "h1", ["h0"]) is False
-    assert bench._outcome_of_placement("h0", "h1", []) is None  # paused at the switch-over
-    assert bench._outcome_of_placement("h0", "h1", ["h0", "h1"]) is None
+    assert bench.outcome_of_placement("h0", "h1", ["h1"]) is True
+    assert bench.outcome_of_placement("h0", "h1", ["h0"]) is False
+    assert bench.outcome_of_placement("h0", "h1", []) is None  # paused at the switch-over
+    assert bench.outcome_of_placement("h0", "h1", ["h0", "h1"]) is None

@@ -99,9 +99,9 @@ def test_a_row_given_up_on_holds_the_model_to_the_same_bound() -> None:
 
 def test_fill_sits_beside_the_working_set() -> None:
     row = dataclasses.replace(_row(True, 10.0), size_mib=256, fill_mib=32, working_set_mib=32)
-    assert calibrate._row_vm(row, 0).nonzero_bytes == 64 * 2**20
+    assert calibrate.row_vm(row, 0).nonzero_bytes == 64 * 2**20
     full = dataclasses.replace(row, fill_mib=250)
-    assert calibrate._row_vm(full, 0).nonzero_bytes == 256 * 2**20  # never above the size
+    assert calibrate.row_vm(full, 0).nonzero_bytes == 256 * 2**20  # never above the size
 
 
 def test_repeatability_is_the_spread_of_repeated_runs_around_their_median() -> None:
