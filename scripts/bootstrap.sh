@@ -37,7 +37,7 @@ if [ ! -f "$stamp" ] || [ setup.py -nt "$stamp" ] || [ constraints.txt -nt "$sta
   echo "bootstrap: installing hostmaint into .venv (log: .venv/install.log)"
   if ! { .venv/bin/pip install --disable-pip-version-check -U pip &&
          .venv/bin/pip install --disable-pip-version-check -c constraints.txt \
-           -e '.[test,postgres,ha,metrics]' mypy ruff types-protobuf types-psutil tox; } > .venv/install.log 2>&1; then
+           -e '.[test,postgres,ha,metrics,osc]' mypy ruff types-protobuf types-psutil tox; } > .venv/install.log 2>&1; then
     tail -40 .venv/install.log >&2
     exit 1
   fi
