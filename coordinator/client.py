@@ -203,9 +203,30 @@ def policy_from_args(args: argparse.Namespace) -> pb.DrainPolicy:
             else pb.NON_LIVE_ACTION_UNSPECIFIED
         ),
     )
-    if args.max_downtime_ms is not None:
-        check_range("--max-downtime-ms", args.max_downtime_ms, 1, MAX_DOWNTIME_MS)
-        policy.max_downtime_ms = args.max_downtime_ms
+    # option, its value, its bounds, the policy's field
+    limits = (
+        ("--max-downtime-ms", args.max_downtime_ms, 1, MAX_DOWNTIME_MS, "max_downtime_ms"),
+        ("--max-parallel", args.max_parallel, 1, MAX_PARALLEL, "max_parallel_per_source"),
+        (
+            "--max-parallel-per-target",
+            args.max_parallel_per_target,
+            1,
+            MAX_PARALLEL,
+            "max_parallel_per_target",
+        ),
+        ("--deadline-s", args.deadline_s, 1, MAX_DEADLINE_S, "deadline_s"),
+        (
+            "--postcopy-stretch",
+            args.postcopy_stretch,
+            0,
+            MAX_POSTCOPY_STRETCH,
+            "postcopy_avoidance_stretch",
+        ),
+    )
+    for option, value, low, high, field in limits:
+        if value is not None:
+            check_range(option, value, low, high)
+            setattr(policy, field, value)
     for item in args.vm_max_downtime_ms:
         vm, sep, value = item.partition("=")
         try:
@@ -217,18 +238,6 @@ def policy_from_args(args: argparse.Namespace) -> pb.DrainPolicy:
             raise UsageError(f"--vm-max-downtime-ms must be UUID=N, not {item!r}")
         check_range("--vm-max-downtime-ms", limit_ms, 1, MAX_DOWNTIME_MS)
         policy.vm_max_downtime_ms[vm_uuid] = limit_ms
-    if args.max_parallel is not None:
-        check_range("--max-parallel", args.max_parallel, 1, MAX_PARALLEL)
-        policy.max_parallel_per_source = args.max_parallel
-    if args.max_parallel_per_target is not None:
-        check_range("--max-parallel-per-target", args.max_parallel_per_target, 1, MAX_PARALLEL)
-        policy.max_parallel_per_target = args.max_parallel_per_target
-    if args.deadline_s is not None:
-        check_range("--deadline-s", args.deadline_s, 1, MAX_DEADLINE_S)
-        policy.deadline_s = args.deadline_s
-    if args.postcopy_stretch is not None:
-        check_range("--postcopy-stretch", args.postcopy_stretch, 0, MAX_POSTCOPY_STRETCH)
-        policy.postcopy_avoidance_stretch = args.postcopy_stretch
     targets: list[str] = []
     for target in args.target:
         target = check_host(target, "--target")
