@@ -11,6 +11,7 @@ PACKAGES = {
     "hostmaint.protos": "protos",
     "hostmaint.lab": "lab",
     "hostmaint.common": "common",
+    "hostmaint.osc": "osc",
 }
 
 setup(
@@ -31,6 +32,7 @@ setup(
         ],
         "hostmaint.common": ["py.typed"],
         "hostmaint.lab": ["py.typed", "guest_src/*"],
+        "hostmaint.osc": ["py.typed"],
     },
     install_requires=[
         "grpcio>=1.76,<2",
@@ -61,6 +63,8 @@ setup(
         "ha": ["tooz>=6.0", "etcd3gw>=2.0"],
         # Prometheus metrics on both daemons ([metrics] listen).
         "metrics": ["prometheus-client>=0.20,<1"],
+        # `openstack maintenance ...`: the OpenStack client plugin.
+        "osc": ["python-openstackclient>=7.0", "osc-lib>=3.0", "cliff>=4.0"],
     },
     entry_points={
         "console_scripts": [
@@ -69,6 +73,16 @@ setup(
             "hostmaint-coordinator-db=hostmaint.coordinator.migrations.cli:main",
             "hostmaint=hostmaint.coordinator.cli:main",
             "hostmaint-lab=hostmaint.lab.cli:main",
+        ],
+        # `openstack maintenance ...` (the osc extra): the plugin and its commands.
+        "openstack.cli.extension": ["maintenance=hostmaint.osc.plugin"],
+        "openstack.maintenance.v1": [
+            "maintenance_plan=hostmaint.osc.v1:PlanMaintenance",
+            "maintenance_drain=hostmaint.osc.v1:DrainMaintenance",
+            "maintenance_status=hostmaint.osc.v1:ShowMaintenance",
+            "maintenance_cancel=hostmaint.osc.v1:CancelMaintenance",
+            "maintenance_undrain=hostmaint.osc.v1:UndrainMaintenance",
+            "maintenance_agent_list=hostmaint.osc.v1:ListMaintenanceAgents",
         ],
         "oslo.config.opts": [
             "hostmaint.agent=hostmaint.agent.config:list_opts",

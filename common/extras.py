@@ -5,7 +5,10 @@ A plain install serves a single coordinator on SQLite and the agent; the
 extra (psycopg) a `postgresql+psycopg://` `[database] url`, the `metrics` extra
 (prometheus-client) the `[metrics] listen` endpoint. Their modules
 are imported only where that option is set, through `require`, never at
-module load.
+module load. The `osc` extra (python-openstackclient, osc-lib, cliff) adds
+`openstack maintenance ...`: the OpenStack client finds the plugin (hostmaint.osc)
+through its entry points and is the only one to import it, so it has
+nothing to require.
 """
 
 from __future__ import annotations

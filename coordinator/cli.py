@@ -35,77 +35,73 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import queue
-import re
 import shutil
 import sys
 import threading
 import time
-import uuid
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, TextIO
 
 import grpc
-from google.protobuf import json_format, message
+from google.protobuf import message
 
-from hostmaint.common import daemon
 from hostmaint.coordinator import clilive, cliview, report, timeline
-from hostmaint.coordinator.limits import (
-    MAX_DEADLINE_S,
-    MAX_DOWNTIME_MS,
-    MAX_PARALLEL,
-    MAX_POSTCOPY_STRETCH,
+from hostmaint.coordinator.client import (
+    COORDINATOR_ENV,
+    DEFAULT_COORDINATOR,
+    DEFAULT_TIMEOUT_S,
+    EXIT_BY_DRAIN_STATE,
+    EXIT_CANCELLED,
+    EXIT_DETACHED,
+    EXIT_ERROR,
+    EXIT_FAILED,
+    EXIT_INCOMPLETE,
+    EXIT_NOT_FOUND,
+    EXIT_OK,
+    EXIT_REFUSED,
+    EXIT_UNAVAILABLE,
+    EXIT_USAGE,
+    MAX_REASON_CHARS,
+    Stub,
+    UsageError,
+    check_address,
+    check_host,
+    check_reason,
+    check_timeout,
+    check_tls,
+    connect,
+    policy_from_args,
+    policy_options,
+    rpc_error,
+    to_json,
 )
+from hostmaint.coordinator.limits import MAX_DOWNTIME_MS
 from hostmaint.protos import coordinator_pb2 as pb
-from hostmaint.protos import coordinator_pb2_grpc
+
+__all__ = [  # what tests and scripts read from here
+    "COORDINATOR_ENV",
+    "EXIT_CANCELLED",
+    "EXIT_DETACHED",
+    "EXIT_ERROR",
+    "EXIT_FAILED",
+    "EXIT_INCOMPLETE",
+    "EXIT_NOT_FOUND",
+    "EXIT_OK",
+    "EXIT_REFUSED",
+    "EXIT_UNAVAILABLE",
+    "EXIT_USAGE",
+    "MAX_DOWNTIME_MS",
+    "MAX_REASON_CHARS",
+    "main",
+]
 
 PROG = "hostmaint"
-DEFAULT_COORDINATOR = "127.0.0.1:7711"
-COORDINATOR_ENV = "HOSTMAINT_COORDINATOR"
-DEFAULT_TIMEOUT_S = 30.0
-
-EXIT_OK = 0
-EXIT_ERROR = 1
-EXIT_USAGE = 2
-EXIT_NOT_FOUND = 3
-EXIT_REFUSED = 4
-EXIT_UNAVAILABLE = 5
-EXIT_INCOMPLETE = 6
-EXIT_FAILED = 7
-EXIT_CANCELLED = 8
-EXIT_DETACHED = 130
-
-EXIT_BY_CODE = {
-    grpc.StatusCode.INVALID_ARGUMENT: EXIT_USAGE,
-    grpc.StatusCode.OUT_OF_RANGE: EXIT_USAGE,
-    grpc.StatusCode.NOT_FOUND: EXIT_NOT_FOUND,
-    grpc.StatusCode.FAILED_PRECONDITION: EXIT_REFUSED,
-    grpc.StatusCode.ABORTED: EXIT_REFUSED,
-    grpc.StatusCode.ALREADY_EXISTS: EXIT_REFUSED,
-    grpc.StatusCode.UNAVAILABLE: EXIT_UNAVAILABLE,
-    grpc.StatusCode.DEADLINE_EXCEEDED: EXIT_UNAVAILABLE,
-}
-EXIT_BY_DRAIN_STATE = {
-    pb.DRAIN_STATE_COMPLETED: EXIT_OK,
-    pb.DRAIN_STATE_INCOMPLETE: EXIT_INCOMPLETE,
-    pb.DRAIN_STATE_FAILED: EXIT_FAILED,
-    pb.DRAIN_STATE_CANCELLED: EXIT_CANCELLED,
-}
-
-# Bounds of what a request may ask for; outside them the CLI refuses before sending.
-MAX_TIMEOUT_S = 3600.0
-MAX_REASON_CHARS = 1000
-HOST_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,252}$")
 TICK_S = 0.5  # how often the live view redraws between events
 HIDE_CURSOR = "\x1b[?25l"
 SHOW_CURSOR = "\x1b[?25h"
-
-
-class UsageError(Exception):
-    pass
 
 
 # ---- arguments ---------------------------------------------------------------------------
@@ -138,68 +134,6 @@ def _global_options(parser: argparse.ArgumentParser, *, suppress: bool) -> None:
     parser.add_argument("--ca", default=default(""), help="CA certificate (PEM)")
 
 
-def _policy_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("host", metavar="HOST", help="the compute host to drain")
-    parser.add_argument(
-        "--max-downtime-ms",
-        type=int,
-        default=None,
-        metavar="N",
-        help=f"real downtime accepted per VM, 1..{MAX_DOWNTIME_MS} (default: the coordinator's)",
-    )
-    parser.add_argument(
-        "--vm-max-downtime-ms",
-        action="append",
-        default=[],
-        metavar="UUID=N",
-        help="a per-VM downtime limit (repeatable)",
-    )
-    parser.add_argument(
-        "--max-parallel",
-        type=int,
-        default=None,
-        metavar="N",
-        help=f"migrations at once from the host, 1..{MAX_PARALLEL}",
-    )
-    parser.add_argument(
-        "--max-parallel-per-target",
-        type=int,
-        default=None,
-        metavar="N",
-        help=f"migrations at once into one target, 1..{MAX_PARALLEL}",
-    )
-    parser.add_argument(
-        "--allow-postcopy", action="store_true", help="allow post-copy as a last resort"
-    )
-    parser.add_argument(
-        "--postcopy-stretch",
-        type=float,
-        default=None,
-        metavar="F",
-        help="with --allow-postcopy: how much longer than the soonest plan (a fraction, "
-        f"0..{MAX_POSTCOPY_STRETCH:g}) the drain may take to send fewer VMs through "
-        "post-copy; 0: the soonest plan (default: the coordinator's)",
-    )
-    parser.add_argument(
-        "--no-auto-converge", action="store_true", help="forbid auto-converge (vCPU throttling)"
-    )
-    parser.add_argument(
-        "--deadline-s", type=float, default=None, metavar="S", help="seconds the drain may take"
-    )
-    parser.add_argument(
-        "--target",
-        action="append",
-        default=[],
-        metavar="HOST",
-        help="only migrate to this host (repeatable); default: any enabled host",
-    )
-    parser.add_argument(
-        "--cold-migrate-stopped",
-        action="store_true",
-        help="cold-migrate shut-off, paused and suspended VMs instead of leaving them",
-    )
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog=PROG,
@@ -216,10 +150,10 @@ def build_parser() -> argparse.ArgumentParser:
         return sub
 
     plan = command("plan", "print the plan for draining a host; nothing changes")
-    _policy_options(plan)
+    policy_options(plan)
 
     drain = command("drain", "disable a host and migrate every VM away")
-    _policy_options(drain)
+    policy_options(drain)
     drain.add_argument("--reason", default="", metavar="TEXT", help="why (kept with the drain)")
     drain.add_argument("--dry-run", action="store_true", help="print the plan only")
     drain.add_argument(
@@ -253,99 +187,22 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _check_host(host: str, what: str = "HOST") -> str:
-    host = host.strip()
-    if not host:
-        raise UsageError(f"{what} must not be empty")
-    if not HOST_RE.match(host):
-        raise UsageError(f"{what} {host!r} is not a host name")
-    return host
-
-
-def _check_range(name: str, value: float, low: float, high: float) -> None:
-    if not math.isfinite(value) or not low <= value <= high:
-        raise UsageError(f"{name} must be between {low:g} and {high:g}, not {value:g}")
-
-
-def _check_address(address: str) -> str:
-    if address.startswith(("unix:", "dns:", "ipv4:", "ipv6:")):
-        return address
-    host, sep, port = address.rpartition(":")
-    if not sep or not host or not port.isdigit() or not 1 <= int(port) <= 65535:
-        raise UsageError(f"--coordinator must be HOST:PORT, not {address!r}")
-    return address
-
-
-def policy_from_args(args: argparse.Namespace) -> pb.DrainPolicy:
-    """The policy the options ask for, checked; raises UsageError."""
-    policy = pb.DrainPolicy(
-        allow_postcopy=args.allow_postcopy,
-        forbid_auto_converge=args.no_auto_converge,
-        non_live_action=(
-            pb.NON_LIVE_ACTION_COLD_MIGRATE
-            if args.cold_migrate_stopped
-            else pb.NON_LIVE_ACTION_UNSPECIFIED
-        ),
-    )
-    if args.max_downtime_ms is not None:
-        _check_range("--max-downtime-ms", args.max_downtime_ms, 1, MAX_DOWNTIME_MS)
-        policy.max_downtime_ms = args.max_downtime_ms
-    for item in args.vm_max_downtime_ms:
-        vm, sep, value = item.partition("=")
-        try:
-            vm_uuid = str(uuid.UUID(vm.strip()))
-            limit_ms = int(value)
-        except ValueError:
-            raise UsageError(f"--vm-max-downtime-ms must be UUID=N, not {item!r}") from None
-        if not sep:
-            raise UsageError(f"--vm-max-downtime-ms must be UUID=N, not {item!r}")
-        _check_range("--vm-max-downtime-ms", limit_ms, 1, MAX_DOWNTIME_MS)
-        policy.vm_max_downtime_ms[vm_uuid] = limit_ms
-    if args.max_parallel is not None:
-        _check_range("--max-parallel", args.max_parallel, 1, MAX_PARALLEL)
-        policy.max_parallel_per_source = args.max_parallel
-    if args.max_parallel_per_target is not None:
-        _check_range("--max-parallel-per-target", args.max_parallel_per_target, 1, MAX_PARALLEL)
-        policy.max_parallel_per_target = args.max_parallel_per_target
-    if args.deadline_s is not None:
-        _check_range("--deadline-s", args.deadline_s, 1, MAX_DEADLINE_S)
-        policy.deadline_s = args.deadline_s
-    if args.postcopy_stretch is not None:
-        _check_range("--postcopy-stretch", args.postcopy_stretch, 0, MAX_POSTCOPY_STRETCH)
-        policy.postcopy_avoidance_stretch = args.postcopy_stretch
-    targets: list[str] = []
-    for target in args.target:
-        target = _check_host(target, "--target")
-        if target == args.host:
-            raise UsageError(f"--target {target} is the host being drained")
-        if target not in targets:
-            targets.append(target)
-    policy.target_hosts.extend(targets)
-    return policy
-
-
 def _check_args(args: argparse.Namespace) -> None:
     """Everything checkable before a call; raises UsageError."""
     if args.coordinator is None:
         args.coordinator = os.environ.get(COORDINATOR_ENV) or DEFAULT_COORDINATOR
-    _check_address(args.coordinator)
-    _check_range("--timeout", args.timeout, 0.001, MAX_TIMEOUT_S)
-    tls = (args.cert, args.key, args.ca)
-    if any(tls):
-        if not all(tls):
-            raise UsageError("TLS needs all of --cert, --key and --ca")
-        for name, path in zip(("--cert", "--key", "--ca"), tls, strict=True):
-            if not Path(path).is_file():
-                raise UsageError(f"{name} {path}: no such file")
+    check_address(args.coordinator)
+    check_timeout(args.timeout)
+    args.tls = check_tls(args.cert, args.key, args.ca)
     if args.command in ("plan", "drain", "cancel", "undrain"):
-        args.host = _check_host(args.host)
+        args.host = check_host(args.host)
     if args.command in ("plan", "drain"):
         args.policy = policy_from_args(args)
-    if args.command == "drain" and len(args.reason) > MAX_REASON_CHARS:
-        raise UsageError(f"--reason is longer than {MAX_REASON_CHARS} characters")
+    if args.command == "drain":
+        check_reason(args.reason)
     if args.command == "status":
         if args.host:
-            args.host = _check_host(args.host)
+            args.host = check_host(args.host)
         if not args.host and not args.drain_id.strip():
             raise UsageError("status needs HOST or --drain-id")
     if args.command in ("status", "cancel") and args.drain_id:
@@ -361,12 +218,6 @@ def _check_args(args: argparse.Namespace) -> None:
 # ---- output ------------------------------------------------------------------------------
 
 
-def to_json(msg: message.Message) -> dict[str, Any]:
-    return json_format.MessageToDict(
-        msg, preserving_proto_field_name=True, always_print_fields_with_no_presence=True
-    )
-
-
 def _print_message(msg: message.Message, text: str, as_json: bool) -> None:
     out = sys.stdout
     if as_json:
@@ -377,16 +228,12 @@ def _print_message(msg: message.Message, text: str, as_json: bool) -> None:
 
 
 def _rpc_error(err: grpc.RpcError) -> int:
-    code = err.code() if isinstance(err, grpc.Call) else grpc.StatusCode.UNKNOWN
-    details = err.details() if isinstance(err, grpc.Call) else str(err)
-    sys.stderr.write(f"{PROG}: {code.name}: {details or 'no details'}\n")
-    return EXIT_BY_CODE.get(code, EXIT_ERROR)
+    code, text = rpc_error(err)
+    sys.stderr.write(f"{PROG}: {text}\n")
+    return code
 
 
 # ---- commands ----------------------------------------------------------------------------
-
-
-Stub = coordinator_pb2_grpc.CoordinatorStub
 
 
 def cmd_plan(stub: Stub, args: argparse.Namespace) -> int:
@@ -592,10 +439,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_usage(sys.stderr)
         sys.stderr.write(f"{PROG}: error: {err}\n")
         return EXIT_USAGE
-    tls = daemon.TlsFiles(args.cert, args.key, args.ca)
     try:
-        with daemon.channel(args.coordinator, tls) as channel:
-            stub = coordinator_pb2_grpc.CoordinatorStub(channel)
+        with connect(args.coordinator, args.tls) as stub:
             return COMMANDS[args.command](stub, args)
     except grpc.RpcError as err:
         return _rpc_error(err)

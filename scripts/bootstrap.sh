@@ -1,18 +1,19 @@
 #!/usr/bin/env bash
 # Installs what hostmaint needs on a Debian/Ubuntu machine, as root:
-# system packages with apt-get (only those missing), then the project and its
+# the system packages of bindep.txt with apt-get (only those missing), then the project and its
 # test tools into ./.venv at the versions pinned in constraints.txt.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-SYSTEM_PACKAGES=(
-  gcc gcc-multilib binutils pkg-config libvirt-dev            # libvirt-python, the lab guest
-  libvirt-daemon libvirt-daemon-driver-qemu libvirt-clients   # the lab's libvirt daemons
-  qemu-system-x86 qemu-utils iproute2 procps                  # the lab's hosts and network
-  python3 python3-venv python3-dev
-  postgresql etcd-server                                      # journal and coordination tests
-  chromium fonts-dejavu-core                                  # the drain report, looked at headless
-)
+# bindep.txt is the list: every package of it for Debian ([platform:dpkg]).
+bindep_packages() {
+  sed -e 's/#.*//' bindep.txt | awk 'NF && ($0 !~ /\[/ || $0 ~ /platform:dpkg/) { print $1 }'
+}
+mapfile -t SYSTEM_PACKAGES < <(bindep_packages)
+if [ "${1:-}" = "--list-system-packages" ]; then
+  printf '%s\n' "${SYSTEM_PACKAGES[@]}"
+  exit 0
+fi
 
 missing=()
 for p in "${SYSTEM_PACKAGES[@]}"; do
@@ -37,7 +38,7 @@ if [ ! -f "$stamp" ] || [ setup.py -nt "$stamp" ] || [ constraints.txt -nt "$sta
   echo "bootstrap: installing hostmaint into .venv (log: .venv/install.log)"
   if ! { .venv/bin/pip install --disable-pip-version-check -U pip &&
          .venv/bin/pip install --disable-pip-version-check -c constraints.txt \
-           -e '.[test,postgres,ha,metrics]' mypy ruff types-protobuf types-psutil tox; } > .venv/install.log 2>&1; then
+           -e '.[test,postgres,ha,metrics,osc]' mypy ruff types-protobuf types-psutil tox; } > .venv/install.log 2>&1; then
     tail -40 .venv/install.log >&2
     exit 1
   fi

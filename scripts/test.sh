@@ -13,7 +13,7 @@ echo "== protos"; python tools/genprotos.py --check
 # PostgreSQL, etcd, Chromium or a plain install of the package (a C compiler and
 # libvirt-dev for libvirt-python, ensurepip), a skipped test of that kind fails
 # the run (tests/conftest.py).
-required=nova
+required=nova,osc
 if [ "$(id -u)" -eq 0 ] && [ -r /dev/kvm ] && [ -w /dev/kvm ]; then
   required="lab,$required"
 fi

@@ -6,7 +6,7 @@ cd "$(dirname "$0")/.."
 tree=.mypy-src/hostmaint
 mkdir -p "$tree"
 packages=()
-for d in agent coordinator protos lab common; do
+for d in agent coordinator protos lab common osc; do
   ln -sfn "../../$d" "$tree/$d"
   packages+=(-p "hostmaint.$d")
 done

@@ -11,7 +11,8 @@ install of the package into a fresh virtualenv, `tests/install`; a C compiler
 and libvirt's development files to build libvirt-python), which test.sh
 requires where those are, and for `chromium` (the drain report looked at in
 headless Chromium, `tests/report`), which test.sh requires where
-/usr/bin/chromium is.
+/usr/bin/chromium is, and for `osc` (the `openstack` command with the plugin,
+`tests/osc`), which test.sh always requires: bootstrap.sh installs the extra.
 """
 
 from __future__ import annotations
@@ -34,6 +35,9 @@ def pytest_configure(config: pytest.Config) -> None:
         "markers", "install: needs a C compiler and libvirt-dev to pip install the package"
     )
     config.addinivalue_line("markers", "chromium: needs headless Chromium (Debian's chromium)")
+    config.addinivalue_line(
+        "markers", "osc: needs the OpenStack client (the osc extra) in the virtualenv"
+    )
 
 
 def pytest_runtest_logreport(report: pytest.TestReport) -> None:

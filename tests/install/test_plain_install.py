@@ -51,7 +51,7 @@ NOT_SOURCE = shutil.ignore_patterns(
     "*.egg-info",
     "lab-state",
 )
-EXTRA_MODULES = ("tooz", "etcd3gw", "psycopg")
+EXTRA_MODULES = ("tooz", "etcd3gw", "psycopg", "osc_lib", "cliff")
 # Modules of the package that never run in its own environment.
 NOT_IMPORTED = {
     "hostmaint.lab.nova_fakedriver": "a Nova compute driver, runs inside Nova's virtualenv",
@@ -178,11 +178,14 @@ def test_every_module_imports(plain: PlainInstall) -> None:
     got = _python(plain, IMPORT_ALL, json.dumps(sorted(NOT_IMPORTED)))
     assert got.returncode == 0, got.stderr
     no_prometheus = "ModuleNotFoundError: No module named 'prometheus_client'"
+    no_osc_lib = "ModuleNotFoundError: No module named 'osc_lib'"
     assert json.loads(got.stdout) == {
         "hostmaint.coordinator.ha_tooz": "ModuleNotFoundError: No module named 'tooz'",
         "hostmaint.common.metrics": no_prometheus,
         "hostmaint.agent.metrics": no_prometheus,
         "hostmaint.coordinator.metrics": no_prometheus,
+        "hostmaint.osc.plugin": no_osc_lib,  # loaded by the OpenStack client only
+        "hostmaint.osc.v1": no_osc_lib,
     }
 
 

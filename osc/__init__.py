@@ -1,0 +1,1 @@
+"""The OpenStack client plugin: `openstack maintenance ...` (the `osc` extra)."""
