@@ -10,7 +10,7 @@ import dataclasses
 import logging
 
 from hostmaint.coordinator import errors
-from hostmaint.coordinator.drivers.base import DriverError, MigrationRef
+from hostmaint.coordinator.drivers.base import DriverError, InstanceState, MigrationRef
 from hostmaint.coordinator.journal import VmRow
 from hostmaint.coordinator.runtime import DrainRun, Runtime, ref_from_json, ref_json
 from hostmaint.coordinator.states import VmState
@@ -59,6 +59,8 @@ class Outcomes:
             return
         drain = rt.journal.drain(run.drain_id)
         if drain.cancel_requested:
+            _, refused = self._clear_cloud_error(run, row, row.target_host or None)
+            error = f"{error}; {refused}" if refused else error
             row = rt.journal.update_vm(
                 run.drain_id, row.vm_uuid, state=VmState.SKIPPED, error=error, finished_at=now
             )
@@ -98,7 +100,12 @@ class Outcomes:
                 message=f"runs on {inst_host} (the attempt reported: {error})",
             )
             return
-        attempts = row.attempts + (1 if count_attempt else 0)
+        reset, refused = self._clear_cloud_error(run, row, failed_target)
+        # A start the cloud refused only for the error it had left is not an attempt.
+        attempts = row.attempts + (1 if count_attempt and not reset else 0)
+        if refused:
+            self.fail(run, row, f"{error}; {refused}", attempts=attempts)
+            return
         if attempts < rt.settings.max_attempts:
             target = self._other_target(run, row, failed_target)
             replanned = run.planned.get(row.vm_uuid)
@@ -120,6 +127,40 @@ class Outcomes:
             )
             return
         self.fail(run, row, error, attempts=attempts)
+
+    def _clear_cloud_error(
+        self, run: DrainRun, row: VmRow, failed_target: str | None
+    ) -> tuple[bool, str]:
+        """After a failed or aborted live migration the cloud may mark the VM failed
+        though it runs on its host, unmoved (Nova 34.0.0 does so for every aborted live
+        migration, and refuses to move it again). Once the agents confirm it runs on
+        this host and not on the target, the cloud's error is cleared as a journaled
+        step. Returns whether it was reset, and why it was not ("" when the VM is fine
+        or was reset)."""
+        rt = self.rt
+        try:
+            inst = rt.driver.get_instance(row.vm_uuid)
+        except DriverError:
+            return False, ""  # no answer: the next start will say what the cloud thinks
+        if inst.state is not InstanceState.ERROR:
+            return False, ""
+        here = rt.runs_on(run.host, row.vm_uuid)
+        there = rt.runs_on(failed_target, row.vm_uuid) if failed_target else False
+        if inst.host != run.host or inst.task_state is not None or here is not True or there:
+            return False, (
+                f"the cloud left the VM in error (host {inst.host}, task {inst.task_state}); "
+                f"running on {run.host}: {here}, on {failed_target or 'the target'}: {there}; "
+                "not reset"
+            )
+        step = rt.journal.begin_step(run.drain_id, "reset_state", row.vm_uuid, {"host": run.host})
+        try:
+            rt.driver.reset_to_active(row.vm_uuid)
+        except DriverError as e:
+            rt.journal.end_step(step, False, str(e))
+            return False, f"the cloud left the VM in error and refused to reset it: {e}"
+        rt.journal.end_step(step, True, "error cleared: the VM runs on its host")
+        LOG.warning("cloud error state cleared vm=%s host=%s", row.vm_uuid, run.host)
+        return True, ""
 
     def fail(self, run: DrainRun, row: VmRow, error: str, *, attempts: int) -> None:
         """The VM stays where it is: its migration failed for good."""

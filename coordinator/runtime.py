@@ -50,6 +50,7 @@ from hostmaint.coordinator.planner import (
     throttle_helps,
 )
 from hostmaint.coordinator.states import VmState
+from hostmaint.protos import agent_pb2 as apb
 from hostmaint.protos import coordinator_pb2 as cpb
 
 LOG = logging.getLogger(__name__)
@@ -393,6 +394,16 @@ class Runtime:
             return self.driver.get_instance(vm_uuid).host
         except DriverError:
             return None
+
+    def runs_on(self, host: str, vm_uuid: str) -> bool | None:
+        """Whether the VM's domain runs on `host`, as its agent says (None: it did not say)."""
+        try:
+            domains = self.registry.client(host).list_domains([vm_uuid])
+        except errors.AgentRefused as e:
+            return False if e.code == "NOT_FOUND" else None
+        except errors.CoordinatorError:
+            return None
+        return any(d.uuid == vm_uuid and d.state == apb.DOMAIN_STATE_RUNNING for d in domains)
 
     def started_anyway(self, vm_uuid: str) -> MigrationRef | None:
         """The VM's migration the cloud runs, if any."""

@@ -25,7 +25,8 @@ for a reason these machines impose:
   lab guest's multiboot kernel (``aki``), and one raw image per guest kind
   (a small zero disk) names it as ``kernel_id`` and carries the guest's
   parameters as ``os_command_line``; Nova then boots it as a direct kernel
-  boot, as it does for any AMI-style image.
+  boot, as it does for any AMI-style image. The guest has no ACPI, so the
+  image says ``os_shutdown_timeout = 0``: Nova powers it off at once.
 - **No network.** Servers are booted with ``networks='none'``: there is no
   Neutron or Open vSwitch to plug ports into.
 - **One process, several hosts.** Each host keeps its compute node's uuid
@@ -59,7 +60,7 @@ for a reason these machines impose:
   the lab then sets ``[workarounds] skip_cpu_compare_on_dest``, Nova's own
   switch for that check (``"skip_cpu_compare_on_dest": true``).
 
-The host map is the JSON file named by ``HOSTMAINT_NOVA_LAB_CONFIG``::
+The host map is the JSON file given as ``--lab-config``::
 
     {"hosts": {"<lab host>": {"uri": "qemu+unix:///system?socket=..."}, ...},
      "live_migration_uri": "qemu+unix:///system?socket=.../%s/run/libvirt-sock",
@@ -214,6 +215,9 @@ def register_images(glance, config):
                     "kernel_id": kernel_id,
                     "os_command_line": image["os_command_line"],
                     "architecture": "x86_64",
+                    # The lab guest has no ACPI: power it off at once rather than
+                    # after Nova's 60 s wait for a clean shutdown.
+                    "os_shutdown_timeout": 0,
                 },
             },
             data=io.BytesIO(bytes(DISK_BYTES)),

@@ -4,11 +4,11 @@ Runs inside Nova's own virtualenv (``scripts/nova-venv.sh`` creates
 ``.venv-nova``), never the project's: Nova pins many libraries. It starts
 Nova's API, conductor, scheduler, placement and one nova-compute service per
 host named on the command line through Nova's functional-test fixtures, with
-the per-server fake driver of ``nova_fakedriver.py`` (or, with ``--driver lab
---lab-config FILE``, the driver of ``nova_labdriver.py``, whose live
-migrations move real lab guests between the lab hosts of the same names), and
-serves the API's WSGI application on ``127.0.0.1:<port>`` with eventlet's WSGI
-server.
+the per-server fake driver of ``nova_fakedriver.py`` (or, with ``--driver
+libvirt --lab-config FILE``, Nova's own libvirt driver on the lab hosts of
+the same names: see ``nova_libvirt.py``), and serves the API's WSGI
+application on ``127.0.0.1:<port>`` with eventlet's WSGI server. ``--flag
+GROUP.NAME=VALUE`` sets any nova.conf option.
 
     .venv-nova/bin/python lab/nova_server.py --port 0 --ready-file /tmp/nova.json \\
         host1 host2 host3
@@ -33,13 +33,8 @@ import traceback
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 DRIVER = "nova_fakedriver.PerServerLiveMigrateDriver"
-DRIVERS = {
-    "fake": DRIVER,
-    "lab": "nova_labdriver.LabLiveMigrateDriver",
-    "libvirt": "libvirt.LibvirtDriver",
-}
+DRIVERS = {"fake": DRIVER, "libvirt": "libvirt.LibvirtDriver"}
 _ENV_DURATION = "HOSTMAINT_NOVA_FAKE_MIGRATION_S"
-_ENV_LAB_CONFIG = "HOSTMAINT_NOVA_LAB_CONFIG"
 
 
 def _parse(argv):
@@ -69,16 +64,13 @@ def _parse(argv):
         choices=sorted(DRIVERS),
         default="fake",
         help=(
-            "fake: per-server fake migrations; lab: real migrations of lab guests; "
+            "fake: per-server fake migrations; "
             "libvirt: Nova's own libvirt driver on the lab's hosts (see nova_libvirt.py)"
         ),
     )
     parser.add_argument(
         "--lab-config",
-        help=(
-            "the lab's host map (JSON, see nova_labdriver.py or nova_libvirt.py); "
-            "needed by --driver lab and --driver libvirt"
-        ),
+        help="the lab's host map (JSON, see nova_libvirt.py); needed by --driver libvirt",
     )
     parser.add_argument(
         "--flag",
@@ -86,16 +78,6 @@ def _parse(argv):
         default=[],
         metavar="[GROUP.]NAME=VALUE",
         help="a nova.conf option (repeatable), e.g. libvirt.live_migration_timeout_action=abort",
-    )
-    parser.add_argument(
-        "--permit-post-copy",
-        action="store_true",
-        help="[libvirt] live_migration_permit_post_copy (the lab driver's force-complete)",
-    )
-    parser.add_argument(
-        "--permit-auto-converge",
-        action="store_true",
-        help="[libvirt] live_migration_permit_auto_converge (used by the lab driver)",
     )
     parser.add_argument(
         "--response-validation",
@@ -146,11 +128,10 @@ def main(argv=None):
     args = _parse(argv if argv is not None else sys.argv[1:])
     started = time.monotonic()
     os.environ[_ENV_DURATION] = str(args.migration_s)
-    if args.driver in ("lab", "libvirt"):
+    if args.driver == "libvirt":
         if not args.lab_config:
             print(f"--driver {args.driver} needs --lab-config", file=sys.stderr)
             return 2
-        os.environ[_ENV_LAB_CONFIG] = os.path.abspath(args.lab_config)
     # Test-runner settings that would cut a long-lived process short.
     for name in ("OS_TEST_TIMEOUT", "OS_STDOUT_CAPTURE", "OS_STDERR_CAPTURE"):
         os.environ.pop(name, None)
@@ -168,11 +149,6 @@ def main(argv=None):
     # find the fake driver beside this file.
     nova.virt.__path__.append(HERE)
     lab_config = None
-    if args.driver == "lab":
-        # Nova's test base refuses imports of libvirt once set up: load it now.
-        from nova.virt import nova_labdriver
-
-        nova_labdriver.preload_libvirt()
     if args.driver == "libvirt":
         from nova.virt import nova_libvirt
 
@@ -194,11 +170,6 @@ def main(argv=None):
                 api_paste_config=os.path.join(sys.prefix, "etc/nova/api-paste.ini"), group="wsgi"
             )
             self.flags(compute_driver=DRIVERS[args.driver])
-            self.flags(
-                live_migration_permit_post_copy=args.permit_post_copy,
-                live_migration_permit_auto_converge=args.permit_auto_converge,
-                group="libvirt",
-            )
             # Nova's test configuration turns response-schema failures into
             # errors; a deployment only warns (Nova's default and advice).
             self.flags(response_validation=args.response_validation, group="api")
@@ -232,7 +203,14 @@ def main(argv=None):
     signal.signal(signal.SIGTERM, _stop)
     signal.signal(signal.SIGINT, _stop)
     try:
-        nova.setUp()
+        try:
+            nova.setUp()
+        except Exception:  # noqa: BLE001 - any failure to set up ends the process
+            # Nova's clean-up after a failed set-up can wait forever on its own
+            # thread pools: say why, and leave (nothing outlives this process).
+            traceback.print_exc()
+            sys.stderr.flush()
+            os._exit(1)
         if args.log_file:
             handler = logging.FileHandler(args.log_file)
             handler.setFormatter(

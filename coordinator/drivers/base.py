@@ -18,6 +18,8 @@ class InstanceState(enum.StrEnum):
     PAUSED = "paused"
     SHUTOFF = "shutoff"
     SUSPENDED = "suspended"
+    # The cloud marks the VM failed (Nova's vm_state error), whatever runs.
+    ERROR = "error"
     OTHER = "other"
 
 
@@ -251,6 +253,12 @@ class MigrationDriver(Protocol):
         """Make a running live migration finish now (pause or post-copy)."""
 
     def abort(self, ref: MigrationRef) -> None: ...
+
+    def reset_to_active(self, instance_uuid: str) -> None:
+        """Clear the error state the cloud left on a VM whose live migration failed or was
+        aborted, though the VM still runs where it was (Nova 34.0.0 does so for every
+        aborted live migration). The caller checks first, through the host's agent, that
+        the VM runs there."""
 
     def cold_migrate(self, instance_uuid: str, target_host: str | None = None) -> MigrationRef: ...
 

@@ -276,6 +276,9 @@ class DirectDriver:
         source, _ = self._hosts_of(ref)
         self._tune(source, apb.TuneMigrationRequest(domain_uuid=ref.instance_uuid, abort=True))
 
+    def reset_to_active(self, instance_uuid: str) -> None:
+        raise InvalidRequest(f"{instance_uuid}: libvirt keeps no error state to reset")
+
     def _tune(self, host: str, request: apb.TuneMigrationRequest) -> None:
         try:
             self._agent(host).tune(request)

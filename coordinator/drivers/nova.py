@@ -61,6 +61,7 @@ _VM_STATES = {
     "paused": InstanceState.PAUSED,
     "stopped": InstanceState.SHUTOFF,
     "suspended": InstanceState.SUSPENDED,
+    "error": InstanceState.ERROR,
 }
 _STATUS_STATES = {
     "ACTIVE": InstanceState.ACTIVE,
@@ -568,6 +569,14 @@ class NovaDriver:
     def abort(self, ref: MigrationRef) -> None:
         self._request("DELETE", f"/servers/{ref.instance_uuid}/migrations/{ref.migration_id}")
         LOG.info("live migration abort vm=%s migration=%d", *_ids(ref))
+
+    def reset_to_active(self, instance_uuid: str) -> None:
+        self._request(
+            "POST",
+            f"/servers/{instance_uuid}/action",
+            body={"os-resetState": {"state": "active"}},
+        )
+        LOG.warning("server reset from error to active vm=%s", instance_uuid)
 
     def cold_migrate(self, instance_uuid: str, target_host: str | None = None) -> MigrationRef:
         mv = self._microversion()

@@ -21,6 +21,7 @@ when forced (post-copy), aborted or completed by the test (`complete`).
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -113,6 +114,7 @@ class SimDriver:
         time_scale: float = 0.01,
         params: ModelParams = DEFAULT_PARAMS,
         precopy_never_ends: Iterable[str] = (),
+        error_after_abort: bool = False,
     ) -> None:
         self._hosts = {h.name: h for h in hosts}
         self._vms: dict[str, _Vm] = {}
@@ -131,6 +133,9 @@ class SimDriver:
         self._never_ends = frozenset(precopy_never_ends)
         self._starts: list[Start] = []
         self.migrations_started = 0
+        # As Nova 34.0.0: an aborted live migration leaves the VM in error.
+        self._error_after_abort = error_after_abort
+        self.resets: list[str] = []
 
     # -- time -----------------------------------------------------------------------
 
@@ -363,6 +368,15 @@ class SimDriver:
                 raise Conflict(f"migration {ref.migration_id} is {m.state}")
             m.state = MigrationState.CANCELLED
             m.ended_s = self._clock()
+            if self._error_after_abort:
+                vm = self._vm(ref.instance_uuid)
+                vm.instance = dataclasses.replace(vm.instance, state=InstanceState.ERROR)
+
+    def reset_to_active(self, instance_uuid: str) -> None:
+        with self._lock:
+            vm = self._vm(instance_uuid)
+            vm.instance = dataclasses.replace(vm.instance, state=InstanceState.ACTIVE)
+            self.resets.append(instance_uuid)
 
     def cold_migrate(self, instance_uuid: str, target_host: str | None = None) -> MigrationRef:
         raise InvalidRequest("the simulated cloud has no cold migration")

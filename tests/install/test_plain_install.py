@@ -55,7 +55,7 @@ EXTRA_MODULES = ("tooz", "etcd3gw", "psycopg", "osc_lib", "cliff")
 # Modules of the package that never run in its own environment.
 NOT_IMPORTED = {
     "hostmaint.lab.nova_fakedriver": "a Nova compute driver, runs inside Nova's virtualenv",
-    "hostmaint.lab.nova_labdriver": "a Nova compute driver, runs inside Nova's virtualenv",
+    "hostmaint.lab.nova_libvirt": "Nova's libvirt driver on the lab, runs inside Nova's virtualenv",
     "hostmaint.coordinator.migrations.env": "Alembic's environment script, run by Alembic",
 }
 IMPORT_ALL = """\

@@ -385,49 +385,6 @@ def test_watch_of_an_idle_domain_is_a_failed_precondition(site: Site) -> None:
     assert info.value.code() == grpc.StatusCode.FAILED_PRECONDITION
 
 
-def nova_downtime_steps(downtime_ms: int, steps: int, delay_s: float) -> list[tuple[float, int]]:
-    """nova-compute's schedule (nova/virt/libvirt/migration.py): from downtime/steps up to
-    downtime in equal increments, one every `delay_s` (75 s per GiB by default)."""
-    base = downtime_ms / steps
-    offset = (downtime_ms - base) / steps
-    return [(delay_s * i, int(base + offset * i)) for i in range(steps + 1)]
-
-
-def test_raised_downtime_survives_novas_next_step(site: Site) -> None:
-    """nova-compute's monitor sets its own downtime step by step; the agent holds its floor."""
-    import libvirt
-
-    uuid, _, source = _stalled(site, pb.MigrateOptions())
-    floor = 450
-    source.TuneMigration(
-        pb.TuneMigrationRequest(domain_uuid=uuid, max_downtime_ms=floor), timeout=T
-    )
-    stream = source.WatchMigration(
-        pb.WatchMigrationRequest(domain_uuid=uuid, interval_s=0.2, start_timeout_s=5), timeout=300
-    )
-    conn = libvirt.open(site.lab.where(STALL.name).uri)
-    seen: list[tuple[int, int, str]] = []
-    try:
-        dom = conn.lookupByUUIDString(uuid)
-        samples = iter(stream)
-        for _, step_ms in nova_downtime_steps(500, 10, 0.0):
-            dom.migrateSetMaxDowntime(step_ms, 0)  # what nova-compute does at each step
-            deadline = time.monotonic() + 3
-            while time.monotonic() < deadline:
-                p = next(samples)
-                seen.append((step_ms, p.max_downtime_ms, p.max_downtime_set_by))
-                if p.max_downtime_ms == max(step_ms, floor):
-                    break
-            assert seen[-1][1] == max(step_ms, floor), seen[-5:]
-            assert seen[-1][2] == ("hostmaint" if step_ms <= floor else "external"), seen[-5:]
-    finally:
-        stream.cancel()
-        conn.close()
-        source.TuneMigration(pb.TuneMigrationRequest(domain_uuid=uuid, abort=True), timeout=T)
-        _watch(source, uuid)
-    print("nova step -> limit in force, set by:", sorted(set(seen)))
-
-
 # QEMU's auto-converge (7.2): throttle 20 % at first, then 10 % more each time a sync
 # period dirtied more than half of what it sent, counted every second such period.
 AC_INITIAL, AC_STEP = 0.20, 0.10

@@ -49,7 +49,7 @@ class NovaProcess:
     log_path: Path
 
 
-def _ensure_venv() -> None:
+def ensure_venv() -> None:
     try:
         result = subprocess.run(
             ["bash", str(REPO / "scripts" / "nova-venv.sh")],
@@ -73,7 +73,7 @@ def _rss_bytes(pid: int) -> int:
 
 @pytest.fixture(scope="session")
 def nova(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NovaProcess]:
-    _ensure_venv()
+    ensure_venv()
     workdir = tmp_path_factory.mktemp("hm-nova")
     ready = workdir / "ready.json"
     log_path = workdir / "nova.log"
