@@ -105,8 +105,10 @@ def layout() -> Layout:
 
 @pytest.fixture
 def simulated_cloud(tmp_path: Path, layout: Layout) -> Iterator[SimCoordinator]:
+    # Migrations of a few seconds each: a running one must outlast the follower's start
+    # and a scrape on a busy machine, or the test sees none.
     with simulated(
-        tmp_path, layout, time_scale=0.02, poll_interval_s=0.05, metrics_listen="127.0.0.1:0"
+        tmp_path, layout, time_scale=1.0, poll_interval_s=0.05, metrics_listen="127.0.0.1:0"
     ) as coordinator:
         yield coordinator
 
