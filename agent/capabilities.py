@@ -22,10 +22,31 @@ VCPU_PARAMETERS = ("vcpu_period", "vcpu_quota")
 QEMU_OPENS_DEVICE = (8, 1)  # the first QEMU that opens /dev/userfaultfd
 
 
+# What libvirt does once the CPU controller is there: it sets vcpu_quota under a modify
+# job, which the job of a migration excludes until the migration ends.
+MIGRATING = (
+    "libvirt changes scheduler parameters only under a modify job, which a migration's "
+    "job excludes: a migrating domain's vCPUs cannot be capped until its migration ends"
+)
+
+
 def vcpu_throttle(
     reading: SchedulerReading | None, cgroup: CgroupCpu, hypervisor_type: str
 ) -> Capability:
-    """From a running domain's live scheduler parameters; the cgroups when none runs."""
+    """Whether the vCPUs of a migrating domain can be capped (the migration ladder's step).
+
+    The CPU controller is decided from a running domain's live scheduler parameters, or
+    the cgroups when none runs; where it is there, libvirt's job rules still refuse."""
+    found = _cpu_quota(reading, cgroup, hypervisor_type)
+    if not found.available:
+        return found
+    return Capability(False, MIGRATING, f"{found.decided_by}; {MIGRATING.split(':')[0]}")
+
+
+def _cpu_quota(
+    reading: SchedulerReading | None, cgroup: CgroupCpu, hypervisor_type: str
+) -> Capability:
+    """Whether libvirt can cap a running domain's vCPUs at all."""
     if reading is not None:
         asked = f"live scheduler parameters of running domain {reading.domain_name}"
         if reading.error:

@@ -372,8 +372,19 @@ class MigrationTracker:
                 raise errors.OperationRefused(
                     domain_uuid, "throttle vCPUs", f"domain is {raw.state}"
                 )
-        if needs_job and self._driver.job_stats(domain_uuid) is None:
+        running = self._driver.job_stats(domain_uuid) if needs_job or vcpu_throttle_pct else None
+        if needs_job and running is None:
             raise errors.NoMigrationJob(domain_uuid)
+        if vcpu_throttle_pct and running is not None:
+            # libvirt sets scheduler parameters under a modify job, which a migration's job
+            # excludes: the call would wait for the migration to end (or libvirt's 30 s)
+            # and then throttle a guest that no longer migrates.
+            raise errors.OperationRefused(
+                domain_uuid,
+                "throttle vCPUs",
+                "libvirt cannot change a migrating domain's scheduler parameters "
+                "until its migration ends",
+            )
         current = self._driver.max_downtime_ms(domain_uuid) if needs_job else 0
         if abort:
             self._driver.abort_job(domain_uuid)

@@ -35,13 +35,15 @@ NO_CGROUP_CPU = CgroupCpu("", False, "no cgroup hierarchy with the CPU controlle
 # -- vCPU throttling ------------------------------------------------------------------
 
 
-def test_a_running_qemu_domain_with_vcpu_quota_can_be_throttled() -> None:
+def test_with_vcpu_quota_a_migrating_domain_still_cannot_be_throttled() -> None:
     found = capabilities.vcpu_throttle(
         SchedulerReading("instance-1", "posix", QEMU_PARAMS), NO_CGROUP_CPU, "QEMU"
     )
-    assert found.available and not found.reason
+    # The CPU controller is there, but libvirt's job rules refuse during a migration.
+    assert not found.available and found.reason == capabilities.MIGRATING
     # libvirt's view wins over the host's cgroups
     assert "live scheduler parameters of running domain instance-1" in found.decided_by
+    assert "vcpu_period, vcpu_quota present" in found.decided_by
 
 
 def test_without_the_cpu_controller_libvirt_refuses_or_omits_the_quota() -> None:
@@ -63,7 +65,8 @@ def test_without_the_cpu_controller_libvirt_refuses_or_omits_the_quota() -> None
 
 def test_with_no_running_domain_the_hosts_cgroups_decide_for_qemu() -> None:
     yes = capabilities.vcpu_throttle(None, CGROUP_V2, "QEMU")
-    assert yes.available and yes.decided_by.startswith("no running domain to ask libvirt")
+    assert (yes.available, yes.reason) == (False, capabilities.MIGRATING)
+    assert yes.decided_by.startswith("no running domain to ask libvirt")
     assert "cgroup.controllers" in yes.decided_by
     no = capabilities.vcpu_throttle(None, NO_CGROUP_CPU, "QEMU")
     assert (no.available, no.reason) == (False, "no cgroup CPU controller on this host")

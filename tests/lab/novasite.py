@@ -137,8 +137,8 @@ def moved_once(nova: NovaLab, server: Server, source: str) -> str:
     return nova_host
 
 
-def agent(lab: cluster.Lab, host: str) -> agent_pb2_grpc.AgentStub:
-    return agent_pb2_grpc.AgentStub(grpc.insecure_channel(lab.host(host).agent_address))
+def agent(lab: cluster.Lab, host: str) -> agent_pb2_grpc.HostAgentStub:
+    return agent_pb2_grpc.HostAgentStub(grpc.insecure_channel(lab.host(host).agent_address))
 
 
 def running_migration(nova: NovaLab, server: Server, after: int = 0) -> dict[str, Any]:
