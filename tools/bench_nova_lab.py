@@ -15,11 +15,14 @@ web-like VM and one idle VM, 1.25 GiB of RAM in all.
 - (b) Nova alone, hardened: post-copy and auto-converge permitted,
   `live_migration_timeout_action = force_complete`.
 - (c) hostmaint through Nova (`nova` driver), docs/nova.md's mode 1.
-- (d) hostmaint with the `libvirt` driver (the agents migrate peer to peer);
-  Nova (mode 1) only booted the servers.
+- (d) hostmaint with the `libvirt` driver (the agents migrate peer to peer),
+  the same guests booted by the lab without disks: libvirt refuses to move a
+  disk on a filesystem it does not know as shared, and only Nova's driver is
+  told the lab's is (lab/nova_libvirt.py).
 
 Per row: the makespan, each VM's real downtime (QEMU's completed job on its
-new host), aborts and failures, post-copy switches. A row that passes
+new host; "n/a" where QEMU recorded none, as after a post-copy switch), aborts
+and failures, post-copy switches. A row that passes
 --cap-s is stopped (its running migrations aborted) and reported as
 "> cap, N of M moved". Nova's delays and timeouts are never scaled.
 """
@@ -37,7 +40,7 @@ from pathlib import Path
 import grpc
 
 from hostmaint.lab import cluster
-from hostmaint.lab.demo import CoordinatorProcess, coordinator_config, free_port
+from hostmaint.lab.demo import CoordinatorProcess, coordinator_config, free_port, last_downtime_ms
 from hostmaint.lab.guest import GuestMode, GuestSpec
 from hostmaint.lab.novalab import ACTIVE_MIGRATION, NovaLab, Server
 from hostmaint.protos import coordinator_pb2 as cpb
@@ -68,6 +71,7 @@ class Row:
     capped: bool = False
     moved: int = 0
     downtime_ms: dict[str, float | None] = field(default_factory=dict)
+    moved_vms: set[str] = field(default_factory=set)
     aborts: int = 0
     failures: int = 0
     postcopy: int = 0
@@ -102,14 +106,32 @@ def _nova_alone(nova: NovaLab, servers: list[Server], source: str, cap_s: float,
     row.postcopy = len(nova.log_lines(POSTCOPY_SWITCH))
 
 
-def _hostmaint(
-    lab: cluster.Lab, nova: NovaLab, work: Path, driver: str, limit_ms: int, row: Row
-) -> None:
+def _lab_guests(lab: cluster.Lab, work: Path, limit_ms: int, row: Row) -> None:
+    """Row (d): the same guests as lab guests, without disks: libvirt refuses to move a
+    disk on a filesystem it does not know as shared unless told the move is safe, which
+    the agent never says; Nova's driver is told so (lab/nova_libvirt.py)."""
+    source = lab.hosts[0].name
+    for spec in GUESTS:
+        lab.add_guest(spec, source, wait=False)
+    lab.wait_guests_ready(900)
+    _hostmaint(lab, "", work, limit_ms, row)
+    for spec in GUESTS:
+        name = spec.name.removeprefix(f"{PREFIX}-")
+        where = [h.name for h in lab.running_on(spec.name)]
+        moved = len(where) == 1 and where[0] != source
+        row.moved += int(moved)
+        if moved:
+            row.moved_vms.add(name)
+        row.downtime_ms[name] = last_downtime_ms(lab, spec.name) if moved else None
+
+
+def _hostmaint(lab: cluster.Lab, nova_url: str, work: Path, limit_ms: int, row: Row) -> None:
+    """A Drain through a coordinator: the `nova` driver over `nova_url`, else `libvirt`."""
     port = free_port()
     conf = work / "coordinator.conf"
     extra: dict[str, dict[str, str]] = {}
-    if driver == "nova":
-        nova_section = {"endpoint": nova.url, "noauth": "true", "timeout_s": "10"}
+    if nova_url:
+        nova_section = {"endpoint": nova_url, "noauth": "true", "timeout_s": "10"}
         extra = {"driver": {"name": "nova"}, "nova": nova_section}
     conf.write_text(
         coordinator_config(lab, work / "bench.db", port, max_downtime_ms=limit_ms, extra=extra)
@@ -142,6 +164,9 @@ def run_row(key: str, cap_s: float, limit_ms: int, base: Path) -> Row:
     config = cluster.LabConfig(prefix=PREFIX, state_dir=work / "lab", subnet=SUBNET)
     lab, _ = cluster.Lab.up(3, [], config)
     try:
+        if key == "d":
+            _lab_guests(lab, work, limit_ms, row)
+            return row
         extra = ("max_concurrent_live_migrations=1",) if key in ("a", "b") else ()
         nova = NovaLab.start(lab, work, GUESTS, profile=profile, extra_flags=extra)
         try:
@@ -151,14 +176,15 @@ def run_row(key: str, cap_s: float, limit_ms: int, base: Path) -> Row:
             if key in ("a", "b"):
                 _nova_alone(nova, servers, source, cap_s, row)
             else:
-                _hostmaint(lab, nova, work, "nova" if key == "c" else "libvirt", limit_ms, row)
+                _hostmaint(lab, nova.url, work, limit_ms, row)
             for s in servers:
                 where = nova.where(s)
                 moved = len(where) == 1 and where[0] != source
+                name = s.name.removeprefix(f"{PREFIX}-")
                 row.moved += int(moved)
-                row.downtime_ms[s.name.removeprefix(f"{PREFIX}-")] = (
-                    nova.downtime_ms(s) if moved else None
-                )
+                if moved:
+                    row.moved_vms.add(name)
+                row.downtime_ms[name] = nova.downtime_ms(s) if moved else None
         finally:
             nova.stop()
     finally:
@@ -184,7 +210,11 @@ def table(rows: list[Row], cap_s: float) -> str:
             else f"{r.makespan_s:.1f} s ({r.moved} of {len(GUESTS)} moved)"
         )
         downtimes = [
-            "not moved" if r.downtime_ms.get(n) is None else f"{r.downtime_ms[n]:.0f}"
+            "not moved"
+            if n not in r.moved_vms
+            else "n/a"
+            if r.downtime_ms.get(n) is None
+            else f"{r.downtime_ms[n]:.0f}"
             for n in names
         ]
         cells = [r.title, span, *downtimes, str(r.aborts), str(r.failures), str(r.postcopy)]
