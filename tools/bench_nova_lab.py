@@ -47,7 +47,6 @@ from hostmaint.protos import coordinator_pb2 as cpb
 from hostmaint.protos import coordinator_pb2_grpc
 
 PREFIX = "hm-bnl"
-SUBNET = "10.213.31.0/24"
 GUESTS = [
     # name, RAM MiB, working set MiB, MiB/s, mode, static fill MiB
     GuestSpec(f"{PREFIX}-hot", 384, 96, 60, GuestMode.PACED, 64),  # above the link
@@ -156,12 +155,12 @@ def _hostmaint(lab: cluster.Lab, nova_url: str, work: Path, limit_ms: int, row: 
         row.postcopy += int("postcopy" in vm.tuning_applied)
 
 
-def run_row(key: str, cap_s: float, limit_ms: int, base: Path) -> Row:
+def run_row(key: str, cap_s: float, limit_ms: int, base: Path, subnet: str) -> Row:
     title, profile = ROWS[key]
     row = Row(f"({key}) {title}")
     work = base / key
     work.mkdir(parents=True)
-    config = cluster.LabConfig(prefix=PREFIX, state_dir=work / "lab", subnet=SUBNET)
+    config = cluster.LabConfig(prefix=f"hm-bn{key}", state_dir=work / "lab", subnet=subnet)
     lab, _ = cluster.Lab.up(3, [], config)
     try:
         if key == "d":
@@ -227,6 +226,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rows", default="a,b,c,d", help="which rows, e.g. c,d")
     parser.add_argument("--cap-s", type=float, default=1800.0, help="stop a row after this")
     parser.add_argument("--limit-ms", type=int, default=500, help="hostmaint's downtime limit")
+    parser.add_argument(
+        "--subnet",
+        default="10.213.31.0/24",
+        help="the lab's subnet (one bench at a time per subnet)",
+    )
     args = parser.parse_args(argv)
     if os.geteuid() != 0:
         print("the lab needs root", file=sys.stderr)
@@ -240,7 +244,7 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     for key in keys:
         t0 = time.monotonic()
-        rows.append(run_row(key, args.cap_s, args.limit_ms, base))
+        rows.append(run_row(key, args.cap_s, args.limit_ms, base, args.subnet))
         print(f"row {key} done in {time.monotonic() - t0:.0f} s", flush=True)
         print(table(rows, args.cap_s), flush=True)
     return 0
