@@ -372,7 +372,14 @@ class MigrationTracker:
                 raise errors.OperationRefused(
                     domain_uuid, "throttle vCPUs", f"domain is {raw.state}"
                 )
-        running = self._driver.job_stats(domain_uuid) if needs_job or vcpu_throttle_pct else None
+        running = None
+        if needs_job or vcpu_throttle_pct:
+            try:
+                running = self._driver.job_stats(domain_uuid)
+            except errors.Unsupported:
+                if needs_job:
+                    raise
+                # a driver with no jobs (libvirt's test:///) migrates nothing
         if needs_job and running is None:
             raise errors.NoMigrationJob(domain_uuid)
         if vcpu_throttle_pct and running is not None:

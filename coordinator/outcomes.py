@@ -59,7 +59,9 @@ class Outcomes:
             return
         drain = rt.journal.drain(run.drain_id)
         if drain.cancel_requested:
-            _, refused = self._clear_cloud_error(run, row, row.target_host or None)
+            _, refused = self._clear_cloud_error(
+                run, row, row.target_host or None, wait_s=rt.driver.error_settle_s
+            )
             error = f"{error}; {refused}" if refused else error
             row = rt.journal.update_vm(
                 run.drain_id, row.vm_uuid, state=VmState.SKIPPED, error=error, finished_at=now
@@ -100,7 +102,12 @@ class Outcomes:
                 message=f"runs on {inst_host} (the attempt reported: {error})",
             )
             return
-        reset, refused = self._clear_cloud_error(run, row, failed_target)
+        last = row.attempts + (1 if count_attempt else 0) >= rt.settings.max_attempts
+        # Before a retry the error shows at the latest when the next start is refused (and
+        # then cleared); before giving up there is no next start: wait for it to show.
+        reset, refused = self._clear_cloud_error(
+            run, row, failed_target, wait_s=rt.driver.error_settle_s if last else 0.0
+        )
         # A start the cloud refused only for the error it had left is not an attempt.
         attempts = row.attempts + (1 if count_attempt and not reset else 0)
         if refused:
@@ -129,7 +136,7 @@ class Outcomes:
         self.fail(run, row, error, attempts=attempts)
 
     def _clear_cloud_error(
-        self, run: DrainRun, row: VmRow, failed_target: str | None
+        self, run: DrainRun, row: VmRow, failed_target: str | None, *, wait_s: float
     ) -> tuple[bool, str]:
         """After a failed or aborted live migration the cloud may mark the VM failed
         though it runs on its host, unmoved (Nova 34.0.0 does so for every aborted live
@@ -138,12 +145,17 @@ class Outcomes:
         step. Returns whether it was reset, and why it was not ("" when the VM is fine
         or was reset)."""
         rt = self.rt
-        try:
-            inst = rt.driver.get_instance(row.vm_uuid)
-        except DriverError:
-            return False, ""  # no answer: the next start will say what the cloud thinks
-        if inst.state is not InstanceState.ERROR:
-            return False, ""
+        deadline = rt.clock() + wait_s
+        while True:
+            try:
+                inst = rt.driver.get_instance(row.vm_uuid)
+            except DriverError:
+                return False, ""  # no answer: the next start will say what the cloud thinks
+            if inst.state is InstanceState.ERROR:
+                break
+            # Nova marks the VM failed a moment after its migration record ends.
+            if rt.clock() >= deadline or rt.stopped.wait(rt.settings.poll_interval_s):
+                return False, ""
         here = rt.runs_on(run.host, row.vm_uuid)
         there = rt.runs_on(failed_target, row.vm_uuid) if failed_target else False
         if inst.host != run.host or inst.task_state is not None or here is not True or there:

@@ -217,6 +217,11 @@ class MigrationDriver(Protocol):
         """Whether `cold_migrate` can move a VM on this cloud; when it cannot, a drain
         leaves the VMs that cannot move live in place."""
 
+    @property
+    def error_settle_s(self) -> float:
+        """How long after a live migration failed for good the cloud may still mark the VM
+        failed (see `reset_to_active`); 0 for a cloud that never does."""
+
     def disable_host(self, host: str, reason: str) -> None:
         """Stop new VMs landing on `host`, recording `reason`."""
 

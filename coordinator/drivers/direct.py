@@ -63,6 +63,7 @@ class DirectDriver:
 
     # no image service to carry a stopped VM's disks
     can_cold_migrate = False
+    error_settle_s = 0.0  # libvirt keeps no VM state of its own
 
     def __init__(
         self,

@@ -167,6 +167,9 @@ class NovaDriver:
     """MigrationDriver over the Nova compute API."""
 
     can_cold_migrate = True  # Nova's migrate and confirm-resize
+    # Nova 34.0.0 marks the server failed about a second after an aborted live migration's
+    # record ends (its migration thread's error surfaces after the rollback).
+    error_settle_s = 15.0
 
     def __init__(
         self,

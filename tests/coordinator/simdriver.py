@@ -115,6 +115,7 @@ class SimDriver:
         params: ModelParams = DEFAULT_PARAMS,
         precopy_never_ends: Iterable[str] = (),
         error_after_abort: bool = False,
+        error_delay_s: float = 0.0,
     ) -> None:
         self._hosts = {h.name: h for h in hosts}
         self._vms: dict[str, _Vm] = {}
@@ -135,6 +136,9 @@ class SimDriver:
         self.migrations_started = 0
         # As Nova 34.0.0: an aborted live migration leaves the VM in error.
         self._error_after_abort = error_after_abort
+        self._error_delay_s = error_delay_s  # after the abort, as Nova's is a moment later
+        self.error_settle_s = error_delay_s + 1.0 if error_after_abort else 0.0
+        self._errors_due: dict[str, float] = {}
         self.resets: list[str] = []
 
     # -- time -----------------------------------------------------------------------
@@ -146,6 +150,11 @@ class SimDriver:
             for m in vm.migrations:
                 if m.state is MigrationState.RUNNING and now >= m.started_s + m.duration_s:
                     self._complete(vm, m, m.started_s + m.duration_s)
+        for uuid, due in list(self._errors_due.items()):
+            if now >= due:
+                vm = self._vms[uuid]
+                vm.instance = dataclasses.replace(vm.instance, state=InstanceState.ERROR)
+                del self._errors_due[uuid]
 
     def _complete(self, vm: _Vm, m: _Migration, at_s: float) -> None:
         m.state = MigrationState.COMPLETED
@@ -369,11 +378,11 @@ class SimDriver:
             m.state = MigrationState.CANCELLED
             m.ended_s = self._clock()
             if self._error_after_abort:
-                vm = self._vm(ref.instance_uuid)
-                vm.instance = dataclasses.replace(vm.instance, state=InstanceState.ERROR)
+                self._errors_due[ref.instance_uuid] = self._clock() + self._error_delay_s
 
     def reset_to_active(self, instance_uuid: str) -> None:
         with self._lock:
+            self._advance()
             vm = self._vm(instance_uuid)
             vm.instance = dataclasses.replace(vm.instance, state=InstanceState.ACTIVE)
             self.resets.append(instance_uuid)

@@ -19,6 +19,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from hostmaint.coordinator import errors
 from hostmaint.coordinator.drivers.base import Instance, InstanceState
 from hostmaint.coordinator.executor import Executor, ExecutorSettings
@@ -50,7 +52,9 @@ class HiddenAgents(SimAgents):
         return HiddenAgent(self, host) if host == SOURCE else super().client(host)
 
 
-def _drain(tmp_path: Path, agents_type: type[SimAgents]) -> tuple[SimDriver, Journal, str]:
+def _drain(
+    tmp_path: Path, agents_type: type[SimAgents], error_delay_s: float = 0.0
+) -> tuple[SimDriver, Journal, str]:
     driver = SimDriver(
         [SimHost(SOURCE, 64 * 1024, 64), SimHost(TARGET, 64 * 1024, 64)],
         [Instance(VM, VM, SOURCE, "p", InstanceState.ACTIVE, None, "f", 2, 2 * 1024)],
@@ -59,6 +63,7 @@ def _drain(tmp_path: Path, agents_type: type[SimAgents]) -> tuple[SimDriver, Jou
         time_scale=0.01,
         precopy_never_ends={VM},
         error_after_abort=True,
+        error_delay_s=error_delay_s,
     )
     agents = agents_type(
         driver, {VM: GUEST}, LINK_BYTES_PER_S, no_cpu_controller={SOURCE}, sample_interval_s=0.02
@@ -82,16 +87,24 @@ def _drain(tmp_path: Path, agents_type: type[SimAgents]) -> tuple[SimDriver, Jou
     return driver, journal, drain_id
 
 
+@pytest.mark.parametrize("error_delay_s", [0.0, 1.0])
 def test_the_error_an_abort_leaves_is_cleared_before_each_retry_and_at_the_end(
-    tmp_path: Path,
+    tmp_path: Path, error_delay_s: float
 ) -> None:
-    driver, journal, drain_id = _drain(tmp_path, SimAgents)
+    """Also when the cloud marks the VM failed a moment after the migration ended, as
+    Nova does: the last time there is no next start to be refused, so the coordinator
+    waits for the error to show before it gives up."""
+    driver, journal, drain_id = _drain(tmp_path, SimAgents, error_delay_s)
     row = journal.vm(drain_id, VM)
     assert (row.state, row.attempts) == ("failed", 2), row
     resets = [s for s in journal.steps(drain_id) if s.action == "reset_state"]
-    # One reset per abort: before the retry, and when it gave up.
-    assert [(s.vm_uuid, s.state) for s in resets] == [(VM, STEP_DONE)] * 2
-    assert driver.resets == [VM, VM]
+    if not error_delay_s:
+        # One reset per abort: before the retry, and when it gave up.
+        assert [(s.vm_uuid, s.state) for s in resets] == [(VM, STEP_DONE)] * 2
+        assert driver.resets == [VM, VM]
+    # The last reset came after the last abort: the VM was not left failed.
+    aborts = [s for s in journal.steps(drain_id) if "abort" in str(s.detail.get("action", ""))]
+    assert resets and aborts and resets[-1].id > aborts[-1].id, (aborts, resets)
     inst = driver.get_instance(VM)
     assert (inst.state, inst.host) == (InstanceState.ACTIVE, SOURCE)
 
