@@ -39,7 +39,15 @@ ADMIN_HEADERS = {
 }
 START_TIMEOUT_S = 180.0
 STOP_TIMEOUT_S = 30.0
-ACTIVE_MIGRATION = ("accepted", "queued", "pre-migrating", "preparing", "running")
+ACTIVE_MIGRATION = (
+    "accepted",
+    "queued",
+    "pre-migrating",
+    "preparing",
+    "running",
+    "running (post-copy)",
+    "post-migrating",
+)
 
 _MODES_COMMON = (
     "max_concurrent_live_migrations=4",

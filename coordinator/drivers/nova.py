@@ -75,6 +75,7 @@ _MIGRATION_STATES = {
     "pre-migrating": MigrationState.QUEUED,
     "preparing": MigrationState.PREPARING,
     "running": MigrationState.RUNNING,
+    "running (post-copy)": MigrationState.RUNNING,  # Nova's monitor, after the switch
     "migrating": MigrationState.RUNNING,
     "post-migrating": MigrationState.RUNNING,
     "confirming": MigrationState.RUNNING,
