@@ -290,7 +290,10 @@ def last_downtime_ms(lab: cluster.Lab, guest: str) -> float | None:
         return None
     conn = libvirt.open(hosts[0].uri)
     try:
-        stats = conn.lookupByName(guest).jobStats(libvirt.VIR_DOMAIN_JOB_STATS_COMPLETED)
+        # Kept: a read without KEEP_COMPLETED makes libvirt discard them.
+        stats = conn.lookupByName(guest).jobStats(
+            libvirt.VIR_DOMAIN_JOB_STATS_COMPLETED | libvirt.VIR_DOMAIN_JOB_STATS_KEEP_COMPLETED
+        )
     except libvirt.libvirtError:
         return None
     finally:

@@ -27,6 +27,7 @@ import libvirt
 import requests
 
 from . import cluster, domains
+from .demo import last_downtime_ms
 from .guest import GuestEvent, GuestReady, GuestSpec, guest_cmdline, parse_serial
 
 REPO = Path(__file__).resolve().parents[1]
@@ -313,21 +314,7 @@ class NovaLab:
 
     def downtime_ms(self, server: Server) -> float | None:
         """QEMU's real downtime of the server's last finished migration, where it runs."""
-        hosts = self.lab.running_on(server.instance_name)
-        if len(hosts) != 1:
-            return None
-        conn = libvirt.open(hosts[0].uri)
-        try:
-            dom = conn.lookupByName(server.instance_name)
-            stats = dom.jobStats(
-                libvirt.VIR_DOMAIN_JOB_STATS_COMPLETED | libvirt.VIR_DOMAIN_JOB_STATS_KEEP_COMPLETED
-            )
-        except libvirt.libvirtError:
-            return None
-        finally:
-            conn.close()
-        value = stats.get("downtime")
-        return float(value) if value is not None else None
+        return last_downtime_ms(self.lab, server.instance_name)
 
     def log_lines(self, needle: str) -> list[str]:
         try:

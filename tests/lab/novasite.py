@@ -7,7 +7,7 @@ See `lab/novalab.py` (Nova with its libvirt driver on a lab) and
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -180,14 +180,6 @@ def settled(
         f"migration {migration_id} of {server.name} did not end with the server {vm_state} "
         f"in 180 s: {body.get('OS-EXT-STS:vm_state')}, migration {status}"
     )
-
-
-def wait(pred: Callable[[], bool], timeout_s: float, what: str) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not pred():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"not within {timeout_s} s: {what}")
-        time.sleep(0.2)
 
 
 def nova_site(

@@ -27,8 +27,8 @@ from tests.lab.novasite import (
     nova_site,
     running_migration,
     settled,
-    wait,
 )
+from tests.nova.drainlab import wait_until
 
 pytestmark = [pytest.mark.lab, pytest.mark.nova]
 PREFIX = "hm-nls"
@@ -65,7 +65,7 @@ def test_agents_floor_survives_novas_real_downtime_steps(site: Site) -> None:
     site.ready(hot)
     nova.action(hot.id, {"os-migrateLive": {"host": away, "block_migration": "auto"}})
     source = agent(lab, home)
-    wait(lambda: bool(_steps(nova)), 60, "Nova's first downtime step")
+    wait_until(lambda: bool(_steps(nova)), 60, "Nova's first downtime step")
     before = len(_steps(nova))
     source.TuneMigration(
         pb.TuneMigrationRequest(domain_uuid=hot.id, max_downtime_ms=FLOOR_MS), timeout=T
