@@ -73,6 +73,10 @@ _SCHEDULER_REFUSALS = frozenset(
         libvirt.VIR_ERR_OPERATION_UNSUPPORTED,
     }
 )
+# libvirt 8.5 and later; older bindings lack the names (the values are fixed by the API)
+_PAUSED_POSTCOPY_FAILED = getattr(libvirt, "VIR_DOMAIN_PAUSED_POSTCOPY_FAILED", 13)
+_RUNNING_POSTCOPY_FAILED = getattr(libvirt, "VIR_DOMAIN_RUNNING_POSTCOPY_FAILED", 11)
+_MIGRATE_POSTCOPY_RESUME = getattr(libvirt, "VIR_MIGRATE_POSTCOPY_RESUME", 1 << 19)
 # dirtyrate.calc_status: 0 unstarted, 1 measuring, 2 measured.
 DIRTY_RATE_MEASURED = 2
 DIRTY_RATE_MEASURING = 1
@@ -115,6 +119,19 @@ class RawDomain:
     rss_bytes: int
     unused_bytes: int
     migrating: bool
+    # a post-copy of this domain broke (source: paused; destination: running, waiting
+    # for pages), see postcopy_failed()
+    postcopy_failed: bool = False
+
+
+def postcopy_failed(state: int, reason: int) -> bool:
+    """Whether libvirt's (state, reason) says a post-copy migration broke (libvirt 8.5+):
+    the source is left PAUSED/POSTCOPY_FAILED, the destination RUNNING/POSTCOPY_FAILED
+    (its vCPUs run until they touch a page still on the source); both stay so until the
+    migration is resumed (VIR_MIGRATE_POSTCOPY_RESUME) or a domain is destroyed."""
+    return (state == libvirt.VIR_DOMAIN_PAUSED and reason == _PAUSED_POSTCOPY_FAILED) or (
+        state == libvirt.VIR_DOMAIN_RUNNING and reason == _RUNNING_POSTCOPY_FAILED
+    )
 
 
 def _silence_libvirt(_ctx: object, _err: object) -> None:
@@ -145,7 +162,10 @@ def job_stats_from_libvirt(stats: dict[str, Any], paused_reason: int = -1) -> Jo
     """A raw `virDomainGetJobStats` dict as JobStats; absent keys default to 0."""
     job_type = int(stats.get("type", libvirt.VIR_DOMAIN_JOB_NONE))
     active = job_type in (libvirt.VIR_DOMAIN_JOB_BOUNDED, libvirt.VIR_DOMAIN_JOB_UNBOUNDED)
-    if job_type in _JOB_FINAL:
+    if paused_reason == _PAUSED_POSTCOPY_FAILED:
+        # libvirt keeps the broken post-copy's job (to resume it) whatever type it shows
+        phase, active = MigrationPhase.POSTCOPY_PAUSED, True
+    elif job_type in _JOB_FINAL:
         phase = _JOB_FINAL[job_type]
     elif paused_reason in (libvirt.VIR_DOMAIN_PAUSED_POSTCOPY, libvirt.VIR_DOMAIN_RUNNING_POSTCOPY):
         phase = MigrationPhase.POSTCOPY
@@ -377,6 +397,7 @@ class LibvirtDriver:
                         raise
                     LOG.debug("no memory stats vm=%s error=%s", uuid, e)
             persistent = bool(dom.isPersistent())
+        broken = postcopy_failed(state, reason)
         return RawDomain(
             config=config,
             state=_STATES.get(state, DomainState.UNKNOWN),
@@ -384,7 +405,8 @@ class LibvirtDriver:
             persistent=persistent,
             rss_bytes=int(stats.get("rss", 0)) * 1024,
             unused_bytes=int(stats.get("unused", 0)) * 1024,
-            migrating=active and self._job_active(dom),
+            migrating=active and (broken or self._job_active(dom)),
+            postcopy_failed=broken,
         )
 
     def _parse(self, xml: str) -> DomainConfig:
@@ -495,6 +517,14 @@ class LibvirtDriver:
                     raise
                 return None  # race: the domain stopped (migrated away) since isActive()
             state, reason = dom.state(0) or (libvirt.VIR_DOMAIN_NOSTATE, 0)
+        if (
+            not completed
+            and state == libvirt.VIR_DOMAIN_PAUSED
+            and reason == _PAUSED_POSTCOPY_FAILED
+        ):
+            # The broken post-copy's job is kept for its resume; libvirt may report it
+            # with or without statistics, and as no job at all between two API calls.
+            return job_stats_from_libvirt(raw, _PAUSED_POSTCOPY_FAILED)
         if int(raw.get("type", libvirt.VIR_DOMAIN_JOB_NONE)) == libvirt.VIR_DOMAIN_JOB_NONE:
             return None
         operation = raw.get("operation")
@@ -577,45 +607,30 @@ class LibvirtDriver:
                 return SchedulerReading(name, scheduler, tuple(sorted(params or {})))
         return None
 
-    def migrate(self, request: MigrationRequest) -> None:
-        """Runs a live peer-to-peer migration to the end; raises on failure or abort."""
+    def migrate(self, request: MigrationRequest, *, resume: bool = False) -> None:
+        """Runs a live peer-to-peer migration to the end; raises on failure or abort.
+
+        resume: resume the domain's broken post-copy instead (libvirt 8.5+): the same
+        destination, flags and parameters as the migration that broke, plus
+        VIR_MIGRATE_POSTCOPY_RESUME. libvirt refuses it unless its source job is in the
+        post-copy-failed phase and QEMU reports postcopy-paused; it then blocks until the
+        post-copy completes, or raises when it breaks again (the domain stays paused)."""
         dom = self._domain(request.domain_uuid)
-        params: dict[str, Any] = {}
-        flags = libvirt.VIR_MIGRATE_LIVE | libvirt.VIR_MIGRATE_PEER2PEER
         with self._translated("migrate", request.domain_uuid):
-            if dom.isPersistent():
-                flags |= libvirt.VIR_MIGRATE_PERSIST_DEST | libvirt.VIR_MIGRATE_UNDEFINE_SOURCE
-        if request.migration_uri:
-            params[libvirt.VIR_MIGRATE_PARAM_URI] = request.migration_uri
-        if request.bandwidth_bytes_per_s:
-            params[libvirt.VIR_MIGRATE_PARAM_BANDWIDTH] = max(
-                1, request.bandwidth_bytes_per_s // _MIB
-            )
-        if request.auto_converge:
-            flags |= libvirt.VIR_MIGRATE_AUTO_CONVERGE
-            if request.auto_converge_initial_pct:
-                params[libvirt.VIR_MIGRATE_PARAM_AUTO_CONVERGE_INITIAL] = (
-                    request.auto_converge_initial_pct
-                )
-            if request.auto_converge_increment_pct:
-                params[libvirt.VIR_MIGRATE_PARAM_AUTO_CONVERGE_INCREMENT] = (
-                    request.auto_converge_increment_pct
-                )
-        if request.allow_postcopy:
-            flags |= libvirt.VIR_MIGRATE_POSTCOPY
-        if request.parallel_connections > 1:
-            flags |= libvirt.VIR_MIGRATE_PARALLEL
-            params[libvirt.VIR_MIGRATE_PARAM_PARALLEL_CONNECTIONS] = request.parallel_connections
-        if request.copy_storage:
-            flags |= libvirt.VIR_MIGRATE_NON_SHARED_DISK
+            persistent = bool(dom.isPersistent())
+        flags, params = migration_call(request, persistent=persistent)
+        if resume:
+            flags |= libvirt.VIR_MIGRATE_POSTCOPY | _MIGRATE_POSTCOPY_RESUME
         LOG.info(
-            "migration starting vm=%s dest=%s uri=%s flags=%#x",
+            "migration %s vm=%s dest=%s uri=%s flags=%#x",
+            "resuming" if resume else "starting",
             request.domain_uuid,
             request.destination_uri,
             request.migration_uri,
             flags,
         )
-        with self._translated("migrate", request.domain_uuid), self._own_connection() as conn:
+        operation = "resume post-copy" if resume else "migrate"
+        with self._translated(operation, request.domain_uuid), self._own_connection() as conn:
             # migrateToURI3 blocks for the whole migration; on the shared connection it
             # stalls other callers' replies (seen: job stats answered seconds late).
             own = dom if conn is None else conn.lookupByUUIDString(request.domain_uuid)
@@ -650,3 +665,33 @@ def _missing_features(reason: str) -> tuple[str, ...]:
         return ()
     tail = reason.split(marker, 1)[1]
     return tuple(f.strip() for f in tail.split(",") if f.strip())
+
+
+def migration_call(request: MigrationRequest, *, persistent: bool) -> tuple[int, dict[str, Any]]:
+    """The flags and parameters of migrateToURI3 for a request (the same for its resume)."""
+    params: dict[str, Any] = {}
+    flags = libvirt.VIR_MIGRATE_LIVE | libvirt.VIR_MIGRATE_PEER2PEER
+    if persistent:
+        flags |= libvirt.VIR_MIGRATE_PERSIST_DEST | libvirt.VIR_MIGRATE_UNDEFINE_SOURCE
+    if request.migration_uri:
+        params[libvirt.VIR_MIGRATE_PARAM_URI] = request.migration_uri
+    if request.bandwidth_bytes_per_s:
+        params[libvirt.VIR_MIGRATE_PARAM_BANDWIDTH] = max(1, request.bandwidth_bytes_per_s // _MIB)
+    if request.auto_converge:
+        flags |= libvirt.VIR_MIGRATE_AUTO_CONVERGE
+        if request.auto_converge_initial_pct:
+            params[libvirt.VIR_MIGRATE_PARAM_AUTO_CONVERGE_INITIAL] = (
+                request.auto_converge_initial_pct
+            )
+        if request.auto_converge_increment_pct:
+            params[libvirt.VIR_MIGRATE_PARAM_AUTO_CONVERGE_INCREMENT] = (
+                request.auto_converge_increment_pct
+            )
+    if request.allow_postcopy:
+        flags |= libvirt.VIR_MIGRATE_POSTCOPY
+    if request.parallel_connections > 1:
+        flags |= libvirt.VIR_MIGRATE_PARALLEL
+        params[libvirt.VIR_MIGRATE_PARAM_PARALLEL_CONNECTIONS] = request.parallel_connections
+    if request.copy_storage:
+        flags |= libvirt.VIR_MIGRATE_NON_SHARED_DISK
+    return flags, params

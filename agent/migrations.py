@@ -24,6 +24,10 @@ _OUTCOME_TTL_S = 600.0
 _JOB_APPEAR_TIMEOUT_S = 10.0
 _APPEAR_POLL_S = 0.05
 _LIFECYCLE_STOPPED_MIGRATED = "5:3"  # VIR_DOMAIN_EVENT_STOPPED : _STOPPED_MIGRATED
+# How long ResumeMigration waits for libvirt to take the resume (the domain leaves its
+# post-copy-failed state) or refuse it; a resume still connecting after that is followed
+# with WatchMigration.
+_RESUME_TAKE_S = 5.0
 
 
 @dataclass(frozen=True)
@@ -62,6 +66,12 @@ class _Job:
     thread: threading.Thread | None = None
     downtime_floor_ms: int | None = None
     last: JobStats | None = None
+    # what the migration was started (or last resumed) with: a broken post-copy resumes
+    # to the same destination with the same flags
+    request: MigrationRequest | None = None
+    resumes: int = 0
+    # why the last migrateToURI3 call (start or resume) ended with the post-copy broken
+    broken: str = ""
 
 
 class MigrationTracker:
@@ -117,7 +127,7 @@ class MigrationTracker:
                 job is not None and job.thread is not None and job.thread.is_alive()
             ):
                 raise errors.MigrationBusy(request.domain_uuid)
-            job = _Job(request.domain_uuid, ours=True)
+            job = _Job(request.domain_uuid, ours=True, request=request)
             self._jobs[request.domain_uuid] = job
             self._outcomes.pop(request.domain_uuid, None)
             self._migrated_away.pop(request.domain_uuid, None)
@@ -169,11 +179,25 @@ class MigrationTracker:
                 return
         raise errors.HypervisorError("migrate", 0, "the migration job did not start in time")
 
-    def _run(self, request: MigrationRequest) -> None:
+    def _run(self, request: MigrationRequest, resume: bool = False) -> None:
         uuid = request.domain_uuid
         try:
-            self._driver.migrate(request)
+            self._driver.migrate(request, resume=resume)
         except errors.AgentError as e:
+            if self._postcopy_broke(uuid, e):
+                # Not an end: the guest's newest state is on the destination, the rest of
+                # its memory here; libvirt keeps the job for a resume (ResumeMigration).
+                LOG.warning(
+                    "post-copy broke, the domain stays paused until resumed vm=%s dest=%s error=%s",
+                    uuid,
+                    request.destination_uri,
+                    e,
+                )
+                with self._lock:
+                    job = self._jobs.setdefault(uuid, _Job(uuid, ours=True, request=request))
+                    job.broken = str(e)
+                    self._lock.notify_all()
+                return
             phase = MigrationPhase.FAILED
             if "cancel" in str(e).lower() or "abort" in str(e).lower():
                 phase = MigrationPhase.CANCELLED
@@ -185,6 +209,18 @@ class MigrationTracker:
         else:
             LOG.info("migration completed vm=%s dest=%s", uuid, request.destination_uri)
             self._finish(uuid, MigrationPhase.COMPLETED, "")
+
+    def _postcopy_broke(self, uuid: str, error: errors.AgentError) -> bool:
+        """Whether a migrateToURI3 call ended because its post-copy broke (the domain is
+        left paused, post-copy-failed), rather than with the migration's end."""
+        try:
+            return self._driver.domain(uuid).postcopy_failed
+        except errors.DomainNotFound:
+            return False
+        except errors.AgentError:
+            # libvirt unreachable: its message is all there is; an end recorded here would
+            # turn a resumable VM into a failed migration
+            return "post-copy" in str(error)
 
     def _finish(self, uuid: str, phase: MigrationPhase, error: str) -> None:
         with self._lock:
@@ -306,6 +342,9 @@ class MigrationTracker:
             job = self._jobs.get(domain_uuid)
         if job is not None and job.thread is not None:
             job.thread.join(timeout=30.0)
+        was_paused = job is not None and (
+            job.last is not None and job.last.phase is MigrationPhase.POSTCOPY_PAUSED
+        )
         deadline = self._clock() + 2.0
         with self._lock:
             while domain_uuid not in self._outcomes and self._clock() < deadline:
@@ -317,7 +356,18 @@ class MigrationTracker:
         completed = self._completed_stats(domain_uuid)
         if completed is not None and completed.phase.final:
             return _Outcome(completed.phase, completed.error, completed, self._clock())
-        if migrated or not self._still_here(domain_uuid):
+        if migrated:
+            return _Outcome(MigrationPhase.COMPLETED, "", None, self._clock())
+        if was_paused:
+            # a broken post-copy whose source domain went away without a resume that ended
+            # (destroyed here, or resumed by another client): not a move this agent saw
+            return _Outcome(
+                MigrationPhase.FAILED,
+                "the domain left this host while its post-copy was paused, not resumed here",
+                None,
+                self._clock(),
+            )
+        if not self._still_here(domain_uuid):
             return _Outcome(MigrationPhase.COMPLETED, "", None, self._clock())
         return _Outcome(
             MigrationPhase.FAILED,
@@ -337,6 +387,89 @@ class MigrationTracker:
             return self._driver.domain(domain_uuid).state is DomainState.RUNNING
         except errors.DomainNotFound:
             return False
+
+    # -- resume ---------------------------------------------------------------------
+
+    def resume(
+        self, domain_uuid: str, destination_uri: str, migration_uri: str
+    ) -> MigrationRequest:
+        """Resumes the domain's broken post-copy to its destination in a thread of its own;
+        returns once libvirt took the resume (the domain left its post-copy-failed state)
+        or after a few seconds while it still connects; raises when libvirt refused it.
+
+        For a migration this agent started, the destination and flags are the original
+        ones (another destination is refused); for another client's (nova-compute's),
+        `destination_uri` must name it and the resume carries post-copy and the
+        persistence flags only (libvirt takes the rest from the paused job).
+        """
+        raw = self._driver.domain(domain_uuid)
+        if not raw.postcopy_failed:
+            raise errors.OperationRefused(
+                domain_uuid,
+                "resume post-copy",
+                f"no broken post-copy to resume (the domain is {raw.state} here)",
+            )
+        if raw.state is not DomainState.PAUSED:
+            raise errors.OperationRefused(
+                domain_uuid,
+                "resume post-copy",
+                "this host is the destination of the broken post-copy: resume it on its source",
+            )
+        with self._lock:
+            job = self._jobs.get(domain_uuid)
+            if job is not None and job.thread is not None and job.thread.is_alive():
+                raise errors.MigrationBusy(domain_uuid)
+            original = job.request if job is not None else None
+            if original is not None:
+                if destination_uri and destination_uri != original.destination_uri:
+                    raise errors.InvalidArgument(
+                        "destination_uri",
+                        f"the post-copy went to {original.destination_uri}: it resumes there only",
+                    )
+                request = replace(original, migration_uri=migration_uri or original.migration_uri)
+            elif not destination_uri:
+                raise errors.InvalidArgument(
+                    "destination_uri",
+                    "this agent did not start the migration: name the destination it went to",
+                )
+            else:
+                request = MigrationRequest(
+                    domain_uuid, destination_uri, migration_uri=migration_uri, allow_postcopy=True
+                )
+            if job is None:
+                job = _Job(domain_uuid, ours=False)
+                self._jobs[domain_uuid] = job
+            job.request, job.broken = request, ""
+            job.resumes += 1
+            self._outcomes.pop(domain_uuid, None)
+            thread = threading.Thread(
+                target=self._run,
+                args=(request, True),
+                name=f"resume/{domain_uuid[:8]}",
+                daemon=True,
+            )
+            job.thread = thread
+        thread.start()
+        deadline = self._clock() + _RESUME_TAKE_S
+        while True:
+            if not thread.is_alive():
+                with self._lock:
+                    broken = job.broken
+                    outcome = self._outcomes.get(domain_uuid)
+                if broken:
+                    raise errors.OperationRefused(domain_uuid, "resume post-copy", broken)
+                if outcome is not None and outcome.phase is not MigrationPhase.COMPLETED:
+                    raise errors.OperationRefused(
+                        domain_uuid, "resume post-copy", outcome.error or str(outcome.phase)
+                    )
+                return request
+            try:
+                if not self._driver.domain(domain_uuid).postcopy_failed:
+                    return request  # libvirt took it: post-copy runs again
+            except errors.DomainNotFound:
+                return request  # resumed and done already
+            if self._clock() >= deadline or self._wait(_APPEAR_POLL_S):
+                return request
 
     def has_outcome(self, domain_uuid: str) -> bool:
         """Whether a job of this domain ended here recently (or it migrated away)."""
@@ -391,6 +524,19 @@ class MigrationTracker:
                 "throttle vCPUs",
                 "libvirt cannot change a migrating domain's scheduler parameters "
                 "until its migration ends",
+            )
+        if running is not None and running.phase is MigrationPhase.POSTCOPY_PAUSED:
+            raise errors.OperationRefused(
+                domain_uuid,
+                "tune migration",
+                "its post-copy broke and is paused: resume it (ResumeMigration); an abort "
+                "would lose the guest, whose newest state is on the destination",
+            )
+        if abort and running is not None and running.phase is MigrationPhase.POSTCOPY:
+            raise errors.OperationRefused(
+                domain_uuid,
+                "abort",
+                "the migration runs in post-copy: the guest runs on the destination already",
             )
         current = self._driver.max_downtime_ms(domain_uuid) if needs_job else 0
         if abort:

@@ -165,6 +165,12 @@ class DestinationPolicy:
                 "migration_uri", f"host {migration_host} is not an allowed migration host"
             )
 
+    def check_migration_host(self, migration_host: str) -> None:
+        if not self._host_allowed(migration_host, ""):
+            raise errors.InvalidArgument(
+                "migration_uri", f"host {migration_host} is not an allowed migration host"
+            )
+
     def _host_allowed(self, host: str, destination_host: str) -> bool:
         if destination_host and host.lower() == destination_host.lower():
             return True
@@ -249,6 +255,7 @@ class AgentService:
                     blockers=inventory.migration_blockers(raw.config, raw.state, raw.migrating),
                     dirty_rate=self.meter.last(uuid),
                     vcpu_throttle_pct=self.tracker.vcpu_throttle_pct(uuid),
+                    postcopy_failed=raw.postcopy_failed,
                 )
             )
         return found
@@ -365,3 +372,25 @@ class AgentService:
             request.migration_uri or "-",
         )
         return self.tracker.migrate(replace(request, domain_uuid=uuid))
+
+    def resume(
+        self, domain_uuid: str, destination_uri: str, migration_uri: str
+    ) -> MigrationRequest:
+        """Resumes a broken post-copy (the destination, when named, passes the same
+        policy as a migration's); returns the request it resumed with."""
+        uuid = check_uuid(domain_uuid)
+        migration_host = check_migration_uri(migration_uri) if migration_uri else ""
+        if destination_uri:
+            dest_host = check_destination_uri(destination_uri)
+            self._destinations.check(destination_uri, dest_host, migration_host)
+        elif migration_host:
+            # the original destination's host is the tracker's to know: the policy's
+            # migration hosts decide alone
+            self._destinations.check_migration_host(migration_host)
+        LOG.info(
+            "post-copy resume asked vm=%s dest=%s migration_uri=%s",
+            uuid,
+            destination_uri or "(as started)",
+            migration_uri or "-",
+        )
+        return self.tracker.resume(uuid, destination_uri, migration_uri)

@@ -34,7 +34,9 @@ LOG = logging.getLogger(__name__)
 T = TypeVar("T")
 SERVICE_NAME = "hostmaint.v1.HostAgent"
 # The RPCs that change a domain or its migration: only allowed coordinators call them.
-MUTATING_METHODS = frozenset(f"/{SERVICE_NAME}/{name}" for name in ("Migrate", "TuneMigration"))
+MUTATING_METHODS = frozenset(
+    f"/{SERVICE_NAME}/{name}" for name in ("Migrate", "TuneMigration", "ResumeMigration")
+)
 
 STATUS_CODES: dict[type[errors.AgentError], grpc.StatusCode] = {
     errors.InvalidArgument: grpc.StatusCode.INVALID_ARGUMENT,
@@ -76,6 +78,7 @@ _PHASES = {
     MigrationPhase.COMPLETED: pb.MIGRATION_PHASE_COMPLETED,
     MigrationPhase.FAILED: pb.MIGRATION_PHASE_FAILED,
     MigrationPhase.CANCELLED: pb.MIGRATION_PHASE_CANCELLED,
+    MigrationPhase.POSTCOPY_PAUSED: pb.MIGRATION_PHASE_POSTCOPY_PAUSED,
 }
 
 
@@ -194,6 +197,7 @@ def domain_to_pb(domain: Domain) -> pb.Domain:
         persistent=domain.persistent,
         migrating=domain.migrating,
         vcpu_throttle_pct=domain.vcpu_throttle_pct,
+        postcopy_failed=domain.postcopy_failed,
     )
     if c.nova is not None:
         msg.nova.CopyFrom(
@@ -367,4 +371,17 @@ class HostAgentServicer(agent_pb2_grpc.HostAgentServicer):
         )
         return pb.MigrateResponse(
             domain_uuid=request.domain_uuid.lower(), started_at=timestamp(started)
+        )
+
+    @translated
+    def ResumeMigration(
+        self, request: pb.ResumeMigrationRequest, context: grpc.ServicerContext
+    ) -> pb.ResumeMigrationResponse:
+        resumed = self._service.resume(
+            request.domain_uuid, request.destination_uri, request.migration_uri
+        )
+        return pb.ResumeMigrationResponse(
+            domain_uuid=resumed.domain_uuid,
+            destination_uri=resumed.destination_uri,
+            resumed_at=timestamp(self._clock()),
         )

@@ -35,6 +35,9 @@ class MigrationPhase(enum.StrEnum):
     SETUP = "setup"
     PRECOPY = "precopy"
     POSTCOPY = "postcopy"
+    # the post-copy's link broke: paused on the source, waiting on the destination, until
+    # it is resumed (libvirt's state reason postcopy-failed, QEMU's postcopy-paused)
+    POSTCOPY_PAUSED = "postcopy_paused"
     COMPLETED = "completed"
     FAILED = "failed"
     CANCELLED = "cancelled"
@@ -129,6 +132,7 @@ class Domain:
     blockers: tuple[Blocker, ...]
     dirty_rate: DirtyRate | None = None
     vcpu_throttle_pct: int = 0
+    postcopy_failed: bool = False
 
     @property
     def uuid(self) -> str:

@@ -106,6 +106,11 @@ class _MigrationPhaseEnumTypeWrapper(google.protobuf.internal.enum_type_wrapper.
     MIGRATION_PHASE_COMPLETED: _MigrationPhase.ValueType  # 4
     MIGRATION_PHASE_FAILED: _MigrationPhase.ValueType  # 5
     MIGRATION_PHASE_CANCELLED: _MigrationPhase.ValueType  # 6
+    MIGRATION_PHASE_POSTCOPY_PAUSED: _MigrationPhase.ValueType  # 7
+    """A post-copy whose link broke: the guest runs on neither host (paused on the source,
+    waiting for pages on the destination) until ResumeMigration succeeds. Never abort it:
+    the destination holds the guest's newest state, the source the pages not yet sent.
+    """
 
 class MigrationPhase(_MigrationPhase, metaclass=_MigrationPhaseEnumTypeWrapper): ...
 
@@ -116,6 +121,11 @@ MIGRATION_PHASE_POSTCOPY: MigrationPhase.ValueType  # 3
 MIGRATION_PHASE_COMPLETED: MigrationPhase.ValueType  # 4
 MIGRATION_PHASE_FAILED: MigrationPhase.ValueType  # 5
 MIGRATION_PHASE_CANCELLED: MigrationPhase.ValueType  # 6
+MIGRATION_PHASE_POSTCOPY_PAUSED: MigrationPhase.ValueType  # 7
+"""A post-copy whose link broke: the guest runs on neither host (paused on the source,
+waiting for pages on the destination) until ResumeMigration succeeds. Never abort it:
+the destination holds the guest's newest state, the source the pages not yet sent.
+"""
 Global___MigrationPhase: typing_extensions.TypeAlias = MigrationPhase
 
 @typing.final
@@ -466,6 +476,7 @@ class Domain(google.protobuf.message.Message):
     PERSISTENT_FIELD_NUMBER: builtins.int
     MIGRATING_FIELD_NUMBER: builtins.int
     VCPU_THROTTLE_PCT_FIELD_NUMBER: builtins.int
+    POSTCOPY_FAILED_FIELD_NUMBER: builtins.int
     uuid: builtins.str
     name: builtins.str
     state: Global___DomainState.ValueType
@@ -479,6 +490,12 @@ class Domain(google.protobuf.message.Message):
     """True when a migration job runs on this domain now."""
     vcpu_throttle_pct: builtins.int
     """The vCPU throttle the agent applied, 0 when none."""
+    postcopy_failed: builtins.bool
+    """A post-copy migration of this domain broke (libvirt's state reason postcopy-failed):
+    on its source the domain is paused and holds the pages not yet sent; on its
+    destination it runs but waits for those pages. Resumable with ResumeMigration on the
+    source while both halves exist.
+    """
     @property
     def nova(self) -> Global___NovaInstance: ...
     @property
@@ -510,9 +527,10 @@ class Domain(google.protobuf.message.Message):
         persistent: builtins.bool = ...,
         migrating: builtins.bool = ...,
         vcpu_throttle_pct: builtins.int = ...,
+        postcopy_failed: builtins.bool = ...,
     ) -> None: ...
     def HasField(self, field_name: typing.Literal["cpu", b"cpu", "dirty_rate", b"dirty_rate", "nova", b"nova"]) -> builtins.bool: ...
-    def ClearField(self, field_name: typing.Literal["cpu", b"cpu", "dirty_rate", b"dirty_rate", "disks", b"disks", "memory_current_bytes", b"memory_current_bytes", "memory_max_bytes", b"memory_max_bytes", "migrating", b"migrating", "migration_blockers", b"migration_blockers", "name", b"name", "nova", b"nova", "persistent", b"persistent", "rss_bytes", b"rss_bytes", "state", b"state", "unused_bytes", b"unused_bytes", "uuid", b"uuid", "vcpu_throttle_pct", b"vcpu_throttle_pct", "vcpus", b"vcpus"]) -> None: ...
+    def ClearField(self, field_name: typing.Literal["cpu", b"cpu", "dirty_rate", b"dirty_rate", "disks", b"disks", "memory_current_bytes", b"memory_current_bytes", "memory_max_bytes", b"memory_max_bytes", "migrating", b"migrating", "migration_blockers", b"migration_blockers", "name", b"name", "nova", b"nova", "persistent", b"persistent", "postcopy_failed", b"postcopy_failed", "rss_bytes", b"rss_bytes", "state", b"state", "unused_bytes", b"unused_bytes", "uuid", b"uuid", "vcpu_throttle_pct", b"vcpu_throttle_pct", "vcpus", b"vcpus"]) -> None: ...
 
 Global___Domain: typing_extensions.TypeAlias = Domain
 
@@ -909,3 +927,53 @@ class MigrateResponse(google.protobuf.message.Message):
     def ClearField(self, field_name: typing.Literal["domain_uuid", b"domain_uuid", "started_at", b"started_at"]) -> None: ...
 
 Global___MigrateResponse: typing_extensions.TypeAlias = MigrateResponse
+
+@typing.final
+class ResumeMigrationRequest(google.protobuf.message.Message):
+    DESCRIPTOR: google.protobuf.descriptor.Descriptor
+
+    DOMAIN_UUID_FIELD_NUMBER: builtins.int
+    DESTINATION_URI_FIELD_NUMBER: builtins.int
+    MIGRATION_URI_FIELD_NUMBER: builtins.int
+    domain_uuid: builtins.str
+    destination_uri: builtins.str
+    """The destination's libvirt URI: needed only for a migration this agent did not start
+    (it resumes its own to the destination it started them to, and refuses another).
+    """
+    migration_uri: builtins.str
+    """Where the resumed stream goes (tcp://host[:port]); for a migration this agent started,
+    the one it started with.
+    """
+    def __init__(
+        self,
+        *,
+        domain_uuid: builtins.str = ...,
+        destination_uri: builtins.str = ...,
+        migration_uri: builtins.str = ...,
+    ) -> None: ...
+    def ClearField(self, field_name: typing.Literal["destination_uri", b"destination_uri", "domain_uuid", b"domain_uuid", "migration_uri", b"migration_uri"]) -> None: ...
+
+Global___ResumeMigrationRequest: typing_extensions.TypeAlias = ResumeMigrationRequest
+
+@typing.final
+class ResumeMigrationResponse(google.protobuf.message.Message):
+    DESCRIPTOR: google.protobuf.descriptor.Descriptor
+
+    DOMAIN_UUID_FIELD_NUMBER: builtins.int
+    DESTINATION_URI_FIELD_NUMBER: builtins.int
+    RESUMED_AT_FIELD_NUMBER: builtins.int
+    domain_uuid: builtins.str
+    destination_uri: builtins.str
+    @property
+    def resumed_at(self) -> google.protobuf.timestamp_pb2.Timestamp: ...
+    def __init__(
+        self,
+        *,
+        domain_uuid: builtins.str = ...,
+        destination_uri: builtins.str = ...,
+        resumed_at: google.protobuf.timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    def HasField(self, field_name: typing.Literal["resumed_at", b"resumed_at"]) -> builtins.bool: ...
+    def ClearField(self, field_name: typing.Literal["destination_uri", b"destination_uri", "domain_uuid", b"domain_uuid", "resumed_at", b"resumed_at"]) -> None: ...
+
+Global___ResumeMigrationResponse: typing_extensions.TypeAlias = ResumeMigrationResponse

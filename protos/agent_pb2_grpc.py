@@ -69,6 +69,11 @@ class HostAgentStub(object):
                 request_serializer=hostmaint_dot_protos_dot_agent__pb2.MigrateRequest.SerializeToString,
                 response_deserializer=hostmaint_dot_protos_dot_agent__pb2.MigrateResponse.FromString,
                 _registered_method=True)
+        self.ResumeMigration = channel.unary_unary(
+                '/hostmaint.v1.HostAgent/ResumeMigration',
+                request_serializer=hostmaint_dot_protos_dot_agent__pb2.ResumeMigrationRequest.SerializeToString,
+                response_deserializer=hostmaint_dot_protos_dot_agent__pb2.ResumeMigrationResponse.FromString,
+                _registered_method=True)
 
 
 class HostAgentServicer(object):
@@ -125,6 +130,15 @@ class HostAgentServicer(object):
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ResumeMigration(self, request, context):
+        """Resumes a post-copy migration that broke (MIGRATION_PHASE_POSTCOPY_PAUSED) to the
+        same destination, once the link is back; returns once libvirt took the resume (or
+        refused it). Follow it with WatchMigration.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_HostAgentServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -162,6 +176,11 @@ def add_HostAgentServicer_to_server(servicer, server):
                     servicer.Migrate,
                     request_deserializer=hostmaint_dot_protos_dot_agent__pb2.MigrateRequest.FromString,
                     response_serializer=hostmaint_dot_protos_dot_agent__pb2.MigrateResponse.SerializeToString,
+            ),
+            'ResumeMigration': grpc.unary_unary_rpc_method_handler(
+                    servicer.ResumeMigration,
+                    request_deserializer=hostmaint_dot_protos_dot_agent__pb2.ResumeMigrationRequest.FromString,
+                    response_serializer=hostmaint_dot_protos_dot_agent__pb2.ResumeMigrationResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -353,6 +372,33 @@ class HostAgent(object):
             '/hostmaint.v1.HostAgent/Migrate',
             hostmaint_dot_protos_dot_agent__pb2.MigrateRequest.SerializeToString,
             hostmaint_dot_protos_dot_agent__pb2.MigrateResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ResumeMigration(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/hostmaint.v1.HostAgent/ResumeMigration',
+            hostmaint_dot_protos_dot_agent__pb2.ResumeMigrationRequest.SerializeToString,
+            hostmaint_dot_protos_dot_agent__pb2.ResumeMigrationResponse.FromString,
             options,
             channel_credentials,
             insecure,

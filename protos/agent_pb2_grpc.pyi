@@ -139,7 +139,23 @@ _HostAgentMigrateType = typing_extensions.TypeVar(
     ],
 )
 
-class HostAgentStub(typing.Generic[_HostAgentGetHostType, _HostAgentListDomainsType, _HostAgentMeasureDirtyRateType, _HostAgentCheckCpuCompatibilityType, _HostAgentWatchMigrationType, _HostAgentTuneMigrationType, _HostAgentMigrateType]):
+_HostAgentResumeMigrationType = typing_extensions.TypeVar(
+    '_HostAgentResumeMigrationType',
+    grpc.UnaryUnaryMultiCallable[
+        hostmaint.protos.agent_pb2.ResumeMigrationRequest,
+        hostmaint.protos.agent_pb2.ResumeMigrationResponse,
+    ],
+    grpc.aio.UnaryUnaryMultiCallable[
+        hostmaint.protos.agent_pb2.ResumeMigrationRequest,
+        hostmaint.protos.agent_pb2.ResumeMigrationResponse,
+    ],
+    default=grpc.UnaryUnaryMultiCallable[
+        hostmaint.protos.agent_pb2.ResumeMigrationRequest,
+        hostmaint.protos.agent_pb2.ResumeMigrationResponse,
+    ],
+)
+
+class HostAgentStub(typing.Generic[_HostAgentGetHostType, _HostAgentListDomainsType, _HostAgentMeasureDirtyRateType, _HostAgentCheckCpuCompatibilityType, _HostAgentWatchMigrationType, _HostAgentTuneMigrationType, _HostAgentMigrateType, _HostAgentResumeMigrationType]):
     @typing.overload
     def __init__(self: HostAgentStub[
         grpc.UnaryUnaryMultiCallable[
@@ -169,6 +185,10 @@ class HostAgentStub(typing.Generic[_HostAgentGetHostType, _HostAgentListDomainsT
         grpc.UnaryUnaryMultiCallable[
             hostmaint.protos.agent_pb2.MigrateRequest,
             hostmaint.protos.agent_pb2.MigrateResponse,
+        ],
+        grpc.UnaryUnaryMultiCallable[
+            hostmaint.protos.agent_pb2.ResumeMigrationRequest,
+            hostmaint.protos.agent_pb2.ResumeMigrationResponse,
         ],
     ], channel: grpc.Channel) -> None: ...
 
@@ -202,6 +222,10 @@ class HostAgentStub(typing.Generic[_HostAgentGetHostType, _HostAgentListDomainsT
             hostmaint.protos.agent_pb2.MigrateRequest,
             hostmaint.protos.agent_pb2.MigrateResponse,
         ],
+        grpc.aio.UnaryUnaryMultiCallable[
+            hostmaint.protos.agent_pb2.ResumeMigrationRequest,
+            hostmaint.protos.agent_pb2.ResumeMigrationResponse,
+        ],
     ], channel: grpc.aio.Channel) -> None: ...
 
     GetHost: _HostAgentGetHostType
@@ -227,6 +251,12 @@ class HostAgentStub(typing.Generic[_HostAgentGetHostType, _HostAgentListDomainsT
     Migrate: _HostAgentMigrateType
     """Starts a live peer-to-peer migration of a domain to another host; returns
     once the job has started. Follow it with WatchMigration.
+    """
+
+    ResumeMigration: _HostAgentResumeMigrationType
+    """Resumes a post-copy migration that broke (MIGRATION_PHASE_POSTCOPY_PAUSED) to the
+    same destination, once the link is back; returns once libvirt took the resume (or
+    refused it). Follow it with WatchMigration.
     """
 
 HostAgentAsyncStub: typing_extensions.TypeAlias = HostAgentStub[
@@ -257,6 +287,10 @@ HostAgentAsyncStub: typing_extensions.TypeAlias = HostAgentStub[
     grpc.aio.UnaryUnaryMultiCallable[
         hostmaint.protos.agent_pb2.MigrateRequest,
         hostmaint.protos.agent_pb2.MigrateResponse,
+    ],
+    grpc.aio.UnaryUnaryMultiCallable[
+        hostmaint.protos.agent_pb2.ResumeMigrationRequest,
+        hostmaint.protos.agent_pb2.ResumeMigrationResponse,
     ],
 ]
 
@@ -319,6 +353,17 @@ class HostAgentServicer(metaclass=abc.ABCMeta):
     ) -> typing.Union[hostmaint.protos.agent_pb2.MigrateResponse, collections.abc.Awaitable[hostmaint.protos.agent_pb2.MigrateResponse]]:
         """Starts a live peer-to-peer migration of a domain to another host; returns
         once the job has started. Follow it with WatchMigration.
+        """
+
+    @abc.abstractmethod
+    def ResumeMigration(
+        self,
+        request: hostmaint.protos.agent_pb2.ResumeMigrationRequest,
+        context: _ServicerContext,
+    ) -> typing.Union[hostmaint.protos.agent_pb2.ResumeMigrationResponse, collections.abc.Awaitable[hostmaint.protos.agent_pb2.ResumeMigrationResponse]]:
+        """Resumes a post-copy migration that broke (MIGRATION_PHASE_POSTCOPY_PAUSED) to the
+        same destination, once the link is back; returns once libvirt took the resume (or
+        refused it). Follow it with WatchMigration.
         """
 
 def add_HostAgentServicer_to_server(servicer: HostAgentServicer, server: typing.Union[grpc.Server, grpc.aio.Server]) -> None: ...

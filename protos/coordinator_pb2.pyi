@@ -107,6 +107,12 @@ class _VmStateEnumTypeWrapper(google.protobuf.internal.enum_type_wrapper._EnumTy
     VM_STATE_FAILED: _VmState.ValueType  # 4
     VM_STATE_UNMOVABLE: _VmState.ValueType  # 5
     VM_STATE_SKIPPED: _VmState.ValueType  # 6
+    VM_STATE_POSTCOPY_PAUSED: _VmState.ValueType  # 7
+    """Its post-copy broke after the switch: the coordinator resumes it once the link is back."""
+    VM_STATE_STRANDED: _VmState.ValueType  # 8
+    """Its post-copy broke and cannot be resumed (the target is gone): the VM runs nowhere;
+    its error says where its pieces are. Never counted as moved.
+    """
 
 class VmState(_VmState, metaclass=_VmStateEnumTypeWrapper): ...
 
@@ -117,6 +123,12 @@ VM_STATE_COMPLETED: VmState.ValueType  # 3
 VM_STATE_FAILED: VmState.ValueType  # 4
 VM_STATE_UNMOVABLE: VmState.ValueType  # 5
 VM_STATE_SKIPPED: VmState.ValueType  # 6
+VM_STATE_POSTCOPY_PAUSED: VmState.ValueType  # 7
+"""Its post-copy broke after the switch: the coordinator resumes it once the link is back."""
+VM_STATE_STRANDED: VmState.ValueType  # 8
+"""Its post-copy broke and cannot be resumed (the target is gone): the VM runs nowhere;
+its error says where its pieces are. Never counted as moved.
+"""
 Global___VmState: typing_extensions.TypeAlias = VmState
 
 class _DrainEventKind:
@@ -138,6 +150,12 @@ class _DrainEventKindEnumTypeWrapper(google.protobuf.internal.enum_type_wrapper.
     DRAIN_EVENT_KIND_MIGRATION_FAILED: _DrainEventKind.ValueType  # 10
     DRAIN_EVENT_KIND_RETRIED: _DrainEventKind.ValueType  # 11
     DRAIN_EVENT_KIND_FINISHED: _DrainEventKind.ValueType  # 12
+    DRAIN_EVENT_KIND_POSTCOPY_PAUSED: _DrainEventKind.ValueType  # 13
+    """A post-copy's link broke: the VM is paused on both hosts until it is resumed."""
+    DRAIN_EVENT_KIND_POSTCOPY_RESUMED: _DrainEventKind.ValueType  # 14
+    """A paused post-copy was resumed (the message says after how long and how many tries)."""
+    DRAIN_EVENT_KIND_STRANDED: _DrainEventKind.ValueType  # 15
+    """A paused post-copy cannot be resumed: the message says why and where the VM's pieces are."""
 
 class DrainEventKind(_DrainEventKind, metaclass=_DrainEventKindEnumTypeWrapper): ...
 
@@ -154,6 +172,12 @@ DRAIN_EVENT_KIND_MIGRATION_COMPLETED: DrainEventKind.ValueType  # 9
 DRAIN_EVENT_KIND_MIGRATION_FAILED: DrainEventKind.ValueType  # 10
 DRAIN_EVENT_KIND_RETRIED: DrainEventKind.ValueType  # 11
 DRAIN_EVENT_KIND_FINISHED: DrainEventKind.ValueType  # 12
+DRAIN_EVENT_KIND_POSTCOPY_PAUSED: DrainEventKind.ValueType  # 13
+"""A post-copy's link broke: the VM is paused on both hosts until it is resumed."""
+DRAIN_EVENT_KIND_POSTCOPY_RESUMED: DrainEventKind.ValueType  # 14
+"""A paused post-copy was resumed (the message says after how long and how many tries)."""
+DRAIN_EVENT_KIND_STRANDED: DrainEventKind.ValueType  # 15
+"""A paused post-copy cannot be resumed: the message says why and where the VM's pieces are."""
 Global___DrainEventKind: typing_extensions.TypeAlias = DrainEventKind
 
 @typing.final
@@ -528,6 +552,7 @@ class DrainSummary(google.protobuf.message.Message):
     FAILED_FIELD_NUMBER: builtins.int
     UNMOVABLE_FIELD_NUMBER: builtins.int
     POSTCOPY_USED_FIELD_NUMBER: builtins.int
+    STRANDED_FIELD_NUMBER: builtins.int
     predicted_makespan_s: builtins.float
     actual_makespan_s: builtins.float
     max_downtime_ms: builtins.int
@@ -535,6 +560,8 @@ class DrainSummary(google.protobuf.message.Message):
     failed: builtins.int
     unmovable: builtins.int
     postcopy_used: builtins.int
+    stranded: builtins.int
+    """VMs whose post-copy broke for good (VM_STATE_STRANDED): they need the operator."""
     def __init__(
         self,
         *,
@@ -545,8 +572,9 @@ class DrainSummary(google.protobuf.message.Message):
         failed: builtins.int = ...,
         unmovable: builtins.int = ...,
         postcopy_used: builtins.int = ...,
+        stranded: builtins.int = ...,
     ) -> None: ...
-    def ClearField(self, field_name: typing.Literal["actual_makespan_s", b"actual_makespan_s", "failed", b"failed", "max_downtime_ms", b"max_downtime_ms", "migrated", b"migrated", "postcopy_used", b"postcopy_used", "predicted_makespan_s", b"predicted_makespan_s", "unmovable", b"unmovable"]) -> None: ...
+    def ClearField(self, field_name: typing.Literal["actual_makespan_s", b"actual_makespan_s", "failed", b"failed", "max_downtime_ms", b"max_downtime_ms", "migrated", b"migrated", "postcopy_used", b"postcopy_used", "predicted_makespan_s", b"predicted_makespan_s", "stranded", b"stranded", "unmovable", b"unmovable"]) -> None: ...
 
 Global___DrainSummary: typing_extensions.TypeAlias = DrainSummary
 
@@ -622,7 +650,7 @@ class DrainEvent(google.protobuf.message.Message):
     def at(self) -> google.protobuf.timestamp_pb2.Timestamp: ...
     @property
     def vm(self) -> Global___VmStatus:
-        """Set on MIGRATION_* and PROGRESS events."""
+        """Set on MIGRATION_*, POSTCOPY_*, STRANDED and PROGRESS events."""
 
     @property
     def progress(self) -> hostmaint.protos.agent_pb2.MigrationProgress: ...
