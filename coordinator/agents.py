@@ -159,6 +159,14 @@ class AgentClient:
         )
         return answer
 
+    def resume(self, request: apb.ResumeMigrationRequest) -> apb.ResumeMigrationResponse:
+        """Resumes a broken post-copy (the agent waits a few seconds for libvirt to take it)."""
+        answer: apb.ResumeMigrationResponse = self._call(
+            "ResumeMigration",
+            lambda: self._stub.ResumeMigration(request, timeout=self.timeout_s + 15),
+        )
+        return answer
+
 
 class AgentRegistry:
     """Every known agent, its health and last report, refreshed by `refresh()`."""

@@ -44,9 +44,13 @@ VM_EVENTS = frozenset(
         Ev.DRAIN_EVENT_KIND_MIGRATION_COMPLETED,
         Ev.DRAIN_EVENT_KIND_MIGRATION_FAILED,
         Ev.DRAIN_EVENT_KIND_RETRIED,
+        Ev.DRAIN_EVENT_KIND_POSTCOPY_PAUSED,
+        Ev.DRAIN_EVENT_KIND_POSTCOPY_RESUMED,
+        Ev.DRAIN_EVENT_KIND_STRANDED,
     }
 )
-TERMINAL_VM_STATES = frozenset({pb.VM_STATE_COMPLETED, pb.VM_STATE_FAILED})
+TERMINAL_VM_STATES = frozenset({pb.VM_STATE_COMPLETED, pb.VM_STATE_FAILED, pb.VM_STATE_STRANDED})
+IN_FLIGHT_VM_STATES = frozenset({pb.VM_STATE_MIGRATING, pb.VM_STATE_POSTCOPY_PAUSED})
 
 
 @dataclass(frozen=True)
@@ -213,6 +217,15 @@ def apply(view: LiveView, event: pb.DrainEvent, received_s: float) -> LiveView:
     elif row is not None and kind == Ev.DRAIN_EVENT_KIND_MIGRATION_FAILED:
         row = dataclasses.replace(row, state=pb.VM_STATE_FAILED, ended_at_s=at)
         changes["notes"] = _note(view, f"failed {title}: {row.error or event.message}")
+    elif row is not None and kind == Ev.DRAIN_EVENT_KIND_POSTCOPY_PAUSED:
+        row = dataclasses.replace(row, state=pb.VM_STATE_POSTCOPY_PAUSED)
+        changes["notes"] = _note(view, f"PAUSED {title}: {event.message}")
+    elif row is not None and kind == Ev.DRAIN_EVENT_KIND_POSTCOPY_RESUMED:
+        row = dataclasses.replace(row, state=pb.VM_STATE_MIGRATING, error="")
+        changes["notes"] = _note(view, f"resumed {title}: {event.message}")
+    elif row is not None and kind == Ev.DRAIN_EVENT_KIND_STRANDED:
+        row = dataclasses.replace(row, state=pb.VM_STATE_STRANDED, ended_at_s=at)
+        changes["notes"] = _note(view, f"STRANDED {title}: {event.message}")
     elif row is not None and kind == Ev.DRAIN_EVENT_KIND_RETRIED:
         row = dataclasses.replace(
             row, state=pb.VM_STATE_QUEUED, progress=None, error="", ended_at_s=None
@@ -239,7 +252,7 @@ def _row_elapsed(row: VmRow, server_now: float) -> float | None:
         if row.started_at_s is not None and row.ended_at_s is not None:
             return max(0.0, row.ended_at_s - row.started_at_s)
         return p.elapsed_s if p is not None else None
-    if row.state != pb.VM_STATE_MIGRATING:
+    if row.state not in IN_FLIGHT_VM_STATES:
         return None
     if p is not None and p.sampled_at_s is not None:
         return p.elapsed_s + max(0.0, server_now - p.sampled_at_s)
@@ -254,6 +267,10 @@ def _row_line(row: VmRow, server_now: float, width: int, name_width: int) -> str
         fraction, phase = 1.0, "done"
     elif row.state == pb.VM_STATE_FAILED:
         fraction, phase = (p.fraction if p else 0.0), "failed"
+    elif row.state == pb.VM_STATE_STRANDED:
+        fraction, phase = (p.fraction if p else 0.0), "STRANDED"
+    elif row.state == pb.VM_STATE_POSTCOPY_PAUSED:
+        fraction, phase = (p.fraction if p else 0.0), "POSTCOPY-PAUSED"
     else:
         fraction = p.fraction if p else 0.0
         phase = phase_label(p.phase) if p and p.phase else "starting"
@@ -289,6 +306,8 @@ def render_live(view: LiveView, now: float, width: int = 100, height: int = 40) 
     done = sum(1 for r in view.rows if r.state in TERMINAL_VM_STATES)
     failed = sum(1 for r in view.rows if r.state == pb.VM_STATE_FAILED)
     migrating = sum(1 for r in view.rows if r.state == pb.VM_STATE_MIGRATING)
+    paused = sum(1 for r in view.rows if r.state == pb.VM_STATE_POSTCOPY_PAUSED)
+    stranded = sum(1 for r in view.rows if r.state == pb.VM_STATE_STRANDED)
     queued = sum(1 for r in view.rows if r.state == pb.VM_STATE_QUEUED)
     total = max(view.planned, sum(1 for r in view.rows if r.state != pb.VM_STATE_UNMOVABLE))
     drain = f" ({view.drain_id[:8]})" if view.drain_id else ""
@@ -299,6 +318,10 @@ def render_live(view: LiveView, now: float, width: int = 100, height: int = 40) 
         extra.append(f"{queued} queued")
     if failed:
         extra.append(f"{failed} failed")
+    if paused:
+        extra.append(f"{paused} POST-COPY PAUSED")
+    if stranded:
+        extra.append(f"{stranded} STRANDED")
     if view.unmovable:
         extra.append(f"{view.unmovable} unmovable")
     head += " (" + ", ".join(extra) + ")"
@@ -315,14 +338,14 @@ def render_live(view: LiveView, now: float, width: int = 100, height: int = 40) 
     overall = "  " + bar(fraction, cells) + tail
 
     shown = [
-        r for r in view.rows if r.state == pb.VM_STATE_MIGRATING or r.state in TERMINAL_VM_STATES
+        r for r in view.rows if r.state in IN_FLIGHT_VM_STATES or r.state in TERMINAL_VM_STATES
     ]
     room = max(1, height - 2 - len(view.notes) - 1)
     hidden = 0
     if len(shown) > room:
         # Keep every running migration; drop the oldest finished ones first.
-        active = [r for r in shown if r.state == pb.VM_STATE_MIGRATING]
-        finished = [r for r in shown if r.state != pb.VM_STATE_MIGRATING]
+        active = [r for r in shown if r.state in IN_FLIGHT_VM_STATES]
+        finished = [r for r in shown if r.state not in IN_FLIGHT_VM_STATES]
         keep_finished = max(0, room - len(active))
         kept = active[:room] + (finished[-keep_finished:] if keep_finished else [])
         hidden = len(shown) - len(kept)

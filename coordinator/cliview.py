@@ -195,6 +195,10 @@ def render_summary(status: pb.DrainStatus) -> str:
         f"migrated {s.migrated}, failed {s.failed}, unmovable {s.unmovable}, "
         f"post-copy used {s.postcopy_used}",
     ]
+    stranded = [v for v in status.vms if v.state == pb.VM_STATE_STRANDED]
+    if stranded:
+        lines.append(f"STRANDED {len(stranded)}: their post-copy broke; they run nowhere")
+        lines += [f"  {vm_title(v.name, v.vm_uuid)}: {v.error}" for v in stranded]
     return "\n".join(lines)
 
 
@@ -332,6 +336,8 @@ def render_event_line(event: pb.DrainEvent) -> str:
             f"{drain_state_label(st.state)}: migrated {s.migrated}, failed {s.failed}, "
             f"unmovable {s.unmovable}, makespan {seconds(s.actual_makespan_s)}"
         )
+        if s.stranded:
+            detail += f"; STRANDED {s.stranded} (post-copy broke: see their errors)"
     parts = [clock_text(event.at), f"{event_label(kind):<19}"]
     if who:
         parts.append(who)

@@ -182,6 +182,29 @@ drain_opts = [
         help="Seconds the source agent waits for a started migration's job to appear in "
         "libvirt before the coordinator follows the cloud's migration record instead.",
     ),
+    cfg.FloatOpt(
+        "postcopy_resume_first_s",
+        default=2.0,
+        min=0.05,
+        help="A post-copy migration whose link broke after the switch (the VM paused on "
+        "both hosts) is resumed at once and then after this many seconds, the wait "
+        "doubling up to postcopy_resume_max_s, until it resumes or the deadline passes.",
+    ),
+    cfg.FloatOpt(
+        "postcopy_resume_max_s",
+        default=30.0,
+        min=0.05,
+        help="The longest wait between two tries to resume a broken post-copy migration.",
+    ),
+    cfg.FloatOpt(
+        "postcopy_recovery_deadline_s",
+        default=900.0,
+        min=1.0,
+        help="How long a broken post-copy migration is tried again before the coordinator "
+        "gives up and reports the VM stranded (it runs nowhere; the event and the VM's "
+        "error say where its halves are). A target that has no copy of the VM any more "
+        "is reported at once. The coordinator never aborts such a migration.",
+    ),
     cfg.IntOpt("max_attempts", default=2, min=1, max=10, help="Attempts per VM."),
     cfg.IntOpt(
         "dirty_rate_window_s",

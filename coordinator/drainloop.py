@@ -25,7 +25,7 @@ from hostmaint.coordinator.outcomes import Outcomes
 from hostmaint.coordinator.planner import DrainPlan
 from hostmaint.coordinator.restart import Restart
 from hostmaint.coordinator.runtime import DrainRun, Runtime, cloud_errors, ref_from_json
-from hostmaint.coordinator.states import DrainState, VmState
+from hostmaint.coordinator.states import IN_FLIGHT_VM_STATES, DrainState, VmState
 from hostmaint.protos import coordinator_pb2 as cpb
 
 LOG = logging.getLogger(__name__)
@@ -149,7 +149,7 @@ class DrainLoop:
         while not rt.stopped.is_set():
             drain = rt.journal.drain(run.drain_id)
             rows = rt.journal.vms(run.drain_id)
-            running_rows = [r for r in rows if r.state == VmState.MIGRATING]
+            running_rows = [r for r in rows if r.state in IN_FLIGHT_VM_STATES]
             queued = [r for r in rows if r.state == VmState.QUEUED]
             if drain.cancel_requested:
                 if drain.state != DrainState.CANCELLING:
@@ -163,7 +163,8 @@ class DrainLoop:
                     cancelled_running = True
                     # A cold migration cannot be aborted: it is confirmed and ends.
                     for r in running_rows:
-                        if not is_cold(r):
+                        # a broken post-copy is never aborted: it would lose the guest
+                        if not is_cold(r) and r.state != VmState.POSTCOPY_PAUSED:
                             self.outcomes.abort(run, r, "drain cancelled")
             alive = run.threads.alive()
             if not queued and not running_rows and not alive:
@@ -226,6 +227,10 @@ class DrainLoop:
                 return
             row = rt.journal.vm(run.drain_id, row.vm_uuid)
             end = self.live.follow(run, row, ref, done)
+            if end.stranded:
+                self.outcomes.strand(run, rt.journal.vm(run.drain_id, row.vm_uuid), end.error)
+                return
+            row = rt.journal.vm(run.drain_id, row.vm_uuid)
             self.outcomes.finish(run, row, end.completed, end.downtime_ms, end.error)
         except Exception as e:  # thread boundary: the VM's row must not stay "migrating"
             LOG.exception("migration thread crashed vm=%s", row.vm_uuid)

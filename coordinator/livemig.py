@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 
-from hostmaint.coordinator import errors, escalation
+from hostmaint.coordinator import errors, escalation, pcrecovery
 from hostmaint.coordinator.drivers.base import (
     DriverError,
     LiveMigrationOptions,
@@ -45,6 +45,9 @@ class _Watch:
     error: str = ""
     finished: bool = False
     plan_applied: bool = False  # the planned QEMU downtime limit is in force on the job
+    # the guest runs on the target already (post-copy): nothing may abort it any more
+    postcopy_seen: bool = False
+    pause: pcrecovery.Pause | None = None  # its post-copy broke and is being resumed
 
 
 @dataclass(frozen=True)
@@ -54,12 +57,15 @@ class Followed:
     completed: bool
     downtime_ms: float
     error: str
+    # its post-copy broke for good: the error says where the VM's halves are
+    stranded: bool = False
 
 
 class LiveMigrations:
     def __init__(self, rt: Runtime, outcomes: Outcomes) -> None:
         self.rt = rt
         self.outcomes = outcomes
+        self.recovery = pcrecovery.PostcopyRecovery(rt)
 
     def start(self, run: DrainRun, row: VmRow) -> MigrationRef | None:
         """Journals the intent and starts the migration; a refusal is retried or failed."""
@@ -128,6 +134,8 @@ class LiveMigrations:
         run.link.end(row.vm_uuid)  # before the cloud's record settles
         if rt.stopped.is_set():
             return Followed(False, 0.0, "coordinator stopping")
+        if w.pause is not None and w.pause.stranded:
+            return Followed(False, 0.0, w.pause.stranded, stranded=True)
         state = self._settle(ref, row.vm_uuid)
         if w.done.throttle_pct:
             self.outcomes.unthrottle(run, row)
@@ -146,10 +154,20 @@ class LiveMigrations:
             rt.settings.watch_start_timeout_s,
             WATCH_DEADLINE_S,
         ):
+            if p.phase == apb.MIGRATION_PHASE_POSTCOPY_PAUSED:
+                w.postcopy_seen = True
+                row, w.pause = self.recovery.paused(run, row, ref, w.pause, p)
+                if w.pause.stranded:
+                    w.finished = True
+                    return row
+                continue
+            if w.pause is not None and (not p.final or p.phase == apb.MIGRATION_PHASE_COMPLETED):
+                row, w.pause = self.recovery.resumed(run, row, w.pause), None
             if p.final:
                 w.downtime_ms, w.final_phase, w.error = float(p.downtime_ms), p.phase, p.error
                 w.finished = True
                 return row
+            w.postcopy_seen = w.postcopy_seen or p.phase == apb.MIGRATION_PHASE_POSTCOPY
             if not w.plan_applied and p.memory_total_bytes:
                 w.plan_applied = True
                 self._apply_planned_downtime(run, row, p.max_downtime_ms)
@@ -245,6 +263,11 @@ class LiveMigrations:
         w.history.append(obs)
         del w.history[:-_HISTORY_KEPT]
         self.rt.publish(run, cpb.DRAIN_EVENT_KIND_PROGRESS, vm=row, progress=progress)
+        if w.postcopy_seen or w.pause is not None:
+            # In post-copy the guest runs on the target: it finishes on its own, and an
+            # abort would lose the guest. Whoever switched it (the ladder, Nova's monitor)
+            # nothing more is done to it.
+            return row
         decision = escalation.next_step(w.history, w.limits, w.done)
         if decision.action is not escalation.Action.NONE:
             row, w.done = self._escalate(run, row, ref, decision, w.done, obs.elapsed_s)

@@ -187,6 +187,26 @@ class Outcomes:
         )
         rt.publish(run, cpb.DRAIN_EVENT_KIND_MIGRATION_FAILED, vm=row, message=error)
 
+    def strand(self, run: DrainRun, row: VmRow, message: str) -> None:
+        """Its post-copy broke and cannot be resumed: the VM runs nowhere. Said plainly,
+        journaled with where its halves are, never retried, never counted as moved."""
+        rt = self.rt
+        target = row.target_host or ""
+        step = rt.journal.begin_step(
+            run.drain_id, "stranded", row.vm_uuid, {"source": run.host, "target": target}
+        )
+        rt.journal.end_step(step, True, message)
+        row = rt.journal.update_vm(
+            run.drain_id, row.vm_uuid, state=VmState.STRANDED, error=message, finished_at=rt.clock()
+        )
+        LOG.error(
+            "VM stranded by a broken post-copy vm=%s drain=%s: %s",
+            row.vm_uuid,
+            run.drain_id[:8],
+            message,
+        )
+        rt.publish(run, cpb.DRAIN_EVENT_KIND_STRANDED, vm=row, message=message)
+
     def _other_target(self, run: DrainRun, row: VmRow, failed: str | None) -> str | None:
         """Another target for a retry: re-plan this VM alone, excluding the one that failed."""
         policy_pb = cpb.DrainPolicy()

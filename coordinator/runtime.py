@@ -70,6 +70,11 @@ class ExecutorSettings:
     migration_addresses: dict[str, str] | None = None
     watch_start_timeout_s: float = _WATCH_START_TIMEOUT_S
     escalation_settle_s: float = escalation.Limits.settle_s
+    # a post-copy whose link broke: resumed after these waits (doubling), given up on
+    # (the VM reported stranded) once paused this long
+    postcopy_resume_first_s: float = 2.0
+    postcopy_resume_max_s: float = 30.0
+    postcopy_recovery_deadline_s: float = 900.0
 
     @property
     def pacing(self) -> escalation.Pacing:

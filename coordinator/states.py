@@ -35,8 +35,14 @@ class VmState(StrEnum):
     FAILED = "failed"
     UNMOVABLE = "unmovable"
     SKIPPED = "skipped"
+    # its post-copy broke after the switch: paused on both hosts until it is resumed
+    POSTCOPY_PAUSED = "postcopy_paused"
+    # its post-copy broke for good (the target is gone): it runs nowhere, never "moved"
+    STRANDED = "stranded"
 
 
+# a migration runs (or is paused mid-way) for the VM: its watcher follows it
+IN_FLIGHT_VM_STATES = (VmState.MIGRATING, VmState.POSTCOPY_PAUSED)
 ACTIVE_DRAIN_STATES = (DrainState.PLANNING, DrainState.RUNNING, DrainState.CANCELLING)
 FINISHED_DRAIN_STATES = (
     DrainState.COMPLETED,

@@ -44,6 +44,8 @@ VM_STATES = {
     VmState.FAILED: cpb.VM_STATE_FAILED,
     VmState.UNMOVABLE: cpb.VM_STATE_UNMOVABLE,
     VmState.SKIPPED: cpb.VM_STATE_SKIPPED,
+    VmState.POSTCOPY_PAUSED: cpb.VM_STATE_POSTCOPY_PAUSED,
+    VmState.STRANDED: cpb.VM_STATE_STRANDED,
 }
 
 
@@ -205,6 +207,7 @@ def summary(drain: DrainRow, vms: Sequence[VmRow], plan: cpb.DrainPlan | None) -
         postcopy_used=sum(
             1 for v in vms if any(t.startswith("postcopy") for t in v.tuning_applied)
         ),
+        stranded=sum(1 for v in vms if v.state == VmState.STRANDED),
     )
 
 

@@ -28,6 +28,14 @@ class MigrationKind(enum.StrEnum):
     COLD = "cold"
 
 
+class TargetHalf(enum.StrEnum):
+    """What is left on the target of a post-copy whose link broke."""
+
+    PRESENT = "present"  # the target holds the guest (paused there, waiting for its pages)
+    GONE = "gone"  # the target answers and has no copy of the guest any more
+    UNREACHABLE = "unreachable"  # the target (its agent or libvirt) does not answer
+
+
 class MigrationState(enum.StrEnum):
     """Where a migration stands, across clouds.
 
@@ -258,6 +266,18 @@ class MigrationDriver(Protocol):
         """Make a running live migration finish now (pause or post-copy)."""
 
     def abort(self, ref: MigrationRef) -> None: ...
+
+    @property
+    def can_resume_postcopy(self) -> bool:
+        """Whether `resume_postcopy` can resume a post-copy whose link broke on this cloud;
+        when it cannot, such a VM is reported stranded at once."""
+
+    def resume_postcopy(self, ref: MigrationRef, migration_uri: str = "") -> None:
+        """Resume a post-copy whose link broke, to the same target (libvirt's
+        VIR_MIGRATE_POSTCOPY_RESUME); raises while the link or the target is down."""
+
+    def postcopy_target(self, ref: MigrationRef) -> TargetHalf:
+        """What is left on the target of a post-copy whose link broke."""
 
     def reset_to_active(self, instance_uuid: str) -> None:
         """Clear the error state the cloud left on a VM whose live migration failed or was

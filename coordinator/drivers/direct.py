@@ -27,6 +27,7 @@ from hostmaint.coordinator.drivers.base import (
     MigrationState,
     MigrationStatus,
     NotFound,
+    TargetHalf,
     Unavailable,
 )
 from hostmaint.coordinator.journal import Journal
@@ -63,6 +64,8 @@ class DirectDriver:
 
     # no image service to carry a stopped VM's disks
     can_cold_migrate = False
+    # the source agent started the migration: it resumes it with the same flags
+    can_resume_postcopy = True
     error_settle_s = 0.0  # libvirt keeps no VM state of its own
 
     def __init__(
@@ -143,8 +146,12 @@ class DirectDriver:
             name=d.nova.name or d.name,
             host=host,
             project_id=d.nova.project_uuid,
-            state=_STATES.get(d.state, InstanceState.OTHER),
-            task_state="migrating" if d.migrating else None,
+            # either half of a broken post-copy is no running VM (the target's runs only
+            # until it touches a page left on the source)
+            state=InstanceState.PAUSED
+            if d.postcopy_failed
+            else _STATES.get(d.state, InstanceState.OTHER),
+            task_state="migrating" if d.migrating or d.postcopy_failed else None,
             flavor_name=d.nova.flavor_name,
             vcpus=d.vcpus,
             memory_mb=d.memory_max_bytes // MIB,
@@ -244,7 +251,7 @@ class DirectDriver:
         source, target = self._hosts_of(ref)
         uuid = ref.instance_uuid
         src = self._domain(source, uuid)
-        if src is not None and src.migrating:
+        if src is not None and (src.migrating or src.postcopy_failed):
             state = MigrationState.RUNNING
         else:
             where = target
@@ -257,6 +264,7 @@ class DirectDriver:
             if (
                 dst is not None
                 and dst.state == apb.DOMAIN_STATE_RUNNING
+                and not dst.postcopy_failed  # half of a broken post-copy: not moved
                 and (src is None or src.state != apb.DOMAIN_STATE_RUNNING)
             ):
                 state = MigrationState.COMPLETED
@@ -276,6 +284,30 @@ class DirectDriver:
     def abort(self, ref: MigrationRef) -> None:
         source, _ = self._hosts_of(ref)
         self._tune(source, apb.TuneMigrationRequest(domain_uuid=ref.instance_uuid, abort=True))
+
+    def resume_postcopy(self, ref: MigrationRef, migration_uri: str = "") -> None:
+        source, target = self._hosts_of(ref)
+        request = apb.ResumeMigrationRequest(
+            domain_uuid=ref.instance_uuid,
+            destination_uri=self._uris.get(target, ""),
+            migration_uri=migration_uri,
+        )
+        try:
+            self._agent(source).resume(request)
+        except errors.CoordinatorError as e:
+            raise _driver_error(e, f"resume the post-copy of {ref.instance_uuid}") from e
+
+    def postcopy_target(self, ref: MigrationRef) -> TargetHalf:
+        _, target = self._hosts_of(ref)
+        if not target:
+            return TargetHalf.UNREACHABLE  # an adopted job whose target is not known
+        try:
+            found = self._agent(target).list_domains([ref.instance_uuid])
+        except errors.AgentRefused as e:
+            return TargetHalf.GONE if e.code == "NOT_FOUND" else TargetHalf.UNREACHABLE
+        except errors.CoordinatorError:
+            return TargetHalf.UNREACHABLE
+        return TargetHalf.PRESENT if found else TargetHalf.GONE
 
     def reset_to_active(self, instance_uuid: str) -> None:
         raise InvalidRequest(f"{instance_uuid}: libvirt keeps no error state to reset")

@@ -47,6 +47,7 @@ from hostmaint.coordinator.drivers.base import (
     MigrationStatus,
     NotFound,
     ServerGroup,
+    TargetHalf,
     Unavailable,
 )
 
@@ -171,6 +172,11 @@ class NovaDriver:
     # Nova 34.0.0 marks the server failed about a second after an aborted live migration's
     # record ends (its migration thread's error surfaces after the rollback).
     error_settle_s = 15.0
+    # Nova 34 rolls a live migration whose libvirt call failed back at once, post-copy or
+    # not: its rollback at the destination destroys the guest there, the only copy of its
+    # state since the switch (docs/nova.md). A resume behind its back would race that and
+    # leave Nova's record on the source: a broken post-copy is reported, not resumed.
+    can_resume_postcopy = False
 
     def __init__(
         self,
@@ -573,6 +579,15 @@ class NovaDriver:
     def abort(self, ref: MigrationRef) -> None:
         self._request("DELETE", f"/servers/{ref.instance_uuid}/migrations/{ref.migration_id}")
         LOG.info("live migration abort vm=%s migration=%d", *_ids(ref))
+
+    def resume_postcopy(self, ref: MigrationRef, migration_uri: str = "") -> None:
+        raise InvalidRequest(
+            f"{ref.instance_uuid}: Nova has no call to resume a broken post-copy, and its "
+            "rollback destroys the guest's copy on the destination"
+        )
+
+    def postcopy_target(self, ref: MigrationRef) -> TargetHalf:
+        return TargetHalf.UNREACHABLE  # Nova does not say; its agents do (not asked here)
 
     def reset_to_active(self, instance_uuid: str) -> None:
         self._request(

@@ -409,3 +409,56 @@ def test_plan_and_live_view_show_what_the_plan_left_out() -> None:
     assert cliview.render_plan(plan).splitlines()[-1] == f"note: {note}"
     view = fold([samples.event(E.DRAIN_EVENT_KIND_PLANNED, T0, plan=plan)])
     assert view.notes == (note,)
+
+
+def test_a_broken_postcopy_shows_paused_then_stranded_with_where_it_is() -> None:
+    events = until(E.DRAIN_EVENT_KIND_PLANNED)
+    at = T0 + 10
+    why = "post-copy to compute-05 broke: paused on compute-07, waiting on compute-05"
+    events += [
+        samples.event(
+            E.DRAIN_EVENT_KIND_MIGRATION_STARTED,
+            at,
+            vm_uuid=WEB,
+            vm=samples.vm(WEB, pb.VM_STATE_MIGRATING, started_at=samples.ts(at)),
+        ),
+        samples.event(
+            E.DRAIN_EVENT_KIND_POSTCOPY_PAUSED,
+            at + 5,
+            vm_uuid=WEB,
+            message=why,
+            vm=samples.vm(WEB, pb.VM_STATE_POSTCOPY_PAUSED, error=why),
+        ),
+        samples.event(
+            E.DRAIN_EVENT_KIND_PROGRESS,
+            at + 6,
+            vm_uuid=WEB,
+            vm=samples.vm(WEB, pb.VM_STATE_POSTCOPY_PAUSED, error=why),
+            progress=samples.progress(
+                WEB, at + 6, phase=apb.MIGRATION_PHASE_POSTCOPY_PAUSED, elapsed_ms=6000
+            ),
+        ),
+    ]
+    view = fold(events)
+    frame = clilive.render_live(view, at + 7, width=160, height=30)
+    assert "POSTCOPY-PAUSED" in row_line(frame, "web")
+    assert "PAUSED web-1: post-copy to compute-05 broke" in frame and "compute-05 broke" in frame
+    left = "web runs nowhere: its vCPUs ... on compute-05, the pages not yet copied on compute-07"
+    stranded = samples.event(
+        E.DRAIN_EVENT_KIND_STRANDED,
+        at + 60,
+        vm_uuid=WEB,
+        message=left,
+        vm=samples.vm(WEB, pb.VM_STATE_STRANDED, error=left),
+    )
+    view = clilive.apply(view, stranded, at + 60)
+    frame = clilive.render_live(view, at + 61, width=200, height=30)
+    assert "STRANDED" in row_line(frame, "web")
+    assert "STRANDED web-1: web runs nowhere" in frame and "1 STRANDED" in frame
+    line = cliview.render_event_line(stranded)
+    assert "STRANDED" in line and "compute-07" in line
+    status = samples.final_status()
+    status.vms[0].CopyFrom(samples.vm(WEB, pb.VM_STATE_STRANDED, error=left))
+    status.summary.stranded = 1
+    assert "STRANDED 1: their post-copy broke" in cliview.render_summary(status)
+    assert left in cliview.render_summary(status)

@@ -224,6 +224,16 @@ class SimAgent:
                 iteration = agents._rounds.get(uuid, 1)
                 limit_ms = agents._limits_ms.get(uuid, 0)
                 postcopy = uuid in agents._postcopy
+            pc = agents.driver.postcopy_phase(ref)
+            if pc == "paused":
+                yield apb.MigrationProgress(
+                    domain_uuid=uuid,
+                    phase=apb.MIGRATION_PHASE_POSTCOPY_PAUSED,
+                    iteration=iteration,
+                    memory_total_bytes=guest.memory_bytes,
+                )
+                time.sleep(agents.sample_interval_s)
+                continue
             if not limit_ms:  # what the job started with (QEMU's default: 300 ms)
                 started = [s for s in agents.driver.starts() if s.instance_uuid == uuid]
                 limit_ms = started[-1].options.max_downtime_ms or 300

@@ -17,6 +17,14 @@ dispatch, streaming, threads), not the physics; the simulator in
 `hostmaint.coordinator.simulator` is the tool for the physics. The migrations of
 the VMs named in `precopy_never_ends` (writers faster than the link) end only
 when forced (post-copy), aborted or completed by the test (`complete`).
+
+A link cut during post-copy (`postcopy_cuts`: VM -> seconds the link stays down,
+None for ever) turns the VM's post-copy switch into a broken post-copy, as libvirt
+8.5+ leaves one: the migration stays running in the cloud's record, paused, and
+`resume_postcopy` is refused until the link is back (then the post-copy ends a
+moment later); `postcopy_target` says the target holds the guest, or, for the VMs in
+`target_lost`, that it has no copy any more. An abort of a post-copy is refused (and
+counted in `aborts_in_postcopy`), as libvirt refuses it.
 """
 
 from __future__ import annotations
@@ -39,6 +47,8 @@ from hostmaint.coordinator.drivers.base import (
     MigrationState,
     MigrationStatus,
     NotFound,
+    TargetHalf,
+    Unavailable,
 )
 from hostmaint.coordinator.model import (
     DEFAULT_PARAMS,
@@ -70,6 +80,8 @@ class _Migration:
     duration_s: float
     state: MigrationState = MigrationState.RUNNING
     ended_s: float | None = None
+    postcopy: bool = False
+    paused_until: float | None = None  # a broken post-copy: when its link is back
 
 
 @dataclass(frozen=True)
@@ -103,6 +115,8 @@ class SimDriver:
     """A MigrationDriver over a table of hosts and VMs; `clock` is seconds (monotonic)."""
 
     can_cold_migrate = False  # cold_migrate refuses: the simulated cloud has none
+    can_resume_postcopy = True
+    resume_tail_s = 0.05  # a resumed post-copy ends this long after its resume
 
     def __init__(
         self,
@@ -116,6 +130,8 @@ class SimDriver:
         precopy_never_ends: Iterable[str] = (),
         error_after_abort: bool = False,
         error_delay_s: float = 0.0,
+        postcopy_cuts: dict[str, float | None] | None = None,
+        target_lost: Iterable[str] = (),
     ) -> None:
         self._hosts = {h.name: h for h in hosts}
         self._vms: dict[str, _Vm] = {}
@@ -140,6 +156,10 @@ class SimDriver:
         self.error_settle_s = error_delay_s + 1.0 if error_after_abort else 0.0
         self._errors_due: dict[str, float] = {}
         self.resets: list[str] = []
+        self._cuts = dict(postcopy_cuts or {})
+        self._target_lost = frozenset(target_lost)
+        self.aborts_in_postcopy: list[str] = []
+        self.resume_tries: list[tuple[str, float, bool]] = []  # vm, when, taken
 
     # -- time -----------------------------------------------------------------------
 
@@ -148,6 +168,8 @@ class SimDriver:
         now = self._clock()
         for vm in self._vms.values():
             for m in vm.migrations:
+                if m.paused_until is not None:
+                    continue  # a broken post-copy ends only once resumed
                 if m.state is MigrationState.RUNNING and now >= m.started_s + m.duration_s:
                     self._complete(vm, m, m.started_s + m.duration_s)
         for uuid, due in list(self._errors_due.items()):
@@ -357,7 +379,47 @@ class SimDriver:
             vm, m = self._migration(ref)
             if m.state is not MigrationState.RUNNING:
                 raise Conflict(f"migration {ref.migration_id} is {m.state}")
+            if ref.instance_uuid in self._cuts:
+                # the switch happens, then the link breaks: a broken post-copy
+                cut = self._cuts[ref.instance_uuid]
+                m.postcopy = True
+                m.paused_until = float("inf") if cut is None else self._clock() + cut
+                return
             self._complete(vm, m, self._clock())
+
+    def postcopy_phase(self, ref: MigrationRef) -> str:
+        """'paused' (a broken post-copy), 'postcopy', or '' (pre-copy, or ended)."""
+        with self._lock:
+            self._advance()
+            _, m = self._migration(ref)
+            if m.state is not MigrationState.RUNNING:
+                return ""
+            if m.paused_until is not None:
+                return "paused"
+            return "postcopy" if m.postcopy else ""
+
+    def resume_postcopy(self, ref: MigrationRef, migration_uri: str = "") -> None:
+        with self._lock:
+            self._advance()
+            _, m = self._migration(ref)
+            now = self._clock()
+            if m.state is not MigrationState.RUNNING or m.paused_until is None:
+                raise Conflict(f"migration {ref.migration_id} has no broken post-copy")
+            taken = now >= m.paused_until and ref.instance_uuid not in self._target_lost
+            self.resume_tries.append((ref.instance_uuid, now, taken))
+            if not taken:
+                raise Unavailable(f"resume {ref.instance_uuid}: unable to connect to {m.target}")
+            m.paused_until = None
+            m.duration_s = now - m.started_s + self.resume_tail_s
+
+    def postcopy_target(self, ref: MigrationRef) -> TargetHalf:
+        with self._lock:
+            _, m = self._migration(ref)
+            if ref.instance_uuid in self._target_lost:
+                return TargetHalf.GONE
+            if m.paused_until is not None and self._clock() < m.paused_until:
+                return TargetHalf.UNREACHABLE
+            return TargetHalf.PRESENT
 
     def complete(self, instance_uuid: str) -> None:
         """Ends the VM's running migration now, as a pre-copy that converged."""
@@ -375,6 +437,9 @@ class SimDriver:
             _, m = self._migration(ref)
             if m.state is not MigrationState.RUNNING:
                 raise Conflict(f"migration {ref.migration_id} is {m.state}")
+            if m.postcopy:
+                self.aborts_in_postcopy.append(ref.instance_uuid)
+                raise Conflict(f"migration {ref.migration_id} is in post-copy: no abort")
             m.state = MigrationState.CANCELLED
             m.ended_s = self._clock()
             if self._error_after_abort:

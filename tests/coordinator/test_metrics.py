@@ -148,6 +148,7 @@ def test_running_migrations_show_while_they_run_and_completed_ones_are_counted(
         "setup",
         "precopy",
         "postcopy",
+        "postcopy_paused",
         "completed",
         "failed",
         "cancelled",
