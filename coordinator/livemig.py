@@ -136,6 +136,21 @@ class LiveMigrations:
             return Followed(False, 0.0, "coordinator stopping")
         if w.pause is not None and w.pause.stranded:
             return Followed(False, 0.0, w.pause.stranded, stranded=True)
+        if (
+            w.pause is not None
+            and w.pause.active
+            and w.final_phase != apb.MIGRATION_PHASE_COMPLETED
+        ):
+            # the watch ended while the post-copy was paused: never a failure to retry
+            target = row.target_host or "the target"
+            why = w.error or "the watch ended while it was paused"
+            return Followed(
+                False,
+                0.0,
+                f"post-copy to {target} broke and was not resumed ({why}). "
+                + pcrecovery.halves(row.name, run.host, target, w.pause.half),
+                stranded=True,
+            )
         state = self._settle(ref, row.vm_uuid)
         if w.done.throttle_pct:
             self.outcomes.unthrottle(run, row)
@@ -161,8 +176,12 @@ class LiveMigrations:
                     w.finished = True
                     return row
                 continue
-            if w.pause is not None and (not p.final or p.phase == apb.MIGRATION_PHASE_COMPLETED):
-                row, w.pause = self.recovery.resumed(run, row, w.pause), None
+            if (
+                w.pause is not None
+                and w.pause.active
+                and (not p.final or p.phase == apb.MIGRATION_PHASE_COMPLETED)
+            ):
+                row = self.recovery.resumed(run, row, w.pause)
             if p.final:
                 w.downtime_ms, w.final_phase, w.error = float(p.downtime_ms), p.phase, p.error
                 w.finished = True
@@ -263,7 +282,7 @@ class LiveMigrations:
         w.history.append(obs)
         del w.history[:-_HISTORY_KEPT]
         self.rt.publish(run, cpb.DRAIN_EVENT_KIND_PROGRESS, vm=row, progress=progress)
-        if w.postcopy_seen or w.pause is not None:
+        if w.postcopy_seen or (w.pause is not None and w.pause.active):
             # In post-copy the guest runs on the target: it finishes on its own, and an
             # abort would lose the guest. Whoever switched it (the ladder, Nova's monitor)
             # nothing more is done to it.

@@ -70,6 +70,9 @@ class Pause:
     half: TargetHalf = TargetHalf.PRESENT
     last_error: str = ""
     stranded: str = ""  # why it cannot be resumed, and where its halves are
+    # paused now (False once resumed: a post-copy that breaks again keeps its first
+    # break's time, so that a link that keeps failing meets the deadline)
+    active: bool = True
 
 
 class PostcopyRecovery:
@@ -89,8 +92,10 @@ class PostcopyRecovery:
         rt = self.rt
         now = rt.clock()
         target = row.target_host or "the target"
-        if pause is None:
-            pause = Pause(since=now, next_try=now)
+        if pause is None or not pause.active:
+            if pause is None:
+                pause = Pause(since=now, next_try=now)
+            pause.active = True
             row = self._journal_pause(run, row, target)
         rt.publish(run, cpb.DRAIN_EVENT_KIND_PROGRESS, vm=row, progress=progress)
         if not rt.driver.can_resume_postcopy:
@@ -125,6 +130,7 @@ class PostcopyRecovery:
 
     def resumed(self, run: DrainRun, row: VmRow, pause: Pause) -> VmRow:
         rt = self.rt
+        pause.active = False
         took = rt.clock() - pause.since
         row = rt.journal.update_vm(run.drain_id, row.vm_uuid, state=VmState.MIGRATING, error="")
         message = f"post-copy resumed after {took:.1f} s paused and {pause.tries} tries"

@@ -24,7 +24,7 @@ from hostmaint.coordinator.nonlive import is_cold
 from hostmaint.coordinator.outcomes import Outcomes
 from hostmaint.coordinator.reconcile import Verdict
 from hostmaint.coordinator.runtime import DrainRun, Runtime, ref_from_json, ref_json
-from hostmaint.coordinator.states import VmState
+from hostmaint.coordinator.states import IN_FLIGHT_VM_STATES, VmState
 from hostmaint.protos import coordinator_pb2 as cpb
 
 LOG = logging.getLogger(__name__)
@@ -79,7 +79,7 @@ class Restart:
                 row = self._reconcile_unstarted(run, row)
             done = self._ladder_state(row, steps)
             burst_left = burst_left or done.holding
-            if row.state != VmState.MIGRATING:
+            if row.state not in IN_FLIGHT_VM_STATES:  # a paused post-copy is followed too
                 continue
             cold = is_cold(row)
             # a cold migration's follower reads the cloud's record itself

@@ -307,7 +307,10 @@ class DirectDriver:
             return TargetHalf.GONE if e.code == "NOT_FOUND" else TargetHalf.UNREACHABLE
         except errors.CoordinatorError:
             return TargetHalf.UNREACHABLE
-        return TargetHalf.PRESENT if found else TargetHalf.GONE
+        # a copy that no longer runs (its QEMU died; with PERSIST_DEST libvirt may keep
+        # the definition, shut off) holds nothing of the guest any more
+        alive = (apb.DOMAIN_STATE_RUNNING, apb.DOMAIN_STATE_PAUSED, apb.DOMAIN_STATE_BLOCKED)
+        return TargetHalf.PRESENT if any(d.state in alive for d in found) else TargetHalf.GONE
 
     def reset_to_active(self, instance_uuid: str) -> None:
         raise InvalidRequest(f"{instance_uuid}: libvirt keeps no error state to reset")

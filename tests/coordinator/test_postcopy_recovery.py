@@ -11,6 +11,7 @@ moved. tests/lab/test_postcopy_recovery.py does the same with real QEMU.
 
 from __future__ import annotations
 
+import itertools
 import threading
 import time
 from collections.abc import Iterator
@@ -24,7 +25,7 @@ from hostmaint.coordinator import pcrecovery
 from hostmaint.coordinator.drivers.base import Instance, InstanceState, TargetHalf
 from hostmaint.coordinator.executor import Executor, ExecutorSettings
 from hostmaint.coordinator.journal import Journal, make_engine
-from hostmaint.coordinator.model import GIB, MIB, DrainPolicy, Link
+from hostmaint.coordinator.model import GIB, DrainPolicy, Link
 from hostmaint.protos import coordinator_pb2 as cpb
 from tests.coordinator.simagents import Guest, SimAgents
 from tests.coordinator.simdriver import SimDriver, SimHost
@@ -131,7 +132,7 @@ def test_a_short_cut_is_resumed_and_the_vm_moves(tmp_path: Path, stopped: thread
     # tried while the link was down (refused), with growing waits, then taken
     tries = run.driver.resume_tries
     assert [t for _, _, t in tries] == [False] * (len(tries) - 1) + [True], tries
-    waits = [b - a for (_, a, _), (_, b, _) in zip(tries, tries[1:], strict=False)]
+    waits = [b - a for (_, a, _), (_, b, _) in itertools.pairwise(tries)]
     assert len(waits) >= 2, tries
     for n, wait in enumerate(waits, start=1):  # no sooner than the backoff allows (less
         # the journal write before each call, which varies)
