@@ -175,6 +175,8 @@ class LiveMigrations:
                 if w.pause.stranded:
                     w.finished = True
                     return row
+                if rt.stopped.is_set():
+                    return row
                 continue
             if (
                 w.pause is not None

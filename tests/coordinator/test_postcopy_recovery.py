@@ -64,15 +64,7 @@ def stopped() -> Iterator[threading.Event]:
     event.set()
 
 
-def _drain(
-    tmp_path: Path,
-    stopped: threading.Event,
-    *,
-    cut_s: float | None,
-    deadline_s: float = 20.0,
-    target_lost: bool = False,
-    cancel_when_paused: bool = False,
-) -> Run:
+def _cloud(cut_s: float | None, target_lost: bool = False) -> tuple[SimDriver, SimAgents]:
     driver = SimDriver(
         [SimHost(SOURCE, 64 * 1024, 64), SimHost(TARGET, 64 * 1024, 64)],
         [Instance(VM, VM, SOURCE, "p", InstanceState.ACTIVE, None, "f", 2, 2 * 1024)],
@@ -86,7 +78,16 @@ def _drain(
     agents = SimAgents(
         driver, {VM: GUEST}, LINK_BYTES_PER_S, no_cpu_controller={SOURCE}, sample_interval_s=0.02
     )
-    journal = Journal(make_engine(f"sqlite:///{tmp_path / 'journal.db'}"), clock=time.time)
+    return driver, agents
+
+
+def _executor(
+    driver: SimDriver,
+    agents: SimAgents,
+    journal: Journal,
+    stopped: threading.Event,
+    deadline_s: float,
+) -> Executor:
     settings = ExecutorSettings(
         defaults=DrainPolicy(),
         link_bandwidth_bytes_per_s=LINK_BYTES_PER_S,
@@ -98,7 +99,21 @@ def _drain(
         postcopy_recovery_deadline_s=deadline_s,
     )
     registry: Any = agents
-    executor = Executor(driver, registry, journal, settings, clock=time.time, stopped=stopped)
+    return Executor(driver, registry, journal, settings, clock=time.time, stopped=stopped)
+
+
+def _drain(
+    tmp_path: Path,
+    stopped: threading.Event,
+    *,
+    cut_s: float | None,
+    deadline_s: float = 20.0,
+    target_lost: bool = False,
+    cancel_when_paused: bool = False,
+) -> Run:
+    driver, agents = _cloud(cut_s, target_lost)
+    journal = Journal(make_engine(f"sqlite:///{tmp_path / 'journal.db'}"), clock=time.time)
+    executor = _executor(driver, agents, journal, stopped, deadline_s)
     drain_id = executor.start_drain(SOURCE, POLICY, "firmware")
     run = Run(driver, journal, executor, drain_id)
     for event in executor.events(drain_id, stopped.is_set):
@@ -202,3 +217,33 @@ def test_the_halves_are_named() -> None:
     assert "its copy on h1 is gone" in gone and "h0 holds it paused" in gone
     there = pcrecovery.halves("vm1", "h0", "h1", TargetHalf.UNREACHABLE)
     assert "on h1 (unreachable)" in there and "on h0, where it is paused" in there
+
+
+def test_a_restarted_coordinator_follows_and_resumes_a_paused_postcopy(tmp_path: Path) -> None:
+    driver, agents = _cloud(cut_s=1.5)
+    journal = Journal(make_engine(f"sqlite:///{tmp_path / 'journal.db'}"), clock=time.time)
+    first_stopped, second_stopped = threading.Event(), threading.Event()
+    first = _executor(driver, agents, journal, first_stopped, deadline_s=20.0)
+    drain_id = first.start_drain(SOURCE, POLICY, "firmware")
+    try:
+        for event in first.events(drain_id, first_stopped.is_set):
+            if event.kind == Ev.DRAIN_EVENT_KIND_POSTCOPY_PAUSED:
+                break
+        first_stopped.set()  # the coordinator dies while the post-copy is paused
+        stopped_at = time.monotonic()
+        assert journal.vm(drain_id, VM).state == "postcopy_paused"
+        second = _executor(driver, agents, journal, second_stopped, deadline_s=20.0)
+        assert second.resume_all() == [drain_id]
+        assert second.wait(drain_id, WAIT_S), "the resumed drain did not end"
+        status = second.status(drain_id)
+    finally:
+        first_stopped.set()
+        second_stopped.set()
+    assert (status.state, status.vms[0].state) == (
+        cpb.DRAIN_STATE_COMPLETED,
+        cpb.VM_STATE_COMPLETED,
+    )
+    assert driver.placement()[VM] == TARGET
+    assert driver.migrations_started == 1 and driver.aborts_in_postcopy == []
+    (_, at, taken) = driver.resume_tries[-1]
+    assert taken and at > stopped_at  # resumed by the restarted coordinator
