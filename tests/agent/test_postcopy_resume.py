@@ -18,7 +18,12 @@ from typing import cast
 import pytest
 
 from hostmaint.agent import errors
-from hostmaint.agent.libvirt_driver import LibvirtDriver, RawDomain
+from hostmaint.agent.libvirt_driver import (
+    LibvirtDriver,
+    RawDomain,
+    job_stats_from_libvirt,
+    postcopy_failed,
+)
 from hostmaint.agent.migrations import MigrationTracker
 from hostmaint.agent.types import (
     CpuDefinition,
@@ -222,3 +227,15 @@ def test_a_paused_postcopy_whose_source_vanishes_is_not_reported_moved(
     final = [s for s in watch if s.final]
     assert [s.stats.phase for s in final] == [MigrationPhase.FAILED]
     assert "paused" in final[0].stats.error
+
+
+def test_libvirts_states_of_a_broken_postcopy() -> None:
+    # (state, reason) as libvirt 9.0 numbers them: PAUSED=3, RUNNING=1
+    assert postcopy_failed(3, 13)  # the source: PAUSED / POSTCOPY_FAILED
+    assert postcopy_failed(1, 11)  # the destination: RUNNING / POSTCOPY_FAILED
+    assert not postcopy_failed(3, 12)  # the source of a post-copy that runs
+    assert not postcopy_failed(1, 10)  # its destination
+    # the broken job shows as paused whatever type libvirt gives it (none, unbounded)
+    for job_type in (0, 2):
+        stats = job_stats_from_libvirt({"type": job_type}, 13)
+        assert stats.phase is MigrationPhase.POSTCOPY_PAUSED and stats.active
