@@ -409,6 +409,16 @@ class LibvirtDriver:
             postcopy_failed=broken,
         )
 
+    def postcopy_state(self, domain_uuid: str) -> tuple[DomainState, bool]:
+        """The domain's state and whether its post-copy broke, from virDomainGetState
+        alone: it takes no job, so it answers at once while a migration job holds the
+        domain (memory statistics wait for a query job, up to libvirt's 30 s, while a
+        post-copy resume sets up)."""
+        dom = self._domain(domain_uuid)
+        with self._translated("domain state", domain_uuid):
+            state, reason = dom.state(0)
+        return _STATES.get(state, DomainState.UNKNOWN), postcopy_failed(state, reason)
+
     def _parse(self, xml: str) -> DomainConfig:
         with self._lock:
             config = self._parsed.get(xml)

@@ -214,7 +214,7 @@ class MigrationTracker:
         """Whether a migrateToURI3 call ended because its post-copy broke (the domain is
         left paused, post-copy-failed), rather than with the migration's end."""
         try:
-            return self._driver.domain(uuid).postcopy_failed
+            return self._driver.postcopy_state(uuid)[1]
         except errors.DomainNotFound:
             return False
         except errors.AgentError:
@@ -402,14 +402,14 @@ class MigrationTracker:
         `destination_uri` must name it and the resume carries post-copy and the
         persistence flags only (libvirt takes the rest from the paused job).
         """
-        raw = self._driver.domain(domain_uuid)
-        if not raw.postcopy_failed:
+        state, failed = self._driver.postcopy_state(domain_uuid)
+        if not failed:
             raise errors.OperationRefused(
                 domain_uuid,
                 "resume post-copy",
-                f"no broken post-copy to resume (the domain is {raw.state} here)",
+                f"no broken post-copy to resume (the domain is {state} here)",
             )
-        if raw.state is not DomainState.PAUSED:
+        if state is not DomainState.PAUSED:
             raise errors.OperationRefused(
                 domain_uuid,
                 "resume post-copy",
@@ -454,17 +454,17 @@ class MigrationTracker:
         while True:
             if not thread.is_alive():
                 with self._lock:
-                    broken = job.broken
+                    why = job.broken
                     outcome = self._outcomes.get(domain_uuid)
-                if broken:
-                    raise errors.OperationRefused(domain_uuid, "resume post-copy", broken)
+                if why:
+                    raise errors.OperationRefused(domain_uuid, "resume post-copy", why)
                 if outcome is not None and outcome.phase is not MigrationPhase.COMPLETED:
                     raise errors.OperationRefused(
                         domain_uuid, "resume post-copy", outcome.error or str(outcome.phase)
                     )
                 return request
             try:
-                if not self._driver.domain(domain_uuid).postcopy_failed:
+                if not self._driver.postcopy_state(domain_uuid)[1]:
                     return request  # libvirt took it: post-copy runs again
             except errors.DomainNotFound:
                 return request  # resumed and done already

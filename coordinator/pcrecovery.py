@@ -123,7 +123,8 @@ class PostcopyRecovery:
             )
             return row, pause
         self._try_resume(run, row, ref, pause)
-        pause.next_try = now + resume_wait_s(
+        # from the answer, not the ask: a resume may take the agent seconds to answer
+        pause.next_try = rt.clock() + resume_wait_s(
             pause.tries, rt.settings.postcopy_resume_first_s, rt.settings.postcopy_resume_max_s
         )
         return row, pause

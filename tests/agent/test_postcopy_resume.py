@@ -86,6 +86,10 @@ class PostcopyLibvirt:
                 postcopy_failed=self.broken,
             )
 
+    def postcopy_state(self, uuid: str) -> tuple[DomainState, bool]:
+        raw = self.domain(uuid)
+        return raw.state, raw.postcopy_failed
+
     def job_stats(self, uuid: str, completed: bool = False) -> JobStats | None:
         with self.lock:
             if self.gone:
