@@ -106,23 +106,24 @@ class PostcopyRecovery:
             return row, pause
         if now < pause.next_try:
             return row, pause
-        pause.half = self._target_half(ref)
-        pause.gone_seen = pause.gone_seen + 1 if pause.half is TargetHalf.GONE else 0
-        paused_s = now - pause.since
-        if pause.gone_seen >= GONE_CONFIRMATIONS:
-            pause.stranded = (
-                f"post-copy to {target} broke and cannot be resumed: {target} has no copy of "
-                f"the VM any more. {halves(row.name, run.host, target, pause.half)}"
-            )
-            return row, pause
-        if paused_s > rt.settings.postcopy_recovery_deadline_s:
-            pause.stranded = (
-                f"post-copy to {target} broke {paused_s:.0f} s ago and was not resumed in "
-                f"{pause.tries} tries (target {pause.half}; last: {pause.last_error or '-'}). "
-                f"{halves(row.name, run.host, target, pause.half)}"
-            )
-            return row, pause
-        self._try_resume(run, row, ref, pause)
+        if not self._try_resume(run, row, ref, pause):
+            # refused: what is left on the target decides whether to go on trying
+            pause.half = self._target_half(ref)
+            pause.gone_seen = pause.gone_seen + 1 if pause.half is TargetHalf.GONE else 0
+            paused_s = rt.clock() - pause.since
+            if pause.gone_seen >= GONE_CONFIRMATIONS:
+                pause.stranded = (
+                    f"post-copy to {target} broke and cannot be resumed: {target} has no copy "
+                    f"of the VM any more. {halves(row.name, run.host, target, pause.half)}"
+                )
+                return row, pause
+            if paused_s > rt.settings.postcopy_recovery_deadline_s:
+                pause.stranded = (
+                    f"post-copy to {target} broke {paused_s:.0f} s ago and was not resumed in "
+                    f"{pause.tries} tries (target {pause.half}; last: {pause.last_error or '-'}). "
+                    f"{halves(row.name, run.host, target, pause.half)}"
+                )
+                return row, pause
         # from the answer, not the ask: a resume may take the agent seconds to answer
         pause.next_try = rt.clock() + resume_wait_s(
             pause.tries, rt.settings.postcopy_resume_first_s, rt.settings.postcopy_resume_max_s
@@ -166,7 +167,8 @@ class PostcopyRecovery:
             LOG.info("cannot tell the target's half vm=%s error=%s", ref.instance_uuid, e)
             return TargetHalf.UNREACHABLE
 
-    def _try_resume(self, run: DrainRun, row: VmRow, ref: MigrationRef, pause: Pause) -> None:
+    def _try_resume(self, run: DrainRun, row: VmRow, ref: MigrationRef, pause: Pause) -> bool:
+        """One journaled try; True when the cloud took it."""
         rt = self.rt
         pause.tries += 1
         uri = (rt.settings.migration_addresses or {}).get(row.target_host, "")
@@ -180,3 +182,5 @@ class PostcopyRecovery:
         except (DriverError, errors.CoordinatorError) as e:
             pause.last_error = str(e)
             LOG.info("post-copy not resumed yet vm=%s try=%d error=%s", row.vm_uuid, pause.tries, e)
+            return False
+        return True
