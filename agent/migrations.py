@@ -198,6 +198,16 @@ class MigrationTracker:
                     job.broken = str(e)
                     self._lock.notify_all()
                 return
+            if resume and self._left_host(uuid):
+                # The source is undefined only once the post-copy completed: the call's
+                # error came after the end (seen: a resume that waited out a 30 s cut).
+                LOG.warning(
+                    "resumed post-copy completed, its call ended with an error vm=%s error=%s",
+                    uuid,
+                    e,
+                )
+                self._finish(uuid, MigrationPhase.COMPLETED, "")
+                return
             phase = MigrationPhase.FAILED
             if "cancel" in str(e).lower() or "abort" in str(e).lower():
                 phase = MigrationPhase.CANCELLED
@@ -209,6 +219,15 @@ class MigrationTracker:
         else:
             LOG.info("migration completed vm=%s dest=%s", uuid, request.destination_uri)
             self._finish(uuid, MigrationPhase.COMPLETED, "")
+
+    def _left_host(self, uuid: str) -> bool:
+        try:
+            self._driver.postcopy_state(uuid)
+        except errors.DomainNotFound:
+            return True
+        except errors.AgentError:
+            return False  # libvirt unreachable: not known
+        return False
 
     def _postcopy_broke(self, uuid: str, error: errors.AgentError) -> bool:
         """Whether a migrateToURI3 call ended because its post-copy broke (the domain is

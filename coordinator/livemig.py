@@ -141,7 +141,12 @@ class LiveMigrations:
             and w.pause.active
             and w.final_phase != apb.MIGRATION_PHASE_COMPLETED
         ):
-            # the watch ended while the post-copy was paused: never a failure to retry
+            # The watch ended while the post-copy looked paused: where the VM runs is the
+            # truth (a resume that waited out the cut may end its call with an error after
+            # the post-copy completed); otherwise it is never a failure to retry.
+            if self._moved(ref):
+                LOG.warning("paused post-copy ended on its target vm=%s", row.vm_uuid)
+                return Followed(True, w.downtime_ms, "")
             target = row.target_host or "the target"
             why = w.error or "the watch ended while it was paused"
             return Followed(
@@ -293,6 +298,18 @@ class LiveMigrations:
         if decision.action is not escalation.Action.NONE:
             row, w.done = self._escalate(run, row, ref, decision, w.done, obs.elapsed_s)
         return row
+
+    def _moved(self, ref: MigrationRef) -> bool:
+        """Whether the cloud shows the migration completed (a few looks, a poll apart)."""
+        for _ in range(3):
+            try:
+                if self.rt.driver.get_migration(ref).state is MigrationState.COMPLETED:
+                    return True
+            except DriverError as e:
+                LOG.info("cannot read the migration vm=%s error=%s", ref.instance_uuid, e)
+            if self.rt.stopped.wait(self.rt.settings.poll_interval_s):
+                return False
+        return False
 
     def _settle(self, ref: MigrationRef, vm_uuid: str) -> MigrationState:
         """The cloud's final word on the migration (it may lag the agent by a moment)."""
