@@ -26,8 +26,9 @@ from hostmaint.coordinator.drivers.base import Instance, InstanceState, TargetHa
 from hostmaint.coordinator.executor import Executor, ExecutorSettings
 from hostmaint.coordinator.journal import Journal, make_engine
 from hostmaint.coordinator.model import GIB, DrainPolicy, Link
+from hostmaint.protos import agent_pb2 as apb
 from hostmaint.protos import coordinator_pb2 as cpb
-from tests.coordinator.simagents import Guest, SimAgents
+from tests.coordinator.simagents import Guest, SimAgent, SimAgents
 from tests.coordinator.simdriver import SimDriver, SimHost
 
 LINK_BYTES_PER_S = 1.25e9
@@ -247,3 +248,44 @@ def test_a_restarted_coordinator_follows_and_resumes_a_paused_postcopy(tmp_path:
     assert driver.migrations_started == 1 and driver.aborts_in_postcopy == []
     (_, at, taken) = driver.resume_tries[-1]
     assert taken and at > stopped_at  # resumed by the restarted coordinator
+
+
+class LateErrorAgents(SimAgents):
+    """Agents whose watch ends a resumed post-copy with an error although it completed
+    (libvirt's resume call can fail after the end, seen in the lab)."""
+
+    def client(self, host: str) -> SimAgent:
+        return LateErrorAgent(self, host)
+
+
+class LateErrorAgent(SimAgent):
+    def watch(
+        self, uuid: str, interval_s: float, start_timeout_s: float, deadline_s: float
+    ) -> Iterator[apb.MigrationProgress]:
+        for p in super().watch(uuid, interval_s, start_timeout_s, deadline_s):
+            if p.final:
+                p = apb.MigrationProgress(
+                    domain_uuid=uuid, phase=apb.MIGRATION_PHASE_FAILED, final=True, error="lost"
+                )
+            yield p
+
+
+def test_a_paused_postcopy_whose_watch_ends_in_error_but_moved_is_reported_moved(
+    tmp_path: Path, stopped: threading.Event
+) -> None:
+    driver, _ = _cloud(cut_s=0.3)
+    driver.resume_tail_s = 0.0  # it ends at once: no post-copy sample after the pause
+    agents = LateErrorAgents(
+        driver, {VM: GUEST}, LINK_BYTES_PER_S, no_cpu_controller={SOURCE}, sample_interval_s=0.02
+    )
+    journal = Journal(make_engine(f"sqlite:///{tmp_path / 'journal.db'}"), clock=time.time)
+    executor = _executor(driver, agents, journal, stopped, deadline_s=20.0)
+    drain_id = executor.start_drain(SOURCE, POLICY, "firmware")
+    assert executor.wait(drain_id, WAIT_S), "the drain did not end"
+    status = executor.status(drain_id)
+    assert (status.state, status.vms[0].state) == (
+        cpb.DRAIN_STATE_COMPLETED,
+        cpb.VM_STATE_COMPLETED,
+    )
+    assert driver.placement()[VM] == TARGET
+    assert not [s for s in journal.steps(drain_id) if s.action == "stranded"]
