@@ -146,6 +146,7 @@ class LiveMigrations:
             # the post-copy completed); otherwise it is never a failure to retry.
             if self._moved(ref):
                 LOG.warning("paused post-copy ended on its target vm=%s", row.vm_uuid)
+                self.recovery.resumed(run, row, w.pause)
                 return Followed(True, w.downtime_ms, "")
             target = row.target_host or "the target"
             why = w.error or "the watch ended while it was paused"

@@ -289,3 +289,7 @@ def test_a_paused_postcopy_whose_watch_ends_in_error_but_moved_is_reported_moved
     )
     assert driver.placement()[VM] == TARGET
     assert not [s for s in journal.steps(drain_id) if s.action == "stranded"]
+    kinds = [e.kind for e in executor.events(drain_id, stopped.is_set) if e.vm_uuid == VM]
+    assert kinds.index(Ev.DRAIN_EVENT_KIND_POSTCOPY_PAUSED) < kinds.index(
+        Ev.DRAIN_EVENT_KIND_POSTCOPY_RESUMED
+    )
