@@ -139,6 +139,16 @@ migration_opts = [
         "may go to: names, addresses or networks (10.1.0.0/24), besides the host names of "
         "allowed_destinations. Any other migration_uri is refused.",
     ),
+    cfg.FloatOpt(
+        "stale_incoming_grace_s",
+        default=120.0,
+        min=0,
+        help="Seconds after which an incoming migration copy left behind is destroyed: a "
+        "domain paused for a migration (or for an unknown reason, or starting up) that "
+        "runs no job, is transient and whose vCPUs never ran here, seen so at every check "
+        "for this long. A destination libvirtd restarted during a migration leaves such "
+        "copies; the VM itself runs elsewhere. 0: never destroyed.",
+    ),
 ]
 
 GROUPS = {

@@ -247,3 +247,19 @@ class MigrationRequest:
     parallel_connections: int = 0
     copy_storage: bool = False
     extra: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class PausedIncoming:
+    """A domain paused the way an incoming migration leaves it (paused for the migration,
+    for an unknown reason or starting up), as libvirt shows it now.
+
+    vcpu_time_ns: the CPU time its vCPUs have run, summed; near zero for a copy whose guest
+    never ran on this host.
+    """
+
+    domain_uuid: str
+    name: str
+    job_active: bool
+    persistent: bool
+    vcpu_time_ns: int

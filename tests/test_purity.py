@@ -17,6 +17,7 @@ IMPURE = ("libvirt", "grpc", "psutil", "oslo_config", "sqlalchemy", "openstack")
 PURE_MODULES = [
     "hostmaint.agent.capabilities",
     "hostmaint.agent.inventory",
+    "hostmaint.agent.stale",
     "hostmaint.agent.tuning",
     "hostmaint.agent.types",
     "hostmaint.coordinator.model",
