@@ -134,6 +134,7 @@ class Agent:
             schedule = Schedule(
                 interval_s=self.conf.dirty_rate.interval_s,
                 window_s=self.conf.dirty_rate.window_s,
+                max_window_s=self.conf.dirty_rate.max_window_s,
                 batch_size=self.conf.dirty_rate.batch_size,
                 method=None if method == "auto" else DirtyRateMethod(method),
             )

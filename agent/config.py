@@ -97,6 +97,16 @@ dirty_rate_opts = [
         help="The measurement window in seconds (libvirt measures whole seconds).",
     ),
     cfg.IntOpt(
+        "max_window_s",
+        default=8,
+        min=1,
+        max=60,
+        help="The longest window the background measurement doubles to: each domain is "
+        "measured over half the window and the window, then over doubled windows up to "
+        "this one while they find more of its working set. ListDomains reports the latest "
+        "reading over each window, so a coordinator plans without measuring.",
+    ),
+    cfg.IntOpt(
         "batch_size",
         default=8,
         min=1,

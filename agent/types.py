@@ -129,6 +129,7 @@ class Domain:
     blockers: tuple[Blocker, ...]
     dirty_rate: DirtyRate | None = None
     vcpu_throttle_pct: int = 0
+    dirty_rates: tuple[DirtyRate, ...] = ()  # the latest over each window, shortest first
 
     @property
     def uuid(self) -> str:

@@ -143,6 +143,7 @@ class Coordinator:
                 max_attempts=d.max_attempts,
                 dirty_rate_window_s=d.dirty_rate_window_s,
                 dirty_rate_max_window_s=d.dirty_rate_max_window_s,
+                dirty_rate_max_age_s=d.dirty_rate_max_age_s,
                 migration_addresses=dict(conf.libvirt_driver.migration_addresses),
                 watch_start_timeout_s=d.watch_start_timeout_s,
                 escalation_settle_s=d.escalation_settle_s,

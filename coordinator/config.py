@@ -201,6 +201,16 @@ drain_opts = [
         "set). Planning waits for it; 0 extra windows when it is not above "
         "dirty_rate_window_s.",
     ),
+    cfg.FloatOpt(
+        "dirty_rate_max_age_s",
+        default=120.0,
+        min=0,
+        help="Plan on the source agent's background dirty-rate readings (its "
+        "[dirty_rate] schedule) when each window's is at most this old, instead of "
+        "measuring before planning; older or missing readings are measured afresh. A "
+        "reading as old as this misses a change of load within that time: the run's "
+        "escalation catches a writer faster than planned. 0: always measure.",
+    ),
 ]
 
 # -- journal schema and high availability ([database] additions, [coordination]) ----

@@ -67,6 +67,7 @@ class ExecutorSettings:
     max_attempts: int = 2
     dirty_rate_window_s: int = 2
     dirty_rate_max_window_s: int = 8
+    dirty_rate_max_age_s: float = 0.0
     migration_addresses: dict[str, str] | None = None
     watch_start_timeout_s: float = _WATCH_START_TIMEOUT_S
     escalation_settle_s: float = escalation.Limits.settle_s
@@ -290,6 +291,8 @@ class Runtime:
             vm_max_downtime_ms=dict(policy_pb.vm_max_downtime_ms),
             target_hosts=list(policy_pb.target_hosts),
             measure=measure,
+            dirty_rate_max_age_s=self.settings.dirty_rate_max_age_s,
+            clock=self.clock,
         )
 
     def plan(

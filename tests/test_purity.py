@@ -27,7 +27,7 @@ PURE_MODULES = [
     "hostmaint.coordinator.plantuning",
     "hostmaint.coordinator.placement",
     "hostmaint.coordinator.bounds",
-    "hostmaint.coordinator.dirty",
+    "hostmaint.common.dirty",
     "hostmaint.coordinator.simulator",
     "hostmaint.coordinator.baselines",
     "hostmaint.coordinator.scenarios",
