@@ -35,6 +35,7 @@ PURE_MODULES = [
     "hostmaint.coordinator.bench",
     "hostmaint.coordinator.dispatch",
     "hostmaint.coordinator.escalation",
+    "hostmaint.coordinator.forecast",
     "hostmaint.coordinator.cpucheck",
     "hostmaint.coordinator.cliview",
     "hostmaint.coordinator.clilive",

@@ -1,0 +1,168 @@
+"""What a running pre-copy migration's own rounds say of its end (pure: no I/O, no clock).
+
+The plan predicts a migration from what was measured before it started. Once QEMU has
+made its first pass over RAM, the job itself shows how the guest really writes: each
+round resends what the guest dirtied during the previous one, so the bytes left at a
+round's start (QEMU's remaining bytes just after a dirty-bitmap sync) are the unique
+bytes the guest dirtied in a round as long as the previous one, whatever its habit (a
+walk, random pages, a hot set, bursts).
+
+``round_starts`` reads the round starts out of the progress samples (the largest
+remaining seen at each sync count after the first pass). Two consecutive ones give a
+point of the guest's curve ``f``: unique bytes dirtied in ``t`` seconds, with
+``t = R_k / B`` the round's length and ``f(t) = R_(k+1)``. ``f`` is fitted on the last
+two such points: where the longer round found fewer bytes per second (the writer
+rewrites pages already dirty: a set, a hot part), by ``W * (1 - exp(-D t / W))``, the
+unique pages ``D`` bytes/s of writes find in a set of ``W`` (the curve random writes
+follow, and a bound for a walk); otherwise by the line ``D t``. One point gives the
+line alone.
+
+``forecast(history)``: where the last ``TREND_STARTS`` round starts shrank by less than
+``STUCK_RATIO`` per round (the least-squares trend of their logarithm: samples catch a
+round start late by a varying amount), the rounds have stopped shrinking; otherwise it
+runs the rounds on from the last start, ``R <- f(R / B)`` at the
+bandwidth ``B`` now, until one fits QEMU's limit now (``R <= B * L``: it switches over)
+or they stop shrinking by ``STUCK_RATIO`` (it will not converge at this limit and this
+bandwidth; ``needed_downtime_ms`` is the limit its last round start needs). None before
+two round starts after the first pass, in post-copy, or while nothing is sent.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from hostmaint.coordinator.escalation import Observation
+
+# Rounds shrinking by less than this are not converging (noise, a hot set's floor).
+STUCK_RATIO = 0.95
+# Round starts the shrink per round is read over.
+TREND_STARTS = 4
+_MAX_ROUNDS = 200
+_BISECTIONS = 100
+
+
+@dataclass(frozen=True)
+class RoundStart:
+    iteration: int
+    elapsed_s: float
+    remaining_bytes: int
+
+
+@dataclass(frozen=True)
+class Forecast:
+    converges: bool
+    remaining_s: float  # math.inf when it does not converge
+    rounds_left: int
+    needed_downtime_ms: float  # the limit its last round start would switch over within
+    reason: str
+
+
+def round_starts(history: Sequence[Observation]) -> list[RoundStart]:
+    """The largest remaining bytes seen at each sync count after the first pass."""
+    starts: dict[int, RoundStart] = {}
+    for o in history:
+        if o.iteration < 2 or o.postcopy:
+            continue
+        seen = starts.get(o.iteration)
+        if seen is None or o.remaining_bytes > seen.remaining_bytes:
+            first_at = seen.elapsed_s if seen is not None else o.elapsed_s
+            starts[o.iteration] = RoundStart(o.iteration, first_at, o.remaining_bytes)
+    return [starts[k] for k in sorted(starts)]
+
+
+def shrink_per_round(starts: Sequence[RoundStart]) -> float | None:
+    """The ratio of one round start to the one before, over these: the least-squares
+    slope of log(remaining) by sync count (samples catch a start late by a varying
+    amount, so two alone read noise)."""
+    pts = [(s.iteration, math.log(s.remaining_bytes)) for s in starts if s.remaining_bytes > 0]
+    if len(pts) < 2:
+        return None
+    mx = sum(x for x, _ in pts) / len(pts)
+    my = sum(y for _, y in pts) / len(pts)
+    sxx = sum((x - mx) ** 2 for x, _ in pts)
+    if sxx <= 0:
+        return None
+    return math.exp(sum((x - mx) * (y - my) for x, y in pts) / sxx)
+
+
+def dirtied_curve(points: Sequence[tuple[float, float]]) -> Callable[[float], float]:
+    """Unique bytes dirtied in t seconds, through the last two (t, bytes) points."""
+    t1, y1 = points[-1]
+    if len(points) >= 2:
+        t0, y0 = points[-2]
+        (ta, ya), (tb, yb) = sorted([(t0, y0), (t1, y1)])  # ta < tb
+        if ta > 0 and tb > ta and yb > ya > 0 and yb / tb < ya / ta:
+            return _saturating(ta, ya, tb, yb)
+    rate = y1 / t1 if t1 > 0 else 0.0
+    return lambda t: rate * t
+
+
+def _saturating(ta: float, ya: float, tb: float, yb: float) -> Callable[[float], float]:
+    """``W (1 - exp(-D t / W))`` through both points (ta < tb, ya < yb, yb/tb < ya/ta)."""
+
+    def through_b(w: float) -> float:
+        d = -w / tb * math.log(1.0 - yb / w)
+        return w * (1.0 - math.exp(-d * ta / w)) - ya
+
+    lo, hi = yb * (1 + 1e-9), yb * 1e6
+    if through_b(hi) > 0:  # indistinguishable from the line through b
+        return lambda t: yb / tb * t
+    for _ in range(_BISECTIONS):
+        mid = math.sqrt(lo * hi)
+        if through_b(mid) > 0:
+            lo = mid
+        else:
+            hi = mid
+    w = hi
+    d = -w / tb * math.log(1.0 - yb / w)
+    return lambda t: w * (1.0 - math.exp(-d * t / w))
+
+
+def forecast(history: Sequence[Observation]) -> Forecast | None:
+    if not history or history[-1].postcopy:
+        return None
+    now = history[-1]
+    bw = now.bandwidth_bytes_per_s
+    starts = round_starts(history)
+    if len(starts) < 2 or bw <= 0:
+        return None
+    last = starts[-1]
+    needed_ms = last.remaining_bytes / bw * 1000.0
+    threshold = bw * now.max_downtime_ms / 1000.0
+    if last.remaining_bytes <= threshold:
+        return Forecast(True, now.remaining_bytes / bw, 0, needed_ms, "fits the limit now")
+    q = shrink_per_round(starts[-TREND_STARTS:])
+    if q is None:
+        return None
+    if q >= STUCK_RATIO:
+        return _stuck(q * last.remaining_bytes, last, needed_ms)
+    points = [
+        (a.remaining_bytes / bw, float(b.remaining_bytes))
+        for a, b in itertools.pairwise(starts)
+        if b.iteration == a.iteration + 1 and a.remaining_bytes > 0
+    ]
+    # rounds shorter than the samples: the ratio over the gap, as a line
+    before = starts[-2]
+    f = dirtied_curve(points or [(before.remaining_bytes / bw, before.remaining_bytes * q)])
+    rounds, r, from_start_s = 0, float(last.remaining_bytes), 0.0
+    while r > threshold:
+        nxt = f(r / bw)
+        if nxt >= STUCK_RATIO * r or rounds >= _MAX_ROUNDS:
+            return _stuck(nxt, last, needed_ms)
+        from_start_s += r / bw
+        r, rounds = nxt, rounds + 1
+    final_s = r / bw
+    left_s = max(final_s, from_start_s + final_s - (now.elapsed_s - last.elapsed_s))
+    return Forecast(True, left_s, rounds, needed_ms, f"{rounds} more rounds")
+
+
+def _stuck(floor_bytes: float, last: RoundStart, needed_ms: float) -> Forecast:
+    why = (
+        f"its rounds stop shrinking near {floor_bytes / 2**20:.0f} MiB: "
+        f"{last.remaining_bytes / 2**20:.0f} MiB left at the last sync needs a "
+        f"{needed_ms:.0f} ms limit at this bandwidth"
+    )
+    return Forecast(False, math.inf, 0, needed_ms, why)
