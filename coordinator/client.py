@@ -266,6 +266,37 @@ def rpc_error(err: grpc.RpcError) -> tuple[int, str]:
     return EXIT_BY_CODE.get(code, EXIT_ERROR), f"{code.name}: {details or 'no details'}"
 
 
+def tls_hint(
+    err: grpc.RpcError,
+    tls: daemon.TlsFiles,
+    names: tuple[str, str, str] = ("--cert", "--key", "--ca"),
+) -> str:
+    """What a call that could not connect says about mutual TLS, or "".
+
+    gRPC tells only "Socket closed" when the coordinator hangs up during the TLS
+    handshake (a plaintext client, a client certificate it does not accept) and
+    "Ssl handshake failed" when this client does not accept the coordinator's.
+    """
+    if not isinstance(err, grpc.Call) or err.code() != grpc.StatusCode.UNAVAILABLE:
+        return ""
+    details = err.details() or ""
+    if not tls.configured:
+        if "Socket closed" in details:
+            return (
+                "the coordinator closed the connection: if it requires mutual TLS, "
+                f"give {', '.join(names)}"
+            )
+        return ""
+    if "handshake failed" in details.lower():
+        return f"the coordinator's certificate does not verify against {names[2]} {tls.ca_file}"
+    if "Socket closed" in details:
+        return (
+            "the coordinator closed the TLS connection: it may not accept "
+            f"{names[0]} {tls.cert_file}: a client certificate from its CA, not expired"
+        )
+    return ""
+
+
 def to_json(msg: message.Message) -> dict[str, Any]:
     return json_format.MessageToDict(
         msg, preserving_proto_field_name=True, always_print_fields_with_no_presence=True
