@@ -56,6 +56,7 @@ from hostmaint.lab.demo import (
     placement,
     placement_problems,
 )
+from hostmaint.lab.errors import LabError
 from hostmaint.lab.guest import GuestMode, GuestSpec
 from hostmaint.protos import agent_pb2 as apb
 from hostmaint.protos import coordinator_pb2 as cpb
@@ -265,7 +266,7 @@ def main(argv: list[str] | None = None) -> int:
         help=f"kill points, comma-separated (of {', '.join(KILL_POINTS)})",
     )
     parser.add_argument("--state-dir", type=Path, default=None)
-    parser.add_argument("--subnet", default="10.213.24.0/24")
+    parser.add_argument("--subnet", default="10.213.27.0/24")
     args = parser.parse_args(argv)
     points = [p for p in args.points.split(",") if p]
     unknown = [p for p in points if p not in KILL_POINTS]
@@ -291,7 +292,11 @@ def main(argv: list[str] | None = None) -> int:
         for name, kill_at in runs:
             move_guests_to(lab, NAMES, lab.hosts[0])
             print(f"== {name}", flush=True)
-            rows.append(run_once(lab, work, name.replace(" ", "-"), kill_at, args))
+            try:
+                rows.append(run_once(lab, work, name.replace(" ", "-"), kill_at, args))
+            except (grpc.RpcError, LabError, OSError) as e:  # reported; the others still run
+                print(f"{name}: failed: {e!r}", file=sys.stderr, flush=True)
+                rows.append(Row(name.replace(" ", "-"), state=f"error: {e}"))
             print(render(rows[-1:] if len(rows) == 1 else [rows[0], rows[-1]]), flush=True)
     finally:
         left = lab.down()
