@@ -126,8 +126,12 @@ class LinkArbiter:
         for vm, cap in burst.held.items():
             try:
                 agent.tune(apb.TuneMigrationRequest(domain_uuid=vm, bandwidth_bytes_per_s=cap))
-            except errors.CoordinatorError as e:  # ended meanwhile, or the agent is away
-                LOG.warning("bandwidth not restored after a burst vm=%s error=%s", vm, e)
+            except errors.CoordinatorError as e:
+                if isinstance(e, errors.AgentRefused) and e.code in _ENDED_CODES:
+                    # its migration ended during the burst: nothing left to give back
+                    LOG.info("migration ended during a burst vm=%s", vm)
+                else:  # the agent is away
+                    LOG.warning("bandwidth not restored after a burst vm=%s error=%s", vm, e)
         LOG.info("link released holder=%s held=%d", holder, len(burst.held))
 
     def held_back(self, vm_uuid: str) -> bool:

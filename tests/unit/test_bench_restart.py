@@ -82,13 +82,21 @@ def test_the_first_action_is_read_from_the_restarted_coordinators_log(tmp_path: 
 def test_the_table_compares_each_run_with_the_drain_not_killed() -> None:
     bench = _bench()
     rows = [
-        bench.Row("no-kill", makespan_s=50.0, attempts={"fast": 1}, moved=4, state="completed"),
+        bench.Row(
+            "no-kill",
+            makespan_s=50.0,
+            migrating_s=20.0,
+            attempts={"fast": 1},
+            moved=4,
+            state="completed",
+        ),
         bench.Row(
             "mid-rounds",
             killed_at_s=20.0,
             killed_during="db",
             first_action_s=1.5,
             makespan_s=55.0,
+            migrating_s=21.0,
             attempts={"fast": 1},
             moved=4,
             state="completed",
@@ -97,5 +105,15 @@ def test_the_table_compares_each_run_with_the_drain_not_killed() -> None:
     ]
     lines = bench.render(rows).splitlines()
     assert len(lines) == 4
-    assert lines[2].split()[:6] == ["mid-rounds", "20.0", "db", "1.5", "55.0", "1.10"]
+    assert lines[2].split()[:9] == [
+        "mid-rounds",
+        "20.0",
+        "db",
+        "1.5",
+        "55.0",
+        "1.10",
+        "21.0",
+        "1.05",
+        "0",
+    ]
     assert "not reached" in lines[3]
