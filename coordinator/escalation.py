@@ -183,8 +183,11 @@ def behind(history: Sequence[Observation], limits: Limits) -> str:
     allowed = limits.predicted_total_s * limits.stall_factor + limits.stall_grace_s
     if now.elapsed_s > allowed:
         return f"elapsed {now.elapsed_s:.0f}s > {allowed:.0f}s allowed by the prediction"
-    # No progress: several rounds with the remaining bytes not shrinking.
-    recent = [o for o in history if o.iteration >= 3]
+    # No progress: several rounds with the remaining bytes not shrinking. Only samples
+    # that say what remains count: a cloud's record may not (0), and so many samples of
+    # nothing known are no stall (a migration adopted after a restart and followed
+    # through the cloud would read as one from its first polls).
+    recent = [o for o in history if o.iteration >= 3 and o.remaining_bytes > 0]
     if len(recent) >= 6 and recent[-1].elapsed_s - recent[0].elapsed_s >= limits.settle_s:
         best_before = min(o.remaining_bytes for o in recent[: len(recent) // 2])
         best_after = min(o.remaining_bytes for o in recent[len(recent) // 2 :])
