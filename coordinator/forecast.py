@@ -7,8 +7,11 @@ round's start (QEMU's remaining bytes just after a dirty-bitmap sync) are the un
 bytes the guest dirtied in a round as long as the previous one, whatever its habit (a
 walk, random pages, a hot set, bursts).
 
-``round_starts`` reads the round starts out of the progress samples (the largest
-remaining seen at each sync count after the first pass). Two consecutive ones give a
+``round_starts`` reads the round starts out of the progress samples after the first
+pass: from the bytes QEMU reports sent where a sync falls between two samples of
+consecutive sync counts, else the first sample at a sync count where what QEMU may have
+sent since the sample before is a small part of it (rounds shorter than the sampling
+are not seen). Two consecutive ones give a
 point of the guest's curve ``f``: unique bytes dirtied in ``t`` seconds, with
 ``t = R_k / B`` the round's length and ``f(t) = R_(k+1)``. ``f`` is fitted on the last
 two such points: where the longer round found fewer bytes per second (the writer
@@ -33,13 +36,18 @@ import itertools
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-from hostmaint.coordinator.escalation import Observation
+if TYPE_CHECKING:
+    from hostmaint.coordinator.escalation import Observation
 
 # Rounds shrinking by less than this are not converging (noise, a hot set's floor).
 STUCK_RATIO = 0.95
-# Round starts the shrink per round is read over.
+# Round starts the shrink per round is read over, and the fewest that may say it stopped.
 TREND_STARTS = 4
+MIN_STARTS_STUCK = 3
+# The most of a round start the samples may have missed (sent between two samples).
+SAMPLE_SLACK = 0.25
 _MAX_ROUNDS = 200
 _BISECTIONS = 100
 
@@ -61,16 +69,32 @@ class Forecast:
 
 
 def round_starts(history: Sequence[Observation]) -> list[RoundStart]:
-    """The largest remaining bytes seen at each sync count after the first pass."""
-    starts: dict[int, RoundStart] = {}
+    """The round starts after the first pass that the samples pin down.
+
+    Where the sample before the first one of a sync count is of the sync count before
+    and both say what QEMU had sent, the round started with what that sample showed
+    left sent (the previous round's end) and what the new round shows sent and left
+    since. Otherwise the first sample at the sync count, if what QEMU may have sent since
+    the sample before (at the bandwidth then) is at most ``SAMPLE_SLACK`` of what it
+    shows left: a round shorter than the samples' spacing is not seen well enough.
+    """
+    starts: list[RoundStart] = []
+    before: Observation | None = None
     for o in history:
-        if o.iteration < 2 or o.postcopy:
-            continue
-        seen = starts.get(o.iteration)
-        if seen is None or o.remaining_bytes > seen.remaining_bytes:
-            first_at = seen.elapsed_s if seen is not None else o.elapsed_s
-            starts[o.iteration] = RoundStart(o.iteration, first_at, o.remaining_bytes)
-    return [starts[k] for k in sorted(starts)]
+        if o.postcopy:
+            break
+        if o.remaining_bytes <= 0 or o.iteration <= 0:
+            continue  # a sample that says nothing of the job (a cloud's record)
+        if before is not None and o.iteration > before.iteration and o.iteration >= 2:
+            sent_since = o.processed_bytes - before.processed_bytes - before.remaining_bytes
+            if o.iteration == before.iteration + 1 and before.processed_bytes and sent_since >= 0:
+                starts.append(RoundStart(o.iteration, o.elapsed_s, o.remaining_bytes + sent_since))
+            else:
+                unseen = o.bandwidth_bytes_per_s * (o.elapsed_s - before.elapsed_s)
+                if unseen <= SAMPLE_SLACK * o.remaining_bytes:
+                    starts.append(RoundStart(o.iteration, o.elapsed_s, o.remaining_bytes))
+        before = o
+    return starts
 
 
 def shrink_per_round(starts: Sequence[RoundStart]) -> float | None:
@@ -138,6 +162,8 @@ def forecast(history: Sequence[Observation]) -> Forecast | None:
     if q is None:
         return None
     if q >= STUCK_RATIO:
+        if len(starts) < MIN_STARTS_STUCK:
+            return None  # two round starts alone may read a late sample
         return _stuck(q * last.remaining_bytes, last, needed_ms)
     points = [
         (a.remaining_bytes / bw, float(b.remaining_bytes))

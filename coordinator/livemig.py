@@ -163,6 +163,7 @@ class LiveMigrations:
                 first_pass_done=p.iteration >= 2,
                 fair_share_bytes_per_s=self._fair_share(run),
                 held_back=run.link.held_back(row.vm_uuid),
+                processed_bytes=p.memory_processed_bytes,
             )
             row = self._observe(run, row, ref, w, obs, p)
             if rt.stopped.is_set():
