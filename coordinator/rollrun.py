@@ -626,7 +626,7 @@ class Rolls:
         self.journal.update_host(run.roll_id, h.host, drain_id=drain_id)
         self._publish(
             run, cpb.ROLL_EVENT_KIND_DRAIN_STARTED, host=h.host, wave=h.wave, drain_id=drain_id,
-            message=f"{len(h.vm_targets)} VMs planned",
+            message=f"VMs planned to move: {len(h.vm_targets)}",
         )  # fmt: skip
 
     def _drained(self, run: _Run, h: RollHostRow) -> None:

@@ -119,7 +119,8 @@ class RollWorld:
         return Counter(m.instance_uuid for m in self.driver.moves())
 
 
-def build(tmp: Path) -> RollWorld:
+def cloud() -> tuple[list[SimHost], list[Instance], dict[str, Guest]]:
+    """The hosts, the VMs and their guests, as every coordinator of the test builds them."""
     hosts = [SimHost(h, 16 * 1024, 32) for h in HOSTS]
     guests: dict[str, Guest] = {}
     instances = []
@@ -130,6 +131,18 @@ def build(tmp: Path) -> RollWorld:
             instances.append(
                 Instance(uuid, f"vm-{h}-{i}", h, "p", InstanceState.ACTIVE, None, "f", 2, 2048)
             )
+    return hosts, instances, guests
+
+
+def write_hook(hook_dir: Path) -> None:
+    hook_dir.mkdir()
+    hook = hook_dir / "patch"
+    hook.write_text(HOOK)
+    hook.chmod(0o755)
+
+
+def build(tmp: Path) -> RollWorld:
+    hosts, instances, guests = cloud()
     driver = SimDriver(
         hosts,
         instances,
@@ -140,10 +153,7 @@ def build(tmp: Path) -> RollWorld:
     )
     agents = SimAgents(driver, guests, LINK_BYTES_PER_S, host_memory_bytes=16 * GIB)
     hook_dir = tmp / "hooks"
-    hook_dir.mkdir()
-    hook = hook_dir / "patch"
-    hook.write_text(HOOK)
-    hook.chmod(0o755)
+    write_hook(hook_dir)
     return RollWorld(tmp, driver, agents, hook_dir, f"sqlite:///{tmp / 'journal.db'}")
 
 
