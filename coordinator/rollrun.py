@@ -156,6 +156,7 @@ class Rolls:
         self._stopped = stopped or threading.Event()
         self._run_hook = hook_runner
         self._lock = threading.Lock()
+        self._start_lock = threading.Lock()
         self._runs: dict[str, _Run] = {}
         self._wake = threading.Condition()
 
@@ -202,16 +203,24 @@ class Rolls:
         """An open roll of the same hosts (or aggregate), to re-attach to."""
         for roll in self.journal.open_rolls():
             other = request_from_json(roll.request)
-            if other.aggregate == request.aggregate and sorted(other.hosts) == sorted(
-                request.hosts
-            ):
+            if request.aggregate:
+                if other.aggregate == request.aggregate:
+                    return roll.id
+            elif not other.aggregate and sorted(other.hosts) == sorted(request.hosts):
                 return roll.id
         return None
 
-    def start(self, request: cpb.RollRequest) -> str:
+    def _leading(self) -> None:
         if not self.executor.coordination.is_leader():
             raise errors.NotLeader(self.executor.coordination.member_id)
+
+    def start(self, request: cpb.RollRequest) -> str:
+        self._leading()
         plan_pb, hosts = self.plan(request)
+        with self._start_lock:  # one roll per host: checked and created together
+            return self._create(request, plan_pb, hosts)
+
+    def _create(self, request: cpb.RollRequest, plan_pb: cpb.RollPlan, hosts: list[str]) -> str:
         busy = {h.host for r in self.journal.open_rolls() for h in self.journal.hosts(r.id)}
         for h in hosts:
             if h in busy:
@@ -269,6 +278,7 @@ class Rolls:
         The hosts still to drain (and a failed drain's host) are planned again first,
         from the cloud as it is now: a skipped host stays disabled and takes no VM, and
         a failed drain may have moved some of its VMs."""
+        self._leading()
         roll = self.journal.roll(roll_id)
         if roll.state != RollState.STOPPED:
             raise errors.PreconditionFailed(f"roll {roll_id}", f"it is {roll.state}, not stopped")
@@ -387,6 +397,7 @@ class Rolls:
             )
 
     def cancel(self, roll_id: str, abort_running: bool) -> None:
+        self._leading()
         roll = self.journal.roll(roll_id)
         if roll.state not in OPEN_ROLL_STATES:
             raise errors.PreconditionFailed(f"roll {roll_id}", f"it is {roll.state} already")

@@ -265,6 +265,7 @@ def test_a_second_roll_of_a_rolling_host_is_refused(world: RollWorld) -> None:
     with pytest.raises(errors.DrainConflict):
         rolls.start(request(hosts=["h4", "h1"]))
     assert rolls.open_roll_of(request(hosts=["h4", "h3"])) == roll_id
+    assert rolls.open_roll_of(cpb.RollRequest(aggregate="rack1")) is None
     world.hold_hooks(False)
     list(rolls.events(roll_id, lambda: False))
     assert rolls.journal.roll(roll_id).state == RollState.COMPLETED
