@@ -129,9 +129,11 @@ def check_reason(reason: str) -> str:
 # ---- the drain policy --------------------------------------------------------------------
 
 
-def policy_options(parser: argparse.ArgumentParser) -> None:
-    """HOST and the policy's options, as `policy_from_args` reads them."""
-    parser.add_argument("host", metavar="HOST", help="the compute host to drain")
+def policy_options(parser: argparse.ArgumentParser, host: bool = True) -> None:
+    """HOST (unless `host` is False) and the policy's options, as `policy_from_args`
+    reads them."""
+    if host:
+        parser.add_argument("host", metavar="HOST", help="the compute host to drain")
     parser.add_argument(
         "--max-downtime-ms",
         type=int,

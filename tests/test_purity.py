@@ -48,6 +48,8 @@ PURE_MODULES = [
     "hostmaint.coordinator.rollcloud",
     "hostmaint.coordinator.rollaudit",
     "hostmaint.coordinator.rollpredict",
+    "hostmaint.coordinator.pinning",
+    "hostmaint.coordinator.cliroll",
     "hostmaint.coordinator.states",
     "hostmaint.coordinator.timeline",
     "hostmaint.coordinator.report",

@@ -116,7 +116,10 @@ class SimDriver:
         precopy_never_ends: Iterable[str] = (),
         error_after_abort: bool = False,
         error_delay_s: float = 0.0,
+        aggregates: dict[str, list[str]] | None = None,
     ) -> None:
+        self._aggregates = dict(aggregates or {})
+        self.down: set[str] = set()  # hosts whose compute service is down
         self._hosts = {h.name: h for h in hosts}
         self._vms: dict[str, _Vm] = {}
         for inst in instances:
@@ -225,7 +228,7 @@ class SimDriver:
                     ComputeHost(
                         name=h.name,
                         enabled=h.name not in self._disabled,
-                        up=True,
+                        up=h.name not in self.down,
                         disabled_reason=self._disabled.get(h.name),
                         vcpus=h.vcpus,
                         vcpus_used=vcpus,
@@ -234,6 +237,11 @@ class SimDriver:
                     )
                 )
             return out
+
+    def aggregate_hosts(self, name: str) -> list[str]:
+        if name not in self._aggregates:
+            raise NotFound(f"no host aggregate {name!r}", status=404)
+        return sorted(self._aggregates[name])
 
     # -- VMs ------------------------------------------------------------------------
 
