@@ -32,6 +32,7 @@ two round starts after the first pass, in post-copy, or while nothing is sent.
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import math
 from collections.abc import Callable, Sequence
@@ -66,6 +67,12 @@ class Forecast:
     rounds_left: int
     needed_downtime_ms: float  # the limit its last round start would switch over within
     reason: str
+    from_iteration: int = 0  # the sync count of the last round start it read
+
+    @property
+    def note(self) -> str:
+        """The reason, as an operator reads it beside the revised time."""
+        return self.reason if self.converges else f"will not converge as it runs: {self.reason}"
 
 
 def round_starts(history: Sequence[Observation]) -> list[RoundStart]:
@@ -146,6 +153,14 @@ def _saturating(ta: float, ya: float, tb: float, yb: float) -> Callable[[float],
 
 
 def forecast(history: Sequence[Observation]) -> Forecast | None:
+    seen = _forecast(history)
+    if seen is None:
+        return None
+    starts = round_starts(history)
+    return dataclasses.replace(seen, from_iteration=starts[-1].iteration)
+
+
+def _forecast(history: Sequence[Observation]) -> Forecast | None:
     if not history or history[-1].postcopy:
         return None
     now = history[-1]

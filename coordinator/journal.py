@@ -90,6 +90,10 @@ drain_vms = sa.Table(
     # that a resumed drain runs the plan it journaled; "" for a VM not planned to
     # live-migrate, and in journals written before revision 0002
     sa.Column("planned", sa.Text, nullable=False, default="", server_default=""),
+    # the prediction revised from the migration's own rounds (forecast.py): its total
+    # time, 0 when none was made or its rounds stopped shrinking; and why (revision 0004)
+    sa.Column("revised_total_s", sa.Float, nullable=False, default=0.0, server_default="0"),
+    sa.Column("revised_note", sa.Text, nullable=False, default="", server_default=""),
 )
 
 steps = sa.Table(
@@ -188,6 +192,8 @@ class VmRow:
     started_at: float | None = None
     finished_at: float | None = None
     planned: str = ""
+    revised_total_s: float = 0.0
+    revised_note: str = ""
 
 
 @dataclass(frozen=True)

@@ -20,6 +20,7 @@ from hostmaint.coordinator.drivers.base import (
     MigrationRef,
     MigrationState,
 )
+from hostmaint.coordinator.forecast import forecast
 from hostmaint.coordinator.journal import VmRow
 from hostmaint.coordinator.outcomes import Outcomes
 from hostmaint.coordinator.runtime import DrainRun, Runtime
@@ -45,6 +46,7 @@ class _Watch:
     error: str = ""
     finished: bool = False
     plan_applied: bool = False  # the planned QEMU downtime limit is in force on the job
+    revised_from: int = 0  # the round start its journaled revised prediction read
 
 
 @dataclass(frozen=True)
@@ -245,11 +247,31 @@ class LiveMigrations:
     ) -> VmRow:
         w.history.append(obs)
         del w.history[:-_HISTORY_KEPT]
+        row = self._revise(run, row, w, obs)
         self.rt.publish(run, cpb.DRAIN_EVENT_KIND_PROGRESS, vm=row, progress=progress)
         decision = escalation.next_step(w.history, w.limits, w.done)
         if decision.action is not escalation.Action.NONE:
             row, w.done = self._escalate(run, row, ref, decision, w.done, obs.elapsed_s)
         return row
+
+    def _revise(self, run: DrainRun, row: VmRow, w: _Watch, obs: escalation.Observation) -> VmRow:
+        """Journals the prediction revised from the job's own rounds, once per new round
+        start they show (forecast.py)."""
+        seen = forecast(w.history)
+        if seen is None or seen.from_iteration == w.revised_from:
+            return row
+        w.revised_from = seen.from_iteration
+        total_s = obs.elapsed_s + seen.remaining_s if seen.converges else 0.0
+        LOG.info(
+            "prediction revised vm=%s total_s=%.1f planned_s=%.1f: %s",
+            row.vm_uuid,
+            total_s,
+            row.predicted_total_s,
+            seen.note,
+        )
+        return self.rt.journal.update_vm(
+            run.drain_id, row.vm_uuid, revised_total_s=total_s, revised_note=seen.note
+        )
 
     def _settle(self, ref: MigrationRef, vm_uuid: str) -> MigrationState:
         """The cloud's final word on the migration (it may lag the agent by a moment)."""

@@ -594,6 +594,8 @@ class VmStatus(google.protobuf.message.Message):
     ERROR_FIELD_NUMBER: builtins.int
     STARTED_AT_FIELD_NUMBER: builtins.int
     FINISHED_AT_FIELD_NUMBER: builtins.int
+    REVISED_TOTAL_S_FIELD_NUMBER: builtins.int
+    REVISED_NOTE_FIELD_NUMBER: builtins.int
     vm_uuid: builtins.str
     name: builtins.str
     state: Global___VmState.ValueType
@@ -606,6 +608,12 @@ class VmStatus(google.protobuf.message.Message):
     actual_downtime_ms: builtins.int
     tuning: Global___Tuning.ValueType
     error: builtins.str
+    revised_total_s: builtins.float
+    """The prediction revised from its migration's own rounds once they show it: its
+    total time (0: none yet, or its rounds stopped shrinking), and why ("N more
+    rounds", or that it will not converge as it runs).
+    """
+    revised_note: builtins.str
     @property
     def tuning_applied(self) -> google.protobuf.internal.containers.RepeatedScalarFieldContainer[builtins.str]: ...
     @property
@@ -632,9 +640,11 @@ class VmStatus(google.protobuf.message.Message):
         error: builtins.str = ...,
         started_at: google.protobuf.timestamp_pb2.Timestamp | None = ...,
         finished_at: google.protobuf.timestamp_pb2.Timestamp | None = ...,
+        revised_total_s: builtins.float = ...,
+        revised_note: builtins.str = ...,
     ) -> None: ...
     def HasField(self, field_name: typing.Literal["finished_at", b"finished_at", "started_at", b"started_at"]) -> builtins.bool: ...
-    def ClearField(self, field_name: typing.Literal["actual_downtime_ms", b"actual_downtime_ms", "actual_total_s", b"actual_total_s", "attempts", b"attempts", "error", b"error", "finished_at", b"finished_at", "name", b"name", "predicted_downtime_ms", b"predicted_downtime_ms", "predicted_total_s", b"predicted_total_s", "source_host", b"source_host", "started_at", b"started_at", "state", b"state", "target_host", b"target_host", "tuning", b"tuning", "tuning_applied", b"tuning_applied", "vm_uuid", b"vm_uuid"]) -> None: ...
+    def ClearField(self, field_name: typing.Literal["actual_downtime_ms", b"actual_downtime_ms", "actual_total_s", b"actual_total_s", "attempts", b"attempts", "error", b"error", "finished_at", b"finished_at", "name", b"name", "predicted_downtime_ms", b"predicted_downtime_ms", "predicted_total_s", b"predicted_total_s", "revised_note", b"revised_note", "revised_total_s", b"revised_total_s", "source_host", b"source_host", "started_at", b"started_at", "state", b"state", "target_host", b"target_host", "tuning", b"tuning", "tuning_applied", b"tuning_applied", "vm_uuid", b"vm_uuid"]) -> None: ...
 
 Global___VmStatus: typing_extensions.TypeAlias = VmStatus
 
