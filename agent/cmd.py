@@ -20,6 +20,7 @@ from hostmaint.agent.migrations import MigrationTracker
 from hostmaint.agent.service import AgentService
 from hostmaint.agent.servicer import MUTATING_METHODS, HostAgentServicer
 from hostmaint.agent.servicer import SERVICE_NAME as SERVICE_NAME
+from hostmaint.agent.stale import IncomingSweeper, StaleIncoming
 from hostmaint.agent.types import DirtyRateMethod
 from hostmaint.common import authz, daemon, extras
 from hostmaint.protos import agent_pb2_grpc
@@ -72,6 +73,12 @@ class Agent:
         )
         self.meter = DirtyRateMeter(self.driver, wait=self.stopped.wait, clock=time.monotonic)
         self.tracker = MigrationTracker(self.driver, clock=time.monotonic, wait=self.stopped.wait)
+        self.sweeper = IncomingSweeper(
+            self.driver,
+            StaleIncoming(conf.migration.stale_incoming_grace_s),
+            clock=time.monotonic,
+            wait=self.stopped.wait,
+        )
         self.service = AgentService(
             self.driver,
             self.meter,
@@ -127,6 +134,7 @@ class Agent:
             schedule = Schedule(
                 interval_s=self.conf.dirty_rate.interval_s,
                 window_s=self.conf.dirty_rate.window_s,
+                max_window_s=self.conf.dirty_rate.max_window_s,
                 batch_size=self.conf.dirty_rate.batch_size,
                 method=None if method == "auto" else DirtyRateMethod(method),
             )
@@ -135,6 +143,15 @@ class Agent:
                     target=self.meter.run_schedule,
                     args=(schedule, self.stopped),
                     name="dirty-rate",
+                    daemon=True,
+                )
+            )
+        if self.conf.migration.stale_incoming_grace_s > 0:
+            self._threads.append(
+                threading.Thread(
+                    target=self.sweeper.run,
+                    args=(self.stopped.is_set,),
+                    name="stale-incoming",
                     daemon=True,
                 )
             )

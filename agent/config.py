@@ -97,6 +97,16 @@ dirty_rate_opts = [
         help="The measurement window in seconds (libvirt measures whole seconds).",
     ),
     cfg.IntOpt(
+        "max_window_s",
+        default=8,
+        min=1,
+        max=60,
+        help="The longest window the background measurement doubles to: each domain is "
+        "measured over half the window and the window, then over doubled windows up to "
+        "this one while they find more of its working set. ListDomains reports the latest "
+        "reading over each window, so a coordinator plans without measuring.",
+    ),
+    cfg.IntOpt(
         "batch_size",
         default=8,
         min=1,
@@ -138,6 +148,16 @@ migration_opts = [
         help="Hosts the migration stream (MigrateOptions.migration_uri, tcp://host[:port]) "
         "may go to: names, addresses or networks (10.1.0.0/24), besides the host names of "
         "allowed_destinations. Any other migration_uri is refused.",
+    ),
+    cfg.FloatOpt(
+        "stale_incoming_grace_s",
+        default=120.0,
+        min=0,
+        help="Seconds after which an incoming migration copy left behind is destroyed: a "
+        "domain paused for a migration (or for an unknown reason, or starting up) that "
+        "runs no job, is transient and whose vCPUs never ran here, seen so at every check "
+        "for this long. A destination libvirtd restarted during a migration leaves such "
+        "copies; the VM itself runs elsewhere. 0: never destroyed.",
     ),
 ]
 

@@ -3,6 +3,12 @@
 libvirt measures inside QEMU (`startDirtyRateCalc`, then the dirtyrate domain
 stats). A measurement blocks for its window, so the background loop measures
 a few domains at a time and spreads a host's domains over the interval.
+
+The background loop measures each batch over windows that double (half the
+window, the window, then longer ones up to ``max_window_s`` for the domains whose
+working set the shorter ones did not find: ``common.dirty``), and keeps the latest
+reading over each window per domain. ListDomains returns them with their times, so
+a coordinator can plan on them without waiting for a measurement.
 """
 
 from __future__ import annotations
@@ -15,6 +21,7 @@ from dataclasses import dataclass
 from hostmaint.agent import errors
 from hostmaint.agent.libvirt_driver import DIRTY_RATE_MEASURING, LibvirtDriver
 from hostmaint.agent.types import DirtyRate, DirtyRateMethod, DomainState
+from hostmaint.common import dirty
 
 LOG = logging.getLogger(__name__)
 MIN_WINDOW_S = 1
@@ -28,6 +35,13 @@ class Schedule:
     window_s: int
     batch_size: int
     method: DirtyRateMethod | None  # None: the best each domain supports
+    max_window_s: int = 0  # longest doubled window; not above window_s: the window alone
+
+    @property
+    def first_windows_s(self) -> tuple[int, ...]:
+        """Measured for every domain: half the window (when whole), then the window."""
+        half = self.window_s // 2
+        return (half, self.window_s) if half >= MIN_WINDOW_S else (self.window_s,)
 
 
 def validate_window(window_s: float) -> int:
@@ -54,6 +68,8 @@ class DirtyRateMeter:
         self._clock = clock
         self._lock = threading.Condition()
         self._cache: dict[str, DirtyRate] = {}
+        # The latest reading over each window, by domain.
+        self._series: dict[str, dict[int, DirtyRate]] = {}
         # QEMU runs one measurement per domain at a time: later callers wait their turn.
         self._busy: set[str] = set()
         # Domains where dirty-bitmap failed: page-sampling is their best.
@@ -63,9 +79,16 @@ class DirtyRateMeter:
         with self._lock:
             return self._cache.get(domain_uuid)
 
+    def series(self, domain_uuid: str) -> tuple[DirtyRate, ...]:
+        """The latest reading over each window, shortest window first."""
+        with self._lock:
+            by_window = self._series.get(domain_uuid, {})
+            return tuple(by_window[w] for w in sorted(by_window))
+
     def forget(self, domain_uuid: str) -> None:
         with self._lock:
             self._cache.pop(domain_uuid, None)
+            self._series.pop(domain_uuid, None)
 
     def best_method(self, domain_uuid: str, dirty_ring: bool) -> DirtyRateMethod:
         if dirty_ring:
@@ -148,7 +171,41 @@ class DirtyRateMeter:
                 return results
         with self._lock:
             self._cache.update(results)
+            for uuid, rate in results.items():
+                self._series.setdefault(uuid, {})[int(rate.window_s)] = rate
         return results
+
+    def measure_series(self, batch: Sequence[str], schedule: Schedule) -> None:
+        """One batch over the schedule's windows; longer ones while they can tell more."""
+        readings: dict[str, list[dirty.Reading]] = {u: [] for u in batch}
+        for window_s in schedule.first_windows_s:
+            found = self.measure(batch, window_s, schedule.method)
+            for uuid, rate in found.items():
+                readings[uuid].append(dirty.Reading(rate.bytes_per_s, window_s))
+        while True:
+            wanted: dict[int, list[str]] = {}
+            for uuid, rs in readings.items():
+                window = dirty.next_window_s(rs, self._nonzero_bytes(uuid), schedule.max_window_s)
+                if window is not None and len(rs) > 1:
+                    wanted.setdefault(int(window), []).append(uuid)
+            if not wanted:
+                return
+            window_s = min(wanted)
+            found = self.measure(wanted[window_s], window_s, schedule.method)
+            for uuid in wanted[window_s]:
+                if uuid in found:
+                    readings[uuid].append(dirty.Reading(found[uuid].bytes_per_s, window_s))
+                else:
+                    readings.pop(uuid)  # not measured: its series ends here
+
+    def _nonzero_bytes(self, domain_uuid: str) -> float:
+        """The guest memory a window could find written: resident, at most its size."""
+        try:
+            raw = self._driver.domain(domain_uuid)
+        except errors.AgentError:
+            return 0.0
+        size = raw.config.memory_max_bytes
+        return float(min(raw.rss_bytes or size, size))
 
     def run_schedule(self, schedule: Schedule, stopped: threading.Event) -> None:
         """The background loop: every interval, every running domain, in batches."""
@@ -168,7 +225,7 @@ class DirtyRateMeter:
                     return
                 batch = running[start : start + schedule.batch_size]
                 try:
-                    self.measure(batch, schedule.window_s, schedule.method)
+                    self.measure_series(batch, schedule)
                 except errors.AgentError as e:
                     LOG.warning("dirty-rate batch failed vms=%s error=%s", ",".join(batch), e)
                 except Exception:  # loop boundary: the schedule must survive

@@ -30,6 +30,7 @@ from hostmaint.agent.types import (
     JobStats,
     MigrationPhase,
     MigrationRequest,
+    PausedIncoming,
     SchedulerReading,
 )
 
@@ -87,6 +88,15 @@ _NO_CAP_MIB_PER_S = 1 << 40
 _VCPU_PERIOD_US = 100_000
 _NO_QUOTA = -1
 _PARSED_CACHE_SIZE = 4096
+# How a (restarted) libvirtd shows an incoming QEMU: paused for the migration, for an
+# unknown reason, or starting up.
+_INCOMING_PAUSE = frozenset(
+    {
+        libvirt.VIR_DOMAIN_PAUSED_MIGRATION,
+        libvirt.VIR_DOMAIN_PAUSED_UNKNOWN,
+        libvirt.VIR_DOMAIN_PAUSED_STARTING_UP,
+    }
+)
 _event_loop_lock = threading.Lock()
 _event_loop_started = False
 
@@ -421,6 +431,49 @@ class LibvirtDriver:
         with self._translated("domain state", domain_uuid):
             state, reason = dom.state(0)
         return _STATES.get(state, DomainState.UNKNOWN), postcopy_failed(state, reason)
+
+    def paused_incoming(self) -> list[PausedIncoming]:
+        """Domains paused as an incoming migration leaves them, with their vCPUs' time."""
+        with self._translated("list domains"):
+            doms = self._connection().listAllDomains(libvirt.VIR_CONNECT_LIST_DOMAINS_PAUSED)
+        found = []
+        for dom in doms:
+            try:
+                with self._translated("read domain", dom.UUIDString()):
+                    state, reason = dom.state(0)
+                    if state != libvirt.VIR_DOMAIN_PAUSED or reason not in _INCOMING_PAUSE:
+                        continue
+                    vcpus = dom.vcpus()[0]
+                    found.append(
+                        PausedIncoming(
+                            domain_uuid=dom.UUIDString(),
+                            name=dom.name(),
+                            job_active=self._incoming_job(dom),
+                            persistent=bool(dom.isPersistent()),
+                            vcpu_time_ns=sum(int(v[2]) for v in vcpus),
+                        )
+                    )
+            except errors.DomainNotFound:
+                continue  # gone since the listing
+        return found
+
+    def _incoming_job(self, dom: libvirt.virDomain) -> bool:
+        """Whether a job may hold the domain: only a reply of no job at all says no.
+
+        On a migration's destination libvirt refuses job stats ("available only on the
+        source host"): that refusal is an incoming migration running.
+        """
+        try:
+            job_type = int(dom.jobInfo()[0])
+        except libvirt.libvirtError:
+            return True
+        return job_type != int(libvirt.VIR_DOMAIN_JOB_NONE)
+
+    def discard_incoming(self, domain_uuid: str) -> None:
+        """Destroys a stale incoming copy (its QEMU is stopped, nothing is undefined)."""
+        dom = self._domain(domain_uuid)
+        with self._translated("destroy", domain_uuid):
+            dom.destroy()
 
     def _parse(self, xml: str) -> DomainConfig:
         with self._lock:

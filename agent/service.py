@@ -254,6 +254,7 @@ class AgentService:
                     migrating=raw.migrating,
                     blockers=inventory.migration_blockers(raw.config, raw.state, raw.migrating),
                     dirty_rate=self.meter.last(uuid),
+                    dirty_rates=self.meter.series(uuid),
                     vcpu_throttle_pct=self.tracker.vcpu_throttle_pct(uuid),
                     postcopy_failed=raw.postcopy_failed,
                 )

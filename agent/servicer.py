@@ -211,6 +211,7 @@ def domain_to_pb(domain: Domain) -> pb.Domain:
         )
     if domain.dirty_rate is not None:
         msg.dirty_rate.CopyFrom(dirty_rate_to_pb(domain.dirty_rate))
+    msg.dirty_rates.extend(dirty_rate_to_pb(r) for r in domain.dirty_rates)
     return msg
 
 

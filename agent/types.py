@@ -132,6 +132,7 @@ class Domain:
     blockers: tuple[Blocker, ...]
     dirty_rate: DirtyRate | None = None
     vcpu_throttle_pct: int = 0
+    dirty_rates: tuple[DirtyRate, ...] = ()  # the latest over each window, shortest first
     postcopy_failed: bool = False
 
     @property
@@ -251,3 +252,19 @@ class MigrationRequest:
     parallel_connections: int = 0
     copy_storage: bool = False
     extra: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class PausedIncoming:
+    """A domain paused the way an incoming migration leaves it (paused for the migration,
+    for an unknown reason or starting up), as libvirt shows it now.
+
+    vcpu_time_ns: the CPU time its vCPUs have run, summed; near zero for a copy whose guest
+    never ran on this host.
+    """
+
+    domain_uuid: str
+    name: str
+    job_active: bool
+    persistent: bool
+    vcpu_time_ns: int

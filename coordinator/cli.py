@@ -6,6 +6,11 @@
     hostmaint cancel HOST [--abort-running]     stop starting migrations (abort running ones)
     hostmaint undrain HOST                      re-enable a drained host
     hostmaint agents                            the agents the coordinator knows
+    hostmaint roll HOST... | --aggregate NAME [--max-hosts-per-wave N] [--hook CMD]
+                   [policy options] [--dry-run]   plan, then roll: drain, hook, back, enable
+    hostmaint roll-status [ROLL_ID]             the roll (the latest by default)
+    hostmaint roll-cancel [ROLL_ID] [--abort-running]
+    hostmaint roll-resume [ROLL_ID] [--skip HOST | --hook-done]   go on with a stopped roll
 
 Global options (before or after the command): --coordinator HOST:PORT (default:
 $HOSTMAINT_COORDINATOR, else 127.0.0.1:7711), --timeout S (the deadline of every
@@ -28,6 +33,8 @@ Exit codes:
     7  the drain FAILED
     8  the drain was CANCELLED
     130  Ctrl-C: detached from a running drain (it continues)
+For `roll` and `roll-resume`: 0 the roll COMPLETED, 6 it STOPPED (a host failed; it
+waits for roll-resume), 7 FAILED, 8 CANCELLED.
 gRPC errors are reported as one line on stderr: `hostmaint: <CODE>: <details>`.
 """
 
@@ -48,7 +55,7 @@ from typing import Any, TextIO
 import grpc
 from google.protobuf import message
 
-from hostmaint.coordinator import clilive, cliview, report, timeline
+from hostmaint.coordinator import clilive, cliroll, clirollfollow, cliview, report, timeline
 from hostmaint.coordinator.client import (
     COORDINATOR_ENV,
     DEFAULT_COORDINATOR,
@@ -179,6 +186,47 @@ def build_parser() -> argparse.ArgumentParser:
 
     command("agents", "list the agents the coordinator knows, with their health")
 
+    roll = command(
+        "roll", "roll maintenance over hosts, wave after wave: drain, hook, back, re-enable"
+    )
+    roll.add_argument("hosts", metavar="HOST", nargs="*", help="the hosts to roll")
+    roll.add_argument("--aggregate", default="", metavar="NAME", help="roll this aggregate")
+    roll.add_argument(
+        "--max-hosts-per-wave", type=int, default=1, metavar="N", help="hosts drained at once"
+    )
+    roll.add_argument(
+        "--hook",
+        default="",
+        metavar="CMD",
+        help="run after each host's drain, with the host's name appended: an executable "
+        "in the coordinator's [roll] hook_dir and its arguments",
+    )
+    roll.add_argument("--hook-timeout-s", type=float, default=0.0, metavar="S")
+    roll.add_argument("--back-timeout-s", type=float, default=0.0, metavar="S")
+    policy_options(roll, host=False)
+    roll.add_argument("--reason", default="", metavar="TEXT", help="why (kept with the roll)")
+    roll.add_argument("--dry-run", action="store_true", help="print the plan only")
+    roll.add_argument("--progress", choices=("auto", "live", "lines"), default="auto")
+
+    roll_status = command("roll-status", "show a roll (the latest by default)")
+    roll_status.add_argument("roll_id", metavar="ROLL_ID", nargs="?", default="")
+    roll_cancel = command("roll-cancel", "start no further step of a roll")
+    roll_cancel.add_argument("roll_id", metavar="ROLL_ID", nargs="?", default="")
+    roll_cancel.add_argument(
+        "--abort-running", action="store_true", help="also abort the drains' running migrations"
+    )
+    roll_resume = command("roll-resume", "go on with a stopped roll")
+    roll_resume.add_argument("roll_id", metavar="ROLL_ID", nargs="?", default="")
+    roll_resume.add_argument(
+        "--skip", default="", metavar="HOST", help="skip this failed host (it stays disabled)"
+    )
+    roll_resume.add_argument(
+        "--hook-done",
+        action="store_true",
+        help="the failed host's hook did its work: wait for the host instead of running it again",
+    )
+    roll_resume.add_argument("--progress", choices=("auto", "live", "lines"), default="auto")
+
     report = command("report", "write a drain's timeline: plan against actual, per VM")
     report.add_argument("drain_id", metavar="DRAIN_ID")
     report.add_argument(
@@ -200,6 +248,30 @@ def _check_args(args: argparse.Namespace) -> None:
         args.policy = policy_from_args(args)
     if args.command == "drain":
         check_reason(args.reason)
+    if args.command == "roll":
+        if bool(args.hosts) == bool(args.aggregate):
+            raise UsageError("roll needs HOST... or --aggregate NAME (not both)")
+        args.hosts = [check_host(h) for h in args.hosts]
+        if len(set(args.hosts)) != len(args.hosts):
+            raise UsageError("a HOST is named twice")
+        if not 1 <= args.max_hosts_per_wave <= 1000:
+            raise UsageError("--max-hosts-per-wave must be 1..1000")
+        for option, value in (
+            ("--hook-timeout-s", args.hook_timeout_s),
+            ("--back-timeout-s", args.back_timeout_s),
+        ):
+            if not 0 <= value <= 7 * 86400:
+                raise UsageError(f"{option} must be 0..604800")
+        check_reason(args.reason)
+        args.host = ""
+        args.policy = policy_from_args(args)
+    if args.command == "roll-resume":
+        if args.skip:
+            args.skip = check_host(args.skip, "--skip")
+            if args.hook_done:
+                raise UsageError("--skip and --hook-done exclude each other")
+    if args.command.startswith("roll-"):
+        args.roll_id = args.roll_id.strip()
     if args.command == "status":
         if args.host:
             args.host = check_host(args.host)
@@ -298,7 +370,60 @@ def cmd_report(stub: Stub, args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _roll_request(args: argparse.Namespace) -> pb.RollRequest:
+    return pb.RollRequest(
+        hosts=args.hosts,
+        aggregate=args.aggregate,
+        max_hosts_per_wave=args.max_hosts_per_wave,
+        hook=args.hook,
+        hook_timeout_s=args.hook_timeout_s,
+        back_timeout_s=args.back_timeout_s,
+        policy=args.policy,
+        reason=args.reason,
+    )
+
+
+def _live(args: argparse.Namespace) -> bool:
+    live = args.progress == "live" or (args.progress == "auto" and sys.stdout.isatty())
+    return live and not args.json
+
+
+def cmd_roll(stub: Stub, args: argparse.Namespace) -> int:
+    request = _roll_request(args)
+    if args.dry_run:
+        plan = stub.PlanRoll(request, timeout=args.timeout)
+        _print_message(plan, cliroll.render_roll_plan(plan), args.json)
+        return EXIT_OK
+    follower = clirollfollow.RollFollower(as_json=args.json, live=_live(args))
+    return follower.run(lambda: stub.Roll(request))
+
+
+def cmd_roll_status(stub: Stub, args: argparse.Namespace) -> int:
+    status = stub.GetRoll(pb.GetRollRequest(roll_id=args.roll_id), timeout=args.timeout)
+    _print_message(status, cliroll.render_roll_status(status), args.json)
+    return EXIT_OK
+
+
+def cmd_roll_cancel(stub: Stub, args: argparse.Namespace) -> int:
+    request = pb.CancelRollRequest(roll_id=args.roll_id, abort_running=args.abort_running)
+    status = stub.CancelRoll(request, timeout=args.timeout)
+    _print_message(status, "cancelling: " + cliroll.render_roll_status(status), args.json)
+    return EXIT_OK
+
+
+def cmd_roll_resume(stub: Stub, args: argparse.Namespace) -> int:
+    request = pb.ResumeRollRequest(
+        roll_id=args.roll_id, skip_host=args.skip, hook_done=args.hook_done
+    )
+    follower = clirollfollow.RollFollower(as_json=args.json, live=_live(args))
+    return follower.run(lambda: stub.ResumeRoll(request))
+
+
 COMMANDS: dict[str, Callable[[Stub, argparse.Namespace], int]] = {
+    "roll": cmd_roll,
+    "roll-status": cmd_roll_status,
+    "roll-cancel": cmd_roll_cancel,
+    "roll-resume": cmd_roll_resume,
     "plan": cmd_plan,
     "drain": cmd_drain,
     "status": cmd_status,

@@ -129,9 +129,11 @@ def check_reason(reason: str) -> str:
 # ---- the drain policy --------------------------------------------------------------------
 
 
-def policy_options(parser: argparse.ArgumentParser) -> None:
-    """HOST and the policy's options, as `policy_from_args` reads them."""
-    parser.add_argument("host", metavar="HOST", help="the compute host to drain")
+def policy_options(parser: argparse.ArgumentParser, host: bool = True) -> None:
+    """HOST (unless `host` is False) and the policy's options, as `policy_from_args`
+    reads them."""
+    if host:
+        parser.add_argument("host", metavar="HOST", help="the compute host to drain")
     parser.add_argument(
         "--max-downtime-ms",
         type=int,
@@ -264,6 +266,37 @@ def rpc_error(err: grpc.RpcError) -> tuple[int, str]:
     code = err.code() if isinstance(err, grpc.Call) else grpc.StatusCode.UNKNOWN
     details = err.details() if isinstance(err, grpc.Call) else str(err)
     return EXIT_BY_CODE.get(code, EXIT_ERROR), f"{code.name}: {details or 'no details'}"
+
+
+def tls_hint(
+    err: grpc.RpcError,
+    tls: daemon.TlsFiles,
+    names: tuple[str, str, str] = ("--cert", "--key", "--ca"),
+) -> str:
+    """What a call that could not connect says about mutual TLS, or "".
+
+    gRPC tells only "Socket closed" when the coordinator hangs up during the TLS
+    handshake (a plaintext client, a client certificate it does not accept) and
+    "Ssl handshake failed" when this client does not accept the coordinator's.
+    """
+    if not isinstance(err, grpc.Call) or err.code() != grpc.StatusCode.UNAVAILABLE:
+        return ""
+    details = err.details() or ""
+    if not tls.configured:
+        if "Socket closed" in details:
+            return (
+                "the coordinator closed the connection: if it requires mutual TLS, "
+                f"give {', '.join(names)}"
+            )
+        return ""
+    if "handshake failed" in details.lower():
+        return f"the coordinator's certificate does not verify against {names[2]} {tls.ca_file}"
+    if "Socket closed" in details:
+        return (
+            "the coordinator closed the TLS connection: it may not accept "
+            f"{names[0]} {tls.cert_file}: a client certificate from its CA, not expired"
+        )
+    return ""
 
 
 def to_json(msg: message.Message) -> dict[str, Any]:

@@ -80,6 +80,8 @@ class VmRow:
     started_at_s: float | None = None
     ended_at_s: float | None = None
     progress: Progress | None = None
+    revised_total_s: float = 0.0
+    revised_note: str = ""
 
 
 @dataclass(frozen=True)
@@ -117,6 +119,8 @@ def _merge_vm(row: VmRow, vm: pb.VmStatus) -> VmRow:
         actual_downtime_ms=vm.actual_downtime_ms or row.actual_downtime_ms,
         attempts=vm.attempts or row.attempts,
         error=vm.error or row.error,
+        revised_total_s=vm.revised_total_s if vm.revised_note else row.revised_total_s,
+        revised_note=vm.revised_note or row.revised_note,
     )
 
 
@@ -287,6 +291,9 @@ def _row_line(row: VmRow, server_now: float, width: int, name_width: int) -> str
         tail = f"limit {p.max_downtime_ms} ms{by}"
     else:
         tail = "limit ?"
+    if row.revised_note and row.state not in TERMINAL_VM_STATES:
+        revised = seconds(row.revised_total_s) if row.revised_total_s > 0 else "never"
+        tail = f"rev {revised}, {tail}"
     name = clip(vm_title(row.name, row.vm_uuid), name_width).ljust(name_width)
     head = f"  {name} {phase:<8} "
     middle = f" {pct} {elapsed:>11} {it}"

@@ -140,6 +140,14 @@ def _num(value: float, fmt: str) -> str:
     return format(value, fmt) if value > 0 else "-"
 
 
+def _revised(vm: pb.VmStatus) -> str:
+    """The prediction revised from its own rounds: a time, "never" (its rounds stopped
+    shrinking at the last revision), or "-" (none)."""
+    if vm.revised_total_s > 0:
+        return f"{vm.revised_total_s:.1f}"
+    return "never" if vm.revised_note else "-"
+
+
 def render_vm_table(vms: Sequence[pb.VmStatus]) -> str:
     rows = [
         [
@@ -148,6 +156,7 @@ def render_vm_table(vms: Sequence[pb.VmStatus]) -> str:
             vm_state_label(v.state),
             v.target_host or "-",
             _num(v.predicted_total_s, ".1f"),
+            _revised(v),
             _num(v.actual_total_s, ".1f"),
             _num(v.predicted_downtime_ms, "d"),
             _num(v.actual_downtime_ms, "d"),
@@ -162,13 +171,14 @@ def render_vm_table(vms: Sequence[pb.VmStatus]) -> str:
         "state",
         "target",
         "pred s",
+        "revised s",
         "actual s",
         "pred dt ms",
         "actual dt ms",
         "tuning",
         "tries",
     ]
-    lines = [table(headers, rows, right=frozenset({4, 5, 6, 7, 9}))]
+    lines = [table(headers, rows, right=frozenset({4, 5, 6, 7, 8, 10}))]
     errors = [v for v in vms if v.error]
     for v in errors:
         lines.append(f"  {vm_title(v.name, v.vm_uuid)}: {v.error}")

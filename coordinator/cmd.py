@@ -21,6 +21,7 @@ from hostmaint.coordinator.drivers.direct import DirectDriver
 from hostmaint.coordinator.executor import Executor, ExecutorSettings
 from hostmaint.coordinator.journal import Journal, make_engine
 from hostmaint.coordinator.model import DrainPolicy
+from hostmaint.coordinator.rollrun import Rolls, RollSettings
 from hostmaint.coordinator.servicer import CoordinatorServicer
 from hostmaint.protos import coordinator_pb2_grpc
 
@@ -143,6 +144,7 @@ class Coordinator:
                 max_attempts=d.max_attempts,
                 dirty_rate_window_s=d.dirty_rate_window_s,
                 dirty_rate_max_window_s=d.dirty_rate_max_window_s,
+                dirty_rate_max_age_s=d.dirty_rate_max_age_s,
                 migration_addresses=dict(conf.libvirt_driver.migration_addresses),
                 watch_start_timeout_s=d.watch_start_timeout_s,
                 escalation_settle_s=d.escalation_settle_s,
@@ -154,7 +156,21 @@ class Coordinator:
             stopped=self.stopped,
             coordination=self.coordination,
         )
-        servicer = CoordinatorServicer(self.executor, self.registry)
+        r = conf.roll
+        self.rolls = Rolls(
+            self.executor,
+            RollSettings(
+                hook_dir=r.hook_dir,
+                hook_timeout_s=r.hook_timeout_s,
+                back_timeout_s=r.back_timeout_s,
+                maintenance_s=r.maintenance_s,
+                cpu_allocation_ratio=r.cpu_allocation_ratio,
+                poll_interval_s=d.poll_interval_s,
+            ),
+            clock=time.time,
+            stopped=self.stopped,
+        )
+        servicer = CoordinatorServicer(self.executor, self.registry, self.rolls)
         self.server = daemon.build_server(
             conf.grpc.listen,
             lambda s: coordinator_pb2_grpc.add_CoordinatorServicer_to_server(servicer, s),
@@ -192,6 +208,9 @@ class Coordinator:
         resumed = self.executor.resume_all()
         if resumed:
             LOG.info("resumed drains=%s", ",".join(resumed))
+        rolls = self.rolls.resume_all()  # after their drains
+        if rolls:
+            LOG.info("resumed rolls=%s", ",".join(rolls))
         self.server.set_serving(True)
         daemon.sd_notify(f"READY=1\nSTATUS=serving on port {self.port}")
         if self.executor.left_to_holders():

@@ -224,6 +224,16 @@ drain_opts = [
         "set). Planning waits for it; 0 extra windows when it is not above "
         "dirty_rate_window_s.",
     ),
+    cfg.FloatOpt(
+        "dirty_rate_max_age_s",
+        default=120.0,
+        min=0,
+        help="Plan on the source agent's background dirty-rate readings (its "
+        "[dirty_rate] schedule) when each window's is at most this old, instead of "
+        "measuring before planning; older or missing readings are measured afresh. A "
+        "reading as old as this misses a change of load within that time: the run's "
+        "escalation catches a writer faster than planned. 0: always measure.",
+    ),
 ]
 
 # -- journal schema and high availability ([database] additions, [coordination]) ----
@@ -278,6 +288,46 @@ coordination_opts = [
 
 # -- end of journal schema and high availability --------------------------------------
 
+roll_opts = [
+    cfg.StrOpt(
+        "hook_dir",
+        default="",
+        help="The directory of the hooks a roll may run (hostmaint roll --hook NAME): a "
+        "roll names an executable file here, with its arguments, and the coordinator runs "
+        "it with the host's name appended, without a shell. Empty: rolls run no hooks.",
+    ),
+    cfg.FloatOpt(
+        "hook_timeout_s",
+        default=3600.0,
+        min=1.0,
+        help="Seconds a roll's hook may run on one host before it is killed and the roll "
+        "stops; a roll may ask for another timeout.",
+    ),
+    cfg.FloatOpt(
+        "back_timeout_s",
+        default=900.0,
+        min=1.0,
+        help="Seconds a host has, after its hook, to come back (its agent serving and "
+        "reporting its hypervisor and libvirt versions, its compute service up) before "
+        "the roll stops.",
+    ),
+    cfg.FloatOpt(
+        "maintenance_s",
+        default=0.0,
+        min=0.0,
+        help="The time one wave's maintenance (the hook and the hosts' return) is expected "
+        "to take, added to each wave's predicted drain time in a roll's plan.",
+    ),
+    cfg.FloatOpt(
+        "cpu_allocation_ratio",
+        default=1.0,
+        min=0.0,
+        help="The vCPUs a host may hold per CPU the cloud reports for it, when a roll "
+        "plans its hosts' capacity (1.0 where the driver's counts are vCPUs already, as "
+        "the libvirt driver's are).",
+    ),
+]
+
 GROUPS = {
     "grpc": grpc_opts,
     "database": database_opts + database_schema_opts,
@@ -287,6 +337,7 @@ GROUPS = {
     "nova": nova_opts,
     "drain": drain_opts,
     "coordination": coordination_opts,
+    "roll": roll_opts,
     "metrics": metrics_opts(9711),
 }
 

@@ -26,6 +26,12 @@ class DrainNotFound(CoordinatorError):
         self.what = what
 
 
+class RollNotFound(CoordinatorError):
+    def __init__(self, what: str) -> None:
+        super().__init__(f"no roll {what}")
+        self.what = what
+
+
 class DrainConflict(CoordinatorError):
     """A drain of this host runs already (the second caller is ABORTED)."""
 

@@ -33,6 +33,7 @@ import enum
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from hostmaint.coordinator.forecast import forecast
 from hostmaint.coordinator.model import (
     DEFAULT_PARAMS,
     HostCapabilities,
@@ -70,6 +71,8 @@ class Observation:
     fair_share_bytes_per_s: float = 0.0
     # another migration of the drain holds the link (this one is capped to a trickle)
     held_back: bool = False
+    # the bytes QEMU has sent so far (0: not known)
+    processed_bytes: int = 0
 
 
 @dataclass(frozen=True)
@@ -180,11 +183,18 @@ def behind(history: Sequence[Observation], limits: Limits) -> str:
     now = history[-1]
     if now.postcopy:
         return ""
+    # Its own rounds, once they show it will not converge: behind now, not at a timeout.
+    seen = forecast(history)
+    if seen is not None and not seen.converges:
+        return seen.reason
     allowed = limits.predicted_total_s * limits.stall_factor + limits.stall_grace_s
     if now.elapsed_s > allowed:
         return f"elapsed {now.elapsed_s:.0f}s > {allowed:.0f}s allowed by the prediction"
-    # No progress: several rounds with the remaining bytes not shrinking.
-    recent = [o for o in history if o.iteration >= 3]
+    # No progress: several rounds with the remaining bytes not shrinking. Only samples
+    # that say what remains count: a cloud's record may not (0), and so many samples of
+    # nothing known are no stall (a migration adopted after a restart and followed
+    # through the cloud would read as one from its first polls).
+    recent = [o for o in history if o.iteration >= 3 and o.remaining_bytes > 0]
     if len(recent) >= 6 and recent[-1].elapsed_s - recent[0].elapsed_s >= limits.settle_s:
         best_before = min(o.remaining_bytes for o in recent[: len(recent) // 2])
         best_after = min(o.remaining_bytes for o in recent[len(recent) // 2 :])
@@ -210,8 +220,10 @@ def next_step(history: Sequence[Observation], limits: Limits, done: Escalation) 
         return Decision(Action.NONE)
     postcopy_ok = limits.allow_postcopy and limits.postcopy_permitted and not done.postcopy_failed
     if limits.postcopy_after_first_pass and postcopy_ok and now.first_pass_done:
-        if not now.postcopy and now.iteration >= 2 + limits.precopy_tries:
-            why = _planned_switch(limits.precopy_tries)
+        spent = now.iteration >= 2 + limits.precopy_tries
+        seen = None if spent else forecast(history)
+        if not now.postcopy and (spent or (seen is not None and not seen.converges)):
+            why = _planned_switch(limits.precopy_tries, "" if seen is None else seen.reason)
             return _burst(now, limits, done, why) or Decision(Action.POSTCOPY, 0, why)
     if not done.after_burst and now.elapsed_s - done.level_at_s < limits.settle_s:
         return Decision(Action.NONE)
@@ -242,7 +254,9 @@ def _burst(now: Observation, limits: Limits, done: Escalation, why: str) -> Deci
     )
 
 
-def _planned_switch(tries: int) -> str:
+def _planned_switch(tries: int, stuck: str = "") -> str:
+    if stuck:
+        return f"planned: post-copy, before its {tries} pre-copy rounds: {stuck}"
     if tries <= 0:
         return "planned: post-copy after the first pass"
     return f"planned: post-copy, pre-copy did not converge in {tries} rounds after the first pass"

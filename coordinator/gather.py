@@ -2,8 +2,9 @@
 
 The cloud (through the migration driver) says which VMs are on the host, their
 server groups and which hosts are enabled; the source agent says what libvirt
-knows (memory, dirty rate, CPU, blockers) and measures dirty rates afresh over
-doubling windows (``dirty.writer_of`` reads a working set out of them); each
+knows (memory, dirty rate, CPU, blockers) and its readings of dirty rates over
+doubling windows (``dirty.writer_of`` reads a working set out of them): those its
+background schedule took within ``dirty_rate_max_age_s``, else measured afresh; each
 candidate target's agent says its free memory and whether each distinct guest
 CPU runs there; every agent's host report says what tuning its host can do.
 """
@@ -14,15 +15,15 @@ import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
-from hostmaint.coordinator import cpucheck, errors
-from hostmaint.coordinator.agents import AgentClient, AgentRegistry, Health
-from hostmaint.coordinator.dirty import (
+from hostmaint.common.dirty import (
     LONGER_WINDOW_LINK_SHARE,
     Reading,
     Writer,
     next_window_s,
     writer_of,
 )
+from hostmaint.coordinator import cpucheck, errors
+from hostmaint.coordinator.agents import AgentClient, AgentRegistry, Health
 from hostmaint.coordinator.drivers.base import (
     DriverError,
     Instance,
@@ -125,6 +126,8 @@ def gather(
     target_hosts: Sequence[str],
     measure: bool = True,
     on_note: Callable[[str], None] | None = None,
+    dirty_rate_max_age_s: float = 0.0,
+    clock: Callable[[], float] | None = None,
 ) -> Inputs:
     """Everything the planner needs about a host's drain; raises when the source agent is down."""
     notes: list[str] = []
@@ -155,24 +158,54 @@ def gather(
         if not speed:
             note("link bandwidth unknown; assuming 10 Gbit/s")
     readings: dict[str, list[Reading]] = {}
-    if measure and any(i.uuid in domains and not domains[i.uuid].migrating for i in live):
-        # A domain migrating now (a resumed drain) reports its rate in the job stats instead.
-        wanted = [i.uuid for i in live if i.uuid in domains and not domains[i.uuid].migrating]
+    # A domain migrating now (a resumed drain) reports its rate in the job stats instead.
+    wanted = [i.uuid for i in live if i.uuid in domains and not domains[i.uuid].migrating]
+    if measure and wanted and clock is not None and dirty_rate_max_age_s > 0:
+        now = clock()
+        oldest = now
+        for uuid in wanted:
+            stored = stored_readings(domains[uuid], dirty_rate_window_s, now - dirty_rate_max_age_s)
+            series = [Reading(r.bytes_per_s, r.window_s) for r in stored]
+            if series and (
+                next_window_s(
+                    series,
+                    _nonzero(domains[uuid]),
+                    dirty_rate_max_window_s,
+                    bandwidth * LONGER_WINDOW_LINK_SHARE,
+                )
+                is None
+            ):
+                readings[uuid] = series
+                main = next(r for r in stored if round(r.window_s) == dirty_rate_window_s)
+                domains[uuid].dirty_rate.CopyFrom(main)
+                oldest = min([oldest, *(r.measured_at.ToSeconds() for r in stored)])
+        if readings:
+            note(
+                f"dirty rates of {len(readings)} of {len(wanted)} VMs from the agent's "
+                f"background readings (the oldest {max(0.0, now - oldest):.0f}s old)"
+            )
+        wanted = [u for u in wanted if u not in readings]
+    if measure and wanted:
+        started = clock() if clock is not None else None
         try:
             rates = source.measure_dirty_rate(wanted, dirty_rate_window_s)
             for uuid, rate in rates.items():
                 domains[uuid].dirty_rate.CopyFrom(rate)
-            readings = measure_windows(
-                source,
-                domains,
-                rates,
-                dirty_rate_window_s,
-                dirty_rate_max_window_s,
-                bandwidth * LONGER_WINDOW_LINK_SHARE,
-                note,
+            readings.update(
+                measure_windows(
+                    source,
+                    domains,
+                    rates,
+                    dirty_rate_window_s,
+                    dirty_rate_max_window_s,
+                    bandwidth * LONGER_WINDOW_LINK_SHARE,
+                    note,
+                )
             )
         except errors.CoordinatorError as e:
             note(f"fresh dirty-rate measurement failed, planning with what was read: {e}")
+        if started is not None and clock is not None:
+            note(f"measured the dirty rates of {len(wanted)} VMs in {clock() - started:.1f}s")
     missing = [i.name for i in live if i.uuid not in domains]
     if missing:
         note("no libvirt domain for " + ", ".join(missing) + "; sizes from the flavor")
@@ -192,6 +225,22 @@ def gather(
         tuple(notes),
         source=capabilities_of(status.report),
     )
+
+
+def stored_readings(domain: apb.Domain, window_s: int, not_before: float) -> list[apb.DirtyRate]:
+    """The agent's readings of a domain over windows that double from half the window
+    (from the window when it is 1 s), each taken at ``not_before`` or later; empty when
+    the first two (the first one) are missing or older. A gap in the doubling ends them."""
+    by_window = {
+        round(r.window_s): r for r in domain.dirty_rates if r.measured_at.ToSeconds() >= not_before
+    }
+    half = window_s // 2
+    w = half if half >= 1 else window_s
+    series = []
+    while w in by_window:
+        series.append(by_window[w])
+        w *= 2
+    return series if len(series) >= (2 if half >= 1 else 1) else []
 
 
 def measure_windows(

@@ -14,6 +14,7 @@ test keeps the two equal.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import threading
 import uuid as uuidlib
@@ -89,6 +90,10 @@ drain_vms = sa.Table(
     # that a resumed drain runs the plan it journaled; "" for a VM not planned to
     # live-migrate, and in journals written before revision 0002
     sa.Column("planned", sa.Text, nullable=False, default="", server_default=""),
+    # the prediction revised from the migration's own rounds (forecast.py): its total
+    # time, 0 when none was made or its rounds stopped shrinking; and why (revision 0004)
+    sa.Column("revised_total_s", sa.Float, nullable=False, default=0.0, server_default="0"),
+    sa.Column("revised_note", sa.Text, nullable=False, default="", server_default=""),
 )
 
 steps = sa.Table(
@@ -103,6 +108,46 @@ steps = sa.Table(
     sa.Column("at", sa.Float, nullable=False),
     sa.Column("done_at", sa.Float, nullable=True),
     sa.Column("result", sa.Text, nullable=False, default=""),
+)
+
+# Rolling maintenance (revision 0003): one row per roll, one per host of it. A host's
+# hook is journaled as started before it runs, so a restarted coordinator knows it may
+# have run and does not run it again by itself.
+rolls = sa.Table(
+    "rolls",
+    metadata,
+    sa.Column("id", sa.String(36), primary_key=True),
+    sa.Column("state", sa.String(32), nullable=False),
+    sa.Column("request", sa.Text, nullable=False),  # the RollRequest, as JSON
+    sa.Column("plan", sa.Text, nullable=False),  # the RollPlan, as JSON
+    sa.Column("message", sa.Text, nullable=False, default=""),
+    sa.Column("created_at", sa.Float, nullable=False),
+    sa.Column("finished_at", sa.Float, nullable=True),
+    sa.Column("cancel_requested", sa.Boolean, nullable=False, default=False),
+    sa.Column("abort_running", sa.Boolean, nullable=False, default=False),
+)
+
+roll_hosts = sa.Table(
+    "roll_hosts",
+    metadata,
+    sa.Column("roll_id", sa.String(36), sa.ForeignKey("rolls.id"), primary_key=True),
+    sa.Column("host", sa.String(255), primary_key=True),
+    sa.Column("wave", sa.Integer, nullable=False),
+    sa.Column("position", sa.Integer, nullable=False),
+    sa.Column("state", sa.String(32), nullable=False),
+    sa.Column("step", sa.String(16), nullable=False, default=""),
+    sa.Column("targets", sa.Text, nullable=False),  # {vm uuid: target host}, as JSON
+    sa.Column("predicted_s", sa.Float, nullable=False, default=0.0),
+    sa.Column("drain_id", sa.String(36), nullable=False, default=""),
+    sa.Column("error", sa.Text, nullable=False, default=""),
+    sa.Column("hook_started_at", sa.Float, nullable=True),
+    sa.Column("hook_finished_at", sa.Float, nullable=True),
+    sa.Column("hook_exit_code", sa.Integer, nullable=True),
+    sa.Column("hook_output", sa.Text, nullable=False, default=""),
+    sa.Column("versions_before", sa.Text, nullable=False, default=""),
+    sa.Column("versions_after", sa.Text, nullable=False, default=""),
+    sa.Column("started_at", sa.Float, nullable=True),
+    sa.Column("finished_at", sa.Float, nullable=True),
 )
 
 STEP_INTENT = "intent"
@@ -147,6 +192,8 @@ class VmRow:
     started_at: float | None = None
     finished_at: float | None = None
     planned: str = ""
+    revised_total_s: float = 0.0
+    revised_note: str = ""
 
 
 @dataclass(frozen=True)
@@ -227,6 +274,17 @@ class Journal:
     def _tx(self) -> Iterator[Connection]:
         with self._lock, self._engine.begin() as conn:
             yield conn
+
+    # For the journal's other tables (rolljournal): one writer at a time, as here.
+    @property
+    def engine(self) -> Engine:
+        return self._engine
+
+    def now(self) -> float:
+        return self._clock()
+
+    def transaction(self) -> contextlib.AbstractContextManager[Connection]:
+        return self._tx()
 
     # -- drains ---------------------------------------------------------------------
 

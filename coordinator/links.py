@@ -4,7 +4,8 @@ A burst (the ladder's HOLD_LINK) caps the drain's other running migrations to a
 trickle through the source agent, then raises the holder's downtime limit to the
 whole link's. It always gives their bandwidth back: at its release, when the
 holder's watcher ends, when a held-back neighbour sees it overrun, and after a
-restart (`reset_after_restart`).
+restart: a burst the previous coordinator left goes on in force (`resume`) until its
+holder's ladder releases it, or is undone at once (`reset_after_restart`).
 """
 
 from __future__ import annotations
@@ -20,6 +21,8 @@ from hostmaint.coordinator.planner import HELD_BACK_BYTES_PER_S, MAX_BURST_S
 from hostmaint.protos import agent_pb2 as apb
 
 LOG = logging.getLogger(__name__)
+# How an agent refuses to tune a migration that has ended: the domain left, or no job runs.
+_ENDED_CODES = frozenset({"NOT_FOUND", "FAILED_PRECONDITION"})
 
 
 class Tuner(Protocol):
@@ -123,8 +126,12 @@ class LinkArbiter:
         for vm, cap in burst.held.items():
             try:
                 agent.tune(apb.TuneMigrationRequest(domain_uuid=vm, bandwidth_bytes_per_s=cap))
-            except errors.CoordinatorError as e:  # ended meanwhile, or the agent is away
-                LOG.warning("bandwidth not restored after a burst vm=%s error=%s", vm, e)
+            except errors.CoordinatorError as e:
+                if isinstance(e, errors.AgentRefused) and e.code in _ENDED_CODES:
+                    # its migration ended during the burst: nothing left to give back
+                    LOG.info("migration ended during a burst vm=%s", vm)
+                else:  # the agent is away
+                    LOG.warning("bandwidth not restored after a burst vm=%s error=%s", vm, e)
         LOG.info("link released holder=%s held=%d", holder, len(burst.held))
 
     def held_back(self, vm_uuid: str) -> bool:
@@ -141,6 +148,18 @@ class LinkArbiter:
                 LOG.warning("holder's limit not restored vm=%s error=%s", burst.holder, e)
             return False
         return True
+
+    def resume(self, holder: str, started: float, restore_ms: int, held: Collection[str]) -> None:
+        """A burst the previous coordinator left in force, taken over as it stands: nothing
+        is tuned now (the neighbours' caps and the holder's limit hold on their jobs); its
+        release restores the holder's limit to `restore_ms` and gives each of `held` its
+        planned cap (what each had before is not journaled)."""
+        with self._lock:
+            if self._burst is not None:
+                raise errors.PreconditionFailed("hold the link", f"{self._burst.holder} holds it")
+            caps = {vm: self._planned_cap(vm) for vm in held if vm != holder}
+            self._burst = Burst(holder, started, restore_ms, caps)
+        LOG.info("burst resumed after a restart holder=%s held=%d", holder, len(caps))
 
     def reset_after_restart(
         self,
@@ -163,8 +182,13 @@ class LinkArbiter:
             request.lower_max_downtime = True
         try:
             self._agent().tune(request)
-        except errors.CoordinatorError as e:  # it may have ended: its watcher finds out
-            LOG.warning("cannot reset the migration after a restart vm=%s error=%s", vm_uuid, e)
+        except errors.CoordinatorError as e:
+            if isinstance(e, errors.AgentRefused) and e.code in _ENDED_CODES:
+                # Race: the migration ended between the restart's check and this call (the
+                # domain left the source, or no job runs); its watcher records its end.
+                LOG.info("migration ended before its reset after a restart vm=%s", vm_uuid)
+            else:  # the agent is away: its watcher finds out
+                LOG.warning("cannot reset the migration after a restart vm=%s error=%s", vm_uuid, e)
         if not done.holding:
             return done
         release = escalation.Decision(escalation.Action.RELEASE_LINK, restore_ms)

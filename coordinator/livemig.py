@@ -20,6 +20,7 @@ from hostmaint.coordinator.drivers.base import (
     MigrationRef,
     MigrationState,
 )
+from hostmaint.coordinator.forecast import forecast
 from hostmaint.coordinator.journal import VmRow
 from hostmaint.coordinator.outcomes import Outcomes
 from hostmaint.coordinator.runtime import DrainRun, Runtime
@@ -48,6 +49,7 @@ class _Watch:
     # the guest runs on the target already (post-copy): nothing may abort it any more
     postcopy_seen: bool = False
     pause: pcrecovery.Pause | None = None  # its post-copy broke and is being resumed
+    revised_from: int = 0  # the round start its journaled revised prediction read
 
 
 @dataclass(frozen=True)
@@ -208,6 +210,7 @@ class LiveMigrations:
                 first_pass_done=p.iteration >= 2,
                 fair_share_bytes_per_s=self._fair_share(run),
                 held_back=run.link.held_back(row.vm_uuid),
+                processed_bytes=p.memory_processed_bytes,
             )
             row = self._observe(run, row, ref, w, obs, p)
             if rt.stopped.is_set():
@@ -289,6 +292,7 @@ class LiveMigrations:
     ) -> VmRow:
         w.history.append(obs)
         del w.history[:-_HISTORY_KEPT]
+        row = self._revise(run, row, w, obs)
         self.rt.publish(run, cpb.DRAIN_EVENT_KIND_PROGRESS, vm=row, progress=progress)
         if w.postcopy_seen or (w.pause is not None and w.pause.active):
             # In post-copy the guest runs on the target: it finishes on its own, and an
@@ -311,6 +315,25 @@ class LiveMigrations:
             if self.rt.stopped.wait(self.rt.settings.poll_interval_s):
                 return False
         return False
+
+    def _revise(self, run: DrainRun, row: VmRow, w: _Watch, obs: escalation.Observation) -> VmRow:
+        """Journals the prediction revised from the job's own rounds, once per new round
+        start they show (forecast.py)."""
+        seen = forecast(w.history)
+        if seen is None or seen.from_iteration == w.revised_from:
+            return row
+        w.revised_from = seen.from_iteration
+        total_s = obs.elapsed_s + seen.remaining_s if seen.converges else 0.0
+        LOG.info(
+            "prediction revised vm=%s total_s=%.1f planned_s=%.1f: %s",
+            row.vm_uuid,
+            total_s,
+            row.predicted_total_s,
+            seen.note,
+        )
+        return self.rt.journal.update_vm(
+            run.drain_id, row.vm_uuid, revised_total_s=total_s, revised_note=seen.note
+        )
 
     def _settle(self, ref: MigrationRef, vm_uuid: str) -> MigrationState:
         """The cloud's final word on the migration (it may lag the agent by a moment)."""

@@ -186,6 +186,7 @@ class PlanStrategy:
                 first_pass_done=mig.rounds >= 2,
                 fair_share_bytes_per_s=self.total_bw / self.sharing,
                 held_back=held_back,
+                processed_bytes=int(mig.bytes_sent),
             )
         )
         done = self.done.get(uuid, escalation.Escalation())

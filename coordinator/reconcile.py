@@ -13,6 +13,8 @@ host other than the drained one.
 - ``journaled_start``: a VM whose migration was journaled as started.
 - ``ended``: a migration that ended while no coordinator followed it.
 - ``queued``: a VM still waiting for its turn.
+- ``burst_left``: a burst (one migration holding the link) the previous coordinator
+  left in force.
 """
 
 from __future__ import annotations
@@ -33,6 +35,8 @@ class Verdict(enum.StrEnum):
     CONFIRMED = "confirmed"
     NOT_CONFIRMED = "not_confirmed"
     UNCHANGED = "unchanged"  # nothing to do
+    HELD = "held"  # a burst goes on: its holder's ladder releases it in its time
+    RELEASED = "released"  # a burst is undone now: limits and caps given back
 
 
 @dataclass(frozen=True)
@@ -116,3 +120,17 @@ def queued(host: str | None, source: str) -> Decision:
     if _elsewhere(host, source):
         return Decision(Verdict.COMPLETED)
     return Decision(Verdict.UNCHANGED)
+
+
+def burst_left(*, holder_running: bool, hold_done: bool) -> Decision:
+    """A burst the journal shows in force (a hold with no release): it goes on where the
+    hold is known to have been carried out (every neighbour capped, the holder's limit
+    raised) and its holder still migrates; the holder's ladder then releases it when its
+    window ends, as it would have with no restart, and a burst that outlived its window
+    meanwhile is released at the holder's first sample. Otherwise it is undone now: a
+    hold of unknown outcome may have capped only some neighbours, and a holder that
+    ended has nothing left to hold the link for."""
+    if holder_running and hold_done:
+        return Decision(Verdict.HELD, note="the burst goes on after the restart")
+    why = "its holder ended" if not holder_running else "its hold's outcome is unknown"
+    return Decision(Verdict.RELEASED, note=f"the burst is released after the restart: {why}")

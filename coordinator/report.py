@@ -53,6 +53,13 @@ def _ticks(span_s: float) -> list[float]:
     return [i * step for i in range(int(span_s // step) + 1)]
 
 
+def _tick_label(x: float, y: float, tick: float) -> str:
+    """A tick's label right of its line, or left of it at the right edge (not cut off)."""
+    if x > WIDTH - 50:
+        return f'<text x="{x - 2:.1f}" y="{y}" text-anchor="end">{tick:g} s</text>'
+    return f'<text x="{x + 2:.1f}" y="{y}">{tick:g} s</text>'
+
+
 def _seconds(value: float) -> str:
     return f"{value:.1f} s" if value < 120 else f"{value / 60:.1f} min"
 
@@ -122,7 +129,7 @@ def _gantt(t: Timeline) -> str:
         parts.append(
             f'<line class="grid" x1="{x:.1f}" x2="{x:.1f}" y1="{AXIS_H - 6}" y2="{height}"/>'
         )
-        parts.append(f'<text x="{x + 2:.1f}" y="{AXIS_H - 10}">{tick:g} s</text>')
+        parts.append(_tick_label(x, AXIS_H - 10, tick))
     for i, lane in enumerate(t.lanes):
         parts.extend(_lane(lane, AXIS_H + i * LANE_H, t.span_s))
     parts.append("</svg>")
@@ -147,7 +154,7 @@ def _link(t: Timeline) -> str:
     for tick in _ticks(t.span_s):
         x = _x(tick, t.span_s)
         parts.append(f'<line class="grid" x1="{x:.1f}" x2="{x:.1f}" y1="10" y2="{bottom}"/>')
-        parts.append(f'<text x="{x + 2:.1f}" y="{LINK_H - 6}">{tick:g} s</text>')
+        parts.append(_tick_label(x, LINK_H - 6, tick))
     parts.append(f'<text x="4" y="{y(top) + 10:.1f}">{_rate(top)}</text>')
     parts.append(f'<text x="4" y="{bottom:.1f}">0</text>')
     parts.append(

@@ -5,7 +5,8 @@ world: intents with no outcome are settled by what the cloud says; running
 migrations are adopted at once, each with its planned settings and its ladder
 where it stood (`resume.py`); one that ended meanwhile is recorded as it ended,
 not tuned; queued VMs that left the host meanwhile are done; a burst the previous
-coordinator left is undone. Nothing is measured.
+coordinator left goes on until its holder's ladder releases it, or is undone when
+its hold's outcome is unknown or its holder ended. Nothing is measured.
 
 What each VM's journal row and the world amount to is decided in `reconcile.py`
 (pure); this module reads the world and journals the decisions.
@@ -38,6 +39,7 @@ Adopt = Callable[[DrainRun, VmRow, escalation.Escalation | None], None]
 class _Running:
     row: VmRow
     done: escalation.Escalation
+    hold_done: bool = False  # it holds the link by a hold known to have been carried out
 
 
 class Restart:
@@ -77,7 +79,8 @@ class Restart:
             if row.state == VmState.MIGRATING and not row.migration_ref:
                 # Dispatched, but the coordinator died before the start was journaled.
                 row = self._reconcile_unstarted(run, row)
-            done = self._ladder_state(row, steps)
+            tunes = self._tune_steps(row, steps)
+            done = resume.ladder_state(tunes)
             burst_left = burst_left or done.holding
             if row.state not in IN_FLIGHT_VM_STATES:  # a paused post-copy is followed too
                 continue
@@ -90,13 +93,9 @@ class Restart:
             elif cold:
                 self._adopt_logged(run, row, None)
             else:
-                running.append(_Running(row, done))
+                running.append(_Running(row, done, resume.hold_done(tunes)))
         if burst_left:
-            # the holder's limit back first, then the others' bandwidth
-            running = [
-                _Running(r.row, self._undo_burst(run, r.row, r.done))
-                for r in sorted(running, key=lambda r: not r.done.holding)
-            ]
+            running = self._burst_left(run, running)
         for r in running:
             self._adopt_logged(run, r.row, r.done)
         for row, status, done in ended:
@@ -130,26 +129,49 @@ class Restart:
         LOG.info("resuming the journaled plan drain=%s vms=%d", run.drain_id[:8], len(plans))
         return True
 
-    def _ladder_state(self, row: VmRow, steps: list[StepRow]) -> escalation.Escalation:
-        """The ladder's state of the VM's current migration, from its journaled tuning."""
+    def _burst_left(self, run: DrainRun, running: list[_Running]) -> list[_Running]:
+        """A burst the previous coordinator left in force: it goes on (its holder's ladder
+        releases it in its time) or is undone now (`reconcile.burst_left`); the running
+        migrations, their ladders as they stand after that."""
+        holder = next((r for r in running if r.done.holding), None)
+        decision = reconcile.burst_left(
+            holder_running=holder is not None, hold_done=holder is not None and holder.hold_done
+        )
+        LOG.info("%s drain=%s", decision.note, run.drain_id[:8])
+        if decision.verdict is Verdict.HELD:
+            assert holder is not None
+            started = holder.row.started_at or self.rt.clock()  # as `_tune_steps` counts
+            run.link.resume(
+                holder.row.vm_uuid,
+                started=started + holder.done.level_at_s,
+                restore_ms=holder.done.restore_ms or run.planned_limit_ms(holder.row.vm_uuid),
+                held=[r.row.vm_uuid for r in running],
+            )
+            return running
+        # the holder's limit back first, then the others' bandwidth
+        return [
+            _Running(r.row, self._undo_burst(run, r.row, r.done))
+            for r in sorted(running, key=lambda r: not r.done.holding)
+        ]
+
+    def _tune_steps(self, row: VmRow, steps: list[StepRow]) -> list[resume.TuneStep]:
+        """The ladder's steps on the VM's current migration, as journaled."""
         mine = [s for s in steps if s.vm_uuid == row.vm_uuid]
         starts = [s.id for s in mine if s.action == "start_migration"]
         since = starts[-1] if starts else 0
         started = row.started_at or self.rt.clock()
-        return resume.ladder_state(
-            [
-                resume.TuneStep(
-                    label=str(s.detail.get("action", "")),
-                    at_s=s.at - started,
-                    ok=None
-                    if s.state == STEP_INTENT or s.result == INTERRUPTED
-                    else s.state == STEP_DONE,
-                    restore_ms=int(s.detail.get("restore_ms", 0)),
-                )
-                for s in mine
-                if s.action == "tune" and s.id > since
-            ]
-        )
+        return [
+            resume.TuneStep(
+                label=str(s.detail.get("action", "")),
+                at_s=s.at - started,
+                ok=None
+                if s.state == STEP_INTENT or s.result == INTERRUPTED
+                else s.state == STEP_DONE,
+                restore_ms=int(s.detail.get("restore_ms", 0)),
+            )
+            for s in mine
+            if s.action == "tune" and s.id > since
+        ]
 
     def _status_of(self, row: VmRow) -> MigrationStatus | None:
         """The cloud's record of the VM's migration; None when it cannot tell."""

@@ -15,7 +15,8 @@ step whose outcome the journal does not know (the coordinator stopped during
 it) counts as taken where taking it again would be wrong or harmless, and not
 at all where the migration itself shows whether it happened: a post-copy
 switch (its phase), an abort (it ends) and a burst's release (left holding, the
-restart releases it).
+restart releases it, or lets it go on: ``hold_done`` says whether the hold in force
+is known to have been carried out).
 """
 
 from __future__ import annotations
@@ -113,3 +114,15 @@ def ladder_state(steps: Sequence[TuneStep]) -> escalation.Escalation:
             ok = decision.action is escalation.Action.HOLD_LINK
         done = escalation.applied(done, decision, step.at_s, ok)
     return done
+
+
+def hold_done(steps: Sequence[TuneStep]) -> bool:
+    """Whether the migration holds the link by a hold known to have been carried out: its
+    last hold or release of the link is a hold that succeeded."""
+    for step in reversed(steps):
+        name = step.label.partition("=")[0]
+        if name == escalation.Action.RELEASE_LINK:
+            return False
+        if name == escalation.Action.HOLD_LINK:
+            return step.ok is True
+    return False

@@ -8,6 +8,7 @@ it runs: its policy, the plan it follows, its migration threads and its link.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import threading
@@ -42,6 +43,7 @@ from hostmaint.coordinator.model import (
     ModelParams,
 )
 from hostmaint.coordinator.nonlive import NonLive, non_live
+from hostmaint.coordinator.pinning import pin_targets
 from hostmaint.coordinator.planner import (
     MAX_BURST_S,
     DrainPlan,
@@ -67,6 +69,7 @@ class ExecutorSettings:
     max_attempts: int = 2
     dirty_rate_window_s: int = 2
     dirty_rate_max_window_s: int = 8
+    dirty_rate_max_age_s: float = 0.0
     migration_addresses: dict[str, str] | None = None
     watch_start_timeout_s: float = _WATCH_START_TIMEOUT_S
     escalation_settle_s: float = escalation.Limits.settle_s
@@ -285,6 +288,14 @@ class Runtime:
         return run
 
     def gather(self, host: str, policy_pb: cpb.DrainPolicy, measure: bool = True) -> Inputs:
+        inputs = self._gather(host, policy_pb, measure)
+        if not policy_pb.vm_target_hosts:
+            return inputs
+        # A roll's per-VM targets: only its target takes a pinned VM.
+        pinned = pin_targets(inputs.targets, inputs.vms, dict(policy_pb.vm_target_hosts))
+        return dataclasses.replace(inputs, targets=pinned)
+
+    def _gather(self, host: str, policy_pb: cpb.DrainPolicy, measure: bool) -> Inputs:
         return gather(
             host,
             self.driver,
@@ -295,6 +306,8 @@ class Runtime:
             vm_max_downtime_ms=dict(policy_pb.vm_max_downtime_ms),
             target_hosts=list(policy_pb.target_hosts),
             measure=measure,
+            dirty_rate_max_age_s=self.settings.dirty_rate_max_age_s,
+            clock=self.clock,
         )
 
     def plan(

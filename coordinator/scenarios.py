@@ -24,7 +24,7 @@ import dataclasses
 import random
 from dataclasses import dataclass
 
-from hostmaint.coordinator.dirty import (
+from hostmaint.common.dirty import (
     LONGER_WINDOW_LINK_SHARE,
     Writer,
     next_window_s,

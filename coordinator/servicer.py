@@ -13,6 +13,7 @@ import grpc
 from hostmaint.coordinator import errors, views
 from hostmaint.coordinator.agents import AgentRegistry
 from hostmaint.coordinator.executor import Executor
+from hostmaint.coordinator.rollrun import Rolls
 from hostmaint.protos import coordinator_pb2 as cpb
 from hostmaint.protos import coordinator_pb2_grpc
 
@@ -30,6 +31,7 @@ STATUS_CODES: dict[type[errors.CoordinatorError], grpc.StatusCode] = {
     errors.InvalidArgument: grpc.StatusCode.INVALID_ARGUMENT,
     errors.UnknownHost: grpc.StatusCode.NOT_FOUND,
     errors.DrainNotFound: grpc.StatusCode.NOT_FOUND,
+    errors.RollNotFound: grpc.StatusCode.NOT_FOUND,
     errors.DrainConflict: grpc.StatusCode.ABORTED,
     errors.PreconditionFailed: grpc.StatusCode.FAILED_PRECONDITION,
     errors.AgentUnavailable: grpc.StatusCode.UNAVAILABLE,
@@ -95,12 +97,49 @@ def check_policy_fields(policy: cpb.DrainPolicy) -> None:
         raise errors.InvalidArgument("policy.target_hosts", f"at most {MAX_TARGET_HOSTS} hosts")
     for host in policy.target_hosts:
         check_host(host)
+    if len(policy.vm_target_hosts) > MAX_POLICY_VMS:
+        raise errors.InvalidArgument("policy.vm_target_hosts", f"at most {MAX_POLICY_VMS} VMs")
+    for uuid, host in policy.vm_target_hosts.items():
+        if not _UUID.match(uuid):
+            raise errors.InvalidArgument("policy.vm_target_hosts", f"{uuid[:64]!r} is not a UUID")
+        check_host(host)
+
+
+def check_roll_request(request: cpb.RollRequest) -> None:
+    """The roll's names and sizes; the rest is checked by Rolls.check."""
+    if len(request.hosts) > MAX_TARGET_HOSTS:
+        raise errors.InvalidArgument("hosts", f"at most {MAX_TARGET_HOSTS} hosts")
+    for host in request.hosts:
+        check_host(host)
+    if request.aggregate and (len(request.aggregate) > 255 or _CONTROL.search(request.aggregate)):
+        raise errors.InvalidArgument("aggregate", "at most 255 characters, no control characters")
+    if len(request.hook) > 1024 or _CONTROL.search(request.hook):
+        raise errors.InvalidArgument("hook", "at most 1024 characters, no control characters")
+    check_reason(request.reason)
+    check_policy_fields(request.policy)
 
 
 class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServicer):
-    def __init__(self, executor: Executor, registry: AgentRegistry) -> None:
+    def __init__(
+        self, executor: Executor, registry: AgentRegistry, rolls: Rolls | None = None
+    ) -> None:
         self._executor = executor
         self._registry = registry
+        self._rolls = rolls
+
+    def _roll_service(self) -> Rolls:
+        if self._rolls is None:
+            raise errors.PreconditionFailed("roll", "this coordinator runs no rolls")
+        return self._rolls
+
+    def _roll_id(self, roll_id: str) -> str:
+        if not roll_id:
+            return self._roll_service().latest()
+        if len(roll_id) > MAX_DRAIN_ID or _CONTROL.search(roll_id):
+            raise errors.InvalidArgument("roll_id", f"{roll_id[:64]!r} is not a roll id (a UUID)")
+        if not _UUID.match(roll_id):
+            raise errors.RollNotFound(repr(roll_id))
+        return roll_id.lower()
 
     def _known_host(self, host: str) -> str:
         return check_host(host, self._registry.hosts())
@@ -199,3 +238,47 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServicer):
                 info.last_report.CopyFrom(status.report)
             answer.agents.append(info)
         return answer
+
+    # -- rolls ------------------------------------------------------------------------
+
+    @translated
+    def PlanRoll(self, request: cpb.RollRequest, context: grpc.ServicerContext) -> cpb.RollPlan:
+        check_roll_request(request)
+        plan, _ = self._roll_service().plan(request)
+        return plan
+
+    def Roll(
+        self, request: cpb.RollRequest, context: grpc.ServicerContext
+    ) -> Iterator[cpb.RollEvent]:
+        try:
+            check_roll_request(request)
+            rolls = self._roll_service()
+            roll_id = rolls.open_roll_of(request) or rolls.start(request)
+        except errors.CoordinatorError as e:
+            _abort(context, e)
+        yield from rolls.events(roll_id, lambda: not context.is_active())
+
+    @translated
+    def GetRoll(self, request: cpb.GetRollRequest, context: grpc.ServicerContext) -> cpb.RollStatus:
+        return self._roll_service().status(self._roll_id(request.roll_id))
+
+    @translated
+    def CancelRoll(
+        self, request: cpb.CancelRollRequest, context: grpc.ServicerContext
+    ) -> cpb.RollStatus:
+        roll_id = self._roll_id(request.roll_id)
+        self._roll_service().cancel(roll_id, request.abort_running)
+        return self._roll_service().status(roll_id)
+
+    def ResumeRoll(
+        self, request: cpb.ResumeRollRequest, context: grpc.ServicerContext
+    ) -> Iterator[cpb.RollEvent]:
+        try:
+            roll_id = self._roll_id(request.roll_id)
+            if request.skip_host:
+                check_host(request.skip_host)
+            rolls = self._roll_service()
+            rolls.resume(roll_id, request.skip_host, request.hook_done)
+        except errors.CoordinatorError as e:
+            _abort(context, e)
+        yield from rolls.events(roll_id, lambda: not context.is_active())

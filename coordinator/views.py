@@ -177,6 +177,8 @@ def vm_to_pb(row: VmRow) -> cpb.VmStatus:
         error=row.error,
         started_at=timestamp(row.started_at),
         finished_at=timestamp(row.finished_at),
+        revised_total_s=row.revised_total_s,
+        revised_note=row.revised_note,
     )
 
 

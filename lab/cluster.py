@@ -67,6 +67,9 @@ LOG = logging.getLogger(__name__)
 DEFAULT_PREFIX = "hm-lab"
 DEFAULT_SUBNET = "10.213.0.0/24"
 DEFAULT_RATE_MBIT = 400
+# The lab's agents destroy an incoming copy left behind after this long (the agent's
+# default is 120 s; a lab test waits for it).
+STALE_INCOMING_GRACE_S = 15
 LIBVIRTD = "/usr/sbin/libvirtd"
 QEMU = "/usr/bin/qemu-system-x86_64"
 REQUIRED_TOOLS = {
@@ -1070,6 +1073,7 @@ class _Starter:
             "[migration]\n"
             f"allowed_destinations = {','.join(p.uri for p in peers)}\n"
             f"allowed_migration_hosts = {','.join(p.address for p in peers)}\n"
+            f"stale_incoming_grace_s = {STALE_INCOMING_GRACE_S}\n"
         )
         out_path = Path(h.host_dir) / "agent.log"
         with out_path.open("ab") as out:

@@ -1,12 +1,15 @@
 """The demo: drain a lab host of real KVM guests through the coordinator, end to end.
 
     python -m hostmaint.lab.demo [--spec etc/demo-lab.toml] [--state-dir DIR] [--keep]
+                                 [--keep-logs] [--report FILE]
 
 Brings up a lab (hosts, shaped link, agents) with every guest on host 0, writes a
 coordinator configuration for the `libvirt` driver, starts `hostmaint-coordinator`
 on 127.0.0.1, runs `hostmaint plan` and `hostmaint drain` of host 0 (their output
 goes straight to the terminal), prints predicted against actual per VM and checks
-that every guest runs exactly once, none of them on host 0. Whatever happens,
+that every guest runs exactly once, none of them on host 0 (`--report FILE`
+also writes the drain's timeline page, `hostmaint report --html`, while the
+coordinator still keeps the drain's events). Whatever happens,
 Ctrl-C included, the coordinator and the lab are stopped at the end.
 
 The pieces (settings, the coordinator's configuration, the coordinator as a
@@ -441,6 +444,11 @@ def run(args: argparse.Namespace) -> int:
             _say("result")
             status = latest_drain(coordinator.address, drained)
             print(result_table(status, float(settings.max_downtime_ms)))
+            if args.report is not None:
+                # While the coordinator still keeps the drain's events (rounds, bandwidths).
+                subprocess.run(
+                    [*cli, "report", status.drain_id, "--html", str(args.report)], check=False
+                )
             where = placement(lab, [p.spec.name for p in plans])
             for guest, hosts in sorted(where.items()):
                 print(f"  {guest}: running on {', '.join(hosts) or 'NO HOST'}")
@@ -478,8 +486,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--keep-logs", action="store_true", help="keep the coordinator's log and journal"
     )
+    parser.add_argument(
+        "--report",
+        type=Path,
+        default=None,
+        metavar="FILE",
+        help="write the drain's timeline page (`hostmaint report --html`) to FILE",
+    )
     parser.add_argument("-v", "--verbose", action="store_true", help="log the lab's steps")
     args = parser.parse_args(argv)
+    if args.report is not None and not args.report.parent.is_dir():
+        parser.error(f"--report: no directory {args.report.parent}")
     logging.basicConfig(
         level=logging.INFO if args.verbose else logging.WARNING,
         format="%(asctime)s %(levelname)s %(name)s %(message)s",

@@ -166,38 +166,18 @@ class NovaLab:
         }
         config_path = work / "nova-lab.json"
         config_path.write_text(json.dumps(config, indent=1))
-        ready = work / "nova-ready.json"
-        ready.unlink(missing_ok=True)
         log_path = work / f"nova-{profile}.log"
-        stderr_path = work / f"nova-{profile}.stderr"
         flags = [arg for flag in (*PROFILES[profile], *extra_flags) for arg in ("--flag", flag)]
-        env = {k: v for k, v in os.environ.items() if not k.startswith("OS_")}
-        started = time.monotonic()
-        with open(stderr_path, "wb") as stderr:
-            proc = subprocess.Popen(
-                [
-                    str(NOVA_VENV / "bin" / "python"),
-                    str(REPO / "lab" / "nova_server.py"),
-                    *("--port", "0", "--ready-file", str(ready), "--log-file", str(log_path)),
-                    *("--driver", "libvirt", "--lab-config", str(config_path)),
-                    *flags,
-                    *(h.name for h in lab.hosts),
-                ],
-                cwd=work,
-                env=env,
-                stdout=subprocess.DEVNULL,
-                stderr=stderr,
-                start_new_session=True,
-            )
-        while not ready.exists():
-            if proc.poll() is not None:
-                tail = stderr_path.read_text(errors="replace").strip().splitlines()[-15:]
-                raise RuntimeError("Nova exited before it was ready:\n" + "\n".join(tail))
-            if time.monotonic() - started > START_TIMEOUT_S:
-                _stop(proc)
-                raise RuntimeError(f"Nova not ready in {START_TIMEOUT_S} s (log: {log_path})")
-            time.sleep(0.2)
-        info = json.loads(ready.read_text())
+        proc, info, _ = launch(
+            work,
+            [
+                *("--driver", "libvirt", "--lab-config", str(config_path)),
+                *flags,
+                *(h.name for h in lab.hosts),
+            ],
+            log_path,
+            work / f"nova-{profile}.stderr",
+        )
         nova = cls(
             lab=lab,
             work=work,
@@ -213,7 +193,7 @@ class NovaLab:
 
     def stop(self) -> None:
         self.http.close()
-        _stop(self.proc)
+        stop(self.proc)
 
     # -- the API ---------------------------------------------------------------
 
@@ -324,7 +304,46 @@ class NovaLab:
         return [line for line in text.splitlines() if needle in line]
 
 
-def _stop(proc: subprocess.Popen[bytes]) -> None:
+class NovaStartError(RuntimeError):
+    """lab/nova_server.py exited or was not ready in time (its stderr's tail, or its log)."""
+
+
+def launch(
+    work: Path, args: list[str], log_path: Path, stderr_path: Path
+) -> tuple[subprocess.Popen[bytes], dict[str, Any], float]:
+    """Starts lab/nova_server.py in Nova's virtualenv with ``args`` and waits for its ready
+    file: the process, what the ready file says, and the seconds it took."""
+    ready = work / f"{log_path.stem}-ready.json"
+    ready.unlink(missing_ok=True)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("OS_")}
+    started = time.monotonic()
+    with open(stderr_path, "wb") as stderr:
+        proc = subprocess.Popen(
+            [
+                str(NOVA_VENV / "bin" / "python"),
+                str(REPO / "lab" / "nova_server.py"),
+                *("--port", "0", "--ready-file", str(ready), "--log-file", str(log_path)),
+                *args,
+            ],
+            cwd=work,
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=stderr,
+            start_new_session=True,
+        )
+    while not ready.exists():
+        if proc.poll() is not None:
+            tail = stderr_path.read_text(errors="replace").strip().splitlines()[-15:]
+            raise NovaStartError("Nova exited before it was ready:\n" + "\n".join(tail))
+        if time.monotonic() - started > START_TIMEOUT_S:
+            stop(proc)
+            raise NovaStartError(f"Nova not ready in {START_TIMEOUT_S} s (log: {log_path})")
+        time.sleep(0.1)
+    return proc, json.loads(ready.read_text()), time.monotonic() - started
+
+
+def stop(proc: subprocess.Popen[bytes]) -> None:
+    """SIGTERM, then SIGKILL after STOP_TIMEOUT_S (a clean-up that hangs ignores SIGTERM)."""
     if proc.poll() is None:
         proc.send_signal(signal.SIGTERM)
         try:

@@ -12,7 +12,8 @@ The policy options, their checks and the exit codes are `hostmaint`'s
 (coordinator/client.py): 2 bad arguments (nothing sent), 3 not found, 4 refused,
 5 unavailable; `drain` ends 0 only when the drain COMPLETED (6 incomplete,
 7 failed, 8 cancelled). A failed call prints one line on stderr,
-`openstack maintenance <command>: <CODE>: <details>`.
+`openstack maintenance <command>: <CODE>: <details>`, and when the coordinator
+cannot be reached over TLS (or without), what that says about the certificates.
 """
 
 from __future__ import annotations
@@ -26,10 +27,12 @@ from osc_lib.cli import format_columns
 from osc_lib.command import command
 
 from hostmaint.coordinator import client, cliformat, cliview
-from hostmaint.osc.plugin import API_NAME, MaintenanceClient
+from hostmaint.osc.plugin import API_NAME, CA, CERT, KEY, MaintenanceClient, option
 from hostmaint.protos import coordinator_pb2 as pb
 
 Row = tuple[Any, ...]
+
+TLS_OPTIONS = (option(CERT), option(KEY), option(CA))
 
 STATUS_COLUMNS = (
     "drain_id",
@@ -182,7 +185,8 @@ class _MaintenanceCommand(command.Command):
             return client.EXIT_USAGE
         except grpc.RpcError as err:
             code, text = client.rpc_error(err)
-            self._fail(text)
+            hint = client.tls_hint(err, self.client().tls, TLS_OPTIONS)
+            self._fail(f"{text} ({hint})" if hint else text)
             return code
         except StreamEnded as err:
             self._fail(str(err))

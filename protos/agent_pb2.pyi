@@ -476,6 +476,7 @@ class Domain(google.protobuf.message.Message):
     PERSISTENT_FIELD_NUMBER: builtins.int
     MIGRATING_FIELD_NUMBER: builtins.int
     VCPU_THROTTLE_PCT_FIELD_NUMBER: builtins.int
+    DIRTY_RATES_FIELD_NUMBER: builtins.int
     POSTCOPY_FAILED_FIELD_NUMBER: builtins.int
     uuid: builtins.str
     name: builtins.str
@@ -508,6 +509,12 @@ class Domain(google.protobuf.message.Message):
 
     @property
     def migration_blockers(self) -> google.protobuf.internal.containers.RepeatedCompositeFieldContainer[Global___MigrationBlocker]: ...
+    @property
+    def dirty_rates(self) -> google.protobuf.internal.containers.RepeatedCompositeFieldContainer[Global___DirtyRate]:
+        """The latest reading over each window the agent measured (in the background or on
+        request), shortest window first, each with its time; empty when never measured.
+        """
+
     def __init__(
         self,
         *,
@@ -527,10 +534,11 @@ class Domain(google.protobuf.message.Message):
         persistent: builtins.bool = ...,
         migrating: builtins.bool = ...,
         vcpu_throttle_pct: builtins.int = ...,
+        dirty_rates: collections.abc.Iterable[Global___DirtyRate] | None = ...,
         postcopy_failed: builtins.bool = ...,
     ) -> None: ...
     def HasField(self, field_name: typing.Literal["cpu", b"cpu", "dirty_rate", b"dirty_rate", "nova", b"nova"]) -> builtins.bool: ...
-    def ClearField(self, field_name: typing.Literal["cpu", b"cpu", "dirty_rate", b"dirty_rate", "disks", b"disks", "memory_current_bytes", b"memory_current_bytes", "memory_max_bytes", b"memory_max_bytes", "migrating", b"migrating", "migration_blockers", b"migration_blockers", "name", b"name", "nova", b"nova", "persistent", b"persistent", "postcopy_failed", b"postcopy_failed", "rss_bytes", b"rss_bytes", "state", b"state", "unused_bytes", b"unused_bytes", "uuid", b"uuid", "vcpu_throttle_pct", b"vcpu_throttle_pct", "vcpus", b"vcpus"]) -> None: ...
+    def ClearField(self, field_name: typing.Literal["cpu", b"cpu", "dirty_rate", b"dirty_rate", "dirty_rates", b"dirty_rates", "disks", b"disks", "memory_current_bytes", b"memory_current_bytes", "memory_max_bytes", b"memory_max_bytes", "migrating", b"migrating", "migration_blockers", b"migration_blockers", "name", b"name", "nova", b"nova", "persistent", b"persistent", "postcopy_failed", b"postcopy_failed", "rss_bytes", b"rss_bytes", "state", b"state", "unused_bytes", b"unused_bytes", "uuid", b"uuid", "vcpu_throttle_pct", b"vcpu_throttle_pct", "vcpus", b"vcpus"]) -> None: ...
 
 Global___Domain: typing_extensions.TypeAlias = Domain
 

@@ -180,6 +180,103 @@ DRAIN_EVENT_KIND_STRANDED: DrainEventKind.ValueType  # 15
 """A paused post-copy cannot be resumed: the message says why and where the VM's pieces are."""
 Global___DrainEventKind: typing_extensions.TypeAlias = DrainEventKind
 
+class _RollState:
+    ValueType = typing.NewType("ValueType", builtins.int)
+    V: typing_extensions.TypeAlias = ValueType
+
+class _RollStateEnumTypeWrapper(google.protobuf.internal.enum_type_wrapper._EnumTypeWrapper[_RollState.ValueType], builtins.type):
+    DESCRIPTOR: google.protobuf.descriptor.EnumDescriptor
+    ROLL_STATE_UNSPECIFIED: _RollState.ValueType  # 0
+    ROLL_STATE_RUNNING: _RollState.ValueType  # 1
+    ROLL_STATE_STOPPED: _RollState.ValueType  # 2
+    """A host's step failed: the roll waits for the operator (ResumeRoll, or skip the host)."""
+    ROLL_STATE_CANCELLING: _RollState.ValueType  # 3
+    ROLL_STATE_COMPLETED: _RollState.ValueType  # 4
+    ROLL_STATE_CANCELLED: _RollState.ValueType  # 5
+    ROLL_STATE_FAILED: _RollState.ValueType  # 6
+
+class RollState(_RollState, metaclass=_RollStateEnumTypeWrapper): ...
+
+ROLL_STATE_UNSPECIFIED: RollState.ValueType  # 0
+ROLL_STATE_RUNNING: RollState.ValueType  # 1
+ROLL_STATE_STOPPED: RollState.ValueType  # 2
+"""A host's step failed: the roll waits for the operator (ResumeRoll, or skip the host)."""
+ROLL_STATE_CANCELLING: RollState.ValueType  # 3
+ROLL_STATE_COMPLETED: RollState.ValueType  # 4
+ROLL_STATE_CANCELLED: RollState.ValueType  # 5
+ROLL_STATE_FAILED: RollState.ValueType  # 6
+Global___RollState: typing_extensions.TypeAlias = RollState
+
+class _RollHostState:
+    ValueType = typing.NewType("ValueType", builtins.int)
+    V: typing_extensions.TypeAlias = ValueType
+
+class _RollHostStateEnumTypeWrapper(google.protobuf.internal.enum_type_wrapper._EnumTypeWrapper[_RollHostState.ValueType], builtins.type):
+    DESCRIPTOR: google.protobuf.descriptor.EnumDescriptor
+    ROLL_HOST_STATE_UNSPECIFIED: _RollHostState.ValueType  # 0
+    ROLL_HOST_STATE_PENDING: _RollHostState.ValueType  # 1
+    ROLL_HOST_STATE_DRAINING: _RollHostState.ValueType  # 2
+    ROLL_HOST_STATE_HOOK_RUNNING: _RollHostState.ValueType  # 3
+    ROLL_HOST_STATE_WAITING: _RollHostState.ValueType  # 4
+    ROLL_HOST_STATE_DONE: _RollHostState.ValueType  # 5
+    ROLL_HOST_STATE_FAILED: _RollHostState.ValueType  # 6
+    """Its step failed: it stays disabled until the operator resumes the roll or skips it."""
+    ROLL_HOST_STATE_SKIPPED: _RollHostState.ValueType  # 7
+
+class RollHostState(_RollHostState, metaclass=_RollHostStateEnumTypeWrapper): ...
+
+ROLL_HOST_STATE_UNSPECIFIED: RollHostState.ValueType  # 0
+ROLL_HOST_STATE_PENDING: RollHostState.ValueType  # 1
+ROLL_HOST_STATE_DRAINING: RollHostState.ValueType  # 2
+ROLL_HOST_STATE_HOOK_RUNNING: RollHostState.ValueType  # 3
+ROLL_HOST_STATE_WAITING: RollHostState.ValueType  # 4
+ROLL_HOST_STATE_DONE: RollHostState.ValueType  # 5
+ROLL_HOST_STATE_FAILED: RollHostState.ValueType  # 6
+"""Its step failed: it stays disabled until the operator resumes the roll or skips it."""
+ROLL_HOST_STATE_SKIPPED: RollHostState.ValueType  # 7
+Global___RollHostState: typing_extensions.TypeAlias = RollHostState
+
+class _RollEventKind:
+    ValueType = typing.NewType("ValueType", builtins.int)
+    V: typing_extensions.TypeAlias = ValueType
+
+class _RollEventKindEnumTypeWrapper(google.protobuf.internal.enum_type_wrapper._EnumTypeWrapper[_RollEventKind.ValueType], builtins.type):
+    DESCRIPTOR: google.protobuf.descriptor.EnumDescriptor
+    ROLL_EVENT_KIND_UNSPECIFIED: _RollEventKind.ValueType  # 0
+    ROLL_EVENT_KIND_STARTED: _RollEventKind.ValueType  # 1
+    ROLL_EVENT_KIND_PLANNED: _RollEventKind.ValueType  # 2
+    ROLL_EVENT_KIND_WAVE_STARTED: _RollEventKind.ValueType  # 3
+    ROLL_EVENT_KIND_DRAIN_STARTED: _RollEventKind.ValueType  # 4
+    ROLL_EVENT_KIND_DRAINED: _RollEventKind.ValueType  # 5
+    ROLL_EVENT_KIND_HOOK_STARTED: _RollEventKind.ValueType  # 6
+    ROLL_EVENT_KIND_HOOK_FINISHED: _RollEventKind.ValueType  # 7
+    ROLL_EVENT_KIND_BACK: _RollEventKind.ValueType  # 8
+    ROLL_EVENT_KIND_ENABLED: _RollEventKind.ValueType  # 9
+    ROLL_EVENT_KIND_HOST_FAILED: _RollEventKind.ValueType  # 10
+    ROLL_EVENT_KIND_HOST_SKIPPED: _RollEventKind.ValueType  # 11
+    ROLL_EVENT_KIND_STOPPED: _RollEventKind.ValueType  # 12
+    ROLL_EVENT_KIND_RESUMED: _RollEventKind.ValueType  # 13
+    ROLL_EVENT_KIND_FINISHED: _RollEventKind.ValueType  # 14
+
+class RollEventKind(_RollEventKind, metaclass=_RollEventKindEnumTypeWrapper): ...
+
+ROLL_EVENT_KIND_UNSPECIFIED: RollEventKind.ValueType  # 0
+ROLL_EVENT_KIND_STARTED: RollEventKind.ValueType  # 1
+ROLL_EVENT_KIND_PLANNED: RollEventKind.ValueType  # 2
+ROLL_EVENT_KIND_WAVE_STARTED: RollEventKind.ValueType  # 3
+ROLL_EVENT_KIND_DRAIN_STARTED: RollEventKind.ValueType  # 4
+ROLL_EVENT_KIND_DRAINED: RollEventKind.ValueType  # 5
+ROLL_EVENT_KIND_HOOK_STARTED: RollEventKind.ValueType  # 6
+ROLL_EVENT_KIND_HOOK_FINISHED: RollEventKind.ValueType  # 7
+ROLL_EVENT_KIND_BACK: RollEventKind.ValueType  # 8
+ROLL_EVENT_KIND_ENABLED: RollEventKind.ValueType  # 9
+ROLL_EVENT_KIND_HOST_FAILED: RollEventKind.ValueType  # 10
+ROLL_EVENT_KIND_HOST_SKIPPED: RollEventKind.ValueType  # 11
+ROLL_EVENT_KIND_STOPPED: RollEventKind.ValueType  # 12
+ROLL_EVENT_KIND_RESUMED: RollEventKind.ValueType  # 13
+ROLL_EVENT_KIND_FINISHED: RollEventKind.ValueType  # 14
+Global___RollEventKind: typing_extensions.TypeAlias = RollEventKind
+
 @typing.final
 class DrainPolicy(google.protobuf.message.Message):
     DESCRIPTOR: google.protobuf.descriptor.Descriptor
@@ -200,6 +297,22 @@ class DrainPolicy(google.protobuf.message.Message):
         ) -> None: ...
         def ClearField(self, field_name: typing.Literal["key", b"key", "value", b"value"]) -> None: ...
 
+    @typing.final
+    class VmTargetHostsEntry(google.protobuf.message.Message):
+        DESCRIPTOR: google.protobuf.descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: builtins.int
+        VALUE_FIELD_NUMBER: builtins.int
+        key: builtins.str
+        value: builtins.str
+        def __init__(
+            self,
+            *,
+            key: builtins.str = ...,
+            value: builtins.str = ...,
+        ) -> None: ...
+        def ClearField(self, field_name: typing.Literal["key", b"key", "value", b"value"]) -> None: ...
+
     MAX_DOWNTIME_MS_FIELD_NUMBER: builtins.int
     VM_MAX_DOWNTIME_MS_FIELD_NUMBER: builtins.int
     MAX_PARALLEL_PER_SOURCE_FIELD_NUMBER: builtins.int
@@ -210,6 +323,7 @@ class DrainPolicy(google.protobuf.message.Message):
     NON_LIVE_ACTION_FIELD_NUMBER: builtins.int
     TARGET_HOSTS_FIELD_NUMBER: builtins.int
     POSTCOPY_AVOIDANCE_STRETCH_FIELD_NUMBER: builtins.int
+    VM_TARGET_HOSTS_FIELD_NUMBER: builtins.int
     max_downtime_ms: builtins.int
     """The real downtime an operator accepts per VM; 0: the coordinator's default."""
     max_parallel_per_source: builtins.int
@@ -235,6 +349,12 @@ class DrainPolicy(google.protobuf.message.Message):
     def target_hosts(self) -> google.protobuf.internal.containers.RepeatedScalarFieldContainer[builtins.str]:
         """Only these targets (host names); any enabled host when empty."""
 
+    @property
+    def vm_target_hosts(self) -> google.protobuf.internal.containers.ScalarMap[builtins.str, builtins.str]:
+        """Per-VM targets by uuid: such a VM goes to that host only (a roll's plan). VMs not
+        listed go where target_hosts allows.
+        """
+
     def __init__(
         self,
         *,
@@ -248,9 +368,10 @@ class DrainPolicy(google.protobuf.message.Message):
         non_live_action: Global___NonLiveAction.ValueType = ...,
         target_hosts: collections.abc.Iterable[builtins.str] | None = ...,
         postcopy_avoidance_stretch: builtins.float | None = ...,
+        vm_target_hosts: collections.abc.Mapping[builtins.str, builtins.str] | None = ...,
     ) -> None: ...
     def HasField(self, field_name: typing.Literal["_postcopy_avoidance_stretch", b"_postcopy_avoidance_stretch", "postcopy_avoidance_stretch", b"postcopy_avoidance_stretch"]) -> builtins.bool: ...
-    def ClearField(self, field_name: typing.Literal["_postcopy_avoidance_stretch", b"_postcopy_avoidance_stretch", "allow_postcopy", b"allow_postcopy", "deadline_s", b"deadline_s", "forbid_auto_converge", b"forbid_auto_converge", "max_downtime_ms", b"max_downtime_ms", "max_parallel_per_source", b"max_parallel_per_source", "max_parallel_per_target", b"max_parallel_per_target", "non_live_action", b"non_live_action", "postcopy_avoidance_stretch", b"postcopy_avoidance_stretch", "target_hosts", b"target_hosts", "vm_max_downtime_ms", b"vm_max_downtime_ms"]) -> None: ...
+    def ClearField(self, field_name: typing.Literal["_postcopy_avoidance_stretch", b"_postcopy_avoidance_stretch", "allow_postcopy", b"allow_postcopy", "deadline_s", b"deadline_s", "forbid_auto_converge", b"forbid_auto_converge", "max_downtime_ms", b"max_downtime_ms", "max_parallel_per_source", b"max_parallel_per_source", "max_parallel_per_target", b"max_parallel_per_target", "non_live_action", b"non_live_action", "postcopy_avoidance_stretch", b"postcopy_avoidance_stretch", "target_hosts", b"target_hosts", "vm_max_downtime_ms", b"vm_max_downtime_ms", "vm_target_hosts", b"vm_target_hosts"]) -> None: ...
     def WhichOneof(self, oneof_group: typing.Literal["_postcopy_avoidance_stretch", b"_postcopy_avoidance_stretch"]) -> typing.Literal["postcopy_avoidance_stretch"] | None: ...
 
 Global___DrainPolicy: typing_extensions.TypeAlias = DrainPolicy
@@ -497,6 +618,8 @@ class VmStatus(google.protobuf.message.Message):
     ERROR_FIELD_NUMBER: builtins.int
     STARTED_AT_FIELD_NUMBER: builtins.int
     FINISHED_AT_FIELD_NUMBER: builtins.int
+    REVISED_TOTAL_S_FIELD_NUMBER: builtins.int
+    REVISED_NOTE_FIELD_NUMBER: builtins.int
     vm_uuid: builtins.str
     name: builtins.str
     state: Global___VmState.ValueType
@@ -509,6 +632,12 @@ class VmStatus(google.protobuf.message.Message):
     actual_downtime_ms: builtins.int
     tuning: Global___Tuning.ValueType
     error: builtins.str
+    revised_total_s: builtins.float
+    """The prediction revised from its migration's own rounds once they show it: its
+    total time (0: none yet, or its rounds stopped shrinking), and why ("N more
+    rounds", or that it will not converge as it runs).
+    """
+    revised_note: builtins.str
     @property
     def tuning_applied(self) -> google.protobuf.internal.containers.RepeatedScalarFieldContainer[builtins.str]: ...
     @property
@@ -535,9 +664,11 @@ class VmStatus(google.protobuf.message.Message):
         error: builtins.str = ...,
         started_at: google.protobuf.timestamp_pb2.Timestamp | None = ...,
         finished_at: google.protobuf.timestamp_pb2.Timestamp | None = ...,
+        revised_total_s: builtins.float = ...,
+        revised_note: builtins.str = ...,
     ) -> None: ...
     def HasField(self, field_name: typing.Literal["finished_at", b"finished_at", "started_at", b"started_at"]) -> builtins.bool: ...
-    def ClearField(self, field_name: typing.Literal["actual_downtime_ms", b"actual_downtime_ms", "actual_total_s", b"actual_total_s", "attempts", b"attempts", "error", b"error", "finished_at", b"finished_at", "name", b"name", "predicted_downtime_ms", b"predicted_downtime_ms", "predicted_total_s", b"predicted_total_s", "source_host", b"source_host", "started_at", b"started_at", "state", b"state", "target_host", b"target_host", "tuning", b"tuning", "tuning_applied", b"tuning_applied", "vm_uuid", b"vm_uuid"]) -> None: ...
+    def ClearField(self, field_name: typing.Literal["actual_downtime_ms", b"actual_downtime_ms", "actual_total_s", b"actual_total_s", "attempts", b"attempts", "error", b"error", "finished_at", b"finished_at", "name", b"name", "predicted_downtime_ms", b"predicted_downtime_ms", "predicted_total_s", b"predicted_total_s", "revised_note", b"revised_note", "revised_total_s", b"revised_total_s", "source_host", b"source_host", "started_at", b"started_at", "state", b"state", "target_host", b"target_host", "tuning", b"tuning", "tuning_applied", b"tuning_applied", "vm_uuid", b"vm_uuid"]) -> None: ...
 
 Global___VmStatus: typing_extensions.TypeAlias = VmStatus
 
@@ -879,3 +1010,433 @@ class DrainHistory(google.protobuf.message.Message):
     def ClearField(self, field_name: typing.Literal["events", b"events", "status", b"status", "steps", b"steps"]) -> None: ...
 
 Global___DrainHistory: typing_extensions.TypeAlias = DrainHistory
+
+@typing.final
+class RollRequest(google.protobuf.message.Message):
+    """---- rolling maintenance ----------------------------------------------------------------"""
+
+    DESCRIPTOR: google.protobuf.descriptor.Descriptor
+
+    HOSTS_FIELD_NUMBER: builtins.int
+    AGGREGATE_FIELD_NUMBER: builtins.int
+    MAX_HOSTS_PER_WAVE_FIELD_NUMBER: builtins.int
+    HOOK_FIELD_NUMBER: builtins.int
+    HOOK_TIMEOUT_S_FIELD_NUMBER: builtins.int
+    BACK_TIMEOUT_S_FIELD_NUMBER: builtins.int
+    POLICY_FIELD_NUMBER: builtins.int
+    REASON_FIELD_NUMBER: builtins.int
+    aggregate: builtins.str
+    max_hosts_per_wave: builtins.int
+    """Hosts drained at once; 0: one."""
+    hook: builtins.str
+    """The operator's hook, run after each host's drain with the host's name as its last
+    argument: the name of an executable in the coordinator's [roll] hook_dir, then its
+    own arguments. Empty: no hook (the roll only waits for the host to be back).
+    """
+    hook_timeout_s: builtins.float
+    """Seconds the hook may run; 0: [roll] hook_timeout_s."""
+    back_timeout_s: builtins.float
+    """Seconds a host has to come back after its hook; 0: [roll] back_timeout_s."""
+    reason: builtins.str
+    @property
+    def hosts(self) -> google.protobuf.internal.containers.RepeatedScalarFieldContainer[builtins.str]:
+        """The hosts to roll, or all hosts of a host aggregate (one of the two)."""
+
+    @property
+    def policy(self) -> Global___DrainPolicy:
+        """The drain policy of every host (its per-VM targets are the roll's)."""
+
+    def __init__(
+        self,
+        *,
+        hosts: collections.abc.Iterable[builtins.str] | None = ...,
+        aggregate: builtins.str = ...,
+        max_hosts_per_wave: builtins.int = ...,
+        hook: builtins.str = ...,
+        hook_timeout_s: builtins.float = ...,
+        back_timeout_s: builtins.float = ...,
+        policy: Global___DrainPolicy | None = ...,
+        reason: builtins.str = ...,
+    ) -> None: ...
+    def HasField(self, field_name: typing.Literal["policy", b"policy"]) -> builtins.bool: ...
+    def ClearField(self, field_name: typing.Literal["aggregate", b"aggregate", "back_timeout_s", b"back_timeout_s", "hook", b"hook", "hook_timeout_s", b"hook_timeout_s", "hosts", b"hosts", "max_hosts_per_wave", b"max_hosts_per_wave", "policy", b"policy", "reason", b"reason"]) -> None: ...
+
+Global___RollRequest: typing_extensions.TypeAlias = RollRequest
+
+@typing.final
+class RollMove(google.protobuf.message.Message):
+    DESCRIPTOR: google.protobuf.descriptor.Descriptor
+
+    VM_UUID_FIELD_NUMBER: builtins.int
+    VM_NAME_FIELD_NUMBER: builtins.int
+    SOURCE_HOST_FIELD_NUMBER: builtins.int
+    TARGET_HOST_FIELD_NUMBER: builtins.int
+    NTH_FIELD_NUMBER: builtins.int
+    vm_uuid: builtins.str
+    vm_name: builtins.str
+    source_host: builtins.str
+    target_host: builtins.str
+    nth: builtins.int
+    """The VM's first move in the roll, its second, ..."""
+    def __init__(
+        self,
+        *,
+        vm_uuid: builtins.str = ...,
+        vm_name: builtins.str = ...,
+        source_host: builtins.str = ...,
+        target_host: builtins.str = ...,
+        nth: builtins.int = ...,
+    ) -> None: ...
+    def ClearField(self, field_name: typing.Literal["nth", b"nth", "source_host", b"source_host", "target_host", b"target_host", "vm_name", b"vm_name", "vm_uuid", b"vm_uuid"]) -> None: ...
+
+Global___RollMove: typing_extensions.TypeAlias = RollMove
+
+@typing.final
+class RollHostPlan(google.protobuf.message.Message):
+    DESCRIPTOR: google.protobuf.descriptor.Descriptor
+
+    HOST_FIELD_NUMBER: builtins.int
+    MOVES_FIELD_NUMBER: builtins.int
+    PREDICTED_S_FIELD_NUMBER: builtins.int
+    BYTES_SENT_FIELD_NUMBER: builtins.int
+    host: builtins.str
+    predicted_s: builtins.float
+    bytes_sent: builtins.int
+    @property
+    def moves(self) -> google.protobuf.internal.containers.RepeatedCompositeFieldContainer[Global___RollMove]: ...
+    def __init__(
+        self,
+        *,
+        host: builtins.str = ...,
+        moves: collections.abc.Iterable[Global___RollMove] | None = ...,
+        predicted_s: builtins.float = ...,
+        bytes_sent: builtins.int = ...,
+    ) -> None: ...
+    def ClearField(self, field_name: typing.Literal["bytes_sent", b"bytes_sent", "host", b"host", "moves", b"moves", "predicted_s", b"predicted_s"]) -> None: ...
+
+Global___RollHostPlan: typing_extensions.TypeAlias = RollHostPlan
+
+@typing.final
+class RollWave(google.protobuf.message.Message):
+    DESCRIPTOR: google.protobuf.descriptor.Descriptor
+
+    INDEX_FIELD_NUMBER: builtins.int
+    HOSTS_FIELD_NUMBER: builtins.int
+    PREDICTED_DRAIN_S_FIELD_NUMBER: builtins.int
+    PREDICTED_S_FIELD_NUMBER: builtins.int
+    MEMORY_FILL_PEAK_FIELD_NUMBER: builtins.int
+    VCPU_FILL_PEAK_FIELD_NUMBER: builtins.int
+    index: builtins.int
+    predicted_drain_s: builtins.float
+    """Its longest host drain, and with the maintenance."""
+    predicted_s: builtins.float
+    memory_fill_peak: builtins.float
+    vcpu_fill_peak: builtins.float
+    @property
+    def hosts(self) -> google.protobuf.internal.containers.RepeatedCompositeFieldContainer[Global___RollHostPlan]: ...
+    def __init__(
+        self,
+        *,
+        index: builtins.int = ...,
+        hosts: collections.abc.Iterable[Global___RollHostPlan] | None = ...,
+        predicted_drain_s: builtins.float = ...,
+        predicted_s: builtins.float = ...,
+        memory_fill_peak: builtins.float = ...,
+        vcpu_fill_peak: builtins.float = ...,
+    ) -> None: ...
+    def ClearField(self, field_name: typing.Literal["hosts", b"hosts", "index", b"index", "memory_fill_peak", b"memory_fill_peak", "predicted_drain_s", b"predicted_drain_s", "predicted_s", b"predicted_s", "vcpu_fill_peak", b"vcpu_fill_peak"]) -> None: ...
+
+Global___RollWave: typing_extensions.TypeAlias = RollWave
+
+@typing.final
+class RollParked(google.protobuf.message.Message):
+    """A VM sent to a host drained later in the roll: it moves again then."""
+
+    DESCRIPTOR: google.protobuf.descriptor.Descriptor
+
+    VM_UUID_FIELD_NUMBER: builtins.int
+    VM_NAME_FIELD_NUMBER: builtins.int
+    WAVE_FIELD_NUMBER: builtins.int
+    SOURCE_HOST_FIELD_NUMBER: builtins.int
+    TARGET_HOST_FIELD_NUMBER: builtins.int
+    REASON_FIELD_NUMBER: builtins.int
+    vm_uuid: builtins.str
+    vm_name: builtins.str
+    wave: builtins.int
+    source_host: builtins.str
+    target_host: builtins.str
+    reason: builtins.str
+    def __init__(
+        self,
+        *,
+        vm_uuid: builtins.str = ...,
+        vm_name: builtins.str = ...,
+        wave: builtins.int = ...,
+        source_host: builtins.str = ...,
+        target_host: builtins.str = ...,
+        reason: builtins.str = ...,
+    ) -> None: ...
+    def ClearField(self, field_name: typing.Literal["reason", b"reason", "source_host", b"source_host", "target_host", b"target_host", "vm_name", b"vm_name", "vm_uuid", b"vm_uuid", "wave", b"wave"]) -> None: ...
+
+Global___RollParked: typing_extensions.TypeAlias = RollParked
+
+@typing.final
+class RollPlan(google.protobuf.message.Message):
+    DESCRIPTOR: google.protobuf.descriptor.Descriptor
+
+    WAVES_FIELD_NUMBER: builtins.int
+    PARKED_FIELD_NUMBER: builtins.int
+    VM_COUNT_FIELD_NUMBER: builtins.int
+    MOVES_PER_VM_FIELD_NUMBER: builtins.int
+    PREDICTED_S_FIELD_NUMBER: builtins.int
+    MEMORY_FILL_PEAK_FIELD_NUMBER: builtins.int
+    VCPU_FILL_PEAK_FIELD_NUMBER: builtins.int
+    MAINTENANCE_S_FIELD_NUMBER: builtins.int
+    STRATEGY_FIELD_NUMBER: builtins.int
+    vm_count: builtins.int
+    moves_per_vm: builtins.float
+    predicted_s: builtins.float
+    memory_fill_peak: builtins.float
+    vcpu_fill_peak: builtins.float
+    maintenance_s: builtins.float
+    """The maintenance time per wave the prediction includes ([roll] maintenance_s)."""
+    strategy: builtins.str
+    @property
+    def waves(self) -> google.protobuf.internal.containers.RepeatedCompositeFieldContainer[Global___RollWave]: ...
+    @property
+    def parked(self) -> google.protobuf.internal.containers.RepeatedCompositeFieldContainer[Global___RollParked]: ...
+    def __init__(
+        self,
+        *,
+        waves: collections.abc.Iterable[Global___RollWave] | None = ...,
+        parked: collections.abc.Iterable[Global___RollParked] | None = ...,
+        vm_count: builtins.int = ...,
+        moves_per_vm: builtins.float = ...,
+        predicted_s: builtins.float = ...,
+        memory_fill_peak: builtins.float = ...,
+        vcpu_fill_peak: builtins.float = ...,
+        maintenance_s: builtins.float = ...,
+        strategy: builtins.str = ...,
+    ) -> None: ...
+    def ClearField(self, field_name: typing.Literal["maintenance_s", b"maintenance_s", "memory_fill_peak", b"memory_fill_peak", "moves_per_vm", b"moves_per_vm", "parked", b"parked", "predicted_s", b"predicted_s", "strategy", b"strategy", "vcpu_fill_peak", b"vcpu_fill_peak", "vm_count", b"vm_count", "waves", b"waves"]) -> None: ...
+
+Global___RollPlan: typing_extensions.TypeAlias = RollPlan
+
+@typing.final
+class RollHostStatus(google.protobuf.message.Message):
+    DESCRIPTOR: google.protobuf.descriptor.Descriptor
+
+    HOST_FIELD_NUMBER: builtins.int
+    WAVE_FIELD_NUMBER: builtins.int
+    STATE_FIELD_NUMBER: builtins.int
+    STEP_FIELD_NUMBER: builtins.int
+    DRAIN_ID_FIELD_NUMBER: builtins.int
+    ERROR_FIELD_NUMBER: builtins.int
+    HOOK_EXIT_CODE_FIELD_NUMBER: builtins.int
+    HOOK_OUTPUT_FIELD_NUMBER: builtins.int
+    HOOK_STARTED_AT_FIELD_NUMBER: builtins.int
+    HOOK_FINISHED_AT_FIELD_NUMBER: builtins.int
+    VERSIONS_BEFORE_FIELD_NUMBER: builtins.int
+    VERSIONS_AFTER_FIELD_NUMBER: builtins.int
+    STARTED_AT_FIELD_NUMBER: builtins.int
+    FINISHED_AT_FIELD_NUMBER: builtins.int
+    PREDICTED_S_FIELD_NUMBER: builtins.int
+    host: builtins.str
+    wave: builtins.int
+    state: Global___RollHostState.ValueType
+    step: builtins.str
+    """The step it is at, or failed at: drain, hook, back, enable."""
+    drain_id: builtins.str
+    error: builtins.str
+    hook_exit_code: builtins.int
+    hook_output: builtins.str
+    """The hook's output (stdout and stderr), its last few KiB."""
+    versions_before: builtins.str
+    """What its agent reported before the drain and after coming back."""
+    versions_after: builtins.str
+    predicted_s: builtins.float
+    @property
+    def hook_started_at(self) -> google.protobuf.timestamp_pb2.Timestamp: ...
+    @property
+    def hook_finished_at(self) -> google.protobuf.timestamp_pb2.Timestamp: ...
+    @property
+    def started_at(self) -> google.protobuf.timestamp_pb2.Timestamp: ...
+    @property
+    def finished_at(self) -> google.protobuf.timestamp_pb2.Timestamp: ...
+    def __init__(
+        self,
+        *,
+        host: builtins.str = ...,
+        wave: builtins.int = ...,
+        state: Global___RollHostState.ValueType = ...,
+        step: builtins.str = ...,
+        drain_id: builtins.str = ...,
+        error: builtins.str = ...,
+        hook_exit_code: builtins.int = ...,
+        hook_output: builtins.str = ...,
+        hook_started_at: google.protobuf.timestamp_pb2.Timestamp | None = ...,
+        hook_finished_at: google.protobuf.timestamp_pb2.Timestamp | None = ...,
+        versions_before: builtins.str = ...,
+        versions_after: builtins.str = ...,
+        started_at: google.protobuf.timestamp_pb2.Timestamp | None = ...,
+        finished_at: google.protobuf.timestamp_pb2.Timestamp | None = ...,
+        predicted_s: builtins.float = ...,
+    ) -> None: ...
+    def HasField(self, field_name: typing.Literal["finished_at", b"finished_at", "hook_finished_at", b"hook_finished_at", "hook_started_at", b"hook_started_at", "started_at", b"started_at"]) -> builtins.bool: ...
+    def ClearField(self, field_name: typing.Literal["drain_id", b"drain_id", "error", b"error", "finished_at", b"finished_at", "hook_exit_code", b"hook_exit_code", "hook_finished_at", b"hook_finished_at", "hook_output", b"hook_output", "hook_started_at", b"hook_started_at", "host", b"host", "predicted_s", b"predicted_s", "started_at", b"started_at", "state", b"state", "step", b"step", "versions_after", b"versions_after", "versions_before", b"versions_before", "wave", b"wave"]) -> None: ...
+
+Global___RollHostStatus: typing_extensions.TypeAlias = RollHostStatus
+
+@typing.final
+class RollStatus(google.protobuf.message.Message):
+    DESCRIPTOR: google.protobuf.descriptor.Descriptor
+
+    ROLL_ID_FIELD_NUMBER: builtins.int
+    STATE_FIELD_NUMBER: builtins.int
+    HOSTS_FIELD_NUMBER: builtins.int
+    PLAN_FIELD_NUMBER: builtins.int
+    HOOK_FIELD_NUMBER: builtins.int
+    MESSAGE_FIELD_NUMBER: builtins.int
+    STARTED_AT_FIELD_NUMBER: builtins.int
+    FINISHED_AT_FIELD_NUMBER: builtins.int
+    CURRENT_WAVE_FIELD_NUMBER: builtins.int
+    REASON_FIELD_NUMBER: builtins.int
+    roll_id: builtins.str
+    state: Global___RollState.ValueType
+    hook: builtins.str
+    message: builtins.str
+    current_wave: builtins.int
+    reason: builtins.str
+    @property
+    def hosts(self) -> google.protobuf.internal.containers.RepeatedCompositeFieldContainer[Global___RollHostStatus]: ...
+    @property
+    def plan(self) -> Global___RollPlan: ...
+    @property
+    def started_at(self) -> google.protobuf.timestamp_pb2.Timestamp: ...
+    @property
+    def finished_at(self) -> google.protobuf.timestamp_pb2.Timestamp: ...
+    def __init__(
+        self,
+        *,
+        roll_id: builtins.str = ...,
+        state: Global___RollState.ValueType = ...,
+        hosts: collections.abc.Iterable[Global___RollHostStatus] | None = ...,
+        plan: Global___RollPlan | None = ...,
+        hook: builtins.str = ...,
+        message: builtins.str = ...,
+        started_at: google.protobuf.timestamp_pb2.Timestamp | None = ...,
+        finished_at: google.protobuf.timestamp_pb2.Timestamp | None = ...,
+        current_wave: builtins.int = ...,
+        reason: builtins.str = ...,
+    ) -> None: ...
+    def HasField(self, field_name: typing.Literal["finished_at", b"finished_at", "plan", b"plan", "started_at", b"started_at"]) -> builtins.bool: ...
+    def ClearField(self, field_name: typing.Literal["current_wave", b"current_wave", "finished_at", b"finished_at", "hook", b"hook", "hosts", b"hosts", "message", b"message", "plan", b"plan", "reason", b"reason", "roll_id", b"roll_id", "started_at", b"started_at", "state", b"state"]) -> None: ...
+
+Global___RollStatus: typing_extensions.TypeAlias = RollStatus
+
+@typing.final
+class RollEvent(google.protobuf.message.Message):
+    DESCRIPTOR: google.protobuf.descriptor.Descriptor
+
+    ROLL_ID_FIELD_NUMBER: builtins.int
+    KIND_FIELD_NUMBER: builtins.int
+    AT_FIELD_NUMBER: builtins.int
+    HOST_FIELD_NUMBER: builtins.int
+    WAVE_FIELD_NUMBER: builtins.int
+    MESSAGE_FIELD_NUMBER: builtins.int
+    DRAIN_ID_FIELD_NUMBER: builtins.int
+    PLAN_FIELD_NUMBER: builtins.int
+    STATUS_FIELD_NUMBER: builtins.int
+    roll_id: builtins.str
+    kind: Global___RollEventKind.ValueType
+    host: builtins.str
+    wave: builtins.int
+    message: builtins.str
+    drain_id: builtins.str
+    @property
+    def at(self) -> google.protobuf.timestamp_pb2.Timestamp: ...
+    @property
+    def plan(self) -> Global___RollPlan:
+        """Set on PLANNED."""
+
+    @property
+    def status(self) -> Global___RollStatus:
+        """Set on STOPPED and FINISHED."""
+
+    def __init__(
+        self,
+        *,
+        roll_id: builtins.str = ...,
+        kind: Global___RollEventKind.ValueType = ...,
+        at: google.protobuf.timestamp_pb2.Timestamp | None = ...,
+        host: builtins.str = ...,
+        wave: builtins.int = ...,
+        message: builtins.str = ...,
+        drain_id: builtins.str = ...,
+        plan: Global___RollPlan | None = ...,
+        status: Global___RollStatus | None = ...,
+    ) -> None: ...
+    def HasField(self, field_name: typing.Literal["at", b"at", "plan", b"plan", "status", b"status"]) -> builtins.bool: ...
+    def ClearField(self, field_name: typing.Literal["at", b"at", "drain_id", b"drain_id", "host", b"host", "kind", b"kind", "message", b"message", "plan", b"plan", "roll_id", b"roll_id", "status", b"status", "wave", b"wave"]) -> None: ...
+
+Global___RollEvent: typing_extensions.TypeAlias = RollEvent
+
+@typing.final
+class GetRollRequest(google.protobuf.message.Message):
+    DESCRIPTOR: google.protobuf.descriptor.Descriptor
+
+    ROLL_ID_FIELD_NUMBER: builtins.int
+    roll_id: builtins.str
+    """The roll by id; empty: the latest roll."""
+    def __init__(
+        self,
+        *,
+        roll_id: builtins.str = ...,
+    ) -> None: ...
+    def ClearField(self, field_name: typing.Literal["roll_id", b"roll_id"]) -> None: ...
+
+Global___GetRollRequest: typing_extensions.TypeAlias = GetRollRequest
+
+@typing.final
+class CancelRollRequest(google.protobuf.message.Message):
+    DESCRIPTOR: google.protobuf.descriptor.Descriptor
+
+    ROLL_ID_FIELD_NUMBER: builtins.int
+    ABORT_RUNNING_FIELD_NUMBER: builtins.int
+    roll_id: builtins.str
+    abort_running: builtins.bool
+    """Also abort the migrations of the drains it runs."""
+    def __init__(
+        self,
+        *,
+        roll_id: builtins.str = ...,
+        abort_running: builtins.bool = ...,
+    ) -> None: ...
+    def ClearField(self, field_name: typing.Literal["abort_running", b"abort_running", "roll_id", b"roll_id"]) -> None: ...
+
+Global___CancelRollRequest: typing_extensions.TypeAlias = CancelRollRequest
+
+@typing.final
+class ResumeRollRequest(google.protobuf.message.Message):
+    DESCRIPTOR: google.protobuf.descriptor.Descriptor
+
+    ROLL_ID_FIELD_NUMBER: builtins.int
+    SKIP_HOST_FIELD_NUMBER: builtins.int
+    HOOK_DONE_FIELD_NUMBER: builtins.int
+    roll_id: builtins.str
+    skip_host: builtins.str
+    """Skip this stopped host (it stays disabled) and go on; empty: retry its failed step."""
+    hook_done: builtins.bool
+    """The stopped host's hook did its work (the operator checked, or did it by hand):
+    go on to waiting for the host instead of running the hook again.
+    """
+    def __init__(
+        self,
+        *,
+        roll_id: builtins.str = ...,
+        skip_host: builtins.str = ...,
+        hook_done: builtins.bool = ...,
+    ) -> None: ...
+    def ClearField(self, field_name: typing.Literal["hook_done", b"hook_done", "roll_id", b"roll_id", "skip_host", b"skip_host"]) -> None: ...
+
+Global___ResumeRollRequest: typing_extensions.TypeAlias = ResumeRollRequest

@@ -69,6 +69,31 @@ class CoordinatorStub(object):
                 request_serializer=hostmaint_dot_protos_dot_coordinator__pb2.GetDrainRequest.SerializeToString,
                 response_deserializer=hostmaint_dot_protos_dot_coordinator__pb2.DrainHistory.FromString,
                 _registered_method=True)
+        self.PlanRoll = channel.unary_unary(
+                '/hostmaint.v1.Coordinator/PlanRoll',
+                request_serializer=hostmaint_dot_protos_dot_coordinator__pb2.RollRequest.SerializeToString,
+                response_deserializer=hostmaint_dot_protos_dot_coordinator__pb2.RollPlan.FromString,
+                _registered_method=True)
+        self.Roll = channel.unary_stream(
+                '/hostmaint.v1.Coordinator/Roll',
+                request_serializer=hostmaint_dot_protos_dot_coordinator__pb2.RollRequest.SerializeToString,
+                response_deserializer=hostmaint_dot_protos_dot_coordinator__pb2.RollEvent.FromString,
+                _registered_method=True)
+        self.GetRoll = channel.unary_unary(
+                '/hostmaint.v1.Coordinator/GetRoll',
+                request_serializer=hostmaint_dot_protos_dot_coordinator__pb2.GetRollRequest.SerializeToString,
+                response_deserializer=hostmaint_dot_protos_dot_coordinator__pb2.RollStatus.FromString,
+                _registered_method=True)
+        self.CancelRoll = channel.unary_unary(
+                '/hostmaint.v1.Coordinator/CancelRoll',
+                request_serializer=hostmaint_dot_protos_dot_coordinator__pb2.CancelRollRequest.SerializeToString,
+                response_deserializer=hostmaint_dot_protos_dot_coordinator__pb2.RollStatus.FromString,
+                _registered_method=True)
+        self.ResumeRoll = channel.unary_stream(
+                '/hostmaint.v1.Coordinator/ResumeRoll',
+                request_serializer=hostmaint_dot_protos_dot_coordinator__pb2.ResumeRollRequest.SerializeToString,
+                response_deserializer=hostmaint_dot_protos_dot_coordinator__pb2.RollEvent.FromString,
+                _registered_method=True)
 
 
 class CoordinatorServicer(object):
@@ -123,6 +148,43 @@ class CoordinatorServicer(object):
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def PlanRoll(self, request, context):
+        """Rolling maintenance: the plan of a roll of several hosts, changing nothing.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Roll(self, request, context):
+        """Plans the whole roll, then, wave after wave, drains each host, runs the hook,
+        waits for the host to come back and re-enables it, streaming events until the
+        roll ends or stops. Re-attaches to a roll of the same hosts already running.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetRoll(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CancelRoll(self, request, context):
+        """Starts no further step; a drain the roll runs is cancelled (its host stays disabled).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ResumeRoll(self, request, context):
+        """Goes on with a stopped roll: retries the host's failed step, or skips the host
+        (left disabled), streaming events as Roll does.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_CoordinatorServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -160,6 +222,31 @@ def add_CoordinatorServicer_to_server(servicer, server):
                     servicer.GetDrainHistory,
                     request_deserializer=hostmaint_dot_protos_dot_coordinator__pb2.GetDrainRequest.FromString,
                     response_serializer=hostmaint_dot_protos_dot_coordinator__pb2.DrainHistory.SerializeToString,
+            ),
+            'PlanRoll': grpc.unary_unary_rpc_method_handler(
+                    servicer.PlanRoll,
+                    request_deserializer=hostmaint_dot_protos_dot_coordinator__pb2.RollRequest.FromString,
+                    response_serializer=hostmaint_dot_protos_dot_coordinator__pb2.RollPlan.SerializeToString,
+            ),
+            'Roll': grpc.unary_stream_rpc_method_handler(
+                    servicer.Roll,
+                    request_deserializer=hostmaint_dot_protos_dot_coordinator__pb2.RollRequest.FromString,
+                    response_serializer=hostmaint_dot_protos_dot_coordinator__pb2.RollEvent.SerializeToString,
+            ),
+            'GetRoll': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetRoll,
+                    request_deserializer=hostmaint_dot_protos_dot_coordinator__pb2.GetRollRequest.FromString,
+                    response_serializer=hostmaint_dot_protos_dot_coordinator__pb2.RollStatus.SerializeToString,
+            ),
+            'CancelRoll': grpc.unary_unary_rpc_method_handler(
+                    servicer.CancelRoll,
+                    request_deserializer=hostmaint_dot_protos_dot_coordinator__pb2.CancelRollRequest.FromString,
+                    response_serializer=hostmaint_dot_protos_dot_coordinator__pb2.RollStatus.SerializeToString,
+            ),
+            'ResumeRoll': grpc.unary_stream_rpc_method_handler(
+                    servicer.ResumeRoll,
+                    request_deserializer=hostmaint_dot_protos_dot_coordinator__pb2.ResumeRollRequest.FromString,
+                    response_serializer=hostmaint_dot_protos_dot_coordinator__pb2.RollEvent.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -351,6 +438,141 @@ class Coordinator(object):
             '/hostmaint.v1.Coordinator/GetDrainHistory',
             hostmaint_dot_protos_dot_coordinator__pb2.GetDrainRequest.SerializeToString,
             hostmaint_dot_protos_dot_coordinator__pb2.DrainHistory.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PlanRoll(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/hostmaint.v1.Coordinator/PlanRoll',
+            hostmaint_dot_protos_dot_coordinator__pb2.RollRequest.SerializeToString,
+            hostmaint_dot_protos_dot_coordinator__pb2.RollPlan.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Roll(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/hostmaint.v1.Coordinator/Roll',
+            hostmaint_dot_protos_dot_coordinator__pb2.RollRequest.SerializeToString,
+            hostmaint_dot_protos_dot_coordinator__pb2.RollEvent.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetRoll(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/hostmaint.v1.Coordinator/GetRoll',
+            hostmaint_dot_protos_dot_coordinator__pb2.GetRollRequest.SerializeToString,
+            hostmaint_dot_protos_dot_coordinator__pb2.RollStatus.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CancelRoll(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/hostmaint.v1.Coordinator/CancelRoll',
+            hostmaint_dot_protos_dot_coordinator__pb2.CancelRollRequest.SerializeToString,
+            hostmaint_dot_protos_dot_coordinator__pb2.RollStatus.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ResumeRoll(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/hostmaint.v1.Coordinator/ResumeRoll',
+            hostmaint_dot_protos_dot_coordinator__pb2.ResumeRollRequest.SerializeToString,
+            hostmaint_dot_protos_dot_coordinator__pb2.RollEvent.FromString,
             options,
             channel_credentials,
             insecure,

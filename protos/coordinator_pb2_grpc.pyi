@@ -137,7 +137,87 @@ _CoordinatorGetDrainHistoryType = typing_extensions.TypeVar(
     ],
 )
 
-class CoordinatorStub(typing.Generic[_CoordinatorPlanDrainType, _CoordinatorDrainType, _CoordinatorGetDrainType, _CoordinatorCancelDrainType, _CoordinatorUndrainType, _CoordinatorListAgentsType, _CoordinatorGetDrainHistoryType]):
+_CoordinatorPlanRollType = typing_extensions.TypeVar(
+    '_CoordinatorPlanRollType',
+    grpc.UnaryUnaryMultiCallable[
+        hostmaint.protos.coordinator_pb2.RollRequest,
+        hostmaint.protos.coordinator_pb2.RollPlan,
+    ],
+    grpc.aio.UnaryUnaryMultiCallable[
+        hostmaint.protos.coordinator_pb2.RollRequest,
+        hostmaint.protos.coordinator_pb2.RollPlan,
+    ],
+    default=grpc.UnaryUnaryMultiCallable[
+        hostmaint.protos.coordinator_pb2.RollRequest,
+        hostmaint.protos.coordinator_pb2.RollPlan,
+    ],
+)
+
+_CoordinatorRollType = typing_extensions.TypeVar(
+    '_CoordinatorRollType',
+    grpc.UnaryStreamMultiCallable[
+        hostmaint.protos.coordinator_pb2.RollRequest,
+        hostmaint.protos.coordinator_pb2.RollEvent,
+    ],
+    grpc.aio.UnaryStreamMultiCallable[
+        hostmaint.protos.coordinator_pb2.RollRequest,
+        hostmaint.protos.coordinator_pb2.RollEvent,
+    ],
+    default=grpc.UnaryStreamMultiCallable[
+        hostmaint.protos.coordinator_pb2.RollRequest,
+        hostmaint.protos.coordinator_pb2.RollEvent,
+    ],
+)
+
+_CoordinatorGetRollType = typing_extensions.TypeVar(
+    '_CoordinatorGetRollType',
+    grpc.UnaryUnaryMultiCallable[
+        hostmaint.protos.coordinator_pb2.GetRollRequest,
+        hostmaint.protos.coordinator_pb2.RollStatus,
+    ],
+    grpc.aio.UnaryUnaryMultiCallable[
+        hostmaint.protos.coordinator_pb2.GetRollRequest,
+        hostmaint.protos.coordinator_pb2.RollStatus,
+    ],
+    default=grpc.UnaryUnaryMultiCallable[
+        hostmaint.protos.coordinator_pb2.GetRollRequest,
+        hostmaint.protos.coordinator_pb2.RollStatus,
+    ],
+)
+
+_CoordinatorCancelRollType = typing_extensions.TypeVar(
+    '_CoordinatorCancelRollType',
+    grpc.UnaryUnaryMultiCallable[
+        hostmaint.protos.coordinator_pb2.CancelRollRequest,
+        hostmaint.protos.coordinator_pb2.RollStatus,
+    ],
+    grpc.aio.UnaryUnaryMultiCallable[
+        hostmaint.protos.coordinator_pb2.CancelRollRequest,
+        hostmaint.protos.coordinator_pb2.RollStatus,
+    ],
+    default=grpc.UnaryUnaryMultiCallable[
+        hostmaint.protos.coordinator_pb2.CancelRollRequest,
+        hostmaint.protos.coordinator_pb2.RollStatus,
+    ],
+)
+
+_CoordinatorResumeRollType = typing_extensions.TypeVar(
+    '_CoordinatorResumeRollType',
+    grpc.UnaryStreamMultiCallable[
+        hostmaint.protos.coordinator_pb2.ResumeRollRequest,
+        hostmaint.protos.coordinator_pb2.RollEvent,
+    ],
+    grpc.aio.UnaryStreamMultiCallable[
+        hostmaint.protos.coordinator_pb2.ResumeRollRequest,
+        hostmaint.protos.coordinator_pb2.RollEvent,
+    ],
+    default=grpc.UnaryStreamMultiCallable[
+        hostmaint.protos.coordinator_pb2.ResumeRollRequest,
+        hostmaint.protos.coordinator_pb2.RollEvent,
+    ],
+)
+
+class CoordinatorStub(typing.Generic[_CoordinatorPlanDrainType, _CoordinatorDrainType, _CoordinatorGetDrainType, _CoordinatorCancelDrainType, _CoordinatorUndrainType, _CoordinatorListAgentsType, _CoordinatorGetDrainHistoryType, _CoordinatorPlanRollType, _CoordinatorRollType, _CoordinatorGetRollType, _CoordinatorCancelRollType, _CoordinatorResumeRollType]):
     @typing.overload
     def __init__(self: CoordinatorStub[
         grpc.UnaryUnaryMultiCallable[
@@ -167,6 +247,26 @@ class CoordinatorStub(typing.Generic[_CoordinatorPlanDrainType, _CoordinatorDrai
         grpc.UnaryUnaryMultiCallable[
             hostmaint.protos.coordinator_pb2.GetDrainRequest,
             hostmaint.protos.coordinator_pb2.DrainHistory,
+        ],
+        grpc.UnaryUnaryMultiCallable[
+            hostmaint.protos.coordinator_pb2.RollRequest,
+            hostmaint.protos.coordinator_pb2.RollPlan,
+        ],
+        grpc.UnaryStreamMultiCallable[
+            hostmaint.protos.coordinator_pb2.RollRequest,
+            hostmaint.protos.coordinator_pb2.RollEvent,
+        ],
+        grpc.UnaryUnaryMultiCallable[
+            hostmaint.protos.coordinator_pb2.GetRollRequest,
+            hostmaint.protos.coordinator_pb2.RollStatus,
+        ],
+        grpc.UnaryUnaryMultiCallable[
+            hostmaint.protos.coordinator_pb2.CancelRollRequest,
+            hostmaint.protos.coordinator_pb2.RollStatus,
+        ],
+        grpc.UnaryStreamMultiCallable[
+            hostmaint.protos.coordinator_pb2.ResumeRollRequest,
+            hostmaint.protos.coordinator_pb2.RollEvent,
         ],
     ], channel: grpc.Channel) -> None: ...
 
@@ -200,6 +300,26 @@ class CoordinatorStub(typing.Generic[_CoordinatorPlanDrainType, _CoordinatorDrai
             hostmaint.protos.coordinator_pb2.GetDrainRequest,
             hostmaint.protos.coordinator_pb2.DrainHistory,
         ],
+        grpc.aio.UnaryUnaryMultiCallable[
+            hostmaint.protos.coordinator_pb2.RollRequest,
+            hostmaint.protos.coordinator_pb2.RollPlan,
+        ],
+        grpc.aio.UnaryStreamMultiCallable[
+            hostmaint.protos.coordinator_pb2.RollRequest,
+            hostmaint.protos.coordinator_pb2.RollEvent,
+        ],
+        grpc.aio.UnaryUnaryMultiCallable[
+            hostmaint.protos.coordinator_pb2.GetRollRequest,
+            hostmaint.protos.coordinator_pb2.RollStatus,
+        ],
+        grpc.aio.UnaryUnaryMultiCallable[
+            hostmaint.protos.coordinator_pb2.CancelRollRequest,
+            hostmaint.protos.coordinator_pb2.RollStatus,
+        ],
+        grpc.aio.UnaryStreamMultiCallable[
+            hostmaint.protos.coordinator_pb2.ResumeRollRequest,
+            hostmaint.protos.coordinator_pb2.RollEvent,
+        ],
     ], channel: grpc.aio.Channel) -> None: ...
 
     PlanDrain: _CoordinatorPlanDrainType
@@ -223,6 +343,25 @@ class CoordinatorStub(typing.Generic[_CoordinatorPlanDrainType, _CoordinatorDrai
     GetDrainHistory: _CoordinatorGetDrainHistoryType
     """A drain's record for a timeline: its status, the steps its journal holds,
     and the events this coordinator still keeps of it (none after a restart).
+    """
+
+    PlanRoll: _CoordinatorPlanRollType
+    """Rolling maintenance: the plan of a roll of several hosts, changing nothing."""
+
+    Roll: _CoordinatorRollType
+    """Plans the whole roll, then, wave after wave, drains each host, runs the hook,
+    waits for the host to come back and re-enables it, streaming events until the
+    roll ends or stops. Re-attaches to a roll of the same hosts already running.
+    """
+
+    GetRoll: _CoordinatorGetRollType
+
+    CancelRoll: _CoordinatorCancelRollType
+    """Starts no further step; a drain the roll runs is cancelled (its host stays disabled)."""
+
+    ResumeRoll: _CoordinatorResumeRollType
+    """Goes on with a stopped roll: retries the host's failed step, or skips the host
+    (left disabled), streaming events as Roll does.
     """
 
 CoordinatorAsyncStub: typing_extensions.TypeAlias = CoordinatorStub[
@@ -253,6 +392,26 @@ CoordinatorAsyncStub: typing_extensions.TypeAlias = CoordinatorStub[
     grpc.aio.UnaryUnaryMultiCallable[
         hostmaint.protos.coordinator_pb2.GetDrainRequest,
         hostmaint.protos.coordinator_pb2.DrainHistory,
+    ],
+    grpc.aio.UnaryUnaryMultiCallable[
+        hostmaint.protos.coordinator_pb2.RollRequest,
+        hostmaint.protos.coordinator_pb2.RollPlan,
+    ],
+    grpc.aio.UnaryStreamMultiCallable[
+        hostmaint.protos.coordinator_pb2.RollRequest,
+        hostmaint.protos.coordinator_pb2.RollEvent,
+    ],
+    grpc.aio.UnaryUnaryMultiCallable[
+        hostmaint.protos.coordinator_pb2.GetRollRequest,
+        hostmaint.protos.coordinator_pb2.RollStatus,
+    ],
+    grpc.aio.UnaryUnaryMultiCallable[
+        hostmaint.protos.coordinator_pb2.CancelRollRequest,
+        hostmaint.protos.coordinator_pb2.RollStatus,
+    ],
+    grpc.aio.UnaryStreamMultiCallable[
+        hostmaint.protos.coordinator_pb2.ResumeRollRequest,
+        hostmaint.protos.coordinator_pb2.RollEvent,
     ],
 ]
 
@@ -313,6 +472,50 @@ class CoordinatorServicer(metaclass=abc.ABCMeta):
     ) -> typing.Union[hostmaint.protos.coordinator_pb2.DrainHistory, collections.abc.Awaitable[hostmaint.protos.coordinator_pb2.DrainHistory]]:
         """A drain's record for a timeline: its status, the steps its journal holds,
         and the events this coordinator still keeps of it (none after a restart).
+        """
+
+    @abc.abstractmethod
+    def PlanRoll(
+        self,
+        request: hostmaint.protos.coordinator_pb2.RollRequest,
+        context: _ServicerContext,
+    ) -> typing.Union[hostmaint.protos.coordinator_pb2.RollPlan, collections.abc.Awaitable[hostmaint.protos.coordinator_pb2.RollPlan]]:
+        """Rolling maintenance: the plan of a roll of several hosts, changing nothing."""
+
+    @abc.abstractmethod
+    def Roll(
+        self,
+        request: hostmaint.protos.coordinator_pb2.RollRequest,
+        context: _ServicerContext,
+    ) -> typing.Union[collections.abc.Iterator[hostmaint.protos.coordinator_pb2.RollEvent], collections.abc.AsyncIterator[hostmaint.protos.coordinator_pb2.RollEvent]]:
+        """Plans the whole roll, then, wave after wave, drains each host, runs the hook,
+        waits for the host to come back and re-enables it, streaming events until the
+        roll ends or stops. Re-attaches to a roll of the same hosts already running.
+        """
+
+    @abc.abstractmethod
+    def GetRoll(
+        self,
+        request: hostmaint.protos.coordinator_pb2.GetRollRequest,
+        context: _ServicerContext,
+    ) -> typing.Union[hostmaint.protos.coordinator_pb2.RollStatus, collections.abc.Awaitable[hostmaint.protos.coordinator_pb2.RollStatus]]: ...
+
+    @abc.abstractmethod
+    def CancelRoll(
+        self,
+        request: hostmaint.protos.coordinator_pb2.CancelRollRequest,
+        context: _ServicerContext,
+    ) -> typing.Union[hostmaint.protos.coordinator_pb2.RollStatus, collections.abc.Awaitable[hostmaint.protos.coordinator_pb2.RollStatus]]:
+        """Starts no further step; a drain the roll runs is cancelled (its host stays disabled)."""
+
+    @abc.abstractmethod
+    def ResumeRoll(
+        self,
+        request: hostmaint.protos.coordinator_pb2.ResumeRollRequest,
+        context: _ServicerContext,
+    ) -> typing.Union[collections.abc.Iterator[hostmaint.protos.coordinator_pb2.RollEvent], collections.abc.AsyncIterator[hostmaint.protos.coordinator_pb2.RollEvent]]:
+        """Goes on with a stopped roll: retries the host's failed step, or skips the host
+        (left disabled), streaming events as Roll does.
         """
 
 def add_CoordinatorServicer_to_server(servicer: CoordinatorServicer, server: typing.Union[grpc.Server, grpc.aio.Server]) -> None: ...

@@ -8,7 +8,7 @@ of the errors below, carrying its details as attributes.
 
 import enum
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 
 class InstanceState(enum.StrEnum):
@@ -289,3 +289,11 @@ class MigrationDriver(Protocol):
 
     def confirm_migration(self, ref: MigrationRef) -> None:
         """Confirm a cold migration in `awaiting_confirm`."""
+
+
+@runtime_checkable
+class HostAggregates(Protocol):
+    """A cloud that groups its hosts in named aggregates (a roll of one aggregate)."""
+
+    def aggregate_hosts(self, name: str) -> list[str]:
+        """The hosts of aggregate `name`; NotFound when there is none."""

@@ -388,6 +388,15 @@ class NovaDriver:
             )
         return hosts
 
+    def aggregate_hosts(self, name: str) -> list[str]:
+        """The hosts of a host aggregate (os-aggregates), by its name."""
+        for aggregate in self._request("GET", "/os-aggregates").get("aggregates", []):
+            if aggregate.get("name") == name:
+                return sorted(aggregate.get("hosts") or [])
+        raise NotFound(
+            f"no host aggregate {name!r}", method="GET", path="/os-aggregates", status=404
+        )
+
     # -- instances --------------------------------------------------------
 
     def list_instances(self, host: str) -> list[Instance]:

@@ -9,6 +9,7 @@ import signal
 import socket
 import subprocess
 import threading
+from collections.abc import Iterator
 from concurrent import futures
 from pathlib import Path
 
@@ -189,6 +190,18 @@ def test_stream_ending_before_the_drain_finished(
     assert f"hostmaint status {HOST}" in capsys.readouterr().err
 
 
+@pytest.fixture
+def default_sigint() -> Iterator[None]:
+    """SIGINT raising KeyboardInterrupt, as Ctrl-C in a terminal: a test run started in
+    the background (a shell's `&`, some CI jobs) inherits it ignored."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+@pytest.mark.usefixtures("default_sigint")
 def test_ctrl_c_detaches_and_leaves_the_drain_running(
     served: Served, capsys: pytest.CaptureFixture[str]
 ) -> None:

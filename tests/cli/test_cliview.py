@@ -145,12 +145,14 @@ def test_plan_without_migrations_or_bound() -> None:
 
 def test_summary_shows_predicted_against_actual_per_vm_and_overall() -> None:
     status = samples.final_status(pb.DRAIN_STATE_INCOMPLETE)
+    db = next(v for v in status.vms if v.vm_uuid == DB)
+    db.revised_total_s, db.revised_note = 31.2, "3 more rounds"
     text = cliview.render_summary(status)
     assert text.splitlines()[0] == f"drain {status.drain_id} of {status.host}: incomplete"
-    db = next(v for v in status.vms if v.vm_uuid == DB)
     db_row = next(line for line in text.splitlines() if line.startswith("db-1"))
-    assert db_row.split()[4:8] == [
+    assert db_row.split()[4:9] == [
         f"{db.predicted_total_s:.1f}",
+        "31.2",  # revised from its own rounds
         f"{db.actual_total_s:.1f}",
         str(db.predicted_downtime_ms),
         str(db.actual_downtime_ms),
@@ -462,3 +464,18 @@ def test_a_broken_postcopy_shows_paused_then_stranded_with_where_it_is() -> None
     status.summary.stranded = 1
     assert "STRANDED 1: their post-copy broke" in cliview.render_summary(status)
     assert left in cliview.render_summary(status)
+
+
+def test_live_view_shows_the_prediction_revised_from_the_rounds() -> None:
+    events = until(E.DRAIN_EVENT_KIND_PROGRESS, nth=3)  # db-1 migrating
+    revised = pb.DrainEvent()
+    revised.CopyFrom(events[-1])
+    revised.vm.revised_total_s, revised.vm.revised_note = 41.5, "6 more rounds"
+    frame = clilive.render_live(fold([*events, revised]), T0 + 30.0, width=120, height=30)
+    assert "rev 41.5s, limit 2000 ms" in row_line(frame, "db-1")
+    stuck = pb.DrainEvent()
+    stuck.CopyFrom(revised)
+    stuck.vm.revised_total_s = 0.0
+    stuck.vm.revised_note = "will not converge as it runs: its rounds stop shrinking"
+    frame = clilive.render_live(fold([*events, revised, stuck]), T0 + 31.0, width=120, height=30)
+    assert "rev never, limit 2000 ms" in row_line(frame, "db-1")

@@ -18,6 +18,8 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
+from google.protobuf.timestamp_pb2 import Timestamp
+
 from hostmaint.coordinator import errors
 from hostmaint.coordinator.agents import AgentStatus, Health
 from hostmaint.coordinator.drivers.base import MigrationRef, MigrationState
@@ -70,6 +72,13 @@ class SimAgents:
     no_cpu_controller: set[str] = field(default_factory=set)
     # how often a watch samples (the test's pace, not the interval the coordinator asks)
     sample_interval_s: float = 0.02
+    # when set: the agents' background dirty-rate readings (windows of 1, 2, 4 and 8 s)
+    # were all taken at this time, and ListDomains reports them
+    readings_at: float | None = None
+    # hosts whose agent is not serving (a host away for its maintenance)
+    not_serving: set[str] = field(default_factory=set)
+    # what each host's agent reports as its hypervisor and libvirt versions
+    versions: dict[str, tuple[str, str]] = field(default_factory=dict)
     calls: list[Call] = field(default_factory=list)
     _rounds: dict[str, int] = field(default_factory=dict)
     _limits_ms: dict[str, int] = field(default_factory=dict)
@@ -105,6 +114,8 @@ class SimAgents:
         return SimAgent(self, host)
 
     def probe(self, host: str) -> AgentStatus:
+        if host in self.not_serving:
+            return AgentStatus(host, f"sim:{host}", Health.NOT_SERVING, "away", None, self.clock())
         report = self.client(host).get_host()
         return AgentStatus(host, f"sim:{host}", Health.SERVING, "", report, self.clock())
 
@@ -141,6 +152,8 @@ class SimAgent:
             memory_total_bytes=self.agents.host_memory_bytes,
             cpu_count=64,
         )
+        hv, lv = self.agents.versions.get(self.host, ("7.2.0", "9.0.0"))
+        report.hypervisor_version, report.libvirt_version = hv, lv
         throttle = self.host not in self.agents.no_cpu_controller
         report.capabilities.vcpu_throttle.CopyFrom(
             apb.Capability(
@@ -172,6 +185,13 @@ class SimAgent:
                 persistent=True,
                 migrating=migrating,
             )
+            if self.agents.readings_at is not None:
+                at = Timestamp()
+                at.FromNanoseconds(int(self.agents.readings_at * 1e9))
+                domain.dirty_rates.extend(
+                    apb.DirtyRate(bytes_per_s=guest.reading(w), window_s=w, measured_at=at)
+                    for w in (1, 2, 4, 8)
+                )
             if migrating:
                 domain.migration_blockers.append(
                     apb.MigrationBlocker(

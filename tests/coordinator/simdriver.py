@@ -132,7 +132,10 @@ class SimDriver:
         error_delay_s: float = 0.0,
         postcopy_cuts: dict[str, float | None] | None = None,
         target_lost: Iterable[str] = (),
+        aggregates: dict[str, list[str]] | None = None,
     ) -> None:
+        self._aggregates = dict(aggregates or {})
+        self.down: set[str] = set()  # hosts whose compute service is down
         self._hosts = {h.name: h for h in hosts}
         self._vms: dict[str, _Vm] = {}
         for inst in instances:
@@ -247,7 +250,7 @@ class SimDriver:
                     ComputeHost(
                         name=h.name,
                         enabled=h.name not in self._disabled,
-                        up=True,
+                        up=h.name not in self.down,
                         disabled_reason=self._disabled.get(h.name),
                         vcpus=h.vcpus,
                         vcpus_used=vcpus,
@@ -256,6 +259,11 @@ class SimDriver:
                     )
                 )
             return out
+
+    def aggregate_hosts(self, name: str) -> list[str]:
+        if name not in self._aggregates:
+            raise NotFound(f"no host aggregate {name!r}", status=404)
+        return sorted(self._aggregates[name])
 
     # -- VMs ------------------------------------------------------------------------
 

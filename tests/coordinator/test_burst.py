@@ -8,6 +8,7 @@ running migrations are a set the test holds.
 from __future__ import annotations
 
 import dataclasses
+import logging
 from dataclasses import dataclass, field
 
 import pytest
@@ -196,3 +197,35 @@ def test_a_restart_resets_the_burst_the_previous_coordinator_left(bench: Bench) 
     assert bench.agent.calls == [("a", "bandwidth", 0), ("a", "lower", 150)]
     bench.agent.refuse.add("a")  # it ended meanwhile: a warning, no error
     reset("a", holding)
+
+
+def test_a_burst_taken_over_after_a_restart_is_released_as_any(bench: Bench) -> None:
+    """A burst the previous coordinator left in force is taken over as it stands: nothing
+    is tuned then; it holds the others back, overruns from its own start, and its release
+    gives the holder its limit back and each neighbour still running its planned cap."""
+    link = bench.link
+    bench.clock.now = 100.0
+    link.resume("a", started=98.0, restore_ms=150, held=["a", "b"])
+    assert bench.agent.calls == []
+    assert link.holds("a") and link.held_back("b") and not link.held_back("a")
+    with pytest.raises(errors.PreconditionFailed):
+        link.resume("b", started=99.0, restore_ms=150, held=["a"])
+    bench.clock.now = 98.0 + MAX_BURST_S + GRACE_S + 1  # overrun, counted from its start
+    assert not link.held_back("b")
+    assert bench.agent.calls == [("a", "lower", 150), ("b", "bandwidth", 50_000_000)]
+    assert link.burst is None
+
+
+def test_a_neighbour_that_moved_during_the_burst_is_no_warning_at_its_end(
+    bench: Bench, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A held-back neighbour whose migration ended during the burst (the agent: no job, or
+    the domain left) has nothing to give back: the others get theirs, and nothing warns."""
+    caplog.set_level(logging.INFO)
+    bench.link.hold("a", 800, 150)
+    bench.agent.refuse.add("b")  # b's migration completed while held back
+    bench.link.release("a", 150)
+    assert bench.agent.calls[-2:] == [("a", "lower", 150), ("c", "bandwidth", 0)]
+    assert "migration ended during a burst vm=b" in caplog.text
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+    assert bench.link.burst is None

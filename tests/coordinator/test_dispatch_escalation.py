@@ -303,3 +303,16 @@ def test_a_burst_is_not_released_while_its_migration_switches_over() -> None:
     )
     late = dataclasses.replace(fitting, elapsed_s=13.0)
     assert esc.next_step([late], BURST, holding).action is esc.Action.RELEASE_LINK
+
+
+def test_samples_that_do_not_say_what_remains_are_no_stall() -> None:
+    """A migration followed through a cloud that reports no remaining bytes (after a
+    restart, with its agent unable to watch): within its predicted time nothing is
+    taken for a stall, however many samples; with what remains known and flat, it is."""
+    unknown = _history([0] * 10, step_s=1.5)  # 15 s, within the 20 s predicted
+    assert esc.behind(unknown, LIMITS) == ""
+    assert esc.next_step(unknown, LIMITS, esc.Escalation()).action is esc.Action.NONE
+    flat = _history([500] * 10, step_s=1.5)
+    assert esc.behind(flat, LIMITS).startswith("no progress")
+    late = _history([0] * 25)  # 48 s: past the prediction, whatever the samples say
+    assert esc.behind(late, LIMITS).startswith("elapsed")

@@ -2,13 +2,22 @@
 
 from __future__ import annotations
 
+from typing import cast
+
+from google.protobuf.timestamp_pb2 import Timestamp
+
+from hostmaint.common.dirty import Writer, readings_of, writer_of
 from hostmaint.coordinator import errors
-from hostmaint.coordinator.dirty import Writer, readings_of, writer_of
-from hostmaint.coordinator.gather import measure_windows
-from hostmaint.coordinator.model import GIB, MIB
+from hostmaint.coordinator.agents import AgentRegistry
+from hostmaint.coordinator.drivers.base import Instance, InstanceState
+from hostmaint.coordinator.gather import Inputs, gather, measure_windows, stored_readings
+from hostmaint.coordinator.model import GIB, MIB, Link
 from hostmaint.protos import agent_pb2 as apb
+from tests.coordinator.simagents import Guest, SimAgents
+from tests.coordinator.simdriver import SimDriver, SimHost
 
 LINK = 1.25e9  # 10 Gbit/s
+NOW = 1_800_000_000.0
 # (rate, working set, memory) of each guest, as its writer really is
 GUESTS = {
     "wide-fast": (1 * GIB, 3 * GIB, 16 * GIB),  # its set shows only in 4 s and 8 s
@@ -75,3 +84,73 @@ def test_a_failed_longer_window_keeps_what_the_shorter_ones_read() -> None:
     assert [w for w, _ in source.calls] == [2, 1, 4]
     assert writers["wide-fast"] == Writer(1 * GIB)  # its rate, its set unknown
     assert len(notes) == 1 and "over 4s failed" in notes[0]
+
+
+# ---- planning on the agent's background readings ------------------------------------
+
+
+def _sim(readings_at: float | None) -> tuple[SimDriver, SimAgents]:
+    guests = {
+        "hot": Guest(4 * GIB, 4 * GIB, rate_bytes_per_s=400 * MIB, working_set_bytes=256 * MIB),
+        "cool": Guest(4 * GIB, 4 * GIB, rate_bytes_per_s=4 * MIB),
+    }
+    driver = SimDriver(
+        [SimHost("src", 64 * 1024, 64), SimHost("dst", 64 * 1024, 64)],
+        [Instance(u, u, "src", "p", InstanceState.ACTIVE, None, "f", 2, 4 * 1024) for u in guests],
+        clock=lambda: NOW,
+        link=Link(LINK),
+    )
+    return driver, SimAgents(driver, guests, LINK, clock=lambda: NOW, readings_at=readings_at)
+
+
+def _gather(agents: SimAgents, driver: SimDriver, max_age_s: float) -> Inputs:
+    return gather(
+        "src",
+        driver,
+        cast(AgentRegistry, agents),
+        link_bandwidth_bytes_per_s=LINK,
+        dirty_rate_window_s=2,
+        dirty_rate_max_window_s=8,
+        vm_max_downtime_ms={},
+        target_hosts=[],
+        dirty_rate_max_age_s=max_age_s,
+        clock=lambda: NOW,
+    )
+
+
+def test_fresh_background_readings_are_planned_on_without_measuring() -> None:
+    driver, agents = _sim(readings_at=NOW - 30)
+    inputs = _gather(agents, driver, max_age_s=120)
+    assert agents.called("MeasureDirtyRate") == []
+    by_uuid = {vm.uuid: vm for vm in inputs.vms}
+    assert by_uuid["hot"].working_set_bytes == 256 * MIB  # read from the 1 s and 2 s windows
+    assert by_uuid["cool"].dirty_rate_bytes_per_s == 4 * MIB
+    assert any(
+        "2 of 2 VMs from the agent's background readings (the oldest 30s" in n for n in inputs.notes
+    )
+
+
+def test_readings_older_than_the_limit_are_measured_afresh_and_the_wait_is_reported() -> None:
+    driver, agents = _sim(readings_at=NOW - 300)
+    inputs = _gather(agents, driver, max_age_s=120)
+    assert [c.detail for c in agents.called("MeasureDirtyRate")] == ["2s", "1s"]
+    assert any(n.startswith("measured the dirty rates of 2 VMs in") for n in inputs.notes)
+
+
+def test_a_max_age_of_zero_always_measures() -> None:
+    driver, agents = _sim(readings_at=NOW)
+    _gather(agents, driver, max_age_s=0)
+    assert agents.called("MeasureDirtyRate")
+
+
+def test_stored_readings_need_the_first_two_windows_and_stop_at_a_gap() -> None:
+    at = Timestamp(seconds=int(NOW))
+    domain = apb.Domain(
+        dirty_rates=[
+            apb.DirtyRate(bytes_per_s=b, window_s=w, measured_at=at)
+            for w, b in ((1, 10.0), (2, 9.0), (8, 3.0))
+        ]
+    )
+    assert [r.window_s for r in stored_readings(domain, 2, NOW - 1)] == [1, 2]  # no 4 s: ends
+    assert stored_readings(domain, 4, NOW - 1) == []  # no 4 s window at all
+    assert stored_readings(domain, 2, NOW + 1) == []  # all too old

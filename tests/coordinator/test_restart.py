@@ -10,6 +10,7 @@ two are queued.
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -26,6 +27,7 @@ from hostmaint.coordinator.journal import (
     STEP_DONE,
     STEP_INTENT,
     Journal,
+    StepRow,
     drain_vms,
     make_engine,
     steps,
@@ -329,12 +331,9 @@ def test_a_journal_without_the_planned_settings_resumes_by_planning_again(
     assert [s.instance_uuid for s in world.driver.starts()] == [FAST, A, C, B]
 
 
-def test_a_burst_left_by_the_stopped_coordinator_is_released_and_not_held_again(
-    world: World,
-) -> None:
-    """The coordinator stops while FAST holds the link for its planned switch (A capped):
-    the next one gives FAST back the limit it had before the burst, A its planned cap, and
-    FAST's ladder goes on after the burst: post-copy at once, no second hold."""
+def _stopped_in_a_burst(world: World) -> tuple[str, cpb.DrainPlan, StepRow]:
+    """A drain stopped while FAST holds the link for its planned switch (A capped, its
+    rounds spent); FAST's hold step."""
     first, journal, drain_id, plan = _started(world)
     world.clock.freeze()  # the burst does not end before the coordinator stops
     world.agents.set_round(FAST, 4)  # its rounds are spent: it holds the link, then switches
@@ -345,25 +344,103 @@ def test_a_burst_left_by_the_stopped_coordinator_is_released_and_not_held_again(
     world.stop(first, drain_id)
     world.clock.thaw()
     (hold,) = [s for s in journal.steps(drain_id) if s.action == "tune" and s.vm_uuid == FAST]
+    assert hold.state == STEP_DONE
+    assert hold.detail["restore_ms"] == _planned(plan)[FAST].qemu_max_downtime_ms
+    return drain_id, plan, hold
+
+
+def test_a_burst_in_force_when_the_coordinator_stopped_goes_on_to_its_planned_end(
+    world: World, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The coordinator stops while FAST holds the link (A capped): the next one takes the
+    burst over as it stands (nothing tuned at the restart) and FAST's ladder releases it
+    when its window ends, as with no restart: FAST's limit back to the one it had before,
+    A's planned cap; then the planned post-copy switch. No second hold, no abort."""
+    caplog.set_level(logging.INFO)
+    drain_id, plan, hold = _stopped_in_a_burst(world)
     before_ms = _planned(plan)[FAST].qemu_max_downtime_ms
-    assert hold.detail["restore_ms"] == before_ms
     mark = len(world.agents.calls)
 
     second, journal = world.executor()
     assert second.resume_all() == [drain_id]
     wait_until("FAST switched", lambda: journal.vm(drain_id, FAST).state == "completed")
+    assert "the burst goes on after the restart" in caplog.text
     tunes = world.calls_since(mark, "TuneMigration", FAST)
-    assert tunes[0] == (
-        f'domain_uuid: "{FAST}" max_downtime_ms: {before_ms} bandwidth_bytes_per_s: 0 '
-        "lower_max_downtime: true"
+    assert (
+        tunes[0] == f'domain_uuid: "{FAST}" max_downtime_ms: {before_ms} lower_max_downtime: true'
     )
     assert world.calls_since(mark, "TuneMigration", A)[0] == (
         f'domain_uuid: "{A}" bandwidth_bytes_per_s: 0'
     )
-    assert journal.vm(drain_id, FAST).tuning_applied == (hold.detail["action"], "postcopy")
+    steps_fast = [s for s in journal.steps(drain_id) if s.action == "tune" and s.vm_uuid == FAST]
+    release = steps_fast[1]
+    assert str(release.detail["action"]) == f"release_link={before_ms}"
+    # released by the ladder at the end of its window, not at the restart
+    assert release.at - hold.at >= _planned(plan)[FAST].burst_s
+    assert journal.vm(drain_id, FAST).tuning_applied == (
+        hold.detail["action"],
+        f"release_link={before_ms}",
+        "postcopy",
+    )
     world.driver.complete(A)
     assert second.wait(drain_id, WAIT_S)
     assert journal.drain(drain_id).state == "completed"
+    assert not [s for s in journal.steps(drain_id) if str(s.detail.get("action")) == "abort"]
+    assert [s.instance_uuid for s in world.driver.starts()] == [FAST, A, C, B]
+
+
+@pytest.mark.parametrize("hold_cut_short", [False, True])
+def test_a_neighbour_that_moved_during_the_outage_is_done_and_not_reset(
+    world: World, caplog: pytest.LogCaptureFixture, hold_cut_short: bool
+) -> None:
+    """A, capped by FAST's burst, completes while no coordinator runs. The next one records
+    it done from the cloud's word and never tunes it: neither when the burst goes on nor
+    when it is undone (a hold whose outcome the journal does not know, as a coordinator
+    killed inside it leaves it: FAST gets back the limit it had before, at once, and its
+    ladder goes on after the burst: post-copy, no second hold)."""
+    caplog.set_level(logging.INFO)
+    drain_id, plan, hold = _stopped_in_a_burst(world)
+    if hold_cut_short:
+        engine = sa.create_engine(world.db_url)
+        with engine.begin() as conn:
+            conn.execute(
+                steps.update()
+                .where(steps.c.id == hold.id)
+                .values(state=STEP_INTENT, done_at=None, result="")
+            )
+        engine.dispose()
+    world.driver.complete(A)
+    mark = len(world.agents.calls)
+
+    second, journal = world.executor()
+    assert second.resume_all() == [drain_id]
+    assert second.wait(drain_id, WAIT_S)
+    assert journal.drain(drain_id).state == "completed"
+    row_a = journal.vm(drain_id, A)
+    assert (row_a.state, row_a.attempts, row_a.target_host) == (
+        "completed",
+        1,
+        _planned(plan)[A].target_host,
+    )
+    assert world.calls_since(mark, "TuneMigration", A) == []
+    assert world.calls_since(mark, "WatchMigration", A) == []
+    assert "cannot reset the migration" not in caplog.text
+    events = second.status(drain_id)
+    assert events.state == cpb.DRAIN_STATE_COMPLETED
+    before_ms = _planned(plan)[FAST].qemu_max_downtime_ms
+    first_tune = world.calls_since(mark, "TuneMigration", FAST)[0]
+    if hold_cut_short:
+        assert "the burst is released after the restart" in caplog.text
+        assert first_tune == (
+            f'domain_uuid: "{FAST}" max_downtime_ms: {before_ms} bandwidth_bytes_per_s: 0 '
+            "lower_max_downtime: true"
+        )
+        assert journal.vm(drain_id, FAST).tuning_applied == (hold.detail["action"], "postcopy")
+    else:
+        assert first_tune == (
+            f'domain_uuid: "{FAST}" max_downtime_ms: {before_ms} lower_max_downtime: true'
+        )
+    assert [s.instance_uuid for s in world.driver.starts()] == [FAST, A, C, B]
 
 
 def test_an_adopted_migration_goes_on_up_its_ladder_within_what_the_source_can_do(
@@ -390,3 +467,46 @@ def test_an_adopted_migration_goes_on_up_its_ladder_within_what_the_source_can_d
     assert world.calls_since(mark, "MeasureDirtyRate") == []
     assert second.wait(drain_id, WAIT_S)
     assert journal.drain(drain_id).state == "completed"
+
+
+@pytest.mark.parametrize(
+    ("stopped_at_round", "then"),
+    [(1, (2, 3, 4)), (3, (4,))],
+    ids=["in-the-first-pass", "mid-rounds"],
+)
+def test_a_restart_at_any_point_of_the_rounds_keeps_the_planned_switch(
+    world: World, stopped_at_round: int, then: tuple[int, ...]
+) -> None:
+    """Stopped while FAST copies its memory the first time, or with one of its two planned
+    rounds spent: the next coordinator acts at once (it follows FAST within a second of
+    its start, on the journal's clock, and measures nothing), FAST's ladder counts the
+    job's own rounds (no switch before the planned round, whatever it saw before the
+    restart) and switches to post-copy at the planned round: no raise, no throttle, no
+    abort, no second attempt of any VM."""
+    first, journal, drain_id, _ = _started(world)
+    world.agents.set_round(FAST, stopped_at_round)
+    time.sleep(10 * POLL_S)
+    world.stop(first, drain_id)
+    assert journal.vm(drain_id, FAST).tuning_applied == ()
+    mark, restarted_at = len(world.agents.calls), world.clock()
+
+    second, journal = world.executor()
+    assert second.resume_all() == [drain_id]
+    wait_until("FAST adopted", lambda: world.calls_since(mark, "WatchMigration", FAST))
+    (watch, *_) = [c for c in world.agents.calls[mark:] if c.operation == "WatchMigration"]
+    assert watch.at - restarted_at < 1.0
+    for iteration in then[:-1]:
+        world.agents.set_round(FAST, iteration)
+        time.sleep(10 * POLL_S)
+        assert journal.vm(drain_id, FAST).tuning_applied == ()  # not its round yet
+    world.agents.set_round(FAST, then[-1])
+    wait_until("FAST switched", lambda: journal.vm(drain_id, FAST).state == "completed")
+    world.driver.complete(A)
+    assert second.wait(drain_id, WAIT_S)
+
+    assert journal.drain(drain_id).state == "completed"
+    _switched_as_planned(journal, drain_id)
+    assert not [s for s in journal.steps(drain_id) if str(s.detail.get("action")) == "abort"]
+    assert {r.vm_uuid: r.attempts for r in journal.vms(drain_id)} == dict.fromkeys(GUESTS, 1)
+    assert [s.instance_uuid for s in world.driver.starts()] == [FAST, A, C, B]
+    assert world.calls_since(mark, "MeasureDirtyRate") == []

@@ -6,9 +6,7 @@ no access to the package index), starts lab/nova_server.py in it with three
 compute hosts, waits for its ready file and stops it at the end.
 """
 
-import json
 import os
-import signal
 import subprocess
 import time
 import uuid
@@ -20,13 +18,11 @@ from typing import Any
 import pytest
 import requests
 
+from hostmaint.lab import novalab
 from hostmaint.lab.faultproxy import FaultProxy
 
 REPO = Path(__file__).resolve().parents[2]
-NOVA_VENV = REPO / os.environ.get("HOSTMAINT_NOVA_VENV", ".venv-nova")
 HOSTS = ("host1", "host2", "host3")
-START_TIMEOUT_S = 180.0
-STOP_TIMEOUT_S = 30.0
 ADMIN_HEADERS = {
     "X-Auth-User": "admin",
     "X-Auth-Project-Id": "hostmaint-admin",
@@ -75,39 +71,14 @@ def _rss_bytes(pid: int) -> int:
 def nova(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NovaProcess]:
     ensure_venv()
     workdir = tmp_path_factory.mktemp("hm-nova")
-    ready = workdir / "ready.json"
     log_path = workdir / "nova.log"
-    stderr_path = workdir / "nova.stderr"
-    env = {k: v for k, v in os.environ.items() if not k.startswith("OS_")}
-    started = time.monotonic()
-    with open(stderr_path, "wb") as stderr:
-        proc = subprocess.Popen(
-            [
-                str(NOVA_VENV / "bin" / "python"),
-                str(REPO / "lab" / "nova_server.py"),
-                "--port",
-                "0",
-                "--ready-file",
-                str(ready),
-                "--log-file",
-                str(log_path),
-                *HOSTS,
-            ],
-            cwd=workdir,
-            env=env,
-            stdout=subprocess.DEVNULL,
-            stderr=stderr,
-            start_new_session=True,
-        )
     try:
-        while not ready.exists():
-            if proc.poll() is not None:
-                tail = stderr_path.read_text(errors="replace").strip().splitlines()[-15:]
-                pytest.fail("Nova exited before it was ready:\n" + "\n".join(tail))
-            if time.monotonic() - started > START_TIMEOUT_S:
-                pytest.fail(f"Nova not ready in {START_TIMEOUT_S} s (log: {log_path})")
-            time.sleep(0.1)
-        info = json.loads(ready.read_text())
+        proc, info, startup_s = novalab.launch(
+            workdir, list(HOSTS), log_path, workdir / "nova.stderr"
+        )
+    except novalab.NovaStartError as e:
+        pytest.fail(str(e))
+    try:
         process = NovaProcess(
             url=f"http://127.0.0.1:{info['port']}/v2.1",
             port=int(info["port"]),
@@ -115,7 +86,7 @@ def nova(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NovaProcess]:
             hosts=tuple(info["hosts"]),
             image_id=info["image_id"],
             flavors=tuple(info["flavors"]),
-            startup_s=time.monotonic() - started,
+            startup_s=startup_s,
             rss_bytes=int(info["rss_bytes"]),
             log_path=log_path,
         )
@@ -128,15 +99,9 @@ def nova(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NovaProcess]:
         yield process
         print(f"\nnova: rss_mib_at_end={_rss_bytes(proc.pid) / 2**20:.0f}")
     finally:
-        if proc.poll() is None:
-            stopping = time.monotonic()
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout=STOP_TIMEOUT_S)
-                print(f"\nnova: stopped stop_s={time.monotonic() - stopping:.2f}")
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+        stopping = time.monotonic()
+        novalab.stop(proc)
+        print(f"\nnova: stopped stop_s={time.monotonic() - stopping:.2f}")
 
 
 class NovaAdmin:

@@ -10,53 +10,24 @@ output is parsed.
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import pytest
 
 from tests.coordinator.loadcluster import Layout, simulated
+from tests.osc.conftest import OpenStack
 from tests.ports import free_port
 
 pytestmark = pytest.mark.osc
 
 VMS = 3
-OPENSTACK = Path(sys.executable).parent / "openstack"
 
 
 @dataclass(frozen=True)
-class Cloud:
-    address: str
+class Cloud(OpenStack):
     layout: Layout
-    home: Path
-
-    def run(
-        self, *args: str, env: Mapping[str, str] | None = None, timeout_s: float = 120
-    ) -> subprocess.CompletedProcess[str]:
-        """`openstack ARGS` with the coordinator from the environment (unless `env` says)."""
-        if not OPENSTACK.exists():
-            pytest.skip(f"no {OPENSTACK}: install the osc extra (scripts/bootstrap.sh does)")
-        clean = {k: v for k, v in os.environ.items() if not k.startswith(("OS_", "HOSTMAINT_"))}
-        clean |= {"HOME": str(self.home), "HOSTMAINT_COORDINATOR": self.address}
-        clean |= dict(env or {})
-        return subprocess.run(
-            [str(OPENSTACK), *args],
-            capture_output=True,
-            text=True,
-            env=clean,
-            timeout=timeout_s,
-            check=False,
-        )
-
-    def json(self, *args: str, **kwargs: Any) -> Any:
-        out = self.run(*args, "-f", "json", **kwargs)
-        assert out.returncode == 0, out.stderr
-        return json.loads(out.stdout)
 
 
 @pytest.fixture(scope="module")
@@ -69,7 +40,7 @@ def cloud(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cloud]:
     ) as coordinator:
         home = workdir / "home"
         home.mkdir()
-        yield Cloud(f"127.0.0.1:{coordinator.port}", layout, home)
+        yield Cloud(f"127.0.0.1:{coordinator.port}", home, layout)
 
 
 def source_uuids(cloud: Cloud) -> set[str]:

@@ -15,7 +15,7 @@ from hostmaint.common.pki import CertFiles
 from hostmaint.protos import agent_pb2 as pb
 from hostmaint.protos import agent_pb2_grpc
 from tests.agent.conftest import WEB
-from tests.security.conftest import (
+from tests.tlscluster import (
     PEER_URI,
     Pki,
     T,

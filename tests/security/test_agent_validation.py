@@ -21,7 +21,7 @@ from hostmaint.agent.service import (
 from hostmaint.protos import agent_pb2 as pb
 from hostmaint.protos import agent_pb2_grpc
 from tests.agent.conftest import WEB
-from tests.security.conftest import LAB_URIS, MIGRATION_NET, PEER_URI, Pki, T, agent_stub, domains
+from tests.tlscluster import LAB_URIS, MIGRATION_NET, PEER_URI, Pki, T, agent_stub, domains
 
 Stub = agent_pb2_grpc.HostAgentStub
 LONG = "x" * 5000

@@ -11,7 +11,7 @@ from hostmaint.coordinator import cli
 from hostmaint.protos import coordinator_pb2 as cpb
 from hostmaint.protos import coordinator_pb2_grpc
 from tests.agent.conftest import WEB
-from tests.security.conftest import Pki, TlsCluster, tls_of
+from tests.tlscluster import Pki, TlsCluster, tls_of
 
 T = 30
 LONG = "h" * 5000

@@ -14,7 +14,7 @@ from hostmaint.coordinator import errors
 from hostmaint.coordinator.agents import AgentRegistry, Health
 from hostmaint.coordinator.cmd import Coordinator
 from hostmaint.coordinator.cmd import load_config as coordinator_config
-from tests.security.conftest import Pki, agent_conf, domains, start_agent, tls_of
+from tests.tlscluster import Pki, agent_conf, domains, start_agent, tls_of
 
 
 def test_agent_refuses_plaintext_off_loopback(node: Path) -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from hypothesis import given
 from hypothesis import strategies as st
 
-from hostmaint.coordinator.dirty import (
+from hostmaint.common.dirty import (
     ASSUMED_REWRITE_S,
     Reading,
     Writer,

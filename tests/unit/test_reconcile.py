@@ -189,3 +189,20 @@ def test_an_ended_migration_examples() -> None:
 def test_a_queued_vm_that_left_the_host_is_done(host: str | None) -> None:
     expected = Verdict.COMPLETED if moved(host) else Verdict.UNCHANGED
     assert reconcile.queued(host, SOURCE) == Decision(expected)
+
+
+@pytest.mark.parametrize(
+    ("holder_running", "hold_done", "verdict"),
+    [
+        (True, True, Verdict.HELD),
+        (True, False, Verdict.RELEASED),  # killed inside the hold: some caps may be missing
+        (False, True, Verdict.RELEASED),  # its holder ended: the others get the link back
+        (False, False, Verdict.RELEASED),
+    ],
+)
+def test_a_burst_left_goes_on_only_when_its_hold_is_known_and_its_holder_runs(
+    holder_running: bool, hold_done: bool, verdict: Verdict
+) -> None:
+    decision = reconcile.burst_left(holder_running=holder_running, hold_done=hold_done)
+    assert decision.verdict is verdict
+    assert decision.note

@@ -124,3 +124,17 @@ def test_a_step_whose_outcome_is_unknown_counts_only_where_the_job_cannot_tell()
     assert unknown.downtime_raised and unknown.throttle_pct == 40 and unknown.level_at_s == 9.0
     # what is not a step of the ladder is skipped
     assert resume.ladder_state([resume.TuneStep("warp=9", 1.0, True)]) == esc.Escalation()
+
+
+def test_a_hold_is_known_done_only_when_its_step_succeeded_and_nothing_released_it() -> None:
+    hold = resume.TuneStep("hold_link=800", 10.0, True, restore_ms=150)
+    raised = resume.TuneStep("raise_downtime=800", 5.0, True)
+    assert resume.hold_done([raised, hold])
+    assert not resume.hold_done([raised])
+    assert not resume.hold_done([dataclasses.replace(hold, ok=None)])  # killed inside it
+    assert not resume.hold_done([dataclasses.replace(hold, ok=False)])
+    release = resume.TuneStep("release_link=150", 12.0, True)
+    assert not resume.hold_done([hold, release])
+    assert not resume.hold_done([hold, dataclasses.replace(release, ok=None)])
+    # a later step that is not of the link leaves the hold as it was
+    assert resume.hold_done([hold, resume.TuneStep("postcopy", 13.0, None)])

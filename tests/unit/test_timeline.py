@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 from google.protobuf.timestamp_pb2 import Timestamp
 
@@ -107,3 +108,15 @@ def test_the_page_draws_them() -> None:
     assert page.count('class="round"') == 3
     assert page.count('class="burst"') == 1
     assert '<polyline class="link"' in page
+
+
+def test_every_axis_label_is_inside_its_chart() -> None:
+    page = report.render(timeline.build(history()))
+    labels = re.findall(
+        r'<text x="([\d.]+)" y="[\d.]+"( text-anchor="end")?>([\d.]+) s</text>', page
+    )
+    assert {label for _, _, label in labels} >= {"0", "12"}
+    assert any(end for _, end, _ in labels)  # the last one, at the right edge
+    for x, end, _ in labels:
+        right = float(x) + (0 if end else 30)  # a label such as "12 s" is under 30 px wide
+        assert right <= report.WIDTH, (x, end)
