@@ -32,7 +32,12 @@ for a reason these machines impose:
 - **One process, several hosts.** Each host keeps its compute node's uuid
   in a file of its own; here the services share a process, so each one's
   uuid is derived from its host name while it starts, as Nova's own
-  multi-host functional tests do.
+  multi-host functional tests do. ``CONF.host`` is one value for the whole
+  process: the host of the compute service started last. Nova compares it
+  with an instance's host in a few places; the one a test meets is a cold
+  migration's confirm, which undefines the source's domain only where the
+  instance's new host differs from ``CONF.host``, so the cold migration test
+  moves its server to another host than that one.
 - **Shared storage.** All compute services share one ``instances_path``, as
   on NFS: live migrations are not block migrations, and cold migrations
   copy the disk within it. (The services share ``my_ip`` too, so Nova's
