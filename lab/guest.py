@@ -29,25 +29,37 @@ Command line (all optional, space separated)::
     fill=<MiB>|max  static non-zero data written once at boot (default 0)
     work=<passes>   whole-page passes per page in cpu mode (default 3)
     verify=0|1      check all of fill and working set continuously (default 1)
-    corrupt_after_s=<s>  test only: change one word of one page (the middle
-                    fill page, else the middle working-set page), once, that
-                    many seconds after ready, without updating the record
+    verify_budget_pct=<1..50>  the checker's share of the vCPU (default 5)
+    corrupt_after_s=<s>  test only: zero one page (the middle fill page, else
+                    the middle working-set page) once, that many seconds
+                    after ready, behind the record's back: a lost page
     name=<text>     echoed in the ready line
 
 Fill and working set sit side by side above the kernel (from 2 MiB) in the
 usable RAM of the multiboot memory map; if they do not fit the guest prints
 an error line and halts. Both are written with non-zero data at boot.
 
-Integrity: the guest keeps a record of what it wrote to every page (a word
-per working-set page; fill pages hold a word derived from their frame
-number) and checks every page against it in the background, in the same tick
-handler as the writer (one vCPU, interrupts off), about one full sweep a
-second (at most 1 GiB/s, so slower for guests over 1 GiB). The record, and
-for random and hotcold a per-page window counter, take 1 KiB per MiB of
-working set (1.5 KiB for random and hotcold) plus a bit per page checked, between the kernel and 2 MiB when they fit (below
-:data:`META_GAP_KIB`), else before the fill. The console is an output-only
-file in the lab's domains, so there is no "verify now" command: the
-continuous sweep is the check.
+Integrity: every page's content follows from what the guest wrote. Fill
+pages hold a word derived from their frame number in every word; paced
+writes change a page's first word (a walk writes one word per pass, picked
+pages' words are recorded); cpu-mode pages hold their recorded word
+throughout. A background checker in the same tick handler as the writer (one
+vCPU, interrupts off, so it never sees a page between its write and its
+record) sweeps all of fill and working set: per page the first word where
+paced writes land and one sample word that moves on every sweep, 16 pages
+summed at once against the sum they should have, a differing block then
+page by page. A lost, zeroed, stale or misplaced page shows in the next
+sweep; a change elsewhere in a page once the sample reaches it. Where the
+guest's instructions are emulated (this lab: about 1.5 us each) reading is
+not cheap (about 10 us a page), so the checker takes at most
+``verify_budget_pct`` of the vCPU's time (what it overspends in one tick is
+owed) and at most one sweep a second: at 5 % a sweep of 16 MiB takes 1 s,
+48 MiB 1.2 to 2.4 s, 72 MiB 2 to 3 s, 150 MiB about 5 to 8 s.
+The bookkeeping (a word per 16 pages, a bit per page, and for cpu, random
+and hotcold a word per working-set page) sits between the kernel and 2 MiB
+when it fits (below :data:`META_GAP_KIB`), else before the fill. The
+console is an output-only file in the lab's domains, so there is no "verify
+now" command: the continuous sweep is the check.
 
 Serial (COM1) lines, one event per line, ``hmguest`` then ``key=value``
 pairs; new keys may be added, existing ones keep their meaning::
@@ -57,14 +69,14 @@ pairs; new keys may be added, existing ones keep their meaning::
         fill_mib=64 work=3 tsc_khz=2445417 region_base=0x00200000
         region_end=0x0ffe0000 fill_ms=612 boot_ms=2474 pattern=hotcold
         seed=2166136261 hot_pct=90 hot_ws_pct=10 duty_pct=100.0 verify=on
-        sweep_ms=1000 meta_base=0x0010a000 meta_kib=196 [corrupt_after_s=5]
-        [name=vm1]
+        verify_budget_pct=5 meta_base=0x0010a000 meta_kib=196
+        [corrupt_after_s=5] [name=vm1]
     hmguest event=progress t=12.04 dirtied_pages=123321 dirtied_mib=481.7
         rate_mibps=40.000 busy_pct=6.4 ws_mib=128 mode=paced pattern=hotcold
         distinct_pages=5012 distinct_mibps=19.578 cfg_rate_mibps=40.000
         on_pct=100.0 verify_pct=2.1
     hmguest event=verify t=12.31 sweeps=12 checked_pages=589824 pages=49152
-        sweep_ms=1000 mismatched_pages=0 sweep_mismatched=0
+        sweep_ms=1000 word=101 mismatched_pages=0 sweep_mismatched=0
         [bad_pfns=0x00004a00,0x00004a01]
     hmguest event=corrupt t=5.00 pfn=0x00002200
     hmguest event=error reason=no_memory need_mib=256 avail_mib=253
@@ -72,7 +84,7 @@ pairs; new keys may be added, existing ones keep their meaning::
 (each on one line.) ``ready``: ``seed`` for random and hotcold, ``hot_pct``
 and ``hot_ws_pct`` for hotcold, ``on_ms`` and ``off_ms`` for bursty;
 ``duty_pct`` the configured share of time spent writing (100 but for
-bursty); ``sweep_ms`` the planned length of one check of every page.
+bursty); ``verify_budget_pct`` the checker's share of the vCPU.
 ``progress``: ``t`` is seconds since ready, ``rate_mibps`` the writes
 achieved over the last report interval (about 1 s), rewrites included;
 ``distinct_pages`` the distinct working-set pages written in that interval
@@ -84,12 +96,13 @@ writing); ``on_pct`` the share of the interval in a writing phase;
 halted, by its own clock (descheduled time inside the work counts as busy),
 ``verify_pct`` the checker's share. Older guests' lines lack the fields
 after ``mode``. ``verify``, after each full sweep: ``sweeps`` completed,
-``checked_pages`` in all, ``pages`` per sweep, ``mismatched_pages`` the
+``checked_pages`` in all, ``pages`` per sweep, ``sweep_ms`` its length,
+``word`` its sample word, ``mismatched_pages`` the
 distinct pages ever found not to hold what the guest wrote (cumulative since
 boot), ``sweep_mismatched`` those in the sweep just ended, ``bad_pfns`` the
-first few mismatched page frame numbers. The guest's bookkeeping pages (at most
-1.5 KiB per MiB of working set) are written too, and not counted in
-``distinct_pages``. ``error`` reasons: ``no_memory``, ``no_memory_map``,
+first few mismatched page frame numbers. The guest's bookkeeping (random and
+hotcold: a word and a bit per page written) is written too, and not counted
+in ``distinct_pages``. ``error`` reasons: ``no_memory``, ``no_memory_map``,
 ``bad_parameter`` (with ``key``), ``empty_working_set``, ``exception`` (with
 ``vector``), ``not_multiboot``, ``tsc_calibration``.
 """
@@ -121,6 +134,7 @@ MIN_PHASE_MS = 10
 MAX_PHASE_MS = 3_600_000
 MAX_CORRUPT_AFTER_S = 86400
 MAX_SEED = 2**32 - 1
+MAX_VERIFY_BUDGET_PCT = 50
 # Below the guest's regions: 2 MiB for BIOS, kernel and boot data, and the
 # firmware's tables at the top of RAM. Fill plus working set must fit in the
 # rest (the guest checks the real memory map).
@@ -202,16 +216,20 @@ class GuestSerialError(GuestError, ValueError):
         self.reason = reason
 
 
-def meta_bytes(working_set_mib: int, checked_mib: int, pattern: GuestPattern) -> int:
-    """Bytes of the guest's bookkeeping: its record, window counters and mismatch bitmap."""
+def meta_bytes(
+    working_set_mib: int, checked_mib: int, pattern: GuestPattern, mode: GuestMode
+) -> int:
+    """Bytes of the guest's bookkeeping: block sums, mismatch bitmap, record, written map."""
 
     def pages_of(size: int) -> int:
         return -(-size // 4096) * 4096
 
-    ws_pages = working_set_mib * 256
-    size = pages_of(ws_pages * 4) + pages_of(-(-checked_mib * 256 // 8))
+    ws_pages, checked = working_set_mib * 256, checked_mib * 256
+    size = pages_of(checked // 16 * 4) + pages_of(-(-checked // 8))
+    if pattern.picks_pages or mode is GuestMode.CPU:
+        size += pages_of(ws_pages * 4)
     if pattern.picks_pages:
-        size += pages_of(ws_pages * 2)
+        size += pages_of(-(-ws_pages // 32) * 4)
     return size
 
 
@@ -238,6 +256,7 @@ class GuestSpec:
     off_ms: int | None = None
     seed: int | None = None
     verify: bool = True
+    verify_budget_pct: int | None = None
     corrupt_after_s: int | None = None
 
     def __post_init__(self) -> None:
@@ -280,6 +299,14 @@ class GuestSpec:
             raise GuestSpecError("work_passes", self.work_passes, f"must be 1..{MAX_WORK}")
         if not isinstance(self.verify, bool):
             raise GuestSpecError("verify", self.verify, "must be true or false")
+        if self.verify_budget_pct is not None and not (
+            self.verify and 1 <= self.verify_budget_pct <= MAX_VERIFY_BUDGET_PCT
+        ):
+            raise GuestSpecError(
+                "verify_budget_pct",
+                self.verify_budget_pct,
+                f"must be 1..{MAX_VERIFY_BUDGET_PCT}, with verify",
+            )
         self._check_pattern()
         if self.corrupt_after_s is not None:
             if not 1 <= self.corrupt_after_s <= MAX_CORRUPT_AFTER_S:
@@ -323,7 +350,10 @@ class GuestSpec:
     def meta_overflow_mib(self) -> int:
         """MiB the guest's record takes from fill and working set (0 when it fits below)."""
         size = meta_bytes(
-            self.working_set_mib, self.memory_mib - RESERVED_MIB, GuestPattern(self.pattern)
+            self.working_set_mib,
+            self.memory_mib - RESERVED_MIB,
+            GuestPattern(self.pattern),
+            GuestMode(self.mode),
         )
         return 0 if size <= META_GAP_KIB * 1024 else -(-size // (1024 * 1024))
 
@@ -349,7 +379,8 @@ def guest_cmdline(spec: GuestSpec) -> str:
         parts.append(f"work={spec.work_passes}")
     if spec.pattern is not GuestPattern.SEQ:
         parts.append(f"pattern={spec.pattern.value}")
-    for key in ("hot_pct", "hot_ws_pct", "on_ms", "off_ms", "seed", "corrupt_after_s"):
+    keys = ("hot_pct", "hot_ws_pct", "on_ms", "off_ms", "seed", "verify_budget_pct")
+    for key in (*keys, "corrupt_after_s"):
         value = getattr(spec, key)
         if value is not None:
             parts.append(f"{key}={value}")
@@ -433,7 +464,7 @@ class GuestReady:
     off_ms: int | None = None
     duty_pct: float = 100.0
     verify: bool = False
-    sweep_ms: int | None = None
+    verify_budget_pct: int | None = None
     corrupt_after_s: int | None = None
 
 
@@ -469,6 +500,7 @@ class GuestVerify:
     mismatched_pages: int
     sweep_mismatched: int
     bad_pfns: tuple[int, ...] = ()
+    word: int | None = None
 
 
 @dataclass(frozen=True)
@@ -527,7 +559,7 @@ def _ready(f: dict[str, str]) -> GuestReady:
         off_ms=_opt(f, "off_ms", int),
         duty_pct=float(f.get("duty_pct", "100")),
         verify=f.get("verify") == "on",
-        sweep_ms=_opt(f, "sweep_ms", int),
+        verify_budget_pct=_opt(f, "verify_budget_pct", int),
         corrupt_after_s=_opt(f, "corrupt_after_s", int),
     )
 
@@ -561,6 +593,7 @@ def _verify(f: dict[str, str]) -> GuestVerify:
         mismatched_pages=int(f["mismatched_pages"]),
         sweep_mismatched=int(f["sweep_mismatched"]),
         bad_pfns=tuple(int(p, 16) for p in bad.split(",") if p),
+        word=_opt(f, "word", int),
     )
 
 

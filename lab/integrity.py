@@ -1,8 +1,8 @@
 """Whether lab guests' memory still holds what they wrote, from their own console lines.
 
-Every lab guest checks all of its memory against its record of its writes,
-one full sweep about every second, and prints an ``event=verify`` line after
-each (lab/guest.py). Its counts are cumulative since boot and its sweep
+Every lab guest checks all of its memory against what it wrote, a full
+sweep every one to a few seconds (at most once a second, within a share of
+its vCPU), and prints an ``event=verify`` line after each (lab/guest.py). Its counts are cumulative since boot and its sweep
 counter only grows, whichever host it runs on.
 
 To judge a migration: once it ended, mark each guest's console
@@ -25,8 +25,9 @@ from collections.abc import Callable, Mapping
 
 from .guest import GuestError, GuestSerialError, GuestVerify, parse_serial_line
 
-# A sweep takes about a second (two for the largest guests); a loaded host is slower.
-DEFAULT_TIMEOUT_S = 60.0
+# Two sweeps of the lab's largest test guests (about 150 MiB: 5 to 10 s each at the
+# checker's default share of an emulated vCPU), with room for a loaded host.
+DEFAULT_TIMEOUT_S = 120.0
 
 
 class VerifyTimeout(GuestError):

@@ -20,8 +20,9 @@
  *   fill=<MiB>|max static data written once at boot (default 0)
  *   work=<passes>  passes over each page in cpu mode (default DEFAULT_WORK)
  *   verify=0|1     check fill and working set in the background (default 1)
- *   corrupt_after_s=<s>  test only: flip one word of one page once, that
- *                  many seconds after ready, behind the record's back
+ *   verify_budget_pct=<1..50>  the checker's share of the vCPU (default 5)
+ *   corrupt_after_s=<s>  test only: zero one page once, that many seconds
+ *                  after ready, behind the record's back
  *   name=<text>    echoed in the ready line
  *
  * Serial (COM1) lines, documented and parsed in lab/guest.py:
@@ -36,14 +37,15 @@
  * 100 Hz tick that wakes the idle loop. Work is owed by elapsed TSC time, so
  * ticks lost while the vCPU was descheduled are made up, within a bound.
  *
- * Integrity: every page's content follows from a record. Fill pages hold
- * page_word(pfn) in every word. A working-set page holds page_word(pfn) but
- * for its first word, which holds rec[i], the word last written there (paced
- * writes store one word per page); in cpu mode the whole page holds rec[i].
- * Writer and checker run in the same tick handler with interrupts off on the
- * one vCPU, so the checker never sees a page between its write and its
- * record: a mismatch is memory the guest did not write (a lost, stale or
- * corrupted page after a migration).
+ * Integrity: every page's content follows from what the guest wrote. Fill
+ * pages hold page_word(pfn) in every word. A working-set page holds
+ * page_word(pfn) but for its first word, which paced writes change: a walk
+ * writes walk_word(pass) there, picked pages' words are recorded in rec[];
+ * in cpu mode the whole page holds rec[i]. Writer and checker run in the
+ * same tick handler with interrupts off on the one vCPU, so the checker
+ * never sees a page between its write and its record: a mismatch is memory
+ * the guest did not write (a lost, stale or corrupted page after a
+ * migration). See "the checker" for what a sweep reads.
  */
 #include <stddef.h>
 #include <stdint.h>
@@ -69,10 +71,12 @@
 #define MIN_PHASE_MS 10u
 #define MAX_PHASE_MS 3600000u
 #define MAX_CORRUPT_S 86400u
-/* The checker reads every page once a second, at most 1 GiB/s (then slower sweeps). */
-#define VERIFY_MAX_PAGES_PER_S (1024u * PAGES_PER_MIB)
-#define VERIFY_CAP_TICKS 5u /* the checker owes at most 50 ms of pages */
+/* The checker: at most one sweep a second, within a share of the vCPU's time. */
+#define DEFAULT_VERIFY_BUDGET_PCT 5u
+#define MAX_VERIFY_BUDGET_PCT 50u
+#define BLOCK_PAGES 16u
 #define BAD_LIST_MAX 8u
+#define WORD_STEP 389u /* odd: a sweep's sample word visits every offset in 1024 sweeps */
 
 #define MB_BOOT_MAGIC 0x2BADB002u
 #define MB_INFO_CMDLINE (1u << 2)
@@ -137,6 +141,7 @@ static uint32_t off_ms = DEFAULT_PHASE_MS;
 static uint32_t seed;
 static int seed_given;
 static uint32_t verify_wanted = 1;
+static uint32_t verify_budget_pct = DEFAULT_VERIFY_BUDGET_PCT;
 static uint32_t corrupt_after_s; /* 0: never */
 static uint32_t fill_mib;
 static int fill_max;
@@ -160,9 +165,10 @@ static uint32_t ws_cursor;
 /* Bookkeeping, outside fill and working set (below them, or at their start). */
 static uintptr_t meta_base;
 static uint32_t meta_bytes;
-static uint32_t *rec;     /* per working-set page: the word last written to it */
-static uint16_t *epoch;   /* random, hotcold: the report window of the last write */
-static uint8_t *bad_map;  /* per checked page: found mismatched once */
+static uint32_t *rec;        /* cpu, random, hotcold: per ws page, the word last written */
+static uint32_t *block_sum;  /* per 16 checked pages: the sum of their page_words */
+static uint32_t *dirty_map;  /* random, hotcold: ws pages written this report window */
+static uint8_t *bad_map;     /* per checked page: found mismatched once */
 
 /* Time and accounting. */
 static uint64_t tsc_hz;
@@ -181,19 +187,20 @@ static uint64_t report_tsc;
 static uint64_t report_pages;
 static uint64_t report_busy;
 static uint64_t report_verify_busy;
-static uint64_t window_distinct; /* random, hotcold: distinct pages this window */
-static uint16_t window = 1;
+static uint32_t window_distinct; /* random, hotcold: distinct pages this window */
 static uint32_t mix = 0x9e3779b9u; /* cpu mode's chain */
-static uint32_t stamp = 1;         /* paced: odd, new for every batch of writes */
-static uint32_t rng;               /* xorshift32 state, never 0 */
+static uint32_t stamp = 1;         /* paced picks: odd, new for every batch of writes */
+static uint32_t walk_pass = 1;     /* paced walks: passes over the set begun */
+static uint32_t rng;               /* the pick's generator (an LCG's high bits) */
 static uint64_t corrupt_at_tsc;    /* 0: nothing to corrupt (any more) */
 
 /* The checker. */
 static uint32_t verify_on;
-static uint32_t verify_cursor;
-static uint64_t verify_credit;
-static uint64_t verify_pages_per_s;
-static uint64_t verify_cap;
+static uint32_t verify_cursor;     /* next block's first page, over fill then ws */
+static uint32_t verify_word;       /* this sweep's sample word */
+static int64_t verify_tsc_credit;  /* time the checker may still spend (or owes) */
+static uint32_t verify_share;      /* its share of time, x 2^16 */
+static uint64_t verify_page_credit; /* pages x tsc_hz it may still check: 1 sweep/s */
 static uint64_t last_verify_tsc;
 static uint64_t sweep_start_tsc;
 static uint64_t sweeps;
@@ -470,6 +477,9 @@ static void parse_token(const char *tok, uint32_t len)
 		seed_given = 1;
 	} else if (key_is(tok, k, "verify")) {
 		ok = parse_uint(val, vlen, 1, &verify_wanted);
+	} else if (key_is(tok, k, "verify_budget_pct")) {
+		ok = parse_uint(val, vlen, MAX_VERIFY_BUDGET_PCT, &verify_budget_pct) &&
+		     verify_budget_pct > 0;
 	} else if (key_is(tok, k, "corrupt_after_s")) {
 		ok = parse_uint(val, vlen, MAX_CORRUPT_S, &corrupt_after_s) && corrupt_after_s > 0;
 	} else if (key_is(tok, k, "fill")) {
@@ -536,13 +546,21 @@ static uint64_t page_align(uint64_t v)
 	return (v + PAGE_SIZE - 1) & ~(uint64_t)(PAGE_SIZE - 1);
 }
 
+/* Whether the working set's written words need a record (else they follow the walk). */
+static int recorded(void)
+{
+	return mode == MODE_CPU || !walks();
+}
+
 /* The bookkeeping's size for a set of ws_pages and up to `checked` checked pages. */
 static uint64_t meta_size(uint64_t checked)
 {
-	uint64_t size = page_align((uint64_t)ws_pages * 4);
+	uint64_t size = page_align(checked / BLOCK_PAGES * 4) + page_align((checked + 7) / 8);
+	if (recorded())
+		size += page_align((uint64_t)ws_pages * 4);
 	if (!walks())
-		size += page_align((uint64_t)ws_pages * 2);
-	return size + page_align((checked + 7) / 8);
+		size += page_align(((uint64_t)ws_pages + 31) / 32 * 4);
+	return size;
 }
 
 static void find_memory(const struct mb_info *mbi)
@@ -617,13 +635,17 @@ static void find_memory(const struct mb_info *mbi)
 	if (!hot_pages)
 		hot_pages = 1;
 
-	rec = (uint32_t *)meta_base;
-	uintptr_t next = meta_base + (uintptr_t)page_align((uint64_t)ws_pages * 4);
-	if (!walks()) {
-		epoch = (uint16_t *)next;
-		next += (uintptr_t)page_align((uint64_t)ws_pages * 2);
-	}
+	uintptr_t next = meta_base;
+	block_sum = (uint32_t *)next;
+	next += (uintptr_t)page_align(total_pages / BLOCK_PAGES * 4);
 	bad_map = (uint8_t *)next;
+	next += (uintptr_t)page_align((total_pages + 7) / 8);
+	if (recorded()) {
+		rec = (uint32_t *)next;
+		next += (uintptr_t)page_align((uint64_t)ws_pages * 4);
+	}
+	if (!walks())
+		dirty_map = (uint32_t *)next;
 }
 
 /* The word a page holds when nothing wrote it since boot: non-zero, one per page. */
@@ -645,20 +667,34 @@ static void zero(uintptr_t base, uint32_t bytes)
 	__asm__ volatile("rep stosl" : "+D"(dst), "+c"(words) : "a"(0) : "memory");
 }
 
+/* What a paced walk's pass p writes to the first word of each page: odd, new each pass. */
+static uint32_t walk_word(uint32_t p)
+{
+	return (2u * p + 1u) * 0x9e3779b1u;
+}
+
 /*
- * Every page filled with its page_word, and noted in `record` if given. One
- * string instruction per page: where the guest's instructions are emulated
- * (this lab's nested KVM) that is hundreds of times cheaper than a loop.
+ * Every page filled with its page_word (one string instruction per page:
+ * where the guest's instructions are emulated, this lab's nested KVM, that
+ * is hundreds of times cheaper than a loop), the sum of each 16 pages' words
+ * noted. Working-set pages: a walk's first words hold walk_word(0); the
+ * record of the others holds their page_word.
  */
-static void write_pages(uintptr_t base, uint32_t pages, uint32_t *record)
+static void write_pages(uintptr_t base, uint32_t pages, uint32_t first_block, int ws)
 {
 	uint32_t *dst = (uint32_t *)base;
 	for (uint32_t i = 0; i < pages; i++) {
+		uint32_t *page = dst;
 		uint32_t words = PAGE_WORDS;
 		uint32_t w = page_word((uint32_t)((uintptr_t)dst >> 12));
-		if (record)
-			record[i] = w;
+		if (i % BLOCK_PAGES == 0)
+			block_sum[first_block + i / BLOCK_PAGES] = 0;
+		block_sum[first_block + i / BLOCK_PAGES] += w;
 		__asm__ volatile("rep stosl" : "+D"(dst), "+c"(words) : "a"(w) : "memory");
+		if (ws && recorded())
+			rec[i] = w;
+		else if (ws)
+			*(volatile uint32_t *)page = walk_word(0);
 	}
 }
 
@@ -728,24 +764,15 @@ static void interrupts_init(void)
 
 /* ---- dirtying ---- */
 
-static inline uint32_t next_random(void)
-{
-	uint32_t x = rng;
-	x ^= x << 13;
-	x ^= x >> 17;
-	x ^= x << 5;
-	rng = x;
-	return x;
-}
-
-/* Uniform in 0..n-1 (n > 0). */
+/* Uniform in 0..n-1 (n > 0): the high bits of an LCG, few instructions a page. */
 static inline uint32_t below(uint32_t n)
 {
-	return (uint32_t)(((uint64_t)next_random() * n) >> 32);
+	rng = rng * 1664525u + 1013904223u;
+	return (uint32_t)(((uint64_t)rng * n) >> 32);
 }
 
 /* random and hotcold: the next page to write. */
-static uint32_t pick_page(void)
+static inline uint32_t pick_page(void)
 {
 	if (pattern == PATTERN_HOTCOLD) {
 		if (hot_pages >= ws_pages || below(100) < hot_pct)
@@ -755,23 +782,24 @@ static uint32_t pick_page(void)
 	return below(ws_pages);
 }
 
-/* random and hotcold: counts the page once per report window. */
+/* random and hotcold: marks the page written this window, counting it the first time. */
 static inline void count_distinct(uint32_t i)
 {
-	if (epoch[i] != window) {
-		epoch[i] = window;
-		window_distinct++;
-	}
+	__asm__ volatile("btsl %2, %1\n\tcmc\n\tadcl $0, %0"
+			 : "+r"(window_distinct), "+m"(*dirty_map)
+			 : "r"(i)
+			 : "cc", "memory");
 }
 
 /*
- * paced, walking: one store per page dirties it. Runs of contiguous pages
- * are written by an unrolled loop, and their records by one string
- * instruction: few instructions per page matter where they are emulated.
+ * paced, walking: one store per page dirties it; a pass writes the same
+ * word everywhere, so nothing needs recording. Runs of contiguous pages are
+ * written by an unrolled loop: few instructions per page matter where they
+ * are emulated.
  */
 static void dirty_paced_walk(uint32_t pages)
 {
-	uint32_t v = stamp;
+	uint32_t v = walk_word(walk_pass);
 	while (pages) {
 		uint32_t run = ws_pages - ws_cursor;
 		if (run > pages)
@@ -786,20 +814,17 @@ static void dirty_paced_walk(uint32_t pages)
 		}
 		for (; n; n--, p += PAGE_WORDS)
 			p[0] = v;
-		uint32_t *r = rec + ws_cursor;
-		n = run;
-		__asm__ volatile("rep stosl" : "+D"(r), "+c"(n) : "a"(v) : "memory");
-		v += 2;
 		ws_cursor += run;
-		if (ws_cursor == ws_pages)
+		if (ws_cursor == ws_pages) {
 			ws_cursor = 0;
+			v = walk_word(++walk_pass);
+		}
 		pages -= run;
 		dirtied_pages += run;
 	}
-	stamp = v;
 }
 
-/* paced, random and hotcold: one store per picked page. */
+/* paced, random and hotcold: one store per picked page, and its record. */
 static void dirty_paced_pick(uint32_t pages)
 {
 	uint32_t v = stamp;
@@ -858,15 +883,76 @@ static uint64_t writing_time(uint64_t tsc)
 
 /* ---- the checker ---- */
 
-static int page_matches(const uint32_t *page, uint32_t head, uint32_t body)
+/*
+ * Where instructions are emulated each one costs microseconds here, so the
+ * checker reads one word per page and adds 16 pages' words in 16
+ * instructions, compared with the sum they should have; only a block whose
+ * sum differs is looked at page by page. A sweep reads the first word of
+ * every working-set page written by paced mode (what its writes change; on
+ * every fourth sweep its sample word too) and one sample word of every other
+ * page, the sample moving on each sweep.
+ */
+#define ADD_WORD(k) "addl " #k "*4096(%1), %0\n\t"
+static uint32_t sum_pages(uintptr_t word)
 {
-	if (*(const volatile uint32_t *)page != head)
-		return 0;
-	const uint32_t *p = page + 1;
-	uint32_t n = PAGE_WORDS - 1;
-	int equal;
-	__asm__ volatile("repe scasl" : "+D"(p), "+c"(n), "=@ccz"(equal) : "a"(body) : "memory");
-	return equal;
+	uint32_t s;
+	__asm__ volatile("movl (%1), %0\n\t" ADD_WORD(1) ADD_WORD(2) ADD_WORD(3) ADD_WORD(4)
+				 ADD_WORD(5) ADD_WORD(6) ADD_WORD(7) ADD_WORD(8) ADD_WORD(9)
+					 ADD_WORD(10) ADD_WORD(11) ADD_WORD(12) ADD_WORD(13)
+						 ADD_WORD(14) ADD_WORD(15)
+			 : "=&r"(s)
+			 : "r"(word)
+			 : "memory");
+	return s;
+}
+
+#define ADD_REC(k) "addl " #k "*4(%1), %0\n\t"
+static uint32_t sum_record(const uint32_t *r)
+{
+	uint32_t s;
+	__asm__ volatile("movl (%1), %0\n\t" ADD_REC(1) ADD_REC(2) ADD_REC(3) ADD_REC(4) ADD_REC(5)
+				 ADD_REC(6) ADD_REC(7) ADD_REC(8) ADD_REC(9) ADD_REC(10)
+					 ADD_REC(11) ADD_REC(12) ADD_REC(13) ADD_REC(14)
+						 ADD_REC(15)
+			 : "=&r"(s)
+			 : "r"(r)
+			 : "memory");
+	return s;
+}
+
+static uintptr_t page_addr(uint32_t i)
+{
+	return i < fill_pages ? fill_base + (uintptr_t)i * PAGE_SIZE
+			      : ws_base + (uintptr_t)(i - fill_pages) * PAGE_SIZE;
+}
+
+/* The word `word` of page i (fill then working set) should hold. */
+static uint32_t expected_word(uint32_t i, uint32_t word)
+{
+	if (i < fill_pages)
+		return page_word((uint32_t)(page_addr(i) >> 12));
+	uint32_t w = i - fill_pages;
+	if (mode == MODE_CPU)
+		return rec[w];
+	if (word)
+		return page_word((uint32_t)(page_addr(i) >> 12));
+	if (!walks())
+		return rec[w];
+	return walk_word(w < ws_cursor ? walk_pass : walk_pass - 1);
+}
+
+/* The sum the word `word` of the block of 16 pages from page i should have. */
+static uint32_t expected_sum(uint32_t i, uint32_t word)
+{
+	if (i < fill_pages || (mode != MODE_CPU && word))
+		return block_sum[i / BLOCK_PAGES];
+	uint32_t w = i - fill_pages;
+	if (recorded())
+		return sum_record(rec + w);
+	uint32_t done = ws_cursor > w ? ws_cursor - w : 0;
+	if (done > BLOCK_PAGES)
+		done = BLOCK_PAGES;
+	return done * walk_word(walk_pass) + (BLOCK_PAGES - done) * walk_word(walk_pass - 1);
 }
 
 static void note_mismatch(uint32_t i, uint32_t pfn)
@@ -879,6 +965,18 @@ static void note_mismatch(uint32_t i, uint32_t pfn)
 	mismatched_pages++;
 	if (bad_count < BAD_LIST_MAX)
 		bad_list[bad_count++] = pfn;
+}
+
+static void check_words(uint32_t i, uint32_t word)
+{
+	uintptr_t base = page_addr(i) + word * 4;
+	if (sum_pages(base) == expected_sum(i, word))
+		return;
+	for (uint32_t k = 0; k < BLOCK_PAGES; k++) {
+		uintptr_t addr = base + (uintptr_t)k * PAGE_SIZE;
+		if (*(const volatile uint32_t *)addr != expected_word(i + k, word))
+			note_mismatch(i + k, (uint32_t)(addr >> 12));
+	}
 }
 
 static void report_sweep(uint64_t now)
@@ -895,6 +993,8 @@ static void report_sweep(uint64_t now)
 	put_u64(&l, total_pages);
 	put_kv(&l, "sweep_ms");
 	put_u64(&l, (now - sweep_start_tsc) * 1000 / tsc_hz);
+	put_kv(&l, "word");
+	put_u64(&l, verify_word);
 	put_kv(&l, "mismatched_pages");
 	put_u64(&l, mismatched_pages);
 	put_kv(&l, "sweep_mismatched");
@@ -910,61 +1010,66 @@ static void report_sweep(uint64_t now)
 	line_send(&l);
 }
 
-/* Checks the next `pages` pages against what the guest wrote there. */
-static void verify_pages(uint32_t pages)
+/* Checks the next block of 16 pages against what the guest wrote there. */
+static void verify_block(void)
 {
-	for (; pages; pages--) {
-		uint32_t i = verify_cursor;
-		uintptr_t addr;
-		uint32_t head, body;
-		if (i < fill_pages) {
-			addr = fill_base + (uintptr_t)i * PAGE_SIZE;
-			head = body = page_word((uint32_t)(addr >> 12));
-		} else {
-			uint32_t w = i - fill_pages;
-			addr = ws_base + (uintptr_t)w * PAGE_SIZE;
-			head = rec[w];
-			body = mode == MODE_CPU ? head : page_word((uint32_t)(addr >> 12));
-		}
-		if (!page_matches((const uint32_t *)addr, head, body))
-			note_mismatch(i, (uint32_t)(addr >> 12));
-		checked_pages++;
-		if (++verify_cursor == total_pages) {
-			uint64_t now = rdtsc();
-			verify_cursor = 0;
-			sweeps++;
-			report_sweep(now);
-			sweep_mismatched = 0;
-			sweep_start_tsc = now;
-		}
+	uint32_t i = verify_cursor;
+	if (i >= fill_pages && mode != MODE_CPU) {
+		check_words(i, 0); /* what paced writes change */
+		if ((sweeps & 3) == 3 && verify_word)
+			check_words(i, verify_word);
+	} else {
+		check_words(i, verify_word);
+	}
+	checked_pages += BLOCK_PAGES;
+	verify_cursor += BLOCK_PAGES;
+	if (verify_cursor == total_pages) {
+		uint64_t now = rdtsc();
+		verify_cursor = 0;
+		sweeps++;
+		report_sweep(now);
+		sweep_mismatched = 0;
+		sweep_start_tsc = now;
+		verify_word = (verify_word + WORD_STEP) % PAGE_WORDS;
 	}
 }
 
+/*
+ * Blocks while the checker has time and pages left: its share of the time
+ * (what it overspends is owed), one sweep a second. Few 64-bit divisions:
+ * each is a library call, costly where instructions are emulated.
+ */
 static void verify(uint64_t now)
 {
 	uint64_t dt = now - last_verify_tsc;
 	if (dt > tsc_hz)
 		dt = tsc_hz;
 	last_verify_tsc = now;
-	verify_credit += dt * verify_pages_per_s;
-	uint64_t owed = verify_credit / tsc_hz;
-	if (owed > verify_cap) {
-		owed = verify_cap;
-		verify_credit = owed * tsc_hz;
+	verify_tsc_credit += (int64_t)((dt * verify_share) >> 16);
+	if (verify_tsc_credit > (int64_t)(tsc_hz >> 4))
+		verify_tsc_credit = (int64_t)(tsc_hz >> 4); /* at most about 60 ms at once */
+	verify_page_credit += dt * total_pages;
+	if (verify_page_credit > (uint64_t)total_pages * tsc_hz)
+		verify_page_credit = (uint64_t)total_pages * tsc_hz;
+	uint64_t block = (uint64_t)BLOCK_PAGES * tsc_hz;
+	uint64_t t = now;
+	while (verify_tsc_credit > (int64_t)(t - now) && verify_page_credit >= block) {
+		for (int k = 0; k < 8 && verify_page_credit >= block; k++) {
+			verify_block();
+			verify_page_credit -= block;
+		}
+		t = rdtsc();
 	}
-	verify_credit -= owed * tsc_hz;
-	if (owed)
-		verify_pages((uint32_t)owed);
+	verify_tsc_credit -= (int64_t)(t - now);
 }
 
-/* Test only: one word of one page changed without its record (a fill page if any). */
+/* Test only: one page zeroed behind the record's back, as if a migration lost it
+ * (the middle fill page, else the middle working-set page). */
 static void corrupt_once(uint64_t now)
 {
 	uint32_t i = fill_pages ? fill_pages / 2 : fill_pages + ws_pages / 2;
-	uintptr_t addr = i < fill_pages ? fill_base + (uintptr_t)i * PAGE_SIZE
-					: ws_base + (uintptr_t)(i - fill_pages) * PAGE_SIZE;
-	volatile uint32_t *p = (uint32_t *)addr;
-	p[PAGE_WORDS / 2] ^= 0x00ff00ffu; /* a word paced writes never touch */
+	uintptr_t addr = page_addr(i);
+	zero(addr, PAGE_SIZE);
 	corrupt_at_tsc = 0;
 	struct line l;
 	line_start(&l, "corrupt");
@@ -993,8 +1098,8 @@ static void report(uint64_t now)
 	if (!walks())
 		distinct = window_distinct;
 	window_distinct = 0;
-	if (!++window)
-		window = 1;
+	if (!walks())
+		zero((uintptr_t)dirty_map, (ws_pages + 31) / 32 * 4);
 	report_tsc = now;
 	report_pages = dirtied_pages;
 	report_busy = busy_tsc;
@@ -1125,8 +1230,8 @@ static void report_ready(uint64_t boot_tsc, uint64_t fill_tsc)
 	put_kv(&l, "verify");
 	put_str(&l, verify_on ? "on" : "off");
 	if (verify_on) {
-		put_kv(&l, "sweep_ms");
-		put_u64(&l, (uint64_t)total_pages * 1000 / verify_pages_per_s);
+		put_kv(&l, "verify_budget_pct");
+		put_u64(&l, verify_budget_pct);
 	}
 	put_kv(&l, "meta_base");
 	put_hex(&l, (uint32_t)meta_base);
@@ -1173,8 +1278,8 @@ void kmain(uint32_t magic, const struct mb_info *mbi)
 
 	uint64_t t0 = rdtsc();
 	zero(meta_base, meta_bytes);
-	write_pages(fill_base, fill_pages, NULL);
-	write_pages(ws_base, ws_pages, rec);
+	write_pages(fill_base, fill_pages, 0, 0);
+	write_pages(ws_base, ws_pages, fill_pages / BLOCK_PAGES, 1);
 	uint64_t fill_tsc = rdtsc() - t0;
 
 	credit_per_s = (uint64_t)rate_milli * PAGES_PER_MIB;
@@ -1184,9 +1289,7 @@ void kmain(uint32_t magic, const struct mb_info *mbi)
 	if (credit_cap < denom)
 		credit_cap = denom;
 	verify_on = verify_wanted && total_pages;
-	verify_pages_per_s =
-		total_pages < VERIFY_MAX_PAGES_PER_S ? total_pages : VERIFY_MAX_PAGES_PER_S;
-	verify_cap = verify_pages_per_s * VERIFY_CAP_TICKS / TICK_HZ + 1;
+	verify_share = verify_budget_pct * 65536u / 100u;
 
 	report_ready(boot_tsc, fill_tsc);
 

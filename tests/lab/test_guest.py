@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from hostmaint.lab import integrity
+from hostmaint.lab import domains, errors, integrity
 from hostmaint.lab.guest import (
     META_GAP_KIB,
     GuestCorruption,
@@ -118,7 +118,7 @@ READY_NEW = (
     "hmguest event=ready mem_mib=256 ws_mib=64 rate_mibps=20.000 mode=cpu fill_mib=32 "
     "work=3 tsc_khz=2445417 region_base=0x00200000 region_end=0x0ffe0000 fill_ms=80 "
     "boot_ms=300 pattern=hotcold seed=7 hot_pct=90 hot_ws_pct=10 duty_pct=100.0 verify=on "
-    "sweep_ms=1000 meta_base=0x0010a000 meta_kib=104 corrupt_after_s=5 name=vm1"
+    "verify_budget_pct=5 meta_base=0x0010a000 meta_kib=104 corrupt_after_s=5 name=vm1"
 )
 PROGRESS_NEW = PROGRESS + (
     " pattern=random distinct_pages=3012 distinct_mibps=11.765 cfg_rate_mibps=20.000 "
@@ -129,8 +129,8 @@ PROGRESS_NEW = PROGRESS + (
 def _verify_line(sweeps: int, mismatched: int = 0, bad: str = "") -> str:
     return (
         f"hmguest event=verify t={sweeps}.02 sweeps={sweeps} checked_pages={sweeps * 24576} "
-        f"pages=24576 sweep_ms=1000 mismatched_pages={mismatched} sweep_mismatched={mismatched}"
-        + (f" bad_pfns={bad}" if bad else "")
+        f"pages=24576 sweep_ms=1000 word={sweeps * 389 % 1024} mismatched_pages={mismatched} "
+        f"sweep_mismatched={mismatched}" + (f" bad_pfns={bad}" if bad else "")
     )
 
 
@@ -150,8 +150,8 @@ def test_cmdline_of_each_pattern() -> None:
     assert GuestSpec("b", 256, 64, 1.0, pattern=GuestPattern.BURSTY).duty_pct == 50.0
     quiet = GuestSpec(*base, verify=False)
     assert guest_cmdline(quiet).endswith(" verify=0 name=vm1")
-    broken = GuestSpec(*base, corrupt_after_s=5)
-    assert guest_cmdline(broken).endswith(" corrupt_after_s=5 name=vm1")
+    broken = GuestSpec(*base, verify_budget_pct=20, corrupt_after_s=5)
+    assert guest_cmdline(broken).endswith(" verify_budget_pct=20 corrupt_after_s=5 name=vm1")
 
 
 @pytest.mark.parametrize(
@@ -170,6 +170,9 @@ def test_cmdline_of_each_pattern() -> None:
         ({"pattern": "random", "seed": 2**32}, "seed"),
         ({"verify": "yes"}, "verify"),
         ({"corrupt_after_s": 0}, "corrupt_after_s"),
+        ({"verify_budget_pct": 0}, "verify_budget_pct"),
+        ({"verify_budget_pct": 51}, "verify_budget_pct"),
+        ({"verify_budget_pct": 5, "verify": False}, "verify_budget_pct"),
         ({"corrupt_after_s": 3, "verify": False}, "corrupt_after_s"),
     ],
 )
@@ -186,17 +189,21 @@ def test_spec_rejects_bad_pattern_parameters(kwargs: dict[str, Any], field: str)
 
 
 def test_spec_counts_a_record_too_big_for_the_gap_below_the_region() -> None:
-    # 64 MiB of working set: a 64 KiB record and an 8 KiB bitmap, below 2 MiB.
-    assert meta_bytes(64, 253, GuestPattern.SEQ) == 64 * 1024 + 8 * 1024
+    seq, rnd, paced, cpu = GuestPattern.SEQ, GuestPattern.RANDOM, GuestMode.PACED, GuestMode.CPU
+    # A paced walk needs no record: block sums (16 KiB) and a bitmap (8 KiB) of 253 MiB.
+    assert meta_bytes(64, 253, seq, paced) == 16384 + 8192
+    # Picked or cpu-written pages: a word each (64 KiB), random ones a bit each too.
+    assert meta_bytes(64, 253, seq, cpu) == 16384 + 8192 + 65536
+    assert meta_bytes(64, 253, rnd, paced) == 16384 + 8192 + 65536 + 4096
     assert GuestSpec("a", 256, 64, 1.0, fill_mib=189).meta_overflow_mib == 0
-    # 600 MiB picked at random: 4 + 2 bytes a page, more than the gap holds.
-    assert meta_bytes(600, 2045, GuestPattern.RANDOM) > META_GAP_KIB * 1024
-    wide = GuestSpec("w", 2048, 600, 1.0, pattern=GuestPattern.RANDOM)
-    assert wide.meta_overflow_mib == 1
+    # 1 GiB picked at random: a 1 MiB record, more than the gap below 2 MiB holds.
+    assert meta_bytes(1024, 2045, rnd, paced) > META_GAP_KIB * 1024
+    wide = GuestSpec("w", 2048, 1024, 1.0, pattern=rnd)
+    assert wide.meta_overflow_mib == 2
     with pytest.raises(GuestSpecError) as info:
-        GuestSpec("w", 2048, 600, 1.0, pattern=GuestPattern.RANDOM, fill_mib=1445)
+        GuestSpec("w", 2048, 1024, 1.0, pattern=rnd, fill_mib=1020)
     assert "the guest's record" in info.value.reason
-    assert GuestSpec("w", 2048, 600, 1.0, fill_mib=1445).meta_overflow_mib == 0
+    assert GuestSpec("w", 2048, 1024, 1.0, fill_mib=1021).meta_overflow_mib == 0
 
 
 def test_parse_new_ready_and_progress() -> None:
@@ -205,7 +212,7 @@ def test_parse_new_ready_and_progress() -> None:
     assert ready.pattern is GuestPattern.HOTCOLD and ready.mode is GuestMode.CPU
     assert (ready.seed, ready.hot_pct, ready.hot_ws_pct) == (7, 90, 10)
     assert (ready.on_ms, ready.off_ms, ready.duty_pct) == (None, None, 100.0)
-    assert ready.verify and ready.sweep_ms == 1000 and ready.corrupt_after_s == 5
+    assert ready.verify and ready.verify_budget_pct == 5 and ready.corrupt_after_s == 5
     progress = parse_serial_line(PROGRESS_NEW)
     assert isinstance(progress, GuestProgress)
     assert progress.pattern is GuestPattern.RANDOM
@@ -227,7 +234,7 @@ def test_parse_old_lines_have_the_old_defaults() -> None:
 
 def test_parse_verify_and_corrupt_lines() -> None:
     clean = parse_serial_line(_verify_line(3))
-    assert clean == GuestVerify(3.02, 3, 73728, 24576, 1000, 0, 0, ())
+    assert clean == GuestVerify(3.02, 3, 73728, 24576, 1000, 0, 0, (), 1167 % 1024)
     bad = parse_serial_line(_verify_line(9, 2, "0x00002200,0x00004a01"))
     assert isinstance(bad, GuestVerify)
     assert bad.mismatched_pages == 2 and bad.bad_pfns == (0x2200, 0x4A01)
@@ -291,3 +298,27 @@ def test_wait_verified_names_the_guests_that_never_swept() -> None:
         integrity.wait_verified(consoles, 3.0, clock=lambda: now[0], sleep=advance)
     assert info.value.late == {"stuck": 2}
     assert now[0] >= 3.0
+
+
+def test_a_guest_plan_file_takes_the_pattern_fields() -> None:
+    plans = domains.guest_plans_from_dict(
+        {
+            "guests": [
+                {
+                    "name": "vm1",
+                    "memory_mib": 256,
+                    "working_set_mib": 64,
+                    "dirty_rate_mibps": 20,
+                    "pattern": "hotcold",
+                    "hot_pct": 80,
+                    "host": 1,
+                }
+            ]
+        }
+    )
+    assert plans[0].spec.pattern is GuestPattern.HOTCOLD and plans[0].spec.hot_pct == 80
+    with pytest.raises(errors.SpecError, match="only for pattern bursty"):
+        domains.guest_plans_from_dict(
+            {"guests": [{"name": "b", "memory_mib": 256, "working_set_mib": 8,
+                         "dirty_rate_mibps": 1, "on_ms": 100}]}
+        )  # fmt: skip

@@ -2,9 +2,9 @@
 matches what it does, and its memory check finds a page changed behind its back, and
 nothing else.
 
-Five guests run side by side for about ten seconds: a sequential walk whose one fill
-page is corrupted on purpose (``corrupt_after_s``), a uniform random writer, a hot/cold
-writer, a bursty CPU-bound writer and a random CPU-bound writer. Their expected distinct
+Five guests run side by side for about fifteen seconds: a sequential walk whose one
+fill page is zeroed on purpose (``corrupt_after_s``), a uniform random writer, a hot/cold
+writer, a bursty writer and a random CPU-bound writer. Their expected distinct
 pages follow from each line's own write rate: writing ``w`` uniformly random pages of a
 set of ``n`` leaves ``n (1 - exp(-w / n))`` distinct.
 """
@@ -44,13 +44,15 @@ SEQ = GuestSpec("gb-seq", 128, 16, 8, GuestMode.PACED, 32, corrupt_after_s=3)
 RANDOM = GuestSpec("gb-random", 128, 64, 32, GuestMode.PACED, 0, pattern=GuestPattern.RANDOM)
 HOTCOLD = GuestSpec("gb-hotcold", 128, 64, 32, GuestMode.PACED, 8, pattern=GuestPattern.HOTCOLD)
 BURSTY = GuestSpec(
-    "gb-bursty", 128, 16, 8, GuestMode.CPU, 0, pattern=GuestPattern.BURSTY, on_ms=300, off_ms=700
+    "gb-bursty", 128, 16, 8, GuestMode.PACED, 0, pattern=GuestPattern.BURSTY, on_ms=300, off_ms=700
 )
 CPU_RANDOM = GuestSpec(
     "gb-cpu-random", 128, 16, 4, GuestMode.CPU, 16, pattern=GuestPattern.RANDOM, seed=7
 )
 GUESTS = [SEQ, RANDOM, HOTCOLD, BURSTY, CPU_RANDOM]
-PROGRESS_LINES = 9
+PROGRESS_LINES = 16
+# These guests' sweeps (4k to 18k pages) at 5 % of an emulated vCPU.
+SWEEP_MAX_MS = 8000
 TIMEOUT_S = 120.0
 
 
@@ -152,18 +154,22 @@ def _random_distinct_mib(ws_mib: float, writes_mib: float) -> float:
 def test_every_guest_checks_all_its_memory_and_finds_nothing_else(run: Run) -> None:
     for spec in GUESTS:
         ready = run.ready(spec)
-        assert ready.verify and ready.sweep_ms == 1000
+        assert ready.verify and ready.verify_budget_pct == 5
         pages = (spec.working_set_mib + spec.fill_mib) * 256
         verifies = run.verifies(spec)
         last = verifies[-1]
-        print(f"{spec.name}: {last}")
-        assert len(verifies) >= PROGRESS_LINES - 2 and last.pages == pages
+        share = statistics.mean(_known(p.verify_pct) for p in run.progress(spec))
+        print(f"{spec.name}: checker {share:.1f} % of the vCPU, {last}")
+        assert len(verifies) >= 3 and last.pages == pages
         assert [v.sweeps for v in verifies] == list(range(1, len(verifies) + 1))
-        assert last.checked_pages >= last.sweeps * pages
-        assert max(v.sweep_ms for v in verifies[1:]) < 1500
+        assert last.checked_pages == last.sweeps * pages
+        # At most one sweep a second, within its 5 % of the vCPU.
+        assert last.sweeps <= last.t_s + 1
+        sweep_ms = [v.sweep_ms for v in verifies[1:]]
+        assert max(sweep_ms) < SWEEP_MAX_MS, sweep_ms
+        assert share < 10.0
         if spec is not SEQ:
             assert last.mismatched_pages == 0 and last.bad_pfns == ()
-        assert all(_known(p.verify_pct) < 25 for p in run.progress(spec))
 
 
 def test_a_page_changed_behind_the_guests_back_is_found_within_a_sweep(run: Run) -> None:
@@ -178,7 +184,8 @@ def test_a_page_changed_behind_the_guests_back_is_found_within_a_sweep(run: Run)
     assert before and all(v.mismatched_pages == 0 for v in before)
     found = next(v for v in after if v.mismatched_pages)
     print(f"corrupted {hex(corrupt.pfn)} at {corrupt.t_s}s, found at {found.t_s}s: {found}")
-    assert found.t_s - corrupt.t_s < 2.5  # within the sweep after the one under way
+    # Within the sweep after the one under way.
+    assert found.t_s - corrupt.t_s < 2 * max(v.sweep_ms for v in verifies) / 1000
     assert (found.mismatched_pages, found.bad_pfns) == (1, (corrupt.pfn,))
     # Counted once, found again by every sweep since.
     assert all((v.mismatched_pages, v.sweep_mismatched) == (1, 1) for v in after[-2:])
@@ -221,7 +228,6 @@ def test_hotcold_writes_mostly_rewrite_the_hot_part(run: Run) -> None:
 def test_a_bursty_writer_writes_only_in_its_on_phases(run: Run) -> None:
     ready = run.ready(BURSTY)
     assert (ready.on_ms, ready.off_ms, ready.duty_pct) == (300, 700, 30.0)
-    assert ready.mode is GuestMode.CPU
     lines = run.progress(BURSTY)
     on = statistics.mean(_known(p.on_pct) for p in lines)
     rate = statistics.mean(p.rate_mibps for p in lines)
