@@ -16,6 +16,7 @@ and the state directory.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import ipaddress
 import logging
 import os
@@ -36,13 +37,14 @@ from typing import Any
 
 import libvirt
 
-from . import domains, errors, network
+from . import domains, errors, integrity, network
 from .domains import GuestPlan, load_guest_plans
 from .guest import (
     GuestEvent,
     GuestFailure,
     GuestReady,
     GuestSpec,
+    GuestVerify,
     build_guest,
     guest_cmdline,
     parse_serial,
@@ -382,6 +384,18 @@ class Lab:
     def guest_events(self, name: str) -> list[GuestEvent]:
         """The guest's serial log parsed into its events (ready, progress, error)."""
         return parse_serial(self.guest_serial(name))
+
+    def verify_memory(
+        self, names: Sequence[str], timeout_s: float = integrity.DEFAULT_TIMEOUT_S
+    ) -> dict[str, GuestVerify]:
+        """Each guest's own memory check, once a full sweep ran after this call.
+
+        Call it once a migration ended: ``mismatched_pages`` is then 0 exactly when
+        no page the guest wrote was found lost or changed, here or before (see
+        lab/integrity.py). VerifyTimeout if a guest completes no sweep in time.
+        """
+        consoles = {n: functools.partial(self.guest_serial, n) for n in names}
+        return integrity.wait_verified(consoles, timeout_s)
 
     def wait_guests_ready(self, timeout_s: float = 60.0) -> dict[str, GuestReady]:
         """Wait until every guest printed its ready line; GuestStartFailed on error or timeout."""

@@ -14,6 +14,7 @@ Profiles are nova.conf options, passed as ``--flag GROUP.NAME=VALUE``;
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import signal
@@ -26,9 +27,9 @@ from typing import Any
 import libvirt
 import requests
 
-from . import cluster, domains
+from . import cluster, domains, integrity
 from .demo import last_downtime_ms
-from .guest import GuestEvent, GuestReady, GuestSpec, guest_cmdline, parse_serial
+from .guest import GuestEvent, GuestReady, GuestSpec, GuestVerify, guest_cmdline, parse_serial
 
 REPO = Path(__file__).resolve().parents[1]
 NOVA_VENV = REPO / os.environ.get("HOSTMAINT_NOVA_VENV", ".venv-nova")
@@ -264,12 +265,23 @@ class NovaLab:
 
     # -- the guests ------------------------------------------------------------
 
-    def console(self, server: Server) -> list[GuestEvent]:
+    def console_text(self, server: Server) -> str:
         path = self.instances_path / server.id / "console.log"
         try:
-            return parse_serial(path.read_text(errors="replace"))
+            return path.read_text(errors="replace")
         except FileNotFoundError:
-            return []
+            return ""
+
+    def console(self, server: Server) -> list[GuestEvent]:
+        return parse_serial(self.console_text(server))
+
+    def verify_memory(
+        self, servers: list[Server], timeout_s: float = integrity.DEFAULT_TIMEOUT_S
+    ) -> dict[str, GuestVerify]:
+        """Each server's guest's own memory check, once a full sweep ran after this call
+        (lab/integrity.py; the console log a migration's target reopened is fine)."""
+        consoles = {s.name: functools.partial(self.console_text, s) for s in servers}
+        return integrity.wait_verified(consoles, timeout_s)
 
     def wait_ready(self, servers: list[Server], timeout_s: float) -> dict[str, GuestReady]:
         """Each server's guest's ready line (its memory filled, its writer running)."""

@@ -1,25 +1,51 @@
 /*
- * The lab guest: a multiboot kernel that dirties memory at a known rate.
+ * The lab guest: a multiboot kernel that dirties memory at a known rate and
+ * checks that its memory still holds what it wrote.
  *
  * Command line (multiboot), all optional:
- *   ws=<MiB>       working set rewritten cyclically (default 64)
- *   rate=<MiB/s>   target dirty rate, up to three decimals (default 0)
+ *   ws=<MiB>       working set written at the rate (default 64)
+ *   rate=<MiB/s>   target write rate, up to three decimals (default 0)
  *   mode=paced|cpu paced: touch rate/100 per 10 ms tick, one word per page;
  *                  cpu: rewrite whole pages `work` times each, as far as the
  *                  vCPU allows, so vCPU throttling slows it (default paced)
+ *   pattern=seq|random|hotcold|bursty
+ *                  which pages: seq walks the set in address order; random
+ *                  picks uniformly; hotcold sends hot_pct % of the writes to
+ *                  the first hot_ws_pct % of the set (each part uniformly);
+ *                  bursty walks like seq, writing on_ms then idling off_ms
+ *                  (default seq)
+ *   hot_pct=<0..100>, hot_ws_pct=<1..100>   hotcold (defaults 90 and 10)
+ *   on_ms=<ms>, off_ms=<ms>                 bursty, 10 ms to 1 h (1000, 1000)
+ *   seed=<u32>     random and hotcold's generator (default: from the name)
  *   fill=<MiB>|max static data written once at boot (default 0)
  *   work=<passes>  passes over each page in cpu mode (default DEFAULT_WORK)
+ *   verify=0|1     check fill and working set in the background (default 1)
+ *   verify_budget_pct=<1..50>  the checker's share of the vCPU (default 5)
+ *   corrupt_after_s=<s>  test only: zero one page once, that many seconds
+ *                  after ready, behind the record's back
  *   name=<text>    echoed in the ready line
  *
  * Serial (COM1) lines, documented and parsed in lab/guest.py:
  *   hmguest event=boot ...
  *   hmguest event=ready ...
  *   hmguest event=progress ...   (about once a second)
+ *   hmguest event=verify ...     (after each full sweep of the checker)
+ *   hmguest event=corrupt ...    (corrupt_after_s only)
  *   hmguest event=error reason=...
  *
  * Time comes from the TSC, calibrated against the CMOS RTC; the PIT gives a
  * 100 Hz tick that wakes the idle loop. Work is owed by elapsed TSC time, so
  * ticks lost while the vCPU was descheduled are made up, within a bound.
+ *
+ * Integrity: every page's content follows from what the guest wrote. Fill
+ * pages hold page_word(pfn) in every word. A working-set page holds
+ * page_word(pfn) but for its first word, which paced writes change: a walk
+ * writes walk_word(pass) there, picked pages' words are recorded in rec[];
+ * in cpu mode the whole page holds rec[i]. Writer and checker run in the
+ * same tick handler with interrupts off on the one vCPU, so the checker
+ * never sees a page between its write and its record: a mismatch is memory
+ * the guest did not write (a lost, stale or corrupted page after a
+ * migration). See "the checker" for what a sweep reads.
  */
 #include <stddef.h>
 #include <stdint.h>
@@ -39,6 +65,18 @@
 #define COM1 0x3f8
 #define CMDLINE_MAX 512
 #define NAME_MAX 48
+#define DEFAULT_HOT_PCT 90u
+#define DEFAULT_HOT_WS_PCT 10u
+#define DEFAULT_PHASE_MS 1000u
+#define MIN_PHASE_MS 10u
+#define MAX_PHASE_MS 3600000u
+#define MAX_CORRUPT_S 86400u
+/* The checker: at most one sweep a second, within a share of the vCPU's time. */
+#define DEFAULT_VERIFY_BUDGET_PCT 5u
+#define MAX_VERIFY_BUDGET_PCT 50u
+#define BLOCK_PAGES 16u
+#define BAD_LIST_MAX 8u
+#define WORD_STEP 389u /* odd: a sweep's sample word visits every offset in 1024 sweeps */
 
 #define MB_BOOT_MAGIC 0x2BADB002u
 #define MB_INFO_CMDLINE (1u << 2)
@@ -78,6 +116,7 @@ struct idt_desc {
 } __attribute__((packed));
 
 enum mode { MODE_PACED, MODE_CPU };
+enum pattern { PATTERN_SEQ, PATTERN_RANDOM, PATTERN_HOTCOLD, PATTERN_BURSTY };
 
 extern char _kernel_end[];
 extern void irq_timer(void);
@@ -94,6 +133,16 @@ static struct idt_entry idt[256];
 static uint32_t ws_mib = DEFAULT_WS_MIB;
 static uint32_t rate_milli; /* MiB/s x 1000 */
 static enum mode mode = MODE_PACED;
+static enum pattern pattern = PATTERN_SEQ;
+static uint32_t hot_pct = DEFAULT_HOT_PCT;
+static uint32_t hot_ws_pct = DEFAULT_HOT_WS_PCT;
+static uint32_t on_ms = DEFAULT_PHASE_MS;
+static uint32_t off_ms = DEFAULT_PHASE_MS;
+static uint32_t seed;
+static int seed_given;
+static uint32_t verify_wanted = 1;
+static uint32_t verify_budget_pct = DEFAULT_VERIFY_BUDGET_PCT;
+static uint32_t corrupt_after_s; /* 0: never */
 static uint32_t fill_mib;
 static int fill_max;
 static uint32_t work = DEFAULT_WORK;
@@ -107,8 +156,19 @@ static uintptr_t region_base;
 static uintptr_t region_end;
 static uintptr_t fill_base;
 static uintptr_t ws_base;
+static uint32_t fill_pages;
 static uint32_t ws_pages;
+static uint32_t hot_pages;   /* hotcold: pages 0..hot_pages-1 of the set */
+static uint32_t total_pages; /* fill then working set: what the checker reads */
 static uint32_t ws_cursor;
+
+/* Bookkeeping, outside fill and working set (below them, or at their start). */
+static uintptr_t meta_base;
+static uint32_t meta_bytes;
+static uint32_t *rec;        /* cpu, random, hotcold: per ws page, the word last written */
+static uint32_t *block_sum;  /* per 16 checked pages: the sum of their page_words */
+static uint32_t *dirty_map;  /* random, hotcold: ws pages written this report window */
+static uint8_t *bad_map;     /* per checked page: found mismatched once */
 
 /* Time and accounting. */
 static uint64_t tsc_hz;
@@ -118,12 +178,37 @@ static uint64_t credit;       /* pages owed x denom */
 static uint64_t credit_per_s; /* pages per second x 1000 */
 static uint64_t denom;        /* tsc_hz x 1000: one page of credit */
 static uint64_t credit_cap;
+static uint64_t cycle_tsc;    /* bursty: on plus off */
+static uint64_t on_tsc;
 static uint64_t dirtied_pages;
 static uint64_t busy_tsc;
+static uint64_t verify_busy_tsc;
 static uint64_t report_tsc;
 static uint64_t report_pages;
 static uint64_t report_busy;
-static uint32_t mix = 0x9e3779b9u;
+static uint64_t report_verify_busy;
+static uint32_t window_distinct; /* random, hotcold: distinct pages this window */
+static uint32_t mix = 0x9e3779b9u; /* cpu mode's chain */
+static uint32_t stamp = 1;         /* paced picks: odd, new for every batch of writes */
+static uint32_t walk_pass = 1;     /* paced walks: passes over the set begun */
+static uint32_t rng;               /* the pick's generator (an LCG's high bits) */
+static uint64_t corrupt_at_tsc;    /* 0: nothing to corrupt (any more) */
+
+/* The checker. */
+static uint32_t verify_on;
+static uint32_t verify_cursor;     /* next block's first page, over fill then ws */
+static uint32_t verify_word;       /* this sweep's sample word */
+static int64_t verify_tsc_credit;  /* time the checker may still spend (or owes) */
+static uint32_t verify_share;      /* its share of time, x 2^16 */
+static uint64_t verify_page_credit; /* pages x tsc_hz it may still check: 1 sweep/s */
+static uint64_t last_verify_tsc;
+static uint64_t sweep_start_tsc;
+static uint64_t sweeps;
+static uint64_t checked_pages;
+static uint64_t mismatched_pages;
+static uint64_t sweep_mismatched;
+static uint32_t bad_list[BAD_LIST_MAX];
+static uint32_t bad_count;
 
 /* ---- port I/O and TSC ---- */
 
@@ -173,7 +258,7 @@ static void serial_putc(char c)
 }
 
 struct line {
-	char buf[320];
+	char buf[512];
 	uint32_t len;
 };
 
@@ -255,6 +340,26 @@ static void line_send(struct line *l)
 static const char *mode_name(void)
 {
 	return mode == MODE_CPU ? "cpu" : "paced";
+}
+
+static const char *pattern_name(void)
+{
+	switch (pattern) {
+	case PATTERN_RANDOM:
+		return "random";
+	case PATTERN_HOTCOLD:
+		return "hotcold";
+	case PATTERN_BURSTY:
+		return "bursty";
+	default:
+		return "seq";
+	}
+}
+
+/* seq and bursty walk the set in address order; random and hotcold pick pages. */
+static int walks(void)
+{
+	return pattern == PATTERN_SEQ || pattern == PATTERN_BURSTY;
 }
 
 static void fail(const char *reason, const char *detail_key, uint64_t detail)
@@ -348,6 +453,35 @@ static void parse_token(const char *tok, uint32_t len)
 			mode = MODE_CPU;
 		else
 			ok = 0;
+	} else if (key_is(tok, k, "pattern")) {
+		if (key_is(val, vlen, "seq"))
+			pattern = PATTERN_SEQ;
+		else if (key_is(val, vlen, "random"))
+			pattern = PATTERN_RANDOM;
+		else if (key_is(val, vlen, "hotcold"))
+			pattern = PATTERN_HOTCOLD;
+		else if (key_is(val, vlen, "bursty"))
+			pattern = PATTERN_BURSTY;
+		else
+			ok = 0;
+	} else if (key_is(tok, k, "hot_pct")) {
+		ok = parse_uint(val, vlen, 100, &hot_pct);
+	} else if (key_is(tok, k, "hot_ws_pct")) {
+		ok = parse_uint(val, vlen, 100, &hot_ws_pct) && hot_ws_pct > 0;
+	} else if (key_is(tok, k, "on_ms")) {
+		ok = parse_uint(val, vlen, MAX_PHASE_MS, &on_ms) && on_ms >= MIN_PHASE_MS;
+	} else if (key_is(tok, k, "off_ms")) {
+		ok = parse_uint(val, vlen, MAX_PHASE_MS, &off_ms) && off_ms >= MIN_PHASE_MS;
+	} else if (key_is(tok, k, "seed")) {
+		ok = parse_uint(val, vlen, 0xffffffffu, &seed);
+		seed_given = 1;
+	} else if (key_is(tok, k, "verify")) {
+		ok = parse_uint(val, vlen, 1, &verify_wanted);
+	} else if (key_is(tok, k, "verify_budget_pct")) {
+		ok = parse_uint(val, vlen, MAX_VERIFY_BUDGET_PCT, &verify_budget_pct) &&
+		     verify_budget_pct > 0;
+	} else if (key_is(tok, k, "corrupt_after_s")) {
+		ok = parse_uint(val, vlen, MAX_CORRUPT_S, &corrupt_after_s) && corrupt_after_s > 0;
 	} else if (key_is(tok, k, "fill")) {
 		if (key_is(val, vlen, "max"))
 			fill_max = 1;
@@ -407,6 +541,28 @@ static void parse_cmdline(const struct mb_info *mbi)
 
 /* ---- memory ---- */
 
+static uint64_t page_align(uint64_t v)
+{
+	return (v + PAGE_SIZE - 1) & ~(uint64_t)(PAGE_SIZE - 1);
+}
+
+/* Whether the working set's written words need a record (else they follow the walk). */
+static int recorded(void)
+{
+	return mode == MODE_CPU || !walks();
+}
+
+/* The bookkeeping's size for a set of ws_pages and up to `checked` checked pages. */
+static uint64_t meta_size(uint64_t checked)
+{
+	uint64_t size = page_align(checked / BLOCK_PAGES * 4) + page_align((checked + 7) / 8);
+	if (recorded())
+		size += page_align((uint64_t)ws_pages * 4);
+	if (!walks())
+		size += page_align(((uint64_t)ws_pages + 31) / 32 * 4);
+	return size;
+}
+
 static void find_memory(const struct mb_info *mbi)
 {
 	if (!(mbi->flags & MB_INFO_MMAP))
@@ -432,6 +588,23 @@ static void find_memory(const struct mb_info *mbi)
 	mem_mib = (uint32_t)((top + MIB - 1) / MIB);
 	if (end <= start)
 		fail("no_memory", "avail_mib", 0);
+
+	/*
+	 * The bookkeeping goes between the kernel and 2 MiB if it fits (the
+	 * loader's command line there was copied already), else at the start of
+	 * the region. Sized for the largest fill, which fill=max may take.
+	 */
+	ws_pages = ws_mib * PAGES_PER_MIB;
+	meta_bytes = (uint32_t)meta_size((end - start) / PAGE_SIZE);
+	uint64_t gap = page_align((uintptr_t)_kernel_end);
+	if (gap + meta_bytes <= start) {
+		meta_base = (uintptr_t)gap;
+	} else {
+		meta_base = (uintptr_t)start;
+		start += meta_bytes;
+		if (start >= end)
+			fail("no_memory", "avail_mib", 0);
+	}
 	region_base = (uintptr_t)start;
 	region_end = (uintptr_t)end;
 
@@ -446,7 +619,7 @@ static void find_memory(const struct mb_info *mbi)
 		put_kv(&l, "reason");
 		put_str(&l, "no_memory");
 		put_kv(&l, "need_mib");
-		put_u64(&l, need / MIB);
+		put_u64(&l, (need + MIB - 1) / MIB);
 		put_kv(&l, "avail_mib");
 		put_u64(&l, avail / MIB);
 		line_send(&l);
@@ -456,22 +629,72 @@ static void find_memory(const struct mb_info *mbi)
 		fail("empty_working_set", NULL, 0);
 	fill_base = region_base;
 	ws_base = region_base + fill_mib * MIB;
-	ws_pages = ws_mib * PAGES_PER_MIB;
+	fill_pages = fill_mib * PAGES_PER_MIB;
+	total_pages = fill_pages + ws_pages;
+	hot_pages = ws_pages * hot_ws_pct / 100;
+	if (!hot_pages)
+		hot_pages = 1;
+
+	uintptr_t next = meta_base;
+	block_sum = (uint32_t *)next;
+	next += (uintptr_t)page_align(total_pages / BLOCK_PAGES * 4);
+	bad_map = (uint8_t *)next;
+	next += (uintptr_t)page_align((total_pages + 7) / 8);
+	if (recorded()) {
+		rec = (uint32_t *)next;
+		next += (uintptr_t)page_align((uint64_t)ws_pages * 4);
+	}
+	if (!walks())
+		dirty_map = (uint32_t *)next;
+}
+
+/* The word a page holds when nothing wrote it since boot: non-zero, one per page. */
+static uint32_t page_word(uint32_t pfn)
+{
+	uint32_t h = pfn * 0x9e3779b9u + 0x2545f491u;
+	h ^= h >> 16;
+	h *= 0x85ebca6bu;
+	h ^= h >> 13;
+	h *= 0xc2b2ae35u;
+	h ^= h >> 16;
+	return h | 1u;
+}
+
+static void zero(uintptr_t base, uint32_t bytes)
+{
+	uint32_t *dst = (uint32_t *)base;
+	uint32_t words = bytes / 4;
+	__asm__ volatile("rep stosl" : "+D"(dst), "+c"(words) : "a"(0) : "memory");
+}
+
+/* What a paced walk's pass p writes to the first word of each page: odd, new each pass. */
+static uint32_t walk_word(uint32_t p)
+{
+	return (2u * p + 1u) * 0x9e3779b1u;
 }
 
 /*
- * Non-zero data, a different word in every page, written once. One string
- * instruction per page: where the guest's instructions are emulated (this
- * lab's nested KVM) that is hundreds of times cheaper than a loop.
+ * Every page filled with its page_word (one string instruction per page:
+ * where the guest's instructions are emulated, this lab's nested KVM, that
+ * is hundreds of times cheaper than a loop), the sum of each 16 pages' words
+ * noted. Working-set pages: a walk's first words hold walk_word(0); the
+ * record of the others holds their page_word.
  */
-static void write_pattern(uintptr_t base, uint32_t mib, uint32_t seed)
+static void write_pages(uintptr_t base, uint32_t pages, uint32_t first_block, int ws)
 {
-	uint32_t pages = mib * PAGES_PER_MIB;
 	uint32_t *dst = (uint32_t *)base;
 	for (uint32_t i = 0; i < pages; i++) {
+		uint32_t *page = dst;
 		uint32_t words = PAGE_WORDS;
-		seed = seed * 1664525u + 1013904223u;
-		__asm__ volatile("rep stosl" : "+D"(dst), "+c"(words) : "a"(seed | 1u) : "memory");
+		uint32_t w = page_word((uint32_t)((uintptr_t)dst >> 12));
+		if (i % BLOCK_PAGES == 0)
+			block_sum[first_block + i / BLOCK_PAGES] = 0;
+		block_sum[first_block + i / BLOCK_PAGES] += w;
+		__asm__ volatile("rep stosl" : "+D"(dst), "+c"(words) : "a"(w) : "memory");
+		if (ws && recorded())
+			rec[i] = w;
+		else if (ws)
+			*(volatile uint32_t *)page = walk_word(0);
 	}
 }
 
@@ -541,14 +764,42 @@ static void interrupts_init(void)
 
 /* ---- dirtying ---- */
 
-/*
- * paced: one store per page dirties it. Runs of contiguous pages are
- * written by an unrolled loop: few instructions per page matter where
- * they are emulated.
- */
-static void dirty_paced(uint32_t pages)
+/* Uniform in 0..n-1 (n > 0): the high bits of an LCG, few instructions a page. */
+static inline uint32_t below(uint32_t n)
 {
-	uint32_t v = mix;
+	rng = rng * 1664525u + 1013904223u;
+	return (uint32_t)(((uint64_t)rng * n) >> 32);
+}
+
+/* random and hotcold: the next page to write. */
+static inline uint32_t pick_page(void)
+{
+	if (pattern == PATTERN_HOTCOLD) {
+		if (hot_pages >= ws_pages || below(100) < hot_pct)
+			return below(hot_pages);
+		return hot_pages + below(ws_pages - hot_pages);
+	}
+	return below(ws_pages);
+}
+
+/* random and hotcold: marks the page written this window, counting it the first time. */
+static inline void count_distinct(uint32_t i)
+{
+	__asm__ volatile("btsl %2, %1\n\tcmc\n\tadcl $0, %0"
+			 : "+r"(window_distinct), "+m"(*dirty_map)
+			 : "r"(i)
+			 : "cc", "memory");
+}
+
+/*
+ * paced, walking: one store per page dirties it; a pass writes the same
+ * word everywhere, so nothing needs recording. Runs of contiguous pages are
+ * written by an unrolled loop: few instructions per page matter where they
+ * are emulated.
+ */
+static void dirty_paced_walk(uint32_t pages)
+{
+	uint32_t v = walk_word(walk_pass);
 	while (pages) {
 		uint32_t run = ws_pages - ws_cursor;
 		if (run > pages)
@@ -563,36 +814,277 @@ static void dirty_paced(uint32_t pages)
 		}
 		for (; n; n--, p += PAGE_WORDS)
 			p[0] = v;
-		v++;
 		ws_cursor += run;
-		if (ws_cursor == ws_pages)
+		if (ws_cursor == ws_pages) {
 			ws_cursor = 0;
+			v = walk_word(++walk_pass);
+		}
 		pages -= run;
 		dirtied_pages += run;
 	}
-	mix = v;
+}
+
+/* paced, random and hotcold: one store per picked page, and its record. */
+static void dirty_paced_pick(uint32_t pages)
+{
+	uint32_t v = stamp;
+	for (uint32_t k = 0; k < pages; k++) {
+		uint32_t i = pick_page();
+		*(volatile uint32_t *)(ws_base + (uintptr_t)i * PAGE_SIZE) = v;
+		rec[i] = v;
+		count_distinct(i);
+	}
+	stamp = v + 2;
+	dirtied_pages += pages;
 }
 
 /*
  * cpu: rewrite the whole page `work` times; each pass stores a value
  * derived from what the previous pass left, so no pass can be skipped.
+ * The values are odd: a page never goes back to zero.
  */
 static void dirty_cpu(uint32_t pages)
 {
 	uint32_t v = mix;
-	for (uint32_t i = 0; i < pages; i++) {
-		uint32_t *page = (uint32_t *)(ws_base + (uintptr_t)ws_cursor * PAGE_SIZE);
-		if (++ws_cursor == ws_pages)
-			ws_cursor = 0;
+	for (uint32_t k = 0; k < pages; k++) {
+		uint32_t i;
+		if (walks()) {
+			i = ws_cursor;
+			if (++ws_cursor == ws_pages)
+				ws_cursor = 0;
+		} else {
+			i = pick_page();
+			count_distinct(i);
+		}
+		uint32_t *page = (uint32_t *)(ws_base + (uintptr_t)i * PAGE_SIZE);
 		for (uint32_t pass = 0; pass < work; pass++) {
 			uint32_t *dst = page;
 			uint32_t words = PAGE_WORDS;
-			v = (v ^ *(volatile uint32_t *)(page + (v & (PAGE_WORDS - 1)))) * 1664525u + 1u;
+			v = ((v ^ *(volatile uint32_t *)(page + (v & (PAGE_WORDS - 1)))) * 1664525u +
+			     1u) |
+			    1u;
 			__asm__ volatile("rep stosl" : "+D"(dst), "+c"(words) : "a"(v) : "memory");
 		}
+		rec[i] = v;
 		dirtied_pages++;
 	}
 	mix = v;
+}
+
+/* Writing time since ready at `tsc`: all of it, or bursty's on-phases only. */
+static uint64_t writing_time(uint64_t tsc)
+{
+	uint64_t t = tsc - ready_tsc;
+	if (pattern != PATTERN_BURSTY)
+		return t;
+	uint64_t into = t % cycle_tsc;
+	return t / cycle_tsc * on_tsc + (into < on_tsc ? into : on_tsc);
+}
+
+/* ---- the checker ---- */
+
+/*
+ * Where instructions are emulated each one costs microseconds here, so the
+ * checker reads one word per page and adds 16 pages' words in 16
+ * instructions, compared with the sum they should have; only a block whose
+ * sum differs is looked at page by page. A sweep reads the first word of
+ * every working-set page written by paced mode (what its writes change; on
+ * every fourth sweep its sample word too) and one sample word of every other
+ * page, the sample moving on each sweep.
+ */
+#define ADD_WORD(k) "addl " #k "*4096(%1), %0\n\t"
+static uint32_t sum_pages(uintptr_t word)
+{
+	uint32_t s;
+	__asm__ volatile("movl (%1), %0\n\t" ADD_WORD(1) ADD_WORD(2) ADD_WORD(3) ADD_WORD(4)
+				 ADD_WORD(5) ADD_WORD(6) ADD_WORD(7) ADD_WORD(8) ADD_WORD(9)
+					 ADD_WORD(10) ADD_WORD(11) ADD_WORD(12) ADD_WORD(13)
+						 ADD_WORD(14) ADD_WORD(15)
+			 : "=&r"(s)
+			 : "r"(word)
+			 : "memory");
+	return s;
+}
+
+#define ADD_REC(k) "addl " #k "*4(%1), %0\n\t"
+static uint32_t sum_record(const uint32_t *r)
+{
+	uint32_t s;
+	__asm__ volatile("movl (%1), %0\n\t" ADD_REC(1) ADD_REC(2) ADD_REC(3) ADD_REC(4) ADD_REC(5)
+				 ADD_REC(6) ADD_REC(7) ADD_REC(8) ADD_REC(9) ADD_REC(10)
+					 ADD_REC(11) ADD_REC(12) ADD_REC(13) ADD_REC(14)
+						 ADD_REC(15)
+			 : "=&r"(s)
+			 : "r"(r)
+			 : "memory");
+	return s;
+}
+
+static uintptr_t page_addr(uint32_t i)
+{
+	return i < fill_pages ? fill_base + (uintptr_t)i * PAGE_SIZE
+			      : ws_base + (uintptr_t)(i - fill_pages) * PAGE_SIZE;
+}
+
+/* The word `word` of page i (fill then working set) should hold. */
+static uint32_t expected_word(uint32_t i, uint32_t word)
+{
+	if (i < fill_pages)
+		return page_word((uint32_t)(page_addr(i) >> 12));
+	uint32_t w = i - fill_pages;
+	if (mode == MODE_CPU)
+		return rec[w];
+	if (word)
+		return page_word((uint32_t)(page_addr(i) >> 12));
+	if (!walks())
+		return rec[w];
+	return walk_word(w < ws_cursor ? walk_pass : walk_pass - 1);
+}
+
+/* The sum the word `word` of the block of 16 pages from page i should have. */
+static uint32_t expected_sum(uint32_t i, uint32_t word)
+{
+	if (i < fill_pages || (mode != MODE_CPU && word))
+		return block_sum[i / BLOCK_PAGES];
+	uint32_t w = i - fill_pages;
+	if (recorded())
+		return sum_record(rec + w);
+	uint32_t done = ws_cursor > w ? ws_cursor - w : 0;
+	if (done > BLOCK_PAGES)
+		done = BLOCK_PAGES;
+	return done * walk_word(walk_pass) + (BLOCK_PAGES - done) * walk_word(walk_pass - 1);
+}
+
+static void note_mismatch(uint32_t i, uint32_t pfn)
+{
+	uint8_t bit = (uint8_t)(1u << (i & 7));
+	sweep_mismatched++;
+	if (bad_map[i >> 3] & bit)
+		return; /* found in an earlier sweep */
+	bad_map[i >> 3] |= bit;
+	mismatched_pages++;
+	if (bad_count < BAD_LIST_MAX)
+		bad_list[bad_count++] = pfn;
+}
+
+static void check_words(uint32_t i, uint32_t word)
+{
+	uintptr_t base = page_addr(i) + word * 4;
+	if (sum_pages(base) == expected_sum(i, word))
+		return;
+	for (uint32_t k = 0; k < BLOCK_PAGES; k++) {
+		uintptr_t addr = base + (uintptr_t)k * PAGE_SIZE;
+		if (*(const volatile uint32_t *)addr != expected_word(i + k, word))
+			note_mismatch(i + k, (uint32_t)(addr >> 12));
+	}
+}
+
+static void report_sweep(uint64_t now)
+{
+	struct line l;
+	line_start(&l, "verify");
+	put_kv(&l, "t");
+	put_fixed(&l, (now - ready_tsc) * 100 / tsc_hz, 2);
+	put_kv(&l, "sweeps");
+	put_u64(&l, sweeps);
+	put_kv(&l, "checked_pages");
+	put_u64(&l, checked_pages);
+	put_kv(&l, "pages");
+	put_u64(&l, total_pages);
+	put_kv(&l, "sweep_ms");
+	put_u64(&l, (now - sweep_start_tsc) * 1000 / tsc_hz);
+	put_kv(&l, "word");
+	put_u64(&l, verify_word);
+	put_kv(&l, "mismatched_pages");
+	put_u64(&l, mismatched_pages);
+	put_kv(&l, "sweep_mismatched");
+	put_u64(&l, sweep_mismatched);
+	if (bad_count) {
+		put_kv(&l, "bad_pfns");
+		for (uint32_t k = 0; k < bad_count; k++) {
+			if (k)
+				put_str(&l, ",");
+			put_hex(&l, bad_list[k]);
+		}
+	}
+	line_send(&l);
+}
+
+/* Checks the next block of 16 pages against what the guest wrote there. */
+static void verify_block(void)
+{
+	uint32_t i = verify_cursor;
+	if (i >= fill_pages && mode != MODE_CPU) {
+		check_words(i, 0); /* what paced writes change */
+		if ((sweeps & 3) == 3 && verify_word)
+			check_words(i, verify_word);
+	} else {
+		check_words(i, verify_word);
+	}
+	checked_pages += BLOCK_PAGES;
+	verify_cursor += BLOCK_PAGES;
+	if (verify_cursor == total_pages) {
+		uint64_t now = rdtsc();
+		verify_cursor = 0;
+		sweeps++;
+		report_sweep(now);
+		sweep_mismatched = 0;
+		sweep_start_tsc = now;
+		verify_word = (verify_word + WORD_STEP) % PAGE_WORDS;
+	}
+}
+
+/*
+ * Blocks while the checker has time and pages left: its share of the time
+ * (what it overspends is owed), one sweep a second. Few 64-bit divisions:
+ * each is a library call, costly where instructions are emulated.
+ */
+static void verify(uint64_t now)
+{
+	uint64_t dt = now - last_verify_tsc;
+	if (dt > tsc_hz)
+		dt = tsc_hz;
+	last_verify_tsc = now;
+	verify_tsc_credit += (int64_t)((dt * verify_share) >> 16);
+	if (verify_tsc_credit > (int64_t)(tsc_hz >> 4))
+		verify_tsc_credit = (int64_t)(tsc_hz >> 4); /* at most about 60 ms at once */
+	verify_page_credit += dt * total_pages;
+	if (verify_page_credit > (uint64_t)total_pages * tsc_hz)
+		verify_page_credit = (uint64_t)total_pages * tsc_hz;
+	uint64_t block = (uint64_t)BLOCK_PAGES * tsc_hz;
+	uint64_t t = now;
+	while (verify_tsc_credit > (int64_t)(t - now) && verify_page_credit >= block) {
+		for (int k = 0; k < 8 && verify_page_credit >= block; k++) {
+			verify_block();
+			verify_page_credit -= block;
+		}
+		t = rdtsc();
+	}
+	verify_tsc_credit -= (int64_t)(t - now);
+}
+
+/* Test only: one page zeroed behind the record's back, as if a migration lost it
+ * (the middle fill page, else the middle working-set page). */
+static void corrupt_once(uint64_t now)
+{
+	uint32_t i = fill_pages ? fill_pages / 2 : fill_pages + ws_pages / 2;
+	uintptr_t addr = page_addr(i);
+	zero(addr, PAGE_SIZE);
+	corrupt_at_tsc = 0;
+	struct line l;
+	line_start(&l, "corrupt");
+	put_kv(&l, "t");
+	put_fixed(&l, (now - ready_tsc) * 100 / tsc_hz, 2);
+	put_kv(&l, "pfn");
+	put_hex(&l, (uint32_t)(addr >> 12));
+	line_send(&l);
+}
+
+/* ---- reports ---- */
+
+static void put_mibps(struct line *l, uint64_t pages, uint64_t dt)
+{
+	put_fixed(l, pages * 1000 * tsc_hz / (dt * PAGES_PER_MIB), 3);
 }
 
 static void report(uint64_t now)
@@ -600,9 +1092,18 @@ static void report(uint64_t now)
 	uint64_t dt = now - report_tsc;
 	uint64_t pages = dirtied_pages - report_pages;
 	uint64_t busy = busy_tsc - report_busy;
+	uint64_t vbusy = verify_busy_tsc - report_verify_busy;
+	uint64_t on = writing_time(now) - writing_time(report_tsc);
+	uint64_t distinct = pages < ws_pages ? pages : ws_pages;
+	if (!walks())
+		distinct = window_distinct;
+	window_distinct = 0;
+	if (!walks())
+		zero((uintptr_t)dirty_map, (ws_pages + 31) / 32 * 4);
 	report_tsc = now;
 	report_pages = dirtied_pages;
 	report_busy = busy_tsc;
+	report_verify_busy = verify_busy_tsc;
 	if (!dt)
 		return;
 	struct line l;
@@ -614,13 +1115,25 @@ static void report(uint64_t now)
 	put_kv(&l, "dirtied_mib");
 	put_fixed(&l, dirtied_pages * 10 / PAGES_PER_MIB, 1);
 	put_kv(&l, "rate_mibps");
-	put_fixed(&l, pages * 1000 * tsc_hz / (dt * PAGES_PER_MIB), 3);
+	put_mibps(&l, pages, dt);
 	put_kv(&l, "busy_pct");
 	put_fixed(&l, busy * 1000 / dt, 1);
 	put_kv(&l, "ws_mib");
 	put_u64(&l, ws_mib);
 	put_kv(&l, "mode");
 	put_str(&l, mode_name());
+	put_kv(&l, "pattern");
+	put_str(&l, pattern_name());
+	put_kv(&l, "distinct_pages");
+	put_u64(&l, distinct);
+	put_kv(&l, "distinct_mibps");
+	put_mibps(&l, distinct, dt);
+	put_kv(&l, "cfg_rate_mibps");
+	put_fixed(&l, rate_milli, 3);
+	put_kv(&l, "on_pct");
+	put_fixed(&l, (on > dt ? dt : on) * 1000 / dt, 1);
+	put_kv(&l, "verify_pct");
+	put_fixed(&l, vbusy * 1000 / dt, 1);
 	line_send(&l);
 }
 
@@ -628,7 +1141,7 @@ void tick(void)
 {
 	uint64_t now = rdtsc();
 	outb(0x20, 0x20); /* ack now: interrupts stay off until the idle loop */
-	uint64_t dt = now - last_tick_tsc;
+	uint64_t dt = writing_time(now) - writing_time(last_tick_tsc);
 	if (dt > tsc_hz)
 		dt = tsc_hz; /* after a long pause; also keeps the product in range */
 	credit += dt * credit_per_s;
@@ -640,49 +1153,36 @@ void tick(void)
 		credit -= owed * denom;
 		if (mode == MODE_CPU)
 			dirty_cpu((uint32_t)owed);
+		else if (walks())
+			dirty_paced_walk((uint32_t)owed);
 		else
-			dirty_paced((uint32_t)owed);
+			dirty_paced_pick((uint32_t)owed);
 	}
 	if (now - report_tsc >= tsc_hz)
 		report(now);
-	busy_tsc += rdtsc() - now;
+	uint64_t done = rdtsc();
+	busy_tsc += done - now;
+	if (corrupt_at_tsc && now >= corrupt_at_tsc)
+		corrupt_once(now);
+	if (verify_on) {
+		verify(done);
+		verify_busy_tsc += rdtsc() - done;
+	}
 }
 
 /* ---- entry ---- */
 
-void kmain(uint32_t magic, const struct mb_info *mbi)
+static uint32_t name_hash(void)
 {
-	uint64_t boot_tsc = rdtsc();
+	uint32_t h = 2166136261u; /* FNV-1a */
+	for (const char *c = name; *c; c++)
+		h = (h ^ (uint8_t)*c) * 16777619u;
+	return h;
+}
+
+static void report_ready(uint64_t boot_tsc, uint64_t fill_tsc)
+{
 	struct line l;
-
-	serial_init();
-	serial_putc('\n'); /* firmware output may have left a line open */
-	line_start(&l, "boot");
-	line_send(&l);
-	if (magic != MB_BOOT_MAGIC)
-		fail("not_multiboot", "magic", magic);
-	interrupts_init();
-	parse_cmdline(mbi);
-	find_memory(mbi);
-	/* Calibrating against the RTC goes wrong on a loaded host (the vCPU is
-	 * not scheduled when the RTC ticks); the host's own figure is exact. */
-	if (tsc_khz_given)
-		tsc_hz = (uint64_t)tsc_khz_given * 1000u;
-	else
-		calibrate_tsc();
-
-	uint64_t t0 = rdtsc();
-	write_pattern(fill_base, fill_mib, 0x2545f491u);
-	write_pattern(ws_base, ws_mib, 0x9e3779b9u);
-	uint64_t fill_tsc = rdtsc() - t0;
-
-	credit_per_s = (uint64_t)rate_milli * PAGES_PER_MIB;
-	denom = tsc_hz * 1000;
-	credit_cap = denom * (((uint64_t)rate_milli * PAGES_PER_MIB / 1000 + 1) *
-			      (mode == MODE_CPU ? CPU_CAP_TICKS : PACED_CAP_TICKS) / TICK_HZ);
-	if (credit_cap < denom)
-		credit_cap = denom;
-
 	line_start(&l, "ready");
 	put_kv(&l, "mem_mib");
 	put_u64(&l, mem_mib);
@@ -706,13 +1206,98 @@ void kmain(uint32_t magic, const struct mb_info *mbi)
 	put_u64(&l, fill_tsc * 1000 / tsc_hz);
 	put_kv(&l, "boot_ms");
 	put_u64(&l, (rdtsc() - boot_tsc) * 1000 / tsc_hz);
+	put_kv(&l, "pattern");
+	put_str(&l, pattern_name());
+	if (!walks()) {
+		put_kv(&l, "seed");
+		put_u64(&l, seed);
+	}
+	if (pattern == PATTERN_HOTCOLD) {
+		put_kv(&l, "hot_pct");
+		put_u64(&l, hot_pct);
+		put_kv(&l, "hot_ws_pct");
+		put_u64(&l, hot_ws_pct);
+	}
+	if (pattern == PATTERN_BURSTY) {
+		put_kv(&l, "on_ms");
+		put_u64(&l, on_ms);
+		put_kv(&l, "off_ms");
+		put_u64(&l, off_ms);
+	}
+	put_kv(&l, "duty_pct");
+	put_fixed(&l, pattern == PATTERN_BURSTY ? (uint64_t)on_ms * 1000 / (on_ms + off_ms) : 1000,
+		  1);
+	put_kv(&l, "verify");
+	put_str(&l, verify_on ? "on" : "off");
+	if (verify_on) {
+		put_kv(&l, "verify_budget_pct");
+		put_u64(&l, verify_budget_pct);
+	}
+	put_kv(&l, "meta_base");
+	put_hex(&l, (uint32_t)meta_base);
+	put_kv(&l, "meta_kib");
+	put_u64(&l, meta_bytes / 1024);
+	if (corrupt_after_s) {
+		put_kv(&l, "corrupt_after_s");
+		put_u64(&l, corrupt_after_s);
+	}
 	if (name[0]) {
 		put_kv(&l, "name");
 		put_str(&l, name);
 	}
 	line_send(&l);
+}
+
+void kmain(uint32_t magic, const struct mb_info *mbi)
+{
+	uint64_t boot_tsc = rdtsc();
+	struct line l;
+
+	serial_init();
+	serial_putc('\n'); /* firmware output may have left a line open */
+	line_start(&l, "boot");
+	line_send(&l);
+	if (magic != MB_BOOT_MAGIC)
+		fail("not_multiboot", "magic", magic);
+	interrupts_init();
+	parse_cmdline(mbi);
+	find_memory(mbi);
+	/* Calibrating against the RTC goes wrong on a loaded host (the vCPU is
+	 * not scheduled when the RTC ticks); the host's own figure is exact. */
+	if (tsc_khz_given)
+		tsc_hz = (uint64_t)tsc_khz_given * 1000u;
+	else
+		calibrate_tsc();
+
+	rng = seed_given ? seed : name_hash();
+	if (!rng)
+		rng = 0x2545f491u;
+	seed = rng;
+	cycle_tsc = (uint64_t)(on_ms + off_ms) * tsc_hz / 1000;
+	on_tsc = (uint64_t)on_ms * tsc_hz / 1000;
+
+	uint64_t t0 = rdtsc();
+	zero(meta_base, meta_bytes);
+	write_pages(fill_base, fill_pages, 0, 0);
+	write_pages(ws_base, ws_pages, fill_pages / BLOCK_PAGES, 1);
+	uint64_t fill_tsc = rdtsc() - t0;
+
+	credit_per_s = (uint64_t)rate_milli * PAGES_PER_MIB;
+	denom = tsc_hz * 1000;
+	credit_cap = denom * (((uint64_t)rate_milli * PAGES_PER_MIB / 1000 + 1) *
+			      (mode == MODE_CPU ? CPU_CAP_TICKS : PACED_CAP_TICKS) / TICK_HZ);
+	if (credit_cap < denom)
+		credit_cap = denom;
+	verify_on = verify_wanted && total_pages;
+	verify_share = verify_budget_pct * 65536u / 100u;
+
+	report_ready(boot_tsc, fill_tsc);
 
 	ready_tsc = rdtsc();
 	last_tick_tsc = ready_tsc;
 	report_tsc = ready_tsc;
+	last_verify_tsc = ready_tsc;
+	sweep_start_tsc = ready_tsc;
+	if (corrupt_after_s && total_pages)
+		corrupt_at_tsc = ready_tsc + (uint64_t)corrupt_after_s * tsc_hz;
 }

@@ -4,7 +4,8 @@ One lab of three hosts for the module; every test starts with the guests on
 host 0 (the previous test's moves are undone through the agents) and gets its
 own coordinator process and journal. Among the guests is one that rewrites
 its working set faster than the link carries it: without a raised downtime
-limit it never converges.
+limit it never converges. After each drain, every guest's own memory check
+must have found no page lost or changed (tests/lab/memcheck.py).
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from hostmaint.lab.state import Role, stop_process
 from hostmaint.protos import agent_pb2_grpc, coordinator_pb2_grpc
 from hostmaint.protos import coordinator_pb2 as cpb
 from tests.lab.conftest import require_lab
+from tests.lab.memcheck import assert_memory_intact
 
 pytestmark = pytest.mark.lab
 SUBNET = "10.213.21.0/24"
@@ -151,6 +153,7 @@ def test_drain_empties_the_host_within_the_limit(site: Site) -> None:
     # The hot guest does not converge as it is: the plan tuned it, or the escalation did.
     assert list(hot.tuning_applied) or hot.tuning not in (cpb.TUNING_NONE, cpb.TUNING_UNSPECIFIED)
     _assert_emptied(site)
+    assert_memory_intact(site.lab, NAMES)
 
 
 def test_coordinator_killed_mid_drain_resumes_from_its_journal(site: Site) -> None:
@@ -199,6 +202,7 @@ def test_coordinator_killed_mid_drain_resumes_from_its_journal(site: Site) -> No
     )
     assert starts, "the journal recorded no migration start"
     assert max(starts.values()) == 1, starts
+    assert_memory_intact(site.lab, NAMES)
 
 
 def test_a_target_whose_agent_is_down_gets_no_migration(site: Site) -> None:
@@ -221,3 +225,4 @@ def test_a_target_whose_agent_is_down_gets_no_migration(site: Site) -> None:
     assert all(vm.target_host != down_host.name for vm in status.vms)
     _assert_emptied(site)
     assert all(site.lab.where(g).name == site.lab.hosts[1].name for g in NAMES)
+    assert_memory_intact(site.lab, NAMES)

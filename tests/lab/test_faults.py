@@ -4,7 +4,8 @@ Whatever breaks (the coordinator killed, an agent killed, a libvirtd restarted
 on the source or stopped on a target, the migration network cut), afterwards:
 no VM is lost, none runs twice, none is left paused; the drain reaches an end
 (completed, or incomplete with a reason); the journal lost no drain state and
-no migration was started twice.
+no migration was started twice; no guest's own memory check found a page lost
+or changed (tests/lab/memcheck.py).
 
 One lab of three hosts for the module, guests on a slow shaped link so that
 a fault lands inside a migration: `big` takes several seconds to copy,
@@ -48,6 +49,7 @@ from hostmaint.protos import agent_pb2 as apb
 from hostmaint.protos import agent_pb2_grpc, coordinator_pb2_grpc
 from hostmaint.protos import coordinator_pb2 as cpb
 from tests.lab.conftest import require_lab
+from tests.lab.memcheck import assert_memory_intact, memory_problems
 
 pytestmark = pytest.mark.lab
 SUBNET = "10.213.25.0/24"
@@ -377,6 +379,8 @@ class KillRow:
     agent_starts: dict[str, int]
     repeated: int
     problems: tuple[str, ...]
+    checked_pages: int = 0
+    mismatched_pages: int = 0
 
 
 def _kill_round(site: Site, r: int, delay_s: float | None) -> tuple[KillRow, float]:
@@ -424,6 +428,8 @@ def _kill_round(site: Site, r: int, delay_s: float | None) -> tuple[KillRow, flo
             problems.append(f"{g}: {agent[u]} agent starts for {steps.by_vm[u]} attempts")
     if steps.open_steps:
         problems.append(f"{steps.open_steps} steps left open")
+    memory, mismatches = memory_problems(site.lab, NAMES)
+    problems.extend(mismatches)
     repeated = sum(n - 1 for n in steps.by_attempt.values() if n > 1) + sum(
         max(0, agent[u] - steps.by_vm[u]) for u in site.uuids.values()
     )
@@ -440,13 +446,16 @@ def _kill_round(site: Site, r: int, delay_s: float | None) -> tuple[KillRow, flo
         agent_starts={site.name_of(u): n for u, n in agent.items()},
         repeated=repeated,
         problems=tuple(problems),
+        checked_pages=sum(v.checked_pages for v in memory.values()),
+        mismatched_pages=sum(v.mismatched_pages for v in memory.values()),
     )
     return row, elapsed_s
 
 
 def _print_kill_table(rows: list[KillRow]) -> None:
     print("\nround src        kill_s  drain      migrating                   outcome    "
-          "journal/agent starts per VM                 repeated  problems")  # fmt: skip
+          "journal/agent starts per VM                 repeated  pages checked/mismatched  "
+          "problems")  # fmt: skip
     for k in rows:
         starts = " ".join(
             f"{g.removeprefix(PREFIX + '-')}={k.journal_starts.get(g, 0)}/{k.agent_starts.get(g, 0)}"
@@ -456,7 +465,8 @@ def _print_kill_table(rows: list[KillRow]) -> None:
         migrating = ",".join(m.removeprefix(PREFIX + "-") for m in k.migrating) or "-"
         print(
             f"{k.round:5d} {k.source:10s} {kill:>6s}  {k.drain_state:10s} {migrating:27s} "
-            f"{k.outcome:10s} {starts:43s} {k.repeated:8d}  {'; '.join(k.problems) or 'ok'}"
+            f"{k.outcome:10s} {starts:43s} {k.repeated:8d}  "
+            f"{k.checked_pages:>13d}/{k.mismatched_pages:<10d} {'; '.join(k.problems) or 'ok'}"
         )
 
 
@@ -558,6 +568,7 @@ def test_source_agent_killed_mid_migration_is_followed_and_reattached(site: Site
     steps = _steps(site.journal("agentkill"), status.drain_id)
     assert steps.by_vm[uuid] == 1, "big's migration was started again"
     assert max(steps.by_attempt.values()) == 1
+    assert_memory_intact(site.lab, NAMES)
 
 
 # ---- 3. libvirtd restarted on the source -------------------------------------------------
@@ -601,6 +612,7 @@ def test_source_libvirtd_restarted_during_a_drain(site: Site) -> None:
     # A VM is started again only after an attempt that failed (at most max_attempts).
     assert all(agent[site.uuids[g]] <= max(1, states[g].attempts) for g in NAMES), agent
     _assert_report_matches_the_world(site, src.name, status)
+    assert_memory_intact(site.lab, NAMES)
 
 
 def _assert_report_matches_the_world(site: Site, source: str, status: cpb.DrainStatus) -> None:
@@ -682,6 +694,7 @@ def test_target_libvirtd_stopped_mid_migration_retries_on_the_other_target(site:
     assert all(site.lab.where(g).name == survivor.name for g in NAMES)
     steps = _steps(site.journal("tgtlibvirtd"), status.drain_id)
     assert max(steps.by_attempt.values()) == 1
+    assert_memory_intact(site.lab, NAMES)
 
 
 # ---- 5. the migration network cut during pre-copy ----------------------------------------
@@ -750,3 +763,4 @@ def test_network_cut_during_precopy_leaves_the_vm_on_the_source(site: Site) -> N
     assert _placement_problems(site.lab, {src.name}) == []
     steps = _steps(site.journal("netcut"), status.drain_id)
     assert max(steps.by_attempt.values()) == 1
+    assert_memory_intact(site.lab, NAMES)

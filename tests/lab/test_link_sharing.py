@@ -26,6 +26,7 @@ from hostmaint.lab.state import wait_until
 from hostmaint.protos import agent_pb2 as pb
 from hostmaint.protos import agent_pb2_grpc
 from tests.lab.conftest import require_lab
+from tests.lab.memcheck import assert_memory_intact
 
 pytestmark = pytest.mark.lab
 SUBNET = "10.213.23.0/24"
@@ -186,6 +187,7 @@ def test_two_dirty_guests_converge_one_after_the_other_but_not_at_once(site: Sit
         f"at once: neither in {CONCURRENT_S:.0f}s"
     )
     assert [site.lab.where(g).name for g in NAMES] == [target.name] * len(NAMES)
+    assert_memory_intact(site.lab, NAMES)
 
 
 def test_a_burst_lets_one_of_two_sharing_the_link_converge(site: Site) -> None:
@@ -241,3 +243,4 @@ def test_a_burst_lets_one_of_two_sharing_the_link_converge(site: Site) -> None:
         f"released, {held.guest} converged after {other.elapsed_ms / 1000:.1f}s in all"
     )
     assert {site.lab.where(g).name for g in NAMES} == hosts - {holder.source}
+    assert_memory_intact(site.lab, NAMES)

@@ -23,6 +23,7 @@ import pytest
 from hostmaint.lab import cluster
 from hostmaint.lab.guest import GuestMode, GuestSpec
 from hostmaint.protos import coordinator_pb2 as cpb
+from tests.lab.memcheck import assert_servers_memory_intact
 from tests.lab.novasite import (
     LIMIT_MS,
     MIB,
@@ -100,6 +101,7 @@ def test_drain_through_novas_driver_moves_the_guests_within_the_limit(site: Site
         assert nova.log_lines("Increasing downtime to 50 ms"), "Nova's monitor did not step"
         # The bystander is untouched.
         assert nova.where(stay) == [other] and nova.live_migrations(stay.id) == []
+        assert_servers_memory_intact(nova, [dirty, static, stay])
     finally:
         undrain(coordinator.address, source)
         coordinator.stop()
@@ -146,6 +148,7 @@ def test_novas_abort_leaves_the_server_in_error_and_force_complete_switches_to_p
         assert status == "completed" and body["OS-EXT-SRV-ATTR:host"] == away
         assert nova.where(hot) == [away]
         assert len(nova.log_lines(POSTCOPY_SWITCH)) == switches + 1
+        assert_servers_memory_intact(nova, [hot])
     finally:
         nova.delete(hot.id)
 
@@ -186,6 +189,7 @@ def test_stalled_migration_is_aborted_through_nova_retried_and_left_active(site:
         body = nova.server(hot.id)
         assert (body["status"], body["OS-EXT-SRV-ATTR:host"]) == ("ACTIVE", home), body
         assert nova.where(hot) == [home]
+        assert_servers_memory_intact(nova, [hot])
     finally:
         undrain(coordinator.address, home)
         coordinator.stop()
@@ -212,6 +216,7 @@ def test_stalled_migration_is_force_completed_into_postcopy_by_novas_monitor(
         assert status.state == cpb.DRAIN_STATE_COMPLETED, status
         assert vm.target_host == moved_once(nova, hot, home)
         assert len(nova.log_lines(POSTCOPY_SWITCH)) == switches + 1
+        assert_servers_memory_intact(nova, [hot])
     finally:
         undrain(coordinator.address, home)
         coordinator.stop()

@@ -19,6 +19,7 @@ from hostmaint.lab import cluster
 from hostmaint.lab.guest import GuestMode, GuestSpec
 from hostmaint.lab.novalab import NovaLab
 from hostmaint.protos import agent_pb2 as pb
+from tests.lab.memcheck import assert_servers_memory_intact
 from tests.lab.novasite import (
     Site,
     T,
@@ -98,3 +99,4 @@ def test_agents_floor_survives_novas_real_downtime_steps(site: Site) -> None:
     assert resp.status_code == 202, resp.text
     _, status = settled(nova, hot, int(record["id"]), "error")
     assert status == "error" and nova.where(hot) == [home]
+    assert_servers_memory_intact(nova, [hot])

@@ -25,6 +25,7 @@ from hostmaint.lab.demo import move_guests_to, placement, placement_problems
 from hostmaint.lab.guest import GuestMode, GuestSpec
 from hostmaint.protos import coordinator_pb2 as cpb
 from tests.lab.conftest import require_lab
+from tests.lab.memcheck import assert_memory_intact
 from tests.lab.test_drain_lab import Site, _drain_events, _print_vms
 
 pytestmark = pytest.mark.lab
@@ -79,6 +80,7 @@ def _drain_alone(
     print(f"  tuned: {tuned}")
     assert status.state == cpb.DRAIN_STATE_COMPLETED, status
     assert placement_problems(placement(site.lab, [guest.name]), source.name) == []
+    assert_memory_intact(site.lab, [WIDE.name, HOT.name])
     return planned, status, tuned
 
 
