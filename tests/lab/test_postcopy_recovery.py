@@ -37,6 +37,7 @@ from hostmaint.protos import agent_pb2 as apb
 from hostmaint.protos import agent_pb2_grpc, coordinator_pb2_grpc
 from hostmaint.protos import coordinator_pb2 as cpb
 from tests.lab.conftest import require_lab
+from tests.lab.memcheck import assert_memory_intact
 
 pytestmark = pytest.mark.lab
 SUBNET = "10.213.27.0/24"
@@ -213,6 +214,7 @@ def test_a_link_cut_during_postcopy_is_resumed_and_the_vm_moves(site: Site, cut_
     assert _defined_on(source, GUEST.name) == []  # no paused half left behind
     assert not [s for s in steps if s.action == "abort"]
     assert tries >= 1
+    assert_memory_intact(site.lab, [GUEST.name])  # every page as the guest wrote it
 
 
 def test_a_target_gone_for_good_is_reported_stranded(site: Site) -> None:
