@@ -153,19 +153,17 @@ def _saturating(ta: float, ya: float, tb: float, yb: float) -> Callable[[float],
 
 
 def forecast(history: Sequence[Observation]) -> Forecast | None:
-    seen = _forecast(history)
-    if seen is None:
+    if not history or history[-1].postcopy:
         return None
     starts = round_starts(history)
+    seen = _forecast(history[-1], starts)
+    if seen is None:
+        return None
     return dataclasses.replace(seen, from_iteration=starts[-1].iteration)
 
 
-def _forecast(history: Sequence[Observation]) -> Forecast | None:
-    if not history or history[-1].postcopy:
-        return None
-    now = history[-1]
+def _forecast(now: Observation, starts: Sequence[RoundStart]) -> Forecast | None:
     bw = now.bandwidth_bytes_per_s
-    starts = round_starts(history)
     if len(starts) < 2 or bw <= 0:
         return None
     last = starts[-1]
