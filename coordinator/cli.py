@@ -82,6 +82,7 @@ from hostmaint.coordinator.client import (
     connect,
     policy_from_args,
     policy_options,
+    pump_stream,
     rpc_error,
     to_json,
 )
@@ -460,7 +461,10 @@ class DrainFollower:
         try:
             call = start()
             reader = threading.Thread(
-                target=self._read, args=(call, items), name=f"drain-events/{self.host}", daemon=True
+                target=pump_stream,
+                args=(call, items, _StreamEnd()),
+                name=f"drain-events/{self.host}",
+                daemon=True,
             )
             reader.start()
             return self._loop(items)
@@ -482,18 +486,6 @@ class DrainFollower:
             if self.live:
                 self.out.write(SHOW_CURSOR)
                 self.out.flush()
-
-    @staticmethod
-    def _read(
-        call: Iterator[pb.DrainEvent],
-        items: queue.Queue[pb.DrainEvent | grpc.RpcError | _StreamEnd],
-    ) -> None:
-        try:
-            for event in call:
-                items.put(event)
-        except grpc.RpcError as err:
-            items.put(err)
-        items.put(_StreamEnd())
 
     def _loop(self, items: queue.Queue[pb.DrainEvent | grpc.RpcError | _StreamEnd]) -> int:
         while True:

@@ -11,9 +11,10 @@ from __future__ import annotations
 
 import argparse
 import math
+import queue
 import re
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -303,3 +304,14 @@ def to_json(msg: message.Message) -> dict[str, Any]:
     return json_format.MessageToDict(
         msg, preserving_proto_field_name=True, always_print_fields_with_no_presence=True
     )
+
+
+def pump_stream(call: Iterable[Any], items: queue.Queue[Any], end: object) -> None:
+    """Puts each message of a server stream on ``items``, then its error if it broke, then
+    ``end`` (a reader thread's whole work, so that the main thread stays interruptible)."""
+    try:
+        for event in call:
+            items.put(event)
+    except grpc.RpcError as err:
+        items.put(err)
+    items.put(end)

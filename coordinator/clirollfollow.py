@@ -21,6 +21,7 @@ from hostmaint.coordinator.client import (
     EXIT_FAILED,
     EXIT_INCOMPLETE,
     EXIT_OK,
+    pump_stream,
     rpc_error,
     to_json,
 )
@@ -57,7 +58,7 @@ class RollFollower:
         try:
             call = start()
             threading.Thread(
-                target=self._read, args=(call, items), name="roll-events", daemon=True
+                target=pump_stream, args=(call, items, _End()), name="roll-events", daemon=True
             ).start()
             while True:
                 item = items.get()
@@ -85,17 +86,6 @@ class RollFollower:
                 f"Follow it with: {PROG} roll-status {self.roll_id}\n"
             )
             return EXIT_DETACHED
-
-    @staticmethod
-    def _read(
-        call: Iterator[pb.RollEvent], items: queue.Queue[pb.RollEvent | grpc.RpcError | _End]
-    ) -> None:
-        try:
-            for event in call:
-                items.put(event)
-        except grpc.RpcError as err:
-            items.put(err)
-        items.put(_End())
 
     def _show(self, event: pb.RollEvent) -> None:
         self.roll_id = self.roll_id or event.roll_id
