@@ -1,4 +1,6 @@
-"""A drain's event stream: the bus its followers read, and the events published on it."""
+"""A drain's event stream: the bus its followers read, and the events published on it.
+
+``EventBus`` serves a roll's events too (``rollrun``): it keeps any message type."""
 
 from __future__ import annotations
 
@@ -7,6 +9,7 @@ import itertools
 import logging
 import threading
 from collections.abc import Callable, Iterator
+from typing import Generic, TypeVar
 
 from hostmaint.coordinator import views
 from hostmaint.coordinator.journal import Journal, VmRow
@@ -16,10 +19,11 @@ from hostmaint.protos import coordinator_pb2 as cpb
 LOG = logging.getLogger(__name__)
 _EVENTS_HEAD = 10
 _EVENTS_KEPT = 5000
+E = TypeVar("E")
 
 
-class EventBus:
-    """A drain's events, kept so a client that re-attaches sees them from the start.
+class EventBus(Generic[E]):
+    """A drain's (or a roll's) events, kept so a client that re-attaches sees them from the start.
 
     Each event has an absolute position in the drain's stream. The first
     `_EVENTS_HEAD` (started, host disabled, planned...) are kept for good, the
@@ -30,13 +34,13 @@ class EventBus:
     """
 
     def __init__(self, kept: int = _EVENTS_KEPT) -> None:
-        self._head: list[cpb.DrainEvent] = []
-        self._tail: collections.deque[cpb.DrainEvent] = collections.deque(maxlen=kept)
+        self._head: list[E] = []
+        self._tail: collections.deque[E] = collections.deque(maxlen=kept)
         self._published = 0  # events ever published: the next one's position
         self._closed = False
         self._cond = threading.Condition()
 
-    def publish(self, event: cpb.DrainEvent) -> None:
+    def publish(self, event: E) -> None:
         with self._cond:
             if self._published < _EVENTS_HEAD:
                 self._head.append(event)
@@ -50,7 +54,7 @@ class EventBus:
             self._closed = True
             self._cond.notify_all()
 
-    def _since(self, position: int) -> list[cpb.DrainEvent]:
+    def _since(self, position: int) -> list[E]:
         """The kept events from `position` on (the window's oldest if it slid past)."""
         batch = self._head[position:]
         first_in_tail = self._published - len(self._tail)
@@ -58,7 +62,7 @@ class EventBus:
         batch.extend(itertools.islice(self._tail, skip, None))
         return batch
 
-    def follow(self, stopped: Callable[[], bool]) -> Iterator[cpb.DrainEvent]:
+    def follow(self, stopped: Callable[[], bool]) -> Iterator[E]:
         position = 0
         while True:
             with self._cond:
@@ -113,7 +117,7 @@ class Events:
             event.status.CopyFrom(self.status(drain_id))
         return event
 
-    def publish(self, bus: EventBus, event: cpb.DrainEvent) -> None:
+    def publish(self, bus: EventBus[cpb.DrainEvent], event: cpb.DrainEvent) -> None:
         """Logs the event and puts it on the drain's bus."""
         LOG.info(
             "drain event drain=%s host=%s kind=%s vm=%s %s",

@@ -29,6 +29,7 @@ from google.protobuf import json_format
 from hostmaint.coordinator import errors, rollinputs, views
 from hostmaint.coordinator.agents import Health
 from hostmaint.coordinator.drivers.base import DriverError
+from hostmaint.coordinator.events import EventBus
 from hostmaint.coordinator.executor import Executor
 from hostmaint.coordinator.rollhook import HookResult, hook_argv, run_hook
 from hostmaint.coordinator.rolljournal import (
@@ -80,43 +81,11 @@ class RollSettings:
     poll_interval_s: float = 1.0
 
 
-class _Bus:
-    """A roll's events in this process, from the start, for every follower."""
-
-    def __init__(self) -> None:
-        self._events: list[cpb.RollEvent] = []
-        self._closed = False
-        self._cond = threading.Condition()
-
-    def publish(self, event: cpb.RollEvent) -> None:
-        with self._cond:
-            self._events.append(event)
-            self._cond.notify_all()
-
-    def close(self) -> None:
-        with self._cond:
-            self._closed = True
-            self._cond.notify_all()
-
-    def follow(self, stop: Callable[[], bool]) -> Iterator[cpb.RollEvent]:
-        position = 0
-        while True:
-            with self._cond:
-                while position >= len(self._events) and not self._closed and not stop():
-                    self._cond.wait(0.5)
-                batch = self._events[position:]
-                closed = self._closed
-            position += len(batch)
-            yield from batch
-            if (closed and not batch) or stop():
-                return
-
-
 @dataclass
 class _Run:
     roll_id: str
     request: cpb.RollRequest
-    bus: _Bus = field(default_factory=_Bus)
+    bus: EventBus[cpb.RollEvent] = field(default_factory=EventBus)
     thread: threading.Thread | None = None
     hooks: dict[str, threading.Thread] = field(default_factory=dict)
     waiting_since: dict[str, float] = field(default_factory=dict)

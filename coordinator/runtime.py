@@ -114,7 +114,7 @@ class DrainRun:
     host: str
     policy: DrainPolicy
     policy_pb: cpb.DrainPolicy
-    bus: EventBus
+    bus: EventBus[cpb.DrainEvent]
     link: LinkArbiter
     link_bytes_per_s: float = 0.0
     planned: dict[str, PlannedMigration] = field(default_factory=dict)
