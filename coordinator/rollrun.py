@@ -8,16 +8,15 @@ host of this one is done. A failed drain, hook or return stops the roll: the hos
 disabled and says why, and the operator resumes the roll (the failed step again) or
 skips the host.
 
-Every step is journaled (`rolljournal`) before it is taken. A restarted coordinator
-resumes its open rolls (`resume_all`, after the executor resumed their drains): a
-host's drain is adopted, never started twice; a hook journaled as started but not
-finished is not run again: the host fails with that reason and the roll stops for the
-operator. One thread per roll (`roll/<id8>`), one per running hook (`rollhook/<host>`).
+Every step is journaled (`rolljournal`) before it is taken; the RPCs' messages are built
+from the journal by `rollviews`. A restarted coordinator resumes its open rolls
+(`resume_all`, after the executor resumed their drains): a host's drain is adopted,
+never started twice; a hook journaled as started but not finished is not run again:
+the host fails with that reason and the roll stops for the operator. One thread per roll (`roll/<id8>`), one per running hook (`rollhook/<host>`).
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import threading
 import time
@@ -26,7 +25,7 @@ from dataclasses import dataclass, field
 
 from google.protobuf import json_format
 
-from hostmaint.coordinator import errors, rollinputs, views
+from hostmaint.coordinator import errors, rollinputs, rollviews
 from hostmaint.coordinator.agents import Health
 from hostmaint.coordinator.drivers.base import DriverError
 from hostmaint.coordinator.events import EventBus
@@ -51,25 +50,6 @@ LOG = logging.getLogger(__name__)
 
 HookRunner = Callable[[list[str], float, dict[str, str]], HookResult]
 
-_ROLL_STATES = {
-    RollState.RUNNING: cpb.ROLL_STATE_RUNNING,
-    RollState.STOPPED: cpb.ROLL_STATE_STOPPED,
-    RollState.CANCELLING: cpb.ROLL_STATE_CANCELLING,
-    RollState.COMPLETED: cpb.ROLL_STATE_COMPLETED,
-    RollState.CANCELLED: cpb.ROLL_STATE_CANCELLED,
-    RollState.FAILED: cpb.ROLL_STATE_FAILED,
-}
-_HOST_STATES = {
-    RollHostState.PENDING: cpb.ROLL_HOST_STATE_PENDING,
-    RollHostState.DRAINING: cpb.ROLL_HOST_STATE_DRAINING,
-    RollHostState.HOOK_RUNNING: cpb.ROLL_HOST_STATE_HOOK_RUNNING,
-    RollHostState.WAITING: cpb.ROLL_HOST_STATE_WAITING,
-    RollHostState.DONE: cpb.ROLL_HOST_STATE_DONE,
-    RollHostState.FAILED: cpb.ROLL_HOST_STATE_FAILED,
-    RollHostState.SKIPPED: cpb.ROLL_HOST_STATE_SKIPPED,
-}
-_ENDED = (RollHostState.DONE, RollHostState.SKIPPED)
-
 
 @dataclass(frozen=True)
 class RollSettings:
@@ -90,14 +70,6 @@ class _Run:
     hooks: dict[str, threading.Thread] = field(default_factory=dict)
     waiting_since: dict[str, float] = field(default_factory=dict)
     announced_waves: set[int] = field(default_factory=set)
-
-
-def request_to_json(request: cpb.RollRequest) -> str:
-    return json_format.MessageToJson(request, sort_keys=True)
-
-
-def request_from_json(text: str) -> cpb.RollRequest:
-    return json_format.Parse(text, cpb.RollRequest())
 
 
 def _versions(report: object) -> str:
@@ -171,7 +143,7 @@ class Rolls:
     def open_roll_of(self, request: cpb.RollRequest) -> str | None:
         """An open roll of the same hosts (or aggregate), to re-attach to."""
         for roll in self.journal.open_rolls():
-            other = request_from_json(roll.request)
+            other = rollviews.request_from_json(roll.request)
             if request.aggregate:
                 if other.aggregate == request.aggregate:
                     return roll.id
@@ -209,12 +181,14 @@ class Rolls:
                         wave=wave.index,
                         position=len(rows),
                         state=RollHostState.PENDING,
-                        targets=views_json(targets),
+                        targets=rollviews.targets_json(targets),
                         predicted_s=hp.predicted_s,
                     )
                 )
         roll = self.journal.create_roll(
-            request_to_json(stored), json_format.MessageToJson(plan_pb, sort_keys=True), rows
+            rollviews.request_to_json(stored),
+            json_format.MessageToJson(plan_pb, sort_keys=True),
+            rows,
         )
         run = _Run(roll.id, stored)
         self._publish(run, cpb.ROLL_EVENT_KIND_STARTED, message=request.reason)
@@ -234,7 +208,7 @@ class Rolls:
                     continue
             if roll.state == RollState.STOPPED:
                 continue
-            run = _Run(roll.id, request_from_json(roll.request))
+            run = _Run(roll.id, rollviews.request_from_json(roll.request))
             LOG.info("resuming roll roll=%s state=%s", roll.id, roll.state)
             self._publish(run, cpb.ROLL_EVENT_KIND_RESUMED, message="coordinator restarted")
             self._launch(run)
@@ -264,7 +238,7 @@ class Rolls:
         else:
             retried = failed
             message = "resumed by the operator" + (" (hook done)" if hook_done else "")
-        request = request_from_json(roll.request)
+        request = rollviews.request_from_json(roll.request)
         again = {h.host for h in retried if h.step == STEP_DRAIN}
         pending = [h.host for h in rows if h.state == RollHostState.PENDING or h.host in again]
         # Planned before anything changes: a roll that no longer fits is refused as it is.
@@ -336,7 +310,7 @@ class Rolls:
             for hp in w.hosts:
                 updates[hp.host] = {
                     "wave": wave.index,
-                    "targets": views_json({m.vm_uuid: m.target_host for m in hp.moves}),
+                    "targets": rollviews.targets_json({m.vm_uuid: m.target_host for m in hp.moves}),
                     "predicted_s": hp.predicted_s,
                 }
         for p in fresh.parked:
@@ -373,7 +347,7 @@ class Rolls:
         self.journal.update_roll(roll_id, cancel_requested=True, abort_running=abort_running)
         if roll.state == RollState.STOPPED:
             self.journal.update_roll(roll_id, state=RollState.CANCELLING)
-            self._launch(_Run(roll_id, request_from_json(roll.request)))
+            self._launch(_Run(roll_id, rollviews.request_from_json(roll.request)))
         self._poke()
 
     # -- reading ----------------------------------------------------------------------
@@ -386,40 +360,7 @@ class Rolls:
 
     def status(self, roll_id: str) -> cpb.RollStatus:
         roll = self.journal.roll(roll_id)
-        return self._status(roll, self.journal.hosts(roll_id))
-
-    def _status(self, roll: RollRow, hosts: Sequence[RollHostRow]) -> cpb.RollStatus:
-        request = request_from_json(roll.request)
-        out = cpb.RollStatus(
-            roll_id=roll.id,
-            state=_ROLL_STATES[roll.state],
-            hook=request.hook,
-            message=roll.message,
-            reason=request.reason,
-        )
-        if roll.plan:
-            json_format.Parse(roll.plan, out.plan)
-        _set_ts(out, "started_at", roll.created_at)
-        _set_ts(out, "finished_at", roll.finished_at)
-        waves = [h.wave for h in hosts if h.state not in _ENDED]
-        out.current_wave = min(waves) if waves else 0
-        for h in hosts:
-            hs = out.hosts.add(
-                host=h.host,
-                wave=h.wave,
-                state=_HOST_STATES[h.state],
-                step=h.step,
-                drain_id=h.drain_id,
-                error=h.error,
-                hook_exit_code=h.hook_exit_code if h.hook_exit_code is not None else 0,
-                hook_output=h.hook_output,
-                versions_before=h.versions_before,
-                versions_after=h.versions_after,
-                predicted_s=h.predicted_s,
-            )
-            for name in ("hook_started_at", "hook_finished_at", "started_at", "finished_at"):
-                _set_ts(hs, name, getattr(h, name))
-        return out
+        return rollviews.status_to_pb(roll, self.journal.hosts(roll_id))
 
     def events(self, roll_id: str, stopped: Callable[[], bool]) -> Iterator[cpb.RollEvent]:
         with self._lock:
@@ -496,7 +437,7 @@ class Rolls:
             return self._cancelling(run, roll, hosts)
         if roll.state == RollState.STOPPED:
             return False
-        pending = [h for h in hosts if h.state not in _ENDED]
+        pending = [h for h in hosts if h.state not in rollviews.ENDED]
         if not pending:
             skipped = [h.host for h in hosts if h.state == RollHostState.SKIPPED]
             message = f"skipped: {', '.join(skipped)}" if skipped else ""
@@ -517,7 +458,7 @@ class Rolls:
                 run, cpb.ROLL_EVENT_KIND_WAVE_STARTED, wave=wave, message=", ".join(names)
             )
         for h in hosts:
-            if h.wave == wave and h.state not in _ENDED:
+            if h.wave == wave and h.state not in rollviews.ENDED:
                 self._advance(run, h)
         failed = [h for h in self.journal.hosts(run.roll_id) if h.state == RollHostState.FAILED]
         busy = any(t.is_alive() for t in run.hooks.values())
@@ -781,7 +722,7 @@ class Rolls:
         self, roll_id: str, kind: cpb.RollEventKind.ValueType, **kw: object
     ) -> cpb.RollEvent:
         event = cpb.RollEvent(roll_id=roll_id, kind=kind, **kw)  # type: ignore[arg-type]
-        _set_ts(event, "at", self._clock())
+        rollviews.set_ts(event, "at", self._clock())
         return event
 
     def _publish(self, run: _Run, kind: cpb.RollEventKind.ValueType, **kw: object) -> None:
@@ -795,13 +736,3 @@ class Rolls:
             event.message,
         )
         run.bus.publish(event)
-
-
-def views_json(targets: dict[str, str]) -> str:
-    return json.dumps(targets, sort_keys=True)
-
-
-def _set_ts(msg: object, name: str, epoch_s: float | None) -> None:
-    ts = views.timestamp(epoch_s)
-    if ts is not None:
-        getattr(msg, name).CopyFrom(ts)
