@@ -48,6 +48,7 @@ from pathlib import Path
 
 import grpc
 
+from hostmaint.coordinator.cliview import FINISHED_DRAIN_STATES
 from hostmaint.coordinator.journal import Journal, make_engine
 from hostmaint.lab import cluster
 from hostmaint.lab.demo import (
@@ -73,12 +74,6 @@ GUESTS = [
     GuestSpec(f"{PREFIX}-big", 512, 32, 4, GuestMode.PACED, 96),
 ]
 NAMES = [g.name for g in GUESTS]
-TERMINAL = {
-    cpb.DRAIN_STATE_COMPLETED,
-    cpb.DRAIN_STATE_INCOMPLETE,
-    cpb.DRAIN_STATE_CANCELLED,
-    cpb.DRAIN_STATE_FAILED,
-}
 DRAIN_TIMEOUT_S = 900.0
 # A restarted coordinator acting: re-attaching to a migration, or a drain event of one.
 _ACTION = re.compile(
@@ -149,7 +144,7 @@ def _await_terminal(address: str, host: str) -> cpb.DrainStatus:
         stub = coordinator_pb2_grpc.CoordinatorStub(channel)
         while True:
             status: cpb.DrainStatus = stub.GetDrain(cpb.GetDrainRequest(host=host), timeout=30)
-            if status.state in TERMINAL or time.monotonic() > deadline:
+            if status.state in FINISHED_DRAIN_STATES or time.monotonic() > deadline:
                 return status
             time.sleep(0.5)
 

@@ -19,6 +19,7 @@ from pathlib import Path
 import grpc
 import pytest
 
+from hostmaint.coordinator.cliview import FINISHED_DRAIN_STATES
 from hostmaint.coordinator.journal import Journal, make_engine
 from hostmaint.lab import cluster
 from hostmaint.lab.demo import (
@@ -49,12 +50,6 @@ GUESTS = [
     GuestSpec(f"{PREFIX}-cpu", 128, 16, 4, GuestMode.CPU, 0),
 ]
 NAMES = [g.name for g in GUESTS]
-TERMINAL = {
-    cpb.DRAIN_STATE_COMPLETED,
-    cpb.DRAIN_STATE_INCOMPLETE,
-    cpb.DRAIN_STATE_CANCELLED,
-    cpb.DRAIN_STATE_FAILED,
-}
 
 
 @dataclass
@@ -185,7 +180,7 @@ def test_coordinator_killed_mid_drain_resumes_from_its_journal(site: Site) -> No
     try:
         deadline = time.monotonic() + 300
         status = _get(restarted.address, host)
-        while status.state not in TERMINAL and time.monotonic() < deadline:
+        while status.state not in FINISHED_DRAIN_STATES and time.monotonic() < deadline:
             time.sleep(1)
             status = _get(restarted.address, host)
     finally:

@@ -34,6 +34,7 @@ import grpc
 import libvirt
 import pytest
 
+from hostmaint.coordinator.cliview import FINISHED_DRAIN_STATES
 from hostmaint.coordinator.journal import Journal, make_engine
 from hostmaint.lab import cluster, network
 from hostmaint.lab.demo import (
@@ -66,12 +67,6 @@ DIRTY = GuestSpec(f"{PREFIX}-dirty", 256, 32, 12, GuestMode.PACED, 0)
 SMALL = GuestSpec(f"{PREFIX}-small", 128, 8, 1, GuestMode.PACED, 8)
 GUESTS = [BIG, DIRTY, SMALL]
 NAMES = [g.name for g in GUESTS]
-TERMINAL = {
-    cpb.DRAIN_STATE_COMPLETED,
-    cpb.DRAIN_STATE_INCOMPLETE,
-    cpb.DRAIN_STATE_CANCELLED,
-    cpb.DRAIN_STATE_FAILED,
-}
 _AGENT_START = re.compile(r"migration starting vm=([0-9a-f-]{36})")
 
 
@@ -202,7 +197,7 @@ def _get(address: str, host: str) -> cpb.DrainStatus:
 def _await_terminal(address: str, host: str) -> cpb.DrainStatus:
     deadline = time.monotonic() + DRAIN_TIMEOUT_S
     status = _get(address, host)
-    while status.state not in TERMINAL and time.monotonic() < deadline:
+    while status.state not in FINISHED_DRAIN_STATES and time.monotonic() < deadline:
         time.sleep(1)
         status = _get(address, host)
     return status
