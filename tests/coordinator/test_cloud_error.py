@@ -22,16 +22,15 @@ from typing import Any
 import pytest
 
 from hostmaint.coordinator import errors
-from hostmaint.coordinator.drivers.base import Instance, InstanceState
+from hostmaint.coordinator.drivers.base import InstanceState
 from hostmaint.coordinator.executor import Executor, ExecutorSettings
 from hostmaint.coordinator.journal import STEP_DONE, Journal, make_engine
-from hostmaint.coordinator.model import GIB, MIB, DrainPolicy, Link
+from hostmaint.coordinator.model import GIB, MIB, DrainPolicy
 from hostmaint.protos import coordinator_pb2 as cpb
+from tests.coordinator.onevm import LINK_BYTES_PER_S, SOURCE, one_vm_cloud
 from tests.coordinator.simagents import Guest, SimAgent, SimAgents
-from tests.coordinator.simdriver import SimDriver, SimHost
+from tests.coordinator.simdriver import SimDriver
 
-LINK_BYTES_PER_S = 1.25e9
-SOURCE, TARGET = "src", "dst"
 VM = "stuck"
 GUEST = Guest(2 * GIB, 1 * GIB, rate_bytes_per_s=10 * MIB)
 POLICY = cpb.DrainPolicy(allow_postcopy=False)
@@ -55,18 +54,8 @@ class HiddenAgents(SimAgents):
 def _drain(
     tmp_path: Path, agents_type: type[SimAgents], error_delay_s: float = 0.0
 ) -> tuple[SimDriver, Journal, str]:
-    driver = SimDriver(
-        [SimHost(SOURCE, 64 * 1024, 64), SimHost(TARGET, 64 * 1024, 64)],
-        [Instance(VM, VM, SOURCE, "p", InstanceState.ACTIVE, None, "f", 2, 2 * 1024)],
-        clock=time.monotonic,
-        link=Link(LINK_BYTES_PER_S),
-        time_scale=0.01,
-        precopy_never_ends={VM},
-        error_after_abort=True,
-        error_delay_s=error_delay_s,
-    )
-    agents = agents_type(
-        driver, {VM: GUEST}, LINK_BYTES_PER_S, no_cpu_controller={SOURCE}, sample_interval_s=0.02
+    driver, agents = one_vm_cloud(
+        VM, GUEST, agents_type, error_after_abort=True, error_delay_s=error_delay_s
     )
     journal = Journal(make_engine(f"sqlite:///{tmp_path / 'journal.db'}"), clock=time.time)
     settings = ExecutorSettings(

@@ -22,17 +22,16 @@ from typing import Any
 import pytest
 
 from hostmaint.coordinator import pcrecovery
-from hostmaint.coordinator.drivers.base import Instance, InstanceState, TargetHalf
+from hostmaint.coordinator.drivers.base import TargetHalf
 from hostmaint.coordinator.executor import Executor, ExecutorSettings
 from hostmaint.coordinator.journal import Journal, make_engine
-from hostmaint.coordinator.model import GIB, DrainPolicy, Link
+from hostmaint.coordinator.model import GIB, DrainPolicy
 from hostmaint.protos import agent_pb2 as apb
 from hostmaint.protos import coordinator_pb2 as cpb
+from tests.coordinator.onevm import LINK_BYTES_PER_S, SOURCE, TARGET, one_vm_cloud
 from tests.coordinator.simagents import Guest, SimAgent, SimAgents
-from tests.coordinator.simdriver import SimDriver, SimHost
+from tests.coordinator.simdriver import SimDriver
 
-LINK_BYTES_PER_S = 1.25e9
-SOURCE, TARGET = "src", "dst"
 VM = "writer"
 GUEST = Guest(2 * GIB, 1 * GIB, rate_bytes_per_s=4 * GIB)
 POLICY = cpb.DrainPolicy(allow_postcopy=True)
@@ -66,20 +65,9 @@ def stopped() -> Iterator[threading.Event]:
 
 
 def _cloud(cut_s: float | None, target_lost: bool = False) -> tuple[SimDriver, SimAgents]:
-    driver = SimDriver(
-        [SimHost(SOURCE, 64 * 1024, 64), SimHost(TARGET, 64 * 1024, 64)],
-        [Instance(VM, VM, SOURCE, "p", InstanceState.ACTIVE, None, "f", 2, 2 * 1024)],
-        clock=time.monotonic,
-        link=Link(LINK_BYTES_PER_S),
-        time_scale=0.01,
-        precopy_never_ends={VM},
-        postcopy_cuts={VM: cut_s},
-        target_lost={VM} if target_lost else (),
+    return one_vm_cloud(
+        VM, GUEST, postcopy_cuts={VM: cut_s}, target_lost={VM} if target_lost else ()
     )
-    agents = SimAgents(
-        driver, {VM: GUEST}, LINK_BYTES_PER_S, no_cpu_controller={SOURCE}, sample_interval_s=0.02
-    )
-    return driver, agents
 
 
 def _executor(

@@ -8,16 +8,13 @@ import time
 from pathlib import Path
 from typing import Any
 
-from hostmaint.coordinator.drivers.base import Instance, InstanceState
 from hostmaint.coordinator.executor import Executor, ExecutorSettings
 from hostmaint.coordinator.journal import Journal, make_engine
-from hostmaint.coordinator.model import GIB, MIB, DrainPolicy, Link
+from hostmaint.coordinator.model import GIB, MIB, DrainPolicy
 from hostmaint.protos import coordinator_pb2 as cpb
-from tests.coordinator.simagents import Guest, SimAgents
-from tests.coordinator.simdriver import SimDriver, SimHost
+from tests.coordinator.onevm import LINK_BYTES_PER_S, SOURCE, one_vm_cloud
+from tests.coordinator.simagents import Guest
 
-LINK_BYTES_PER_S = 1.25e9
-SOURCE, TARGET = "src", "dst"
 VM = "hot"
 # reported as a slow writer, so the plan expects it to converge at once; its job's rounds
 # keep 900 MiB left at every sync: it will not converge as it runs
@@ -28,17 +25,7 @@ WAIT_S = 30.0
 def test_rounds_that_stop_shrinking_are_journaled_shown_and_escalated_before_the_timeout(
     tmp_path: Path,
 ) -> None:
-    driver = SimDriver(
-        [SimHost(SOURCE, 64 * 1024, 64), SimHost(TARGET, 64 * 1024, 64)],
-        [Instance(VM, VM, SOURCE, "p", InstanceState.ACTIVE, None, "f", 2, 4 * 1024)],
-        clock=time.monotonic,
-        link=Link(LINK_BYTES_PER_S),
-        time_scale=0.01,
-        precopy_never_ends={VM},
-    )
-    agents = SimAgents(
-        driver, {VM: GUEST}, LINK_BYTES_PER_S, no_cpu_controller={SOURCE}, sample_interval_s=0.02
-    )
+    driver, agents = one_vm_cloud(VM, GUEST)
     journal = Journal(make_engine(f"sqlite:///{tmp_path / 'journal.db'}"), clock=time.time)
     settings = ExecutorSettings(
         defaults=DrainPolicy(),
