@@ -182,11 +182,16 @@ class DirtyRateMeter:
             found = self.measure(batch, window_s, schedule.method)
             for uuid, rate in found.items():
                 readings[uuid].append(dirty.Reading(rate.bytes_per_s, window_s))
+        nonzero: dict[str, float] = {}  # read once a batch: a domain lookup each
         while True:
             wanted: dict[int, list[str]] = {}
             for uuid, rs in readings.items():
-                window = dirty.next_window_s(rs, self._nonzero_bytes(uuid), schedule.max_window_s)
-                if window is not None and len(rs) > 1:
+                if len(rs) < 2:
+                    continue
+                if uuid not in nonzero:
+                    nonzero[uuid] = self._nonzero_bytes(uuid)
+                window = dirty.next_window_s(rs, nonzero[uuid], schedule.max_window_s)
+                if window is not None:
                     wanted.setdefault(int(window), []).append(uuid)
             if not wanted:
                 return
