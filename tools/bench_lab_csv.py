@@ -1,7 +1,12 @@
 """Ground truth for the convergence model: lab migrations measured one by one and 2-3 at once.
 
-    sudo .venv/bin/python tools/bench_lab_csv.py [--out bench/lab-groundtruth.csv]
+    sudo .venv/bin/python tools/bench_lab_csv.py [--set sizes|patterns] [--out FILE]
         [--prefix hm-lc] [--subnet 10.213.30.0/24] [--rate-mbit 400] [--quick]
+
+``--set patterns`` runs guests of each write pattern (sequential walk, uniform random,
+hot/cold, bursty, CPU-bound) alone, two and three at once, into bench/lab-patterns.csv;
+before each step the source agent measures the step's guests as the planner does (the
+same windows), and each row has those readings beside the guest's configuration.
 
 Starts a lab of two hosts and a fixed set of guests (256 MiB to 1 GiB; zero, partly and
 mostly filled; paced writers from 0 to above the link and CPU-bound writers), then runs
@@ -26,6 +31,7 @@ import csv
 import datetime
 import enum
 import logging
+import math
 import os
 import sys
 import time
@@ -38,10 +44,14 @@ from typing import IO
 
 import grpc
 
-from hostmaint.coordinator import calibrate
+from hostmaint.common.dirty import LONGER_WINDOW_LINK_SHARE, Reading, Writer, writer_of
+from hostmaint.coordinator import calibrate, forecast, gather
+from hostmaint.coordinator.agents import AgentClient
+from hostmaint.coordinator.escalation import Observation
+from hostmaint.coordinator.model import DEFAULT_PARAMS
 from hostmaint.lab import cluster
 from hostmaint.lab.domains import GuestPlan
-from hostmaint.lab.guest import GuestMode, GuestProgress, GuestSpec
+from hostmaint.lab.guest import GuestMode, GuestPattern, GuestProgress, GuestSpec
 from hostmaint.protos import agent_pb2 as pb
 from hostmaint.protos import agent_pb2_grpc
 
@@ -63,10 +73,19 @@ EXTRA_COLUMNS = (
     "load_1m",
     "accel",
     "started_at",
+    "wall_s",
+    "pattern",
+    "measured_rate_mibps",
+    "measured_ws_mib",
+    "measured_floor_mibps",
+    "readings",
+    "measure_s",
+    "forecast_at_s",
+    "forecast_end_s",
+    "forecast_converges",
     "guest",
     "source",
     "target",
-    "wall_s",
     "rate_before_mibps",
     "rate_during_mibps",
     "max_throttle_pct",
@@ -83,8 +102,16 @@ class Tuning(enum.StrEnum):
     POSTCOPY = "postcopy"
 
 
-def _spec(name: str, mib: int, fill: int, ws: int, rate: float, mode: GuestMode) -> GuestSpec:
-    return GuestSpec(f"hm-lc-{name}", mib, ws, rate, mode, fill)
+def _spec(
+    name: str,
+    mib: int,
+    fill: int,
+    ws: int,
+    rate: float,
+    mode: GuestMode,
+    pattern: GuestPattern = GuestPattern.SEQ,
+) -> GuestSpec:
+    return GuestSpec(f"hm-lc-{name}", mib, ws, rate, mode, fill, pattern=pattern)
 
 
 PACED, CPU = GuestMode.PACED, GuestMode.CPU
@@ -151,6 +178,46 @@ STEPS: tuple[Step, ...] = (
 QUICK_GUESTS = ("hm-lc-idle", "hm-lc-c4")
 QUICK_STEPS: tuple[Step, ...] = (_step("idle"), _step("c4", AC), _step("idle c4"))
 
+# The write patterns (--set patterns): three identical guests of each, one pattern a group,
+# each group moved alone (at two downtime limits), two and three at once. The rates are
+# each pattern's write rate (bursty's while it writes, half the time); the agent's
+# readings of each guest before each step are in the row beside the configured values.
+SEQ, RANDOM, HOTCOLD, BURSTY = (
+    GuestPattern.SEQ,
+    GuestPattern.RANDOM,
+    GuestPattern.HOTCOLD,
+    GuestPattern.BURSTY,
+)
+PATTERN_GROUPS: tuple[tuple[str, int, int, int, float, GuestMode, GuestPattern], ...] = (
+    ("seq", 384, 64, 96, 12, PACED, SEQ),
+    ("rnd", 384, 64, 96, 16, PACED, RANDOM),
+    ("hc", 384, 64, 128, 24, PACED, HOTCOLD),
+    ("bur", 384, 64, 96, 24, PACED, BURSTY),
+    ("cpu", 256, 32, 48, 8, CPU, SEQ),
+)
+PATTERN_GUESTS: tuple[GuestSpec, ...] = tuple(
+    _spec(f"{g}{i}", mib, fill, ws, rate, mode, pattern)
+    for g, mib, fill, ws, rate, mode, pattern in PATTERN_GROUPS
+    for i in (1, 2, 3)
+)
+PATTERN_STEPS: tuple[Step, ...] = tuple(
+    step
+    for g, *_ in PATTERN_GROUPS
+    for step in (
+        _step(f"{g}1"),
+        _step(f"{g}1", limit_ms=100),
+        _step(f"{g}1 {g}2"),
+        _step(f"{g}1 {g}2 {g}3"),
+    )
+)
+SETS: dict[str, tuple[tuple[GuestSpec, ...], tuple[Step, ...], Path]] = {
+    "sizes": (GUESTS, STEPS, Path("bench/lab-groundtruth.csv")),
+    "patterns": (PATTERN_GUESTS, PATTERN_STEPS, Path("bench/lab-patterns.csv")),
+}
+# What the planner measures before it plans (the coordinator's [drain] defaults).
+MEASURE_WINDOW_S = 2
+MEASURE_MAX_WINDOW_S = 8
+
 
 def plans(guests: Sequence[GuestSpec]) -> list[GuestPlan]:
     """Every guest starts on host 0, so the guests of a step share a source."""
@@ -193,6 +260,98 @@ class Result:
     max_throttle_pct: int
     sent_mib: float
     error: str
+    first_forecast: FirstForecast | None = None
+
+
+@dataclass(frozen=True)
+class FirstForecast:
+    """The running job's first forecast of its end (``forecast``), as the coordinator makes it."""
+
+    at_s: float  # job time of the sample it was made on
+    converges: bool
+    end_s: float  # job time it forecast the end at (inf: never)
+
+    def columns(self) -> dict[str, str]:
+        return {
+            "forecast_at_s": _fmt(self.at_s),
+            "forecast_end_s": _fmt(self.end_s) if math.isfinite(self.end_s) else "inf",
+            "forecast_converges": "true" if self.converges else "false",
+        }
+
+
+class ForecastLog:
+    """Feeds a job's progress samples to ``forecast`` and keeps the first forecast made."""
+
+    def __init__(self, fair_share_bytes_per_s: float) -> None:
+        self.fair_share = fair_share_bytes_per_s
+        self.history: list[Observation] = []
+        self.first: FirstForecast | None = None
+
+    def add(self, p: pb.MigrationProgress) -> None:
+        if self.first is not None or not p.memory_total_bytes:
+            return
+        elapsed_s = p.elapsed_ms / 1000.0
+        self.history.append(
+            Observation(
+                elapsed_s=elapsed_s,
+                iteration=p.iteration,
+                remaining_bytes=p.memory_remaining_bytes,
+                bandwidth_bytes_per_s=p.bandwidth_bytes_per_s,
+                max_downtime_ms=p.max_downtime_ms,
+                postcopy=p.phase == pb.MIGRATION_PHASE_POSTCOPY,
+                first_pass_done=p.iteration >= 2,
+                fair_share_bytes_per_s=self.fair_share,
+                processed_bytes=p.memory_processed_bytes,
+            )
+        )
+        f = forecast.forecast(self.history)
+        if f is not None:
+            self.first = FirstForecast(elapsed_s, f.converges, elapsed_s + f.remaining_s)
+
+
+NO_FORECAST = {"forecast_at_s": "", "forecast_end_s": "", "forecast_converges": ""}
+
+
+@dataclass(frozen=True)
+class Measured:
+    """What the source agent read of a guest's writing before its step, as the planner
+    reads it: readings over doubling windows and the writer they describe."""
+
+    readings: tuple[Reading, ...]
+    writer: Writer
+    measure_s: float
+
+    @staticmethod
+    def of(readings: Sequence[Reading], measure_s: float) -> Measured:
+        return Measured(tuple(readings), writer_of(readings), measure_s)
+
+    def columns(self) -> dict[str, str]:
+        w = self.writer
+        return {
+            "measured_rate_mibps": _fmt(w.rate_bytes_per_s / MIB, 2),
+            "measured_ws_mib": _fmt(
+                None if w.working_set_bytes is None else w.working_set_bytes / MIB, 1
+            ),
+            "measured_floor_mibps": _fmt(
+                None if w.rate_floor_bytes_per_s is None else w.rate_floor_bytes_per_s / MIB, 2
+            ),
+            "readings": " ".join(
+                f"{r.window_s:g}:{r.bytes_per_s / MIB:.2f}" for r in self.readings
+            ),
+            "measure_s": _fmt(self.measure_s, 1),
+        }
+
+
+NOT_MEASURED = {
+    c: ""
+    for c in (
+        "measured_rate_mibps",
+        "measured_ws_mib",
+        "measured_floor_mibps",
+        "readings",
+        "measure_s",
+    )
+}
 
 
 def _fmt(x: float | None, digits: int = 3) -> str:
@@ -208,9 +367,13 @@ def row_of(
     load_1m: float,
     accel: str,
     started_at: str,
+    measured: Measured | None = None,
 ) -> dict[str, str]:
     """The CSV row of one measured migration."""
     return {
+        **(NOT_MEASURED if measured is None else measured.columns()),
+        **(NO_FORECAST if result.first_forecast is None else result.first_forecast.columns()),
+        "pattern": spec.pattern.value,
         "size_mib": str(spec.memory_mib),
         "fill_mib": str(spec.fill_mib),
         "working_set_mib": str(spec.working_set_mib),
@@ -259,10 +422,13 @@ class _Running:
 class Bench:
     """Runs steps on a lab through its agents and writes one row per migration."""
 
-    def __init__(self, lab: cluster.Lab, accel: str, out: IO[str]) -> None:
+    def __init__(
+        self, lab: cluster.Lab, accel: str, out: IO[str], guests: Sequence[GuestSpec]
+    ) -> None:
         self.lab = lab
         self.accel = accel
-        self.specs = {name: _spec_of(lab, name) for name in lab.guest_names}
+        by_name = {g.name: g for g in guests}
+        self.specs = {name: by_name[name] for name in lab.guest_names}
         self.channels = {h.name: grpc.insecure_channel(h.agent_address) for h in lab.hosts}
         self.stubs = {n: agent_pb2_grpc.HostAgentStub(c) for n, c in self.channels.items()}
         self.uuids: dict[str, str] = {}
@@ -287,8 +453,36 @@ class Bench:
     def _progress(self, name: str) -> list[GuestProgress]:
         return [e for e in self.lab.guest_events(name) if isinstance(e, GuestProgress)]
 
+    def _measure(self, names: Sequence[str]) -> dict[str, Measured]:
+        """The planner's readings of the guests (all on one host), taken as it takes them."""
+        source = self.lab.where(names[0])
+        client = AgentClient(
+            source.name, source.agent_address, self.channels[source.name], RPC_TIMEOUT_S
+        )
+        uuids = {self._uuid(n): n for n in names}
+        domains = {d.uuid: d for d in client.list_domains(list(uuids))}
+        started = time.monotonic()
+        rates = client.measure_dirty_rate(list(uuids), MEASURE_WINDOW_S)
+        link = self.lab.rate_mbit * 1e6 / 8
+        readings = gather.measure_windows(
+            client,
+            domains,
+            rates,
+            MEASURE_WINDOW_S,
+            MEASURE_MAX_WINDOW_S,
+            link * LONGER_WINDOW_LINK_SHARE,
+            lambda text: LOG.info("measuring: %s", text),
+        )
+        took = time.monotonic() - started
+        return {uuids[u]: Measured.of(rs, took) for u, rs in readings.items()}
+
     def run(self, step: Step) -> None:
         self._gather(step)
+        try:
+            measured = self._measure(step.guests)
+        except Exception:  # loop boundary: a row without readings is still ground truth
+            LOG.exception("measuring failed, the step's rows have no readings: %s", step)
+            measured = {}
         load_1m = os.getloadavg()[0]
         started_at = datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
         jobs = [self._start(name, step) for name in step.guests]
@@ -303,6 +497,7 @@ class Bench:
                 load_1m=load_1m,
                 accel=self.accel,
                 started_at=started_at,
+                measured=measured.get(job.spec.name),
             )
             self.writer.writerow(row)
             self.rows += 1
@@ -396,6 +591,8 @@ class Bench:
         last = pb.MigrationProgress()
         throttle = 0
         switched = aborted = False
+        link = self.lab.rate_mbit * 1e6 / 8 * DEFAULT_PARAMS.link_efficiency
+        log = ForecastLog(link / len(step.guests))
         for attempt in range(WATCH_ATTEMPTS):
             stream = job.stub.WatchMigration(
                 pb.WatchMigrationRequest(
@@ -407,6 +604,8 @@ class Bench:
                 for p in stream:
                     last = p
                     throttle = max(throttle, p.auto_converge_throttle_pct)
+                    if not p.final and step.tuning is Tuning.PRECOPY:
+                        log.add(p)
                     if p.final:
                         break
                     running_s = time.monotonic() - job.started
@@ -456,6 +655,7 @@ class Bench:
             max_throttle_pct=throttle,
             sent_mib=last.memory_processed_bytes / MIB,
             error=last.error,
+            first_forecast=log.first,
         )
 
 
@@ -501,16 +701,20 @@ def _completed_on_target(job: _Running) -> pb.MigrationProgress:
     )
 
 
-def _spec_of(lab: cluster.Lab, name: str) -> GuestSpec:
-    for g in GUESTS:
-        if g.name == name:
-            return g
-    raise KeyError(f"guest {name} of the lab is not one of the bench's")
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
-    ap.add_argument("--out", type=Path, default=Path("bench/lab-groundtruth.csv"))
+    ap.add_argument(
+        "--set",
+        choices=sorted(SETS),
+        default="sizes",
+        help="sizes: guests of many sizes, rates and tunings; patterns: each write pattern "
+        "alone, two and three at once",
+    )
+    ap.add_argument(
+        "--out",
+        type=Path,
+        help="default: bench/lab-groundtruth.csv (sizes), bench/lab-patterns.csv (patterns)",
+    )
     ap.add_argument("--prefix", default="hm-lc")
     ap.add_argument("--state-dir", type=Path, default=Path("/var/lib/hm-lc"))
     ap.add_argument("--subnet", default="10.213.30.0/24")
@@ -518,8 +722,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--quick", action="store_true", help="two small guests, three steps")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
-    guests = [g for g in GUESTS if not args.quick or g.name in QUICK_GUESTS]
-    steps = QUICK_STEPS if args.quick else STEPS
+    all_guests, steps, default_out = SETS[args.set]
+    out_path: Path = args.out or default_out
+    guests = list(all_guests)
+    if args.quick:
+        guests, steps = [g for g in GUESTS if g.name in QUICK_GUESTS], QUICK_STEPS
     check_steps(guests, steps)
     config = cluster.LabConfig(
         prefix=args.prefix,
@@ -536,9 +743,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         LOG.info("lab up accel=%s guests=%d ready_s=%.0f", report.accel, len(guests), up_s)
         if report.agent_failures:
             raise SystemExit(f"agents failed: {report.agent_failures}")
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        with args.out.open("w", newline="") as out:
-            bench = Bench(lab, report.accel, out)
+        out_path.parent.mkdir(parents=True, exist_ok=True)
+        with out_path.open("w", newline="") as out:
+            bench = Bench(lab, report.accel, out, guests)
             try:
                 for step in steps:
                     try:
@@ -551,7 +758,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         total_s = time.monotonic() - t0
         print(
             f"{bench.rows} rows ({bench.converged} converged, {bench.failed_steps} steps failed) "
-            f"in {args.out}; "
+            f"in {out_path}; "
             f"lab up {up_s:.0f}s, whole run {total_s:.0f}s"
         )
         for name in lab.guest_names:
