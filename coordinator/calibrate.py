@@ -72,8 +72,22 @@ CSV_COLUMNS = (
     "iterations",
     "converged",
 )
-# Read when present: a concurrent step's rows share `started_at`; `wall_s` is request to end.
-CSV_OPTIONAL_COLUMNS = ("started_at", "wall_s")
+# Read when present: a concurrent step's rows share `started_at`; `wall_s` is request to end;
+# `pattern` is the guest's write pattern; `measured_*` what the source agent read of the
+# guest before the step, as the planner reads it (common/dirty.py's writer); `forecast_*`
+# the running job's first forecast (forecast.py): the job time it was made at and the job
+# time it forecast the end at ("inf": it said the job would not converge).
+CSV_OPTIONAL_COLUMNS = (
+    "started_at",
+    "wall_s",
+    "pattern",
+    "measured_rate_mibps",
+    "measured_ws_mib",
+    "measured_floor_mibps",
+    "forecast_at_s",
+    "forecast_end_s",
+    "forecast_converges",
+)
 FIT_FIELDS = (
     "switchover_ms",
     "device_state_bytes",
@@ -102,6 +116,24 @@ class LabRow:
     converged: bool
     started_at: str = ""  # optional column: rows of one group of migrations share it
     wall_s: float = math.nan  # optional column: request to observed end, wall clock
+    pattern: str = ""
+    measured_rate_mibps: float = math.nan
+    measured_ws_mib: float = math.nan
+    measured_floor_mibps: float = math.nan
+    forecast_at_s: float = math.nan
+    forecast_end_s: float = math.nan
+    forecast_converges: bool | None = None
+
+    @property
+    def measured(self) -> bool:
+        return math.isfinite(self.measured_rate_mibps)
+
+    @property
+    def label(self) -> str:
+        """The row's writer as the report groups it: the pattern, ``cpu`` for a CPU-bound one."""
+        if self.mode.endswith("/cpu"):
+            return "cpu"
+        return self.pattern or "seq"
 
 
 def read_rows(lines: Iterable[str]) -> list[LabRow]:
@@ -120,18 +152,32 @@ def read_rows(lines: Iterable[str]) -> list[LabRow]:
                 total_s=float(rec["total_s"] or "nan"),
                 downtime_ms=float(rec["downtime_ms"] or "nan"),
                 iterations=int(float(rec["iterations"] or 0)),
-                converged=rec["converged"].strip().lower() in ("1", "true", "yes", "y"),
+                converged=bool(_flag(rec["converged"])),
                 started_at=(rec.get("started_at") or "").strip(),
                 wall_s=float(rec.get("wall_s") or "nan"),
+                pattern=(rec.get("pattern") or "").strip().lower(),
+                measured_rate_mibps=float(rec.get("measured_rate_mibps") or "nan"),
+                measured_ws_mib=float(rec.get("measured_ws_mib") or "nan"),
+                measured_floor_mibps=float(rec.get("measured_floor_mibps") or "nan"),
+                forecast_at_s=float(rec.get("forecast_at_s") or "nan"),
+                forecast_end_s=float(rec.get("forecast_end_s") or "nan"),
+                forecast_converges=_flag(rec.get("forecast_converges")),
             )
         )
     return rows
 
 
-def row_vm(row: LabRow, i: int) -> VmSpec:
-    """The `i`-th VM of a lab row as the model sees it."""
+def _flag(text: str | None) -> bool | None:
+    if text is None or not text.strip():
+        return None
+    return text.strip().lower() in ("1", "true", "yes", "y")
+
+
+def row_vm(row: LabRow, i: int, measured: bool = False) -> VmSpec:
+    """The `i`-th VM of a lab row as the model sees it: from the guest's configuration, or
+    (``measured``, where the row has them) from the agent's readings, as the planner sees it."""
     writer = WriterKind.CPU if row.mode.endswith("/cpu") else WriterKind.PACED
-    return VmSpec(
+    vm = VmSpec(
         uuid=f"lab-{i}",
         name=f"lab-{i}",
         memory_bytes=int(row.size_mib * MIB),
@@ -139,6 +185,18 @@ def row_vm(row: LabRow, i: int) -> VmSpec:
         dirty_rate_bytes_per_s=row.dirty_rate_mibps * MIB,
         working_set_bytes=int(max(1.0, row.working_set_mib) * MIB),
         writer=writer,
+    )
+    if not (measured and row.measured):
+        return vm
+    return dataclasses.replace(
+        vm,
+        dirty_rate_bytes_per_s=row.measured_rate_mibps * MIB,
+        working_set_bytes=(
+            int(row.measured_ws_mib * MIB) if math.isfinite(row.measured_ws_mib) else None
+        ),
+        dirty_rate_floor_bytes_per_s=(
+            row.measured_floor_mibps * MIB if math.isfinite(row.measured_floor_mibps) else None
+        ),
     )
 
 
@@ -211,12 +269,19 @@ def predict_row(
 
 
 def predict_group(
-    row: LabRow, params: ModelParams = DEFAULT_PARAMS, offsets_s: Sequence[float] | None = None
+    row: LabRow,
+    params: ModelParams = DEFAULT_PARAMS,
+    offsets_s: Sequence[float] | None = None,
+    members: Sequence[LabRow] | None = None,
+    measured: bool = False,
 ) -> list[tuple[bool, float, float, int]]:
     """The row's ``concurrency`` identical migrations, started at ``offsets_s`` (default all
-    at once): (converged, total_s, downtime_ms, rounds) of each, in order."""
+    at once): (converged, total_s, downtime_ms, rounds) of each, in order. ``members`` are
+    the group's own rows (each VM described by its own; ``measured``: by its readings)."""
     n = row.concurrency if offsets_s is None else len(offsets_s)
-    vms = [row_vm(row, i) for i in range(n)]
+    rows = list(members) if members is not None else [row] * n
+    vms = [row_vm(r, i, measured) for i, r in enumerate(rows[:n])]
+    vms += [row_vm(row, i, measured) for i in range(len(vms), n)]
     horizon = _horizon_s(row)
     link = Link(row.link_mbit * 1e6 / 8)
     res = simulate(vms, _Give(vms, row_settings(row), horizon, offsets_s), link, params, seed=1)
@@ -256,6 +321,12 @@ def _setup(row: LabRow) -> LabRow:
         converged=True,
         started_at="",
         wall_s=0.0,  # NaN when absent, and NaN != NaN
+        measured_rate_mibps=0.0,
+        measured_ws_mib=0.0,
+        measured_floor_mibps=0.0,
+        forecast_at_s=0.0,
+        forecast_end_s=0.0,
+        forecast_converges=None,
     )
 
 
@@ -283,11 +354,12 @@ def _groups(rows: Sequence[LabRow]) -> list[list[LabRow]]:
 class ErrorReport:
     rows: int
     compared: int
-    convergence_mismatch: int
+    convergence_mismatch: int  # both ways
     total_median: float
     total_p90: float
     downtime_median: float
     downtime_p90: float
+    false_convergence: int = 0  # predicted to converge, did not in the lab
 
 
 def _pct(xs: Sequence[float], q: float) -> float:
@@ -300,20 +372,47 @@ def _pct(xs: Sequence[float], q: float) -> float:
     return s[lo] + (s[hi] - s[lo]) * (pos - lo)
 
 
-def errors(rows: Sequence[LabRow], params: ModelParams = LAB_PARAMS) -> ErrorReport:
-    tot: list[float] = []
-    down: list[float] = []
-    mismatch = 0
-    predicted: list[tuple[LabRow, tuple[bool, float, float, int]]] = []
+Predicted = tuple[LabRow, tuple[bool, float, float, int]]
+
+
+def predictions(
+    rows: Sequence[LabRow], params: ModelParams = DEFAULT_PARAMS, measured: bool = False
+) -> list[Predicted]:
+    """Each row with the model's (converged, total_s, downtime_ms, rounds) for it, a group
+    of concurrent rows simulated together."""
+    out: list[Predicted] = []
     for group in _groups(rows):
         offsets = group_offsets(group) if len(group) == group[0].concurrency else None
         if offsets is None:
-            predicted.extend((row, predict_row(row, params)) for row in group)
+            out.extend(
+                (
+                    row,
+                    predict_group(row, params, members=[row] * row.concurrency, measured=measured)[
+                        0
+                    ],
+                )
+                for row in group
+            )
         else:
-            predicted.extend(zip(group, predict_group(group[0], params, offsets), strict=True))
+            found = predict_group(group[0], params, offsets, group, measured)
+            out.extend(zip(group, found, strict=True))
+    return out
+
+
+def errors(
+    rows: Sequence[LabRow], params: ModelParams = DEFAULT_PARAMS, measured: bool = False
+) -> ErrorReport:
+    return error_report(predictions(rows, params, measured))
+
+
+def error_report(predicted: Sequence[Predicted]) -> ErrorReport:
+    tot: list[float] = []
+    down: list[float] = []
+    mismatch = false_convergence = 0
     for row, (ok, total_s, downtime_ms, _) in predicted:
         if ok != row.converged:
             mismatch += 1
+            false_convergence += ok
             continue
         if not ok:
             continue
@@ -322,13 +421,47 @@ def errors(rows: Sequence[LabRow], params: ModelParams = LAB_PARAMS) -> ErrorRep
         if row.downtime_ms > 0:
             down.append(abs(downtime_ms - row.downtime_ms) / row.downtime_ms)
     return ErrorReport(
-        rows=len(rows),
+        rows=len(predicted),
         compared=len(tot),
         convergence_mismatch=mismatch,
         total_median=_pct(tot, 0.5),
         total_p90=_pct(tot, 0.9),
         downtime_median=_pct(down, 0.5),
         downtime_p90=_pct(down, 0.9),
+        false_convergence=false_convergence,
+    )
+
+
+@dataclass(frozen=True)
+class ForecastReport:
+    """The running job's first forecast (made after its first pass) against its real end."""
+
+    rows: int  # rows with a forecast
+    compared: int  # converged in the lab and forecast to
+    remaining_median: float  # relative error of the remaining time forecast
+    remaining_p90: float
+    said_never_converged: int  # forecast "never", converged in the lab
+    said_converges_did_not: int
+
+
+def forecast_errors(rows: Sequence[LabRow]) -> ForecastReport:
+    with_forecast = [r for r in rows if r.forecast_converges is not None]
+    errs: list[float] = []
+    never = wrong = 0
+    for r in with_forecast:
+        if r.converged and not r.forecast_converges:
+            never += 1
+        elif r.forecast_converges and not r.converged:
+            wrong += 1
+        elif r.converged and r.total_s > r.forecast_at_s:
+            errs.append(abs(r.forecast_end_s - r.total_s) / (r.total_s - r.forecast_at_s))
+    return ForecastReport(
+        rows=len(with_forecast),
+        compared=len(errs),
+        remaining_median=_pct(errs, 0.5),
+        remaining_p90=_pct(errs, 0.9),
+        said_never_converged=never,
+        said_converges_did_not=wrong,
     )
 
 
@@ -369,7 +502,9 @@ def _score(rep: ErrorReport) -> float:
     return sum(parts) + rep.convergence_mismatch
 
 
-def fit(rows: Sequence[LabRow], params: ModelParams = LAB_PARAMS, passes: int = 2) -> ModelParams:
+def fit(
+    rows: Sequence[LabRow], params: ModelParams = DEFAULT_PARAMS, passes: int = 2
+) -> ModelParams:
     """Coordinate search: scale each overhead by a few factors, keep what lowers the error."""
     best = params
     best_score = _score(errors(rows, best))
@@ -387,11 +522,42 @@ def fit(rows: Sequence[LabRow], params: ModelParams = LAB_PARAMS, passes: int = 
 
 
 def _report(rep: ErrorReport) -> str:
-    goal = "met" if rep.total_median < GOAL_MEDIAN_ERROR else "NOT met"
+    goal = "met" if rep.total_median <= GOAL_MEDIAN_ERROR else "NOT met"
     return (
-        f"rows={rep.rows} compared={rep.compared} convergence_mismatch={rep.convergence_mismatch}\n"
-        f"total_s error: median={rep.total_median:.1%} p90={rep.total_p90:.1%} (goal median < 15%: {goal})\n"
+        f"rows={rep.rows} compared={rep.compared} convergence_mismatch={rep.convergence_mismatch}"
+        f" (predicted to converge, did not: {rep.false_convergence})\n"
+        f"total_s error: median={rep.total_median:.1%} p90={rep.total_p90:.1%} (goal median <= 15%: {goal})\n"
         f"downtime_ms error: median={rep.downtime_median:.1%} p90={rep.downtime_p90:.1%}\n"
+    )
+
+
+def pattern_table(predicted: Sequence[Predicted]) -> str:
+    """One line per writer (``LabRow.label``) and concurrency, then per writer, then all."""
+    groups: dict[tuple[str, str], list[Predicted]] = {}
+    for p in predicted:
+        row = p[0]
+        for key in ((row.label, str(row.concurrency)), (row.label, "all"), ("all", "all")):
+            groups.setdefault(key, []).append(p)
+    lines = [
+        f"{'writer':<8} {'conc':>4} {'rows':>4} {'cmp':>4} {'median':>7} {'p90':>7} "
+        f"{'false conv':>10} {'missed conv':>11}"
+    ]
+    for (label, conc), ps in sorted(groups.items(), key=lambda kv: (kv[0][0] == "all", kv[0])):
+        rep = error_report(ps)
+        lines.append(
+            f"{label:<8} {conc:>4} {rep.rows:>4} {rep.compared:>4} {rep.total_median:>7.1%} "
+            f"{rep.total_p90:>7.1%} {rep.false_convergence:>10} "
+            f"{rep.convergence_mismatch - rep.false_convergence:>11}"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def _forecast_report(rep: ForecastReport) -> str:
+    return (
+        f"rows with a forecast={rep.rows} compared={rep.compared}: remaining-time error "
+        f"median={rep.remaining_median:.1%} p90={rep.remaining_p90:.1%}; said never but "
+        f"converged={rep.said_never_converged}; said converges but did not="
+        f"{rep.said_converges_did_not}\n"
     )
 
 
@@ -403,8 +569,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     with open(args.csv, newline="") as f:
         rows = read_rows(f)
     out = sys.stdout
-    out.write("the lab guests' sequential writer:\n" + _report(errors(rows)))
-    out.write("the planner's default (a uniform writer):\n" + _report(errors(rows, DEFAULT_PARAMS)))
+    out.write("the planner's model, from the guests' configured rates and sets:\n")
+    out.write(_report(errors(rows)))
+    if any(r.measured for r in rows):
+        measured = predictions(rows, DEFAULT_PARAMS, measured=True)
+        out.write("the planner's model, from the agent's readings before each step:\n")
+        out.write(_report(error_report(measured)))
+        out.write("per writer and concurrency (from the readings):\n" + pattern_table(measured))
+    if any(r.pattern for r in rows):
+        out.write("per writer and concurrency (from the configuration):\n")
+        out.write(pattern_table(predictions(rows)))
+    out.write(
+        "a sequential writer's behind-the-cursor share (the lab guest's seq walk only):\n"
+        + _report(errors(rows, LAB_PARAMS))
+    )
+    if any(r.forecast_converges is not None for r in rows):
+        out.write("the running job's first forecast after its first pass:\n")
+        out.write(_forecast_report(forecast_errors(rows)))
     rep = repeatability(rows)
     out.write(
         f"the lab's repeatability ({rep.runs} runs of {rep.configurations} configurations run"

@@ -210,10 +210,32 @@ PATTERN_STEPS: tuple[Step, ...] = tuple(
         _step(f"{g}1 {g}2 {g}3"),
     )
 )
-SETS: dict[str, tuple[tuple[GuestSpec, ...], tuple[Step, ...], Path]] = {
-    "sizes": (GUESTS, STEPS, Path("bench/lab-groundtruth.csv")),
-    "patterns": (PATTERN_GUESTS, PATTERN_STEPS, Path("bench/lab-patterns.csv")),
+
+
+@dataclass(frozen=True)
+class GuestSet:
+    guests: tuple[GuestSpec, ...]
+    steps: tuple[Step, ...]
+    out: Path
+    # Only the step's group of guests runs (the others are paused meanwhile): on a small
+    # lab machine fifteen writers would share two cores and slow every step alike.
+    quiet_others: bool = False
+
+
+SETS: dict[str, GuestSet] = {
+    "sizes": GuestSet(GUESTS, STEPS, Path("bench/lab-groundtruth.csv")),
+    "patterns": GuestSet(
+        PATTERN_GUESTS, PATTERN_STEPS, Path("bench/lab-patterns.csv"), quiet_others=True
+    ),
 }
+RESUME_SETTLE_S = 5.0  # a resumed guest catches up on its owed writes, then settles
+
+
+def group_of(name: str) -> str:
+    """A guest's group: its name without the trailing number (``hm-lc-rnd2``: ``hm-lc-rnd``)."""
+    return name.rstrip("0123456789")
+
+
 # What the planner measures before it plans (the coordinator's [drain] defaults).
 MEASURE_WINDOW_S = 2
 MEASURE_MAX_WINDOW_S = 8
@@ -369,8 +391,8 @@ def row_of(
     started_at: str,
     measured: Measured | None = None,
 ) -> dict[str, str]:
-    """The CSV row of one measured migration."""
-    return {
+    """The CSV row of one measured migration, in ``COLUMNS``' order."""
+    row = {
         **(NOT_MEASURED if measured is None else measured.columns()),
         **(NO_FORECAST if result.first_forecast is None else result.first_forecast.columns()),
         "pattern": spec.pattern.value,
@@ -400,6 +422,7 @@ def row_of(
         "phase": result.phase,
         "error": result.error.replace("\n", " ")[:200],
     }
+    return {c: row[c] for c in COLUMNS}
 
 
 def mean_rate(events: Iterable[GuestProgress]) -> float | None:
@@ -423,8 +446,14 @@ class Bench:
     """Runs steps on a lab through its agents and writes one row per migration."""
 
     def __init__(
-        self, lab: cluster.Lab, accel: str, out: IO[str], guests: Sequence[GuestSpec]
+        self,
+        lab: cluster.Lab,
+        accel: str,
+        out: IO[str],
+        guests: Sequence[GuestSpec],
+        quiet_others: bool = False,
     ) -> None:
+        self.quiet_others = quiet_others
         self.lab = lab
         self.accel = accel
         by_name = {g.name: g for g in guests}
@@ -476,7 +505,40 @@ class Bench:
         took = time.monotonic() - started
         return {uuids[u]: Measured.of(rs, took) for u, rs in readings.items()}
 
+    def _pause_others(self, keep: set[str] | None) -> None:
+        """Pauses the bench's guests outside the groups ``keep`` and resumes those in them
+        that it paused (``keep`` None: resumes all)."""
+        import libvirt  # noqa: TID251  (the bench quiets its own guests, not the agent's)
+
+        resumed = False
+        for host in self.lab.hosts:
+            conn = libvirt.open(host.uri)
+            try:
+                for dom in conn.listAllDomains():
+                    if dom.name() not in self.specs:
+                        continue
+                    state, reason = dom.state()
+                    wanted = keep is None or group_of(dom.name()) in keep
+                    if wanted and (state, reason) == (
+                        libvirt.VIR_DOMAIN_PAUSED,
+                        libvirt.VIR_DOMAIN_PAUSED_USER,
+                    ):
+                        dom.resume()
+                        resumed = True
+                    elif not wanted and state == libvirt.VIR_DOMAIN_RUNNING:
+                        dom.suspend()
+            finally:
+                conn.close()
+        if resumed:
+            time.sleep(RESUME_SETTLE_S)
+
+    def resume_all(self) -> None:
+        if self.quiet_others:
+            self._pause_others(None)
+
     def run(self, step: Step) -> None:
+        if self.quiet_others:
+            self._pause_others({group_of(n) for n in step.guests})
         self._gather(step)
         try:
             measured = self._measure(step.guests)
@@ -722,9 +784,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--quick", action="store_true", help="two small guests, three steps")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
-    all_guests, steps, default_out = SETS[args.set]
-    out_path: Path = args.out or default_out
-    guests = list(all_guests)
+    chosen = SETS[args.set]
+    out_path: Path = args.out or chosen.out
+    guests, steps = list(chosen.guests), chosen.steps
     if args.quick:
         guests, steps = [g for g in GUESTS if g.name in QUICK_GUESTS], QUICK_STEPS
     check_steps(guests, steps)
@@ -745,7 +807,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise SystemExit(f"agents failed: {report.agent_failures}")
         out_path.parent.mkdir(parents=True, exist_ok=True)
         with out_path.open("w", newline="") as out:
-            bench = Bench(lab, report.accel, out, guests)
+            bench = Bench(lab, report.accel, out, guests, chosen.quiet_others)
             try:
                 for step in steps:
                     try:
@@ -754,6 +816,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                         LOG.exception("step failed, going on: %s", step)
                         bench.failed_steps += 1
             finally:
+                bench.resume_all()
                 bench.close()
         total_s = time.monotonic() - t0
         print(

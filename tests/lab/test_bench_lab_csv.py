@@ -124,3 +124,84 @@ def test_outcome_from_where_the_guest_runs() -> None:
     assert bench.outcome_of_placement("h0", "h1", ["h0"]) is False
     assert bench.outcome_of_placement("h0", "h1", []) is None  # paused at the switch-over
     assert bench.outcome_of_placement("h0", "h1", ["h0", "h1"]) is None
+
+
+def test_pattern_set_runs_each_writer_alone_two_and_three_at_once() -> None:
+    bench.check_steps(bench.PATTERN_GUESTS, bench.PATTERN_STEPS)
+    by_name = {g.name: g for g in bench.PATTERN_GUESTS}
+    seen: dict[tuple[str, str], set[int]] = {}
+    for step in bench.PATTERN_STEPS:
+        specs = [by_name[n] for n in step.guests]
+        assert len({(*bench._shape(s), s.pattern) for s in specs}) == 1, step
+        key = (specs[0].pattern.value, specs[0].mode.value)
+        seen.setdefault(key, set()).add(len(specs))
+    assert {p for p, _ in seen} == {"seq", "random", "hotcold", "bursty"}
+    assert ("seq", "cpu") in seen
+    assert all(counts == {1, 2, 3} for counts in seen.values())
+    assert {p.host_index for p in bench.plans(bench.PATTERN_GUESTS)} == {0}
+
+
+def test_a_row_carries_the_pattern_the_readings_and_the_first_forecast() -> None:
+    from hostmaint.common.dirty import Reading
+
+    spec = next(g for g in bench.PATTERN_GUESTS if g.name == "hm-lc-rnd1")
+    step = bench.Step((spec.name,))
+    mib = 1024 * 1024
+    readings = [Reading(14 * mib, 1), Reading(12 * mib, 2), Reading(9 * mib, 4)]
+    measured = bench.Measured.of(readings, 7.25)
+    result = _result(True, total_s=20.0)
+    result = bench.Result(
+        **{**result.__dict__, "first_forecast": bench.FirstForecast(8.0, True, 19.0)}
+    )
+    row = bench.row_of(
+        spec,
+        step,
+        result,
+        link_mbit=400,
+        load_1m=1.0,
+        accel="kvm",
+        started_at="t",
+        measured=measured,
+    )
+    assert row["pattern"] == "random"
+    assert row["readings"] == "1:14.00 2:12.00 4:9.00"
+    assert row["measured_rate_mibps"] == "14.00" and row["measure_s"] == "7.2"
+    (back,) = calibrate.read_rows(io.StringIO(_csv([row])))
+    assert back.label == "random" and back.measured
+    vm = calibrate.row_vm(back, 0, measured=True)
+    assert vm.dirty_rate_bytes_per_s == 14 * mib
+    assert calibrate.row_vm(back, 0).dirty_rate_bytes_per_s == 16 * mib  # the configured
+    assert (back.forecast_at_s, back.forecast_end_s, back.forecast_converges) == (8.0, 19.0, True)
+
+
+def test_forecast_log_keeps_the_first_forecast_after_the_first_pass() -> None:
+    from hostmaint.protos import agent_pb2 as pb
+
+    mib = 1024 * 1024
+    bw = 40 * mib
+    log = bench.ForecastLog(bw)
+
+    def sample(t: float, it: int, remaining: int, processed: int) -> pb.MigrationProgress:
+        return pb.MigrationProgress(
+            elapsed_ms=int(t * 1000),
+            iteration=it,
+            memory_total_bytes=400 * mib,
+            memory_remaining_bytes=remaining,
+            memory_processed_bytes=processed,
+            bandwidth_bytes_per_s=bw,
+            max_downtime_ms=300,
+        )
+
+    log.add(sample(1.0, 1, 300 * mib, 40 * mib))
+    assert log.first is None  # still in the first pass
+    sent = 160 * mib
+    t = 4.0
+    for it, left in ((2, 64), (3, 32), (4, 16)):
+        log.add(sample(t, it, left * mib, sent))
+        sent += left * mib
+        t += left / 40
+    assert log.first is not None
+    first = log.first
+    log.add(sample(t, 5, 8 * mib, sent))
+    assert log.first == first  # only the first is kept
+    assert first.converges and first.end_s > first.at_s

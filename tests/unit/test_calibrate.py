@@ -118,3 +118,64 @@ def test_repeatability_is_the_spread_of_repeated_runs_around_their_median() -> N
     assert (rep.runs, rep.configurations) == (3, 1)
     assert rep.total_median == pytest.approx(2 / 12)  # deviations 2/12, 0, 3/12
     assert rep.downtime_median == pytest.approx(0.0)  # 0, 0, 1
+
+
+def test_false_convergence_is_counted_apart_from_a_missed_one() -> None:
+    _, model_total_s, _, _ = calibrate.predict_row(_row(True, 0.0))
+    late = _row(False, model_total_s * 2)  # the model converges, the lab did not
+    rep = calibrate.errors([late])
+    assert (rep.convergence_mismatch, rep.false_convergence) == (1, 1)
+    fast = dataclasses.replace(_row(True, 10.0), dirty_rate_mibps=400.0)  # cannot converge
+    assert not calibrate.predict_row(fast)[0]
+    rep = calibrate.errors([fast])
+    assert (rep.convergence_mismatch, rep.false_convergence) == (1, 0)
+
+
+def test_readings_replace_the_configured_writer_only_when_asked() -> None:
+    mib = 1024 * 1024
+    row = dataclasses.replace(
+        _row(True, 10.0), pattern="random", measured_rate_mibps=3.0, measured_ws_mib=40.0
+    )
+    assert calibrate.row_vm(row, 0).dirty_rate_bytes_per_s == 5 * mib
+    vm = calibrate.row_vm(row, 0, measured=True)
+    assert (vm.dirty_rate_bytes_per_s, vm.working_set_bytes) == (3 * mib, 40 * mib)
+    unread = calibrate.row_vm(_row(True, 10.0), 0, measured=True)  # no readings: configured
+    assert unread.dirty_rate_bytes_per_s == 5 * mib
+
+
+def test_pattern_table_groups_by_writer_and_concurrency() -> None:
+    _, model_total_s, _, _ = calibrate.predict_row(_row(True, 0.0))
+    rows = [
+        dataclasses.replace(_row(True, model_total_s), pattern="random"),
+        dataclasses.replace(_row(True, model_total_s * 2), pattern="random"),
+        dataclasses.replace(_row(True, model_total_s), pattern="hotcold", mode="precopy/cpu"),
+    ]
+    table = calibrate.pattern_table(calibrate.predictions(rows)).splitlines()
+    by_key = {tuple(line.split()[:2]): line.split() for line in table[1:]}
+    assert set(by_key) == {
+        ("random", "1"),
+        ("random", "all"),
+        ("cpu", "1"),
+        ("cpu", "all"),
+        ("all", "all"),
+    }
+    assert by_key[("random", "1")][2:4] == ["2", "2"]
+    assert by_key[("cpu", "all")][4] == "0.0%"
+    assert by_key[("all", "all")][2] == "3"
+
+
+def test_forecast_errors_are_relative_to_the_time_left() -> None:
+    row = _row(True, 20.0)
+    good = dataclasses.replace(
+        row, forecast_at_s=10.0, forecast_end_s=21.0, forecast_converges=True
+    )
+    never = dataclasses.replace(
+        row, forecast_at_s=10.0, forecast_end_s=float("inf"), forecast_converges=False
+    )
+    wrong = dataclasses.replace(
+        _row(False, 30.0), forecast_at_s=9.0, forecast_end_s=12.0, forecast_converges=True
+    )
+    rep = calibrate.forecast_errors([good, never, wrong, row])
+    assert (rep.rows, rep.compared) == (3, 1)
+    assert rep.remaining_median == pytest.approx(0.1)  # 1 s off of 10 s left
+    assert (rep.said_never_converged, rep.said_converges_did_not) == (1, 1)
