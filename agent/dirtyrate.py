@@ -126,25 +126,27 @@ class DirtyRateMeter:
     def _measure(
         self, domain_uuids: Sequence[str], window_s: int, method: DirtyRateMethod | None
     ) -> dict[str, DirtyRate]:
-        started: list[str] = []
-        for uuid in domain_uuids:
+        chosen_for: dict[str, DirtyRateMethod] = {}
+        for uuid in domain_uuids:  # all checked before any starts
             chosen = method
             if chosen is None:
                 raw = self._driver.domain(uuid)
                 if raw.state is not DomainState.RUNNING:
                     raise errors.OperationRefused(uuid, "measure dirty rate", "domain not running")
                 chosen = self.best_method(uuid, raw.config.dirty_ring)
-            try:
-                self._driver.start_dirty_rate(uuid, window_s, chosen)
-            except errors.OperationRefused:
-                # QEMU refused this mode for this domain (the API itself works).
-                if method is not None or chosen is DirtyRateMethod.PAGE_SAMPLING:
-                    raise
-                LOG.info("dirty-bitmap refused, using page-sampling vm=%s", uuid)
-                with self._lock:
-                    self._no_bitmap.add(uuid)
-                self._driver.start_dirty_rate(uuid, window_s, DirtyRateMethod.PAGE_SAMPLING)
-            started.append(uuid)
+            chosen_for[uuid] = chosen
+        started: list[str] = []
+        try:
+            for uuid, chosen in chosen_for.items():
+                self._start(uuid, window_s, chosen, method)
+                started.append(uuid)
+        except Exception:
+            # QEMU measures what it started whatever happens here: those domains stay
+            # busy until their window is over, or the next measurement of one is refused
+            # ("the dirty rate is already being measured")
+            if started:
+                self._wait(float(window_s) + _POLL_S)
+            raise
         if not started:
             return {}
         deadline = self._clock() + window_s + max(5.0, window_s)
@@ -174,6 +176,24 @@ class DirtyRateMeter:
             for uuid, rate in results.items():
                 self._series.setdefault(uuid, {})[int(rate.window_s)] = rate
         return results
+
+    def _start(
+        self,
+        uuid: str,
+        window_s: int,
+        chosen: DirtyRateMethod,
+        method: DirtyRateMethod | None,
+    ) -> None:
+        try:
+            self._driver.start_dirty_rate(uuid, window_s, chosen)
+        except errors.OperationRefused:
+            # QEMU refused this mode for this domain (the API itself works).
+            if method is not None or chosen is DirtyRateMethod.PAGE_SAMPLING:
+                raise
+            LOG.info("dirty-bitmap refused, using page-sampling vm=%s", uuid)
+            with self._lock:
+                self._no_bitmap.add(uuid)
+            self._driver.start_dirty_rate(uuid, window_s, DirtyRateMethod.PAGE_SAMPLING)
 
     def measure_series(self, batch: Sequence[str], schedule: Schedule) -> None:
         """One batch over the schedule's windows; longer ones while they can tell more."""

@@ -16,8 +16,12 @@ Public API
     * the first pair of consecutive windows where the longer found at most
       ``SATURATED_GROWTH`` times the shorter one's unique pages has found the working
       set (the longer window's unique bytes);
-        - when that pair starts at the shortest window, the rewrite rate is unknown
-          above it: taken as the set rewritten every ``ASSUMED_REWRITE_S`` (fast enough
+        - when that pair starts at the shortest window and the longer one still found
+          more than noise, ``W (1 - exp(-D t / W))`` through both gives the rate ``D``
+          (a hot part rewritten within the window, a cold part beside it);
+        - when that pair starts at the shortest window and found no more, the rewrite
+          rate is unknown above it: taken as the set rewritten every
+          ``ASSUMED_REWRITE_S`` (fast enough
           that every pre-copy round resends all of it: it converges only when the whole
           set fits a switch-over), and ``rate_floor`` is the rate the writer certainly
           reaches (the shortest window's reading: that many unique bytes a second): the
@@ -33,11 +37,23 @@ Public API
     the double exceeds ``max_window_s``.
 ``readings_of(rate, working_set, windows_s) -> readings``: what those windows read of a
     writer of that rate over that working set (the benchmark's agents).
+``dirtied_curve(points) -> f``: unique bytes dirtied in ``t`` seconds, through the last two
+    ``(t, bytes)`` points: where the longer one found fewer bytes per second (the writer
+    rewrites pages already dirty: a set, a hot part), ``W * (1 - exp(-D t / W))``, the
+    unique pages ``D`` bytes/s of writes find in a set of ``W`` (the curve random writes
+    follow, and a bound for a walk); otherwise the line ``D t``; one point: the line.
+``curve_of(readings) -> f``: unique bytes dirtied in ``t`` seconds by the writer the readings
+    saw, through every reading: between two windows (before the first: the first two;
+    after the last: the last two) ``dirtied_curve`` of that pair. Whatever the writer's
+    habit, a round of ``t`` seconds after a dirty-bitmap sync leaves about ``f(t)`` bytes
+    to resend; the curve says it where one rate cannot (a hot part rewritten within the
+    shortest window, then a cold part found slowly).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import math
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 SATURATED_GROWTH = 1.25
@@ -46,6 +62,7 @@ SATURATED_GROWTH = 1.25
 LONGER_WINDOW_LINK_SHARE = 0.1
 ASSUMED_REWRITE_S = 0.1
 _NOISE_BYTES = 1024 * 1024  # below this a window saw (almost) no writes
+_BISECTIONS = 100
 
 
 @dataclass(frozen=True)
@@ -87,6 +104,14 @@ def writer_of(readings: Sequence[Reading]) -> Writer:
         return Writer(first.bytes_per_s)
     working_set = max(readings[at - 1].unique_bytes, readings[at].unique_bytes)
     if at == 1:
+        second = readings[1]
+        if second.unique_bytes > first.unique_bytes + _NOISE_BYTES:
+            # the longer window still found some: the curve through both tells the rate
+            fit = saturating_fit(
+                first.window_s, first.unique_bytes, second.window_s, second.unique_bytes
+            )
+            if fit is not None:
+                return Writer(max(fit[1], first.bytes_per_s), int(working_set), first.bytes_per_s)
         rate = max(first.bytes_per_s, working_set / ASSUMED_REWRITE_S)
         return Writer(rate, int(working_set), first.bytes_per_s)
     return Writer(first.bytes_per_s, int(working_set))
@@ -117,3 +142,76 @@ def readings_of(
 ) -> tuple[Reading, ...]:
     """The readings of a writer of that rate over that working set."""
     return tuple(Reading(min(rate_bytes_per_s * w, working_set_bytes) / w, w) for w in windows_s)
+
+
+def dirtied_curve(points: Sequence[tuple[float, float]]) -> Callable[[float], float]:
+    """Unique bytes dirtied in t seconds, through the last two (t, bytes) points."""
+    t1, y1 = points[-1]
+    if len(points) >= 2:
+        t0, y0 = points[-2]
+        (ta, ya), (tb, yb) = sorted([(t0, y0), (t1, y1)])  # ta < tb
+        if ta > 0 and tb > ta and yb > ya > 0 and yb / tb < ya / ta:
+            return _saturating(ta, ya, tb, yb)
+    rate = y1 / t1 if t1 > 0 else 0.0
+    return lambda t: rate * t
+
+
+def _saturating(ta: float, ya: float, tb: float, yb: float) -> Callable[[float], float]:
+    """``W (1 - exp(-D t / W))`` through both points (ta < tb, ya < yb, yb/tb < ya/ta)."""
+    fit = saturating_fit(ta, ya, tb, yb)
+    if fit is None:  # indistinguishable from the line through b
+        return lambda t: yb / tb * t
+    w, d = fit
+    return lambda t: w * (1.0 - math.exp(-d * t / w))
+
+
+def saturating_fit(ta: float, ya: float, tb: float, yb: float) -> tuple[float, float] | None:
+    """``(W, D)`` of ``W (1 - exp(-D t / W))`` through both points (ta < tb, ya < yb,
+    yb/tb < ya/ta): the set and the write rate; None when no set shows (a line)."""
+
+    def through_b(w: float) -> float:
+        d = -w / tb * math.log(1.0 - yb / w)
+        return w * (1.0 - math.exp(-d * ta / w)) - ya
+
+    lo, hi = yb * (1 + 1e-9), yb * 1e6
+    if through_b(hi) > 0:
+        return None
+    for _ in range(_BISECTIONS):
+        mid = math.sqrt(lo * hi)
+        if through_b(mid) > 0:
+            lo = mid
+        else:
+            hi = mid
+    w = hi
+    return w, -w / tb * math.log(1.0 - yb / w)
+
+
+def _piece(pair: Sequence[tuple[float, float]]) -> Callable[[float], float]:
+    """The curve of two consecutive readings; one that found no more pages than the one
+    before holds a set rewritten faster than that window (``writer_of``'s assumption)."""
+    if len(pair) == 2 and pair[1][1] <= pair[0][1]:
+        found = pair[0][1]
+        return lambda t: min(found, found / ASSUMED_REWRITE_S * t)
+    return dirtied_curve(pair)
+
+
+def curve_of(readings: Sequence[Reading]) -> Callable[[float], float]:
+    """Unique bytes dirtied in t seconds, through every reading (windows shortest first)."""
+    pts = sorted({(r.window_s, r.unique_bytes) for r in readings if r.window_s > 0})
+    if not pts:
+        return lambda t: 0.0
+    # a later window never holds fewer unique pages than an earlier one of the same writer:
+    # a reading below the one before it was taken while the writer wrote less (noise)
+    mono: list[tuple[float, float]] = []
+    for t, y in pts:
+        mono.append((t, max(y, mono[-1][1] if mono else 0.0)))
+    pieces = [_piece(mono[i : i + 2]) for i in range(max(1, len(mono) - 1))]
+    bounds = [t for t, _ in mono[1:-1]]
+
+    def f(t: float) -> float:
+        if t <= 0.0:
+            return 0.0
+        i = next((k for k, b in enumerate(bounds) if t <= b), len(bounds))
+        return pieces[i](t)
+
+    return f

@@ -37,6 +37,7 @@ import sys
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
+from hostmaint.common.dirty import Reading, writer_of
 from hostmaint.coordinator.baselines import QueueStrategy
 from hostmaint.coordinator.convergence import Migration
 from hostmaint.coordinator.model import (
@@ -84,6 +85,7 @@ CSV_OPTIONAL_COLUMNS = (
     "measured_rate_mibps",
     "measured_ws_mib",
     "measured_floor_mibps",
+    "readings",
     "forecast_at_s",
     "forecast_end_s",
     "forecast_converges",
@@ -120,6 +122,8 @@ class LabRow:
     measured_rate_mibps: float = math.nan
     measured_ws_mib: float = math.nan
     measured_floor_mibps: float = math.nan
+    # the agent's readings, "window_s:MiB/s" apart by spaces, shortest window first
+    readings: str = ""
     forecast_at_s: float = math.nan
     forecast_end_s: float = math.nan
     forecast_converges: bool | None = None
@@ -159,6 +163,7 @@ def read_rows(lines: Iterable[str]) -> list[LabRow]:
                 measured_rate_mibps=float(rec.get("measured_rate_mibps") or "nan"),
                 measured_ws_mib=float(rec.get("measured_ws_mib") or "nan"),
                 measured_floor_mibps=float(rec.get("measured_floor_mibps") or "nan"),
+                readings=(rec.get("readings") or "").strip(),
                 forecast_at_s=float(rec.get("forecast_at_s") or "nan"),
                 forecast_end_s=float(rec.get("forecast_end_s") or "nan"),
                 forecast_converges=_flag(rec.get("forecast_converges")),
@@ -188,16 +193,30 @@ def row_vm(row: LabRow, i: int, measured: bool = False) -> VmSpec:
     )
     if not (measured and row.measured):
         return vm
+    points = dirtied_points(row.readings)
+    if points:  # read again as the planner reads them now
+        w = writer_of([Reading(b / t, t) for t, b in points])
+        rate, ws, floor = w.rate_bytes_per_s, w.working_set_bytes, w.rate_floor_bytes_per_s
+    else:
+        rate = row.measured_rate_mibps * MIB
+        ws = int(row.measured_ws_mib * MIB) if math.isfinite(row.measured_ws_mib) else None
+        floor = row.measured_floor_mibps * MIB if math.isfinite(row.measured_floor_mibps) else None
     return dataclasses.replace(
         vm,
-        dirty_rate_bytes_per_s=row.measured_rate_mibps * MIB,
-        working_set_bytes=(
-            int(row.measured_ws_mib * MIB) if math.isfinite(row.measured_ws_mib) else None
-        ),
-        dirty_rate_floor_bytes_per_s=(
-            row.measured_floor_mibps * MIB if math.isfinite(row.measured_floor_mibps) else None
-        ),
+        dirty_rate_bytes_per_s=rate,
+        working_set_bytes=ws,
+        dirty_rate_floor_bytes_per_s=floor,
+        dirtied=points,
     )
+
+
+def dirtied_points(readings: str) -> tuple[tuple[float, float], ...]:
+    """``"1:14.00 2:12.50"`` (window s: MiB/s) as (window s, unique bytes) points."""
+    points = []
+    for part in readings.split():
+        window, _, rate = part.partition(":")
+        points.append((float(window), float(window) * float(rate) * MIB))
+    return tuple(points)
 
 
 def row_settings(row: LabRow) -> Settings:
@@ -324,6 +343,7 @@ def _setup(row: LabRow) -> LabRow:
         measured_rate_mibps=0.0,
         measured_ws_mib=0.0,
         measured_floor_mibps=0.0,
+        readings="",
         forecast_at_s=0.0,
         forecast_end_s=0.0,
         forecast_converges=None,

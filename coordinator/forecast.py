@@ -35,9 +35,11 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
+
+from hostmaint.common.dirty import dirtied_curve
 
 if TYPE_CHECKING:
     from hostmaint.coordinator.escalation import Observation
@@ -50,7 +52,6 @@ MIN_STARTS_STUCK = 3
 # The most of a round start the samples may have missed (sent between two samples).
 SAMPLE_SLACK = 0.25
 _MAX_ROUNDS = 200
-_BISECTIONS = 100
 
 
 @dataclass(frozen=True)
@@ -117,39 +118,6 @@ def shrink_per_round(starts: Sequence[RoundStart]) -> float | None:
     if sxx <= 0:
         return None
     return math.exp(sum((x - mx) * (y - my) for x, y in pts) / sxx)
-
-
-def dirtied_curve(points: Sequence[tuple[float, float]]) -> Callable[[float], float]:
-    """Unique bytes dirtied in t seconds, through the last two (t, bytes) points."""
-    t1, y1 = points[-1]
-    if len(points) >= 2:
-        t0, y0 = points[-2]
-        (ta, ya), (tb, yb) = sorted([(t0, y0), (t1, y1)])  # ta < tb
-        if ta > 0 and tb > ta and yb > ya > 0 and yb / tb < ya / ta:
-            return _saturating(ta, ya, tb, yb)
-    rate = y1 / t1 if t1 > 0 else 0.0
-    return lambda t: rate * t
-
-
-def _saturating(ta: float, ya: float, tb: float, yb: float) -> Callable[[float], float]:
-    """``W (1 - exp(-D t / W))`` through both points (ta < tb, ya < yb, yb/tb < ya/ta)."""
-
-    def through_b(w: float) -> float:
-        d = -w / tb * math.log(1.0 - yb / w)
-        return w * (1.0 - math.exp(-d * ta / w)) - ya
-
-    lo, hi = yb * (1 + 1e-9), yb * 1e6
-    if through_b(hi) > 0:  # indistinguishable from the line through b
-        return lambda t: yb / tb * t
-    for _ in range(_BISECTIONS):
-        mid = math.sqrt(lo * hi)
-        if through_b(mid) > 0:
-            lo = mid
-        else:
-            hi = mid
-    w = hi
-    d = -w / tb * math.log(1.0 - yb / w)
-    return lambda t: w * (1.0 - math.exp(-d * t / w))
 
 
 def forecast(history: Sequence[Observation]) -> Forecast | None:

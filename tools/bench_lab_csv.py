@@ -96,6 +96,9 @@ EXTRA_COLUMNS = (
 COLUMNS = CALIBRATE_COLUMNS + EXTRA_COLUMNS
 
 
+GUEST_PREFIX = "hm-lc-"
+
+
 class Tuning(enum.StrEnum):
     PRECOPY = "precopy"
     AUTO_CONVERGE = "auto_converge"
@@ -111,7 +114,7 @@ def _spec(
     mode: GuestMode,
     pattern: GuestPattern = GuestPattern.SEQ,
 ) -> GuestSpec:
-    return GuestSpec(f"hm-lc-{name}", mib, ws, rate, mode, fill, pattern=pattern)
+    return GuestSpec(f"{GUEST_PREFIX}{name}", mib, ws, rate, mode, fill, pattern=pattern)
 
 
 PACED, CPU = GuestMode.PACED, GuestMode.CPU
@@ -141,7 +144,7 @@ class Step:
 def _step(
     names: str, tuning: Tuning = Tuning.PRECOPY, limit_ms: int = 300, bound_s: float = 60.0
 ) -> Step:
-    return Step(tuple(f"hm-lc-{n}" for n in names.split()), tuning, limit_ms, bound_s)
+    return Step(tuple(f"{GUEST_PREFIX}{n}" for n in names.split()), tuning, limit_ms, bound_s)
 
 
 AC, POST = Tuning.AUTO_CONVERGE, Tuning.POSTCOPY
@@ -229,6 +232,17 @@ SETS: dict[str, GuestSet] = {
     ),
 }
 RESUME_SETTLE_S = 5.0  # a resumed guest catches up on its owed writes, then settles
+
+
+def only_groups(
+    guests: Sequence[GuestSpec], steps: Sequence[Step], groups: Sequence[str]
+) -> tuple[list[GuestSpec], tuple[Step, ...]]:
+    """The guests and steps of these groups; ValueError for a group with no guest."""
+    unknown = [g for g in groups if not any(group_of(s.name) == g for s in guests)]
+    if unknown:
+        raise ValueError(f"no guests in groups {unknown}")
+    kept = [s for s in guests if group_of(s.name) in groups]
+    return kept, tuple(st for st in steps if group_of(st.guests[0]) in groups)
 
 
 def group_of(name: str) -> str:
@@ -782,11 +796,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--subnet", default="10.213.30.0/24")
     ap.add_argument("--rate-mbit", type=int, default=cluster.DEFAULT_RATE_MBIT)
     ap.add_argument("--quick", action="store_true", help="two small guests, three steps")
+    ap.add_argument(
+        "--only",
+        action="append",
+        metavar="GROUP",
+        help="only the steps and guests of this group (a guest name without its number, "
+        "e.g. rnd); repeatable",
+    )
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
     chosen = SETS[args.set]
     out_path: Path = args.out or chosen.out
     guests, steps = list(chosen.guests), chosen.steps
+    if args.only:
+        guests, steps = only_groups(guests, steps, [f"{GUEST_PREFIX}{g}" for g in args.only])
     if args.quick:
         guests, steps = [g for g in GUESTS if g.name in QUICK_GUESTS], QUICK_STEPS
     check_steps(guests, steps)

@@ -116,3 +116,40 @@ def test_a_schedule_with_a_one_second_window_measures_that_window_alone() -> Non
     schedule = Schedule(interval_s=60, window_s=1, batch_size=8, method=None, max_window_s=1)
     assert schedule.first_windows_s == (1,)
     assert Schedule(60, 4, 8, None, 16).first_windows_s == (2, 4)
+
+
+class QemuLikeLibvirt(FakeLibvirt):
+    """QEMU refuses a new measurement of a domain until its running one's window is over;
+    one domain's start fails (it stopped between the check and the start)."""
+
+    def __init__(self, clock: Clock, failing: str) -> None:
+        super().__init__(clock)
+        self.failing = failing
+        self.until: dict[str, float] = {}
+
+    def start_dirty_rate(self, uuid: str, window_s: int, method: DirtyRateMethod) -> None:
+        from hostmaint.agent import errors
+
+        if uuid == self.failing:
+            raise errors.HypervisorError("dirty-rate", 55, "domain is not running")
+        if self.clock() < self.until.get(uuid, 0.0):
+            raise errors.HypervisorError(
+                "dirty-rate", 1, "the dirty rate is already being measured"
+            )
+        self.until[uuid] = self.clock() + window_s
+        super().start_dirty_rate(uuid, window_s, method)
+
+
+def test_a_batch_failing_part_way_keeps_what_it_started_busy_until_qemu_is_done() -> None:
+    import pytest
+
+    from hostmaint.agent import errors
+
+    clock = Clock()
+    fake = QemuLikeLibvirt(clock, failing="idle")
+    meter = DirtyRateMeter(cast(LibvirtDriver, fake), wait=clock.wait, clock=clock)
+    with pytest.raises(errors.HypervisorError, match="not running"):
+        meter.measure(["wide", "idle"], 4, None)
+    assert "wide" in fake.until  # QEMU measures it whatever the batch did
+    got = meter.measure(["wide"], 2, None)  # the next caller: no "already being measured"
+    assert got["wide"].window_s == 2

@@ -205,3 +205,11 @@ def test_forecast_log_keeps_the_first_forecast_after_the_first_pass() -> None:
     log.add(sample(t, 5, 8 * mib, sent))
     assert log.first == first  # only the first is kept
     assert first.converges and first.end_s > first.at_s
+
+
+def test_only_some_groups_keeps_their_guests_and_steps() -> None:
+    guests, steps = bench.only_groups(bench.PATTERN_GUESTS, bench.PATTERN_STEPS, ["hm-lc-rnd"])
+    assert [g.name for g in guests] == ["hm-lc-rnd1", "hm-lc-rnd2", "hm-lc-rnd3"]
+    assert len(steps) == 4 and all(bench.group_of(s.guests[0]) == "hm-lc-rnd" for s in steps)
+    with pytest.raises(ValueError, match="no guests"):
+        bench.only_groups(bench.PATTERN_GUESTS, bench.PATTERN_STEPS, ["hm-lc-nope"])

@@ -237,3 +237,66 @@ def test_total_time_monotonic_in_memory(m1: int, m2: int, rate: float) -> None:
         assert a.outcome is Outcome.COMPLETED
         assert a.end_s is not None and b.end_s is not None
         assert a.end_s <= b.end_s + 1e-6
+
+
+def _readings(
+    found: object, windows: tuple[float, ...] = (1, 2, 4, 8)
+) -> tuple[tuple[float, float], ...]:
+    assert callable(found)
+    return tuple((w, float(found(w))) for w in windows)
+
+
+def test_readings_of_a_walk_predict_what_its_rate_and_set_do() -> None:
+    rate, ws = 20 * MIB, 96 * MIB
+    plain = vm(memory_bytes=512 * MIB, dirty_rate_bytes_per_s=rate, working_set_bytes=ws)
+    # windows the walk has not covered yet read its line; the set caps it after them
+    read = dataclasses.replace(plain, dirtied=_readings(lambda t: rate * t, (1, 2, 4)))
+    link = Link(50 * MB)
+    a, b = predict(plain, link, DrainPolicy()), predict(read, link, DrainPolicy())
+    assert (a.converges, a.rounds) == (b.converges, b.rounds)
+    assert b.total_s == pytest.approx(a.total_s, rel=1e-6)
+
+
+def test_a_round_leaves_no_more_than_the_unique_pages_its_length_finds() -> None:
+    import math
+
+    ws = 160 * MIB
+    rate = 26 * MIB  # uniformly random writes: they refind their own pages
+
+    def found(t: float) -> float:
+        return ws * (1 - math.exp(-rate * t / ws))
+
+    line = vm(
+        memory_bytes=512 * MIB,
+        nonzero_bytes=224 * MIB,
+        dirty_rate_bytes_per_s=rate,
+        working_set_bytes=ws,
+    )
+    read = dataclasses.replace(line, dirtied=_readings(found))
+    limit = Settings(downtime_limit_ms=300)
+    first_pass_s = 224 / 40 + 288 * MIB / BARE.zero_scan_bytes_per_s
+    by_rate, by_readings = (run_alone(v, 40 * MIB, limit, BARE) for v in (line, read))
+    assert by_readings.pending_at_sync[0] <= found(first_pass_s) * 1.001
+    assert by_readings.bytes_sent <= by_rate.bytes_sent
+
+
+def test_a_hot_part_found_within_the_first_window_does_not_read_as_convergence() -> None:
+    import math
+
+    hot = 16 * MIB  # 60 MiB/s into 16 MiB, and a slow cold part: the 1 s window reads 23.6
+
+    def hot_cold(t: float) -> float:
+        return hot * (1 - math.exp(-60 * MIB * t / hot)) + 8 * MIB * t
+
+    line = vm(
+        memory_bytes=512 * MIB,
+        nonzero_bytes=224 * MIB,
+        dirty_rate_bytes_per_s=hot_cold(1.0),
+        working_set_bytes=160 * MIB,
+    )
+    # at 30 MiB/s and 300 ms (9 MiB), the 1 s window's rate alone shrinks every round;
+    # the hot part refound within each short round keeps ~13 MiB (the truth: ~16) pending
+    limit = Settings(downtime_limit_ms=300)
+    assert run_alone(line, 30 * MIB, limit, BARE).outcome is Outcome.COMPLETED
+    read = dataclasses.replace(line, dirtied=_readings(hot_cold))
+    assert run_alone(read, 30 * MIB, limit, BARE, 10.0).outcome is Outcome.NOT_CONVERGED
