@@ -191,6 +191,40 @@ def _ratio(actual: float, predicted: float) -> str:
     return f" ({(actual - predicted) / predicted * 100:+.0f}%)"
 
 
+def migration_window(status: pb.DrainStatus) -> tuple[float, float] | None:
+    """(seconds from the drain's start to its first migration's, seconds from that to the
+    last migration's end): what came before the plan ran (disabling the host, measuring
+    dirty rates, planning) and what the plan's predicted makespan predicts. None until
+    a migration has ended."""
+    t0 = timestamp_s(status.started_at)
+    starts = [t for v in status.vms if (t := timestamp_s(v.started_at)) is not None]
+    ends = [t for v in status.vms if (t := timestamp_s(v.finished_at)) is not None]
+    if t0 is None or not starts or not ends:
+        return None
+    return max(0.0, min(starts) - t0), max(0.0, max(ends) - min(starts))
+
+
+def measuring_note(plan: pb.DrainPlan) -> str:
+    """The plan's note on where its dirty rates came from (measured, and how long, or the
+    agents' background readings, and how old); empty when it has none."""
+    return next((n for n in plan.notes if "dirty rate" in n), "")
+
+
+def window_lines(status: pb.DrainStatus) -> list[str]:
+    """The time before the first migration and the migrations' span against the plan."""
+    window = migration_window(status)
+    if window is None:
+        return []
+    before, span = window
+    predicted = status.summary.predicted_makespan_s
+    note = measuring_note(status.plan)
+    return [
+        f"before the first migration: {seconds(before)}" + (f" ({note})" if note else ""),
+        f"migrations: predicted {prediction(predicted)}, took {seconds(span)}"
+        f"{_ratio(span, predicted)}",
+    ]
+
+
 def render_summary(status: pb.DrainStatus) -> str:
     s = status.summary
     lines = [
@@ -201,6 +235,7 @@ def render_summary(status: pb.DrainStatus) -> str:
         f"makespan: predicted {prediction(s.predicted_makespan_s)}, "
         f"actual {seconds(s.actual_makespan_s) if s.actual_makespan_s > 0 else '?'}"
         f"{_ratio(s.actual_makespan_s, s.predicted_makespan_s)}",
+        *window_lines(status),
         f"max downtime: {s.max_downtime_ms} ms" + _policy_limit(status.policy),
         f"migrated {s.migrated}, failed {s.failed}, unmovable {s.unmovable}, "
         f"post-copy used {s.postcopy_used}",

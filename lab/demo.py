@@ -40,7 +40,7 @@ import grpc
 import libvirt
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from hostmaint.coordinator import cliformat
+from hostmaint.coordinator import cliformat, cliview
 from hostmaint.protos import agent_pb2 as apb
 from hostmaint.protos import agent_pb2_grpc, coordinator_pb2_grpc
 from hostmaint.protos import coordinator_pb2 as cpb
@@ -268,7 +268,8 @@ def result_table(status: cpb.DrainStatus, limit_ms: float) -> str:
         f"max real downtime {s.max_downtime_ms} ms (limit {limit_ms:.0f} ms); "
         f"migrated {s.migrated}, failed {s.failed}, unmovable {s.unmovable}"
     )
-    return cliformat.table(headers, rows, frozenset({4, 5, 6, 7, 8})) + "\n" + footer
+    lines = [cliformat.table(headers, rows, frozenset({4, 5, 6, 7, 8})), footer]
+    return "\n".join(lines + cliview.window_lines(status))
 
 
 def latest_drain(address: str, host: str) -> cpb.DrainStatus:

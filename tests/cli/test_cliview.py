@@ -479,3 +479,23 @@ def test_live_view_shows_the_prediction_revised_from_the_rounds() -> None:
     stuck.vm.revised_note = "will not converge as it runs: its rounds stop shrinking"
     frame = clilive.render_live(fold([*events, revised, stuck]), T0 + 31.0, width=120, height=30)
     assert "rev never, limit 2000 ms" in row_line(frame, "db-1")
+
+
+def test_summary_shows_the_time_before_the_first_migration_apart_from_the_migrations() -> None:
+    status = pb.DrainStatus(drain_id="d", host="h0")
+    status.started_at.FromSeconds(1_000)
+    status.summary.predicted_makespan_s = 20.0
+    status.summary.actual_makespan_s = 40.0
+    status.plan.notes.append("measured the dirty rates of 3 VMs in 15.2s")
+    for start, end in ((1_016, 1_030), (1_018, 1_038)):
+        vm = status.vms.add(name=f"vm{start}", state=pb.VM_STATE_COMPLETED)
+        vm.started_at.FromSeconds(start)
+        vm.finished_at.FromSeconds(end)
+    assert cliview.migration_window(status) == (16.0, 22.0)
+    text = cliview.render_summary(status)
+    assert "before the first migration: 16.0s (measured the dirty rates of 3 VMs in 15.2s)" in (
+        text
+    )
+    assert "migrations: predicted 20.0s, took 22.0s (+10%)" in text
+    assert cliview.migration_window(pb.DrainStatus()) is None  # nothing ran yet
+    assert cliview.window_lines(pb.DrainStatus()) == []
