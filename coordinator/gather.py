@@ -53,6 +53,9 @@ class Inputs:
     domains: dict[str, apb.Domain] = field(default_factory=dict)
     notes: tuple[str, ...] = ()
     source: HostCapabilities = FULLY_CAPABLE  # what the source host can tune
+    # of the notes, where the dirty rates came from: the agent's background readings (how
+    # old) and what was measured before planning (how long); the plan repeats them
+    rate_notes: tuple[str, ...] = ()
 
 
 def capabilities_of(report: apb.HostReport | None) -> HostCapabilities:
@@ -132,6 +135,11 @@ def gather(
 ) -> Inputs:
     """Everything the planner needs about a host's drain; raises when the source agent is down."""
     notes: list[str] = []
+    rate_notes: list[str] = []
+
+    def rate_note(text: str) -> None:
+        rate_notes.append(text)
+        note(text)
 
     def note(text: str) -> None:
         LOG.info("%s host=%s", text, host)
@@ -181,7 +189,7 @@ def gather(
                 domains[uuid].dirty_rate.CopyFrom(main)
                 oldest = min([oldest, *(r.measured_at.ToSeconds() for r in stored)])
         if readings:
-            note(
+            rate_note(
                 f"dirty rates of {len(readings)} of {len(wanted)} VMs from the agent's "
                 f"background readings (the oldest {max(0.0, now - oldest):.0f}s old)"
             )
@@ -206,7 +214,7 @@ def gather(
         except errors.CoordinatorError as e:
             note(f"fresh dirty-rate measurement failed, planning with what was read: {e}")
         if started is not None and clock is not None:
-            note(f"measured the dirty rates of {len(wanted)} VMs in {clock() - started:.1f}s")
+            rate_note(f"measured the dirty rates of {len(wanted)} VMs in {clock() - started:.1f}s")
     missing = [i.name for i in live if i.uuid not in domains]
     if missing:
         note("no libvirt domain for " + ", ".join(missing) + "; sizes from the flavor")
@@ -225,6 +233,7 @@ def gather(
         domains,
         tuple(notes),
         source=capabilities_of(status.report),
+        rate_notes=tuple(rate_notes),
     )
 
 

@@ -327,6 +327,7 @@ class Runtime:
         plan_pb = views.plan_to_pb(
             host, plan, inputs.link_bandwidth_bytes_per_s, inputs.vms, stay, cold
         )
+        plan_pb.notes.extend(inputs.rate_notes)
         return plan_pb, plan, inputs
 
     def plan_drain(self, inputs: Inputs, policy: DrainPolicy) -> DrainPlan:

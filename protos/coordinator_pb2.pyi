@@ -555,7 +555,8 @@ class DrainPlan(google.protobuf.message.Message):
     def notes(self) -> google.protobuf.internal.containers.RepeatedScalarFieldContainer[builtins.str]:
         """Tuning the plan left out because a host cannot do it (vCPU throttling on a source
         without libvirt's CPU controller, post-copy where the source or a target has no
-        userfaultfd), with the host's reason.
+        userfaultfd), with the host's reason; and where the VMs' dirty rates came from (the
+        agent's background readings and how old, or measured before planning and how long).
         """
 
     def __init__(

@@ -104,7 +104,8 @@ def test_plan_drain_notes_the_throttle_test_driver_hosts_cannot_do(cluster: Clus
     """Real agents on test:///: GetHost says its domains have no vcpu_quota; the plan
     leaves vCPU throttling out of the ladder and says why; `hostmaint plan` prints it."""
     plan = cluster.stub.PlanDrain(cpb.PlanDrainRequest(host="host1"), timeout=30)
-    (note,) = plan.notes
+    note, rates = plan.notes  # and where the dirty rates came from
+    assert rates.startswith("measured the dirty rates of")
     assert note.startswith(
         "vCPU throttling left out of the escalation ladder: the source host cannot do it "
         "(no vcpu_period or vcpu_quota among libvirt's fair scheduler parameters (weight)"

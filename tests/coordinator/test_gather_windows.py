@@ -128,6 +128,8 @@ def test_fresh_background_readings_are_planned_on_without_measuring() -> None:
     assert any(
         "2 of 2 VMs from the agent's background readings (the oldest 30s" in n for n in inputs.notes
     )
+    (rates,) = inputs.rate_notes  # the note the plan repeats
+    assert rates in inputs.notes and "background readings" in rates
 
 
 def test_readings_older_than_the_limit_are_measured_afresh_and_the_wait_is_reported() -> None:
@@ -135,6 +137,9 @@ def test_readings_older_than_the_limit_are_measured_afresh_and_the_wait_is_repor
     inputs = _gather(agents, driver, max_age_s=120)
     assert [c.detail for c in agents.called("MeasureDirtyRate")] == ["2s", "1s"]
     assert any(n.startswith("measured the dirty rates of 2 VMs in") for n in inputs.notes)
+    assert [n.startswith("measured the dirty rates of 2 VMs in") for n in inputs.rate_notes] == [
+        True
+    ]
 
 
 def test_a_max_age_of_zero_always_measures() -> None:
