@@ -139,6 +139,16 @@ def steps_from_status(status: cpb.DrainStatus) -> list[Step]:
             return (math.inf, m.position)
         return (vm.started_at.ToNanoseconds() / 1e9, m.position)
 
+    notes = list(status.plan.notes)
+
+    def postcopy_permitted(target: str) -> bool:
+        # the plan permits post-copy at the start wherever the policy allows it and the
+        # hosts can do it; where they cannot, its notes say so (planner._left_out)
+        left_out = ("post-copy left out: the source", f" going to {target}: it cannot do it")
+        return status.policy.allow_postcopy and not any(
+            n.startswith("post-copy left out") and any(w in n for w in left_out) for n in notes
+        )
+
     steps = []
     for m in sorted(status.plan.migrations, key=started):
         target = m.target_host or (vms[m.vm_uuid].target_host if m.vm_uuid in vms else "")
@@ -152,7 +162,7 @@ def steps_from_status(status: cpb.DrainStatus) -> list[Step]:
                 tuning=cliformat.tuning_label(m.tuning),
                 max_downtime_ms=m.qemu_max_downtime_ms,
                 auto_converge=m.tuning == cpb.TUNING_AUTO_CONVERGE,
-                allow_postcopy=postcopy or status.policy.allow_postcopy,
+                allow_postcopy=postcopy or postcopy_permitted(target),
                 # libvirt's iteration is 1 through the first pass and 2 after it
                 postcopy_at_iteration=2 + m.precopy_tries if postcopy else None,
                 predicted_total_s=m.predicted_total_s,
@@ -426,9 +436,10 @@ def run_alone(lab: cluster.Lab, steps: Sequence[Step], rows: Sequence[VmRow]) ->
         last = started + vm.total_s
         row = by_name[step.name]
         row.alone_s, row.alone_ok, row.alone_note = vm.total_s, vm.ok, vm.note
-        if vm.ok:
-            row.alone_downtime_ms = last_downtime_ms(lab, step.name)
         print(f"   {step.name}: {vm.total_s:.1f}s {'ok' if vm.ok else 'FAILED ' + vm.note}")
+    for row in rows:  # kept by libvirt (KEEP_COMPLETED): read once every VM has moved
+        if row.alone_ok:
+            row.alone_downtime_ms = last_downtime_ms(lab, row.name)
     return last - first if first is not None else 0.0
 
 
@@ -505,7 +516,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--json", type=Path, default=None, metavar="FILE")
     parser.add_argument("--prefix", default="hm-l1b")
-    parser.add_argument("--subnet", default="10.213.24.0/24")
+    parser.add_argument("--subnet", default="10.213.33.0/24")
     args = parser.parse_args(argv)
     if args.json is not None and not args.json.parent.is_dir():
         parser.error(f"--json: no directory {args.json.parent}")

@@ -118,6 +118,19 @@ def test_policy_allowing_postcopy_permits_it_for_every_vm() -> None:
     assert [s.postcopy_at_iteration for s in bench.steps_from_status(status)] == [5, None, None]
 
 
+def test_postcopy_is_not_permitted_where_the_plan_left_it_out() -> None:
+    status = _status()
+    status.policy.allow_postcopy = True
+    status.plan.notes.append(
+        "post-copy left out for the 1 VM going to h1: it cannot do it (no userfaultfd)"
+    )
+    permitted = {s.name: s.allow_postcopy for s in bench.steps_from_status(status)}
+    assert permitted == {"c": True, "a": False, "b": True}
+    status.plan.notes[:] = ["post-copy left out: the source host cannot do it (no userfaultfd)"]
+    permitted = {s.name: s.allow_postcopy for s in bench.steps_from_status(status)}
+    assert permitted == {"c": True, "a": False, "b": False}
+
+
 def test_a_plan_without_a_target_is_refused() -> None:
     status = _status()
     status.plan.migrations[1].target_host = ""
