@@ -104,7 +104,7 @@ def load_mix(name: str, path: Path) -> Mix:
         raise errors.SpecError(path, f"[policy]: unknown keys {sorted(unknown)}")
     for key, value in table.items():
         kind = POLICY_KEYS[key]
-        if type(value) is not kind or (kind is int and value < 0):
+        if type(value) is not kind or (isinstance(value, int) and value < 0):
             wanted = "true or false" if kind is bool else "a whole number >= 0"
             raise errors.SpecError(path, f"[policy]: {key} must be {wanted}, not {value!r}")
     policy = cpb.DrainPolicy(max_downtime_ms=settings.max_downtime_ms, **table)
