@@ -52,6 +52,7 @@ from hostmaint.lab import cluster, errors
 from hostmaint.lab.demo import (
     DEFAULT_SPEC,
     DemoSettings,
+    _terminate_as_interrupt,
     last_downtime_ms,
     load_demo,
     move_guests_to,
@@ -527,7 +528,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     results = []
     for mix in mixes:
-        r = run_mix(mix, args)
+        with _terminate_as_interrupt():  # SIGTERM too takes the lab down
+            r = run_mix(mix, args)
         results.append(r)
         print(
             f"\n-- {mix.name}: per VM (pred: the plan's; drain: in the drain; alone: one at a time)"
