@@ -513,7 +513,10 @@ def run_mix(mix: Mix, args: argparse.Namespace) -> MixResult:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
-        "--mix", action="append", choices=sorted(MIXES), help="a mix to run (repeatable; all)"
+        "--mix",
+        action="append",
+        choices=sorted(MIXES),
+        help="a mix to run (repeatable; default: every mix)",
     )
     parser.add_argument("--json", type=Path, default=None, metavar="FILE")
     parser.add_argument("--prefix", default="hm-l1b")
