@@ -26,7 +26,8 @@ The one-at-a-time makespan runs from the first start to the last end. The
 drain's is shown two ways: from its first migration's start to its last VM's
 end (the same span), and the journal's, from the drain's creation (measuring
 dirty rates and planning included). The seconds the coordinator spent
-measuring dirty rates before planning come from the drain's notes.
+measuring dirty rates before planning come from the drain's notes. It exits 1
+when a mix's drain took longer than one at a time (first start to last end).
 """
 
 from __future__ import annotations
@@ -410,6 +411,21 @@ def _ratio(actual: float | None, predicted: float) -> str:
     return f"{actual / predicted:.2f}" if actual is not None and predicted > 0 else "?"
 
 
+def slower_mixes(results: Sequence[MixResult]) -> list[str]:
+    """The mixes whose drain (first start to last end) took longer than one at a time."""
+    return [r.mix for r in results if not r.drain_span_s <= r.alone_makespan_s]
+
+
+def verdict(results: Sequence[MixResult]) -> str:
+    slower = slower_mixes(results)
+    if not slower:
+        return "the drain was never slower than one at a time"
+    by_mix = {r.mix: r for r in results}
+    return "the drain was SLOWER than one at a time: " + ", ".join(
+        f"{m} ({by_mix[m].ratio:.2f}x)" for m in slower
+    )
+
+
 def to_json(results: Sequence[MixResult]) -> str:
     out = []
     for r in results:
@@ -542,7 +558,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.json is not None:
             args.json.write_text(to_json(results))
     print(render_summary(results))
-    return 0
+    print(verdict(results))
+    return 1 if slower_mixes(results) else 0
 
 
 if __name__ == "__main__":

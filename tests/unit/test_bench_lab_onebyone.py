@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -216,6 +217,16 @@ def test_span_and_ratios() -> None:
     assert r.drain_span_s == pytest.approx(19.5)
     assert r.ratio == pytest.approx(19.5 / 39.0)
     assert r.ratio_total == pytest.approx(27.0 / 39.0)
+
+
+def test_verdict_names_the_mixes_slower_than_one_at_a_time() -> None:
+    fast = _result()
+    slow = dataclasses.replace(_result(), mix="slow", alone_makespan_s=15.0)
+    even = dataclasses.replace(_result(), mix="even", alone_makespan_s=fast.drain_span_s)
+    assert bench.slower_mixes([fast, even]) == []
+    assert bench.verdict([fast, even]) == "the drain was never slower than one at a time"
+    assert bench.slower_mixes([fast, slow, even]) == ["slow"]
+    assert bench.verdict([fast, slow]) == ("the drain was SLOWER than one at a time: slow (1.30x)")
 
 
 def test_summary_table_has_one_row_per_mix() -> None:
