@@ -83,29 +83,32 @@ class RunResult:
 # ---- hostmaint -----------------------------------------------------------------------------
 
 
-def run_hostmaint(lab: cluster.Lab, work: Path, limit_ms: int) -> RunResult:
+def drain_events(
+    lab: cluster.Lab, work: Path, policy: cpb.DrainPolicy
+) -> tuple[list[cpb.DrainEvent], float]:
+    """`Drain` of host 0 through a coordinator daemon: its events and the call's seconds."""
     port = free_port()
     conf = work / "coordinator.conf"
-    conf.write_text(coordinator_config(lab, work / "bench.db", port, max_downtime_ms=limit_ms))
+    conf.write_text(
+        coordinator_config(lab, work / "bench.db", port, max_downtime_ms=policy.max_downtime_ms)
+    )
     coordinator = CoordinatorProcess(conf, port, work / "coordinator.log")
     coordinator.start()
-    result = RunResult("hostmaint")
     try:
         started = time.monotonic()
         with grpc.insecure_channel(coordinator.address) as channel:
             stub = coordinator_pb2_grpc.CoordinatorStub(channel)
             events = list(
-                stub.Drain(
-                    cpb.DrainRequest(
-                        host=lab.hosts[0].name,
-                        policy=cpb.DrainPolicy(max_downtime_ms=limit_ms),
-                        reason="bench",
-                    )
-                )
+                stub.Drain(cpb.DrainRequest(host=lab.hosts[0].name, policy=policy, reason="bench"))
             )
-        result.makespan_s = time.monotonic() - started
+        return events, time.monotonic() - started
     finally:
         coordinator.stop()
+
+
+def run_hostmaint(lab: cluster.Lab, work: Path, limit_ms: int) -> RunResult:
+    events, seconds = drain_events(lab, work, cpb.DrainPolicy(max_downtime_ms=limit_ms))
+    result = RunResult("hostmaint", makespan_s=seconds)
     status = events[-1].status
     for vm in status.vms:
         result.vms[vm.name] = VmResult(
@@ -123,7 +126,7 @@ def run_hostmaint(lab: cluster.Lab, work: Path, limit_ms: int) -> RunResult:
 Controller = Callable[[float, apb.MigrationProgress], apb.TuneMigrationRequest | None]
 
 
-def _migrate_one(
+def migrate_one(
     lab: cluster.Lab,
     guest: str,
     target: cluster.LabHost,
@@ -232,7 +235,7 @@ def run_nova(
         target = _least_loaded(lab, guests, moved)
         first_ms = int(downtime_steps(conf, 2.0)[0][1])
         options = apb.MigrateOptions(max_downtime_ms=first_ms)
-        vm = _migrate_one(lab, guest, target, options, controller_for(guest))
+        vm = migrate_one(lab, guest, target, options, controller_for(guest))
         if vm.ok:
             moved[guest] = target.name
         result.vms[guest] = vm
@@ -277,7 +280,7 @@ def run_kubevirt(
                 guest = queue.pop(0)
                 target = _least_loaded(lab, guests, moved)
                 moved[guest] = target.name  # reserved, as the scheduler would
-            vm = _migrate_one(lab, guest, target, apb.MigrateOptions(), make_for(guest))
+            vm = migrate_one(lab, guest, target, apb.MigrateOptions(), make_for(guest))
             with lock:
                 if not vm.ok:
                     moved.pop(guest, None)
