@@ -48,7 +48,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from hostmaint.coordinator import cliformat
+from hostmaint.coordinator import cliformat, cliview
 from hostmaint.lab import cluster, errors
 from hostmaint.lab.demo import (
     DEFAULT_SPEC,
@@ -227,19 +227,6 @@ def measuring_s(notes: Iterable[str]) -> tuple[float | None, str]:
     return found, "; ".join(said)
 
 
-def drain_notes(events: Sequence[cpb.DrainEvent]) -> list[str]:
-    """The drain's notes: those of its gathering (events without a VM) and of its plan."""
-    notes = [
-        e.message
-        for e in events
-        if e.kind == cpb.DRAIN_EVENT_KIND_BLOCKED and not e.vm_uuid and e.message
-    ]
-    for e in events:
-        if e.kind == cpb.DRAIN_EVENT_KIND_PLANNED:
-            notes.extend(e.plan.notes)
-    return notes
-
-
 # ---- results -------------------------------------------------------------------------------
 
 
@@ -284,14 +271,6 @@ class MixResult:
     @property
     def ratio_total(self) -> float:
         return self.drain_total_s / self.alone_makespan_s if self.alone_makespan_s > 0 else math.nan
-
-
-def drain_span_s(status: cpb.DrainStatus) -> float:
-    starts = [v.started_at.ToNanoseconds() for v in status.vms if v.HasField("started_at")]
-    ends = [v.finished_at.ToNanoseconds() for v in status.vms if v.HasField("finished_at")]
-    if not starts or not ends:
-        return 0.0
-    return (max(ends) - min(starts)) / 1e9
 
 
 def rows_from_status(status: cpb.DrainStatus, steps: Sequence[Step]) -> list[VmRow]:
@@ -496,7 +475,7 @@ def run_mix(mix: Mix, args: argparse.Namespace) -> MixResult:
             if vm.state == cpb.VM_STATE_COMPLETED and vm.name in drain:
                 drain[vm.name].drain_downtime_ms = last_downtime_ms(lab, vm.name)
         _check_placement(lab, guests)
-        seconds, note = measuring_s(drain_notes(events))
+        seconds, note = measuring_s(status.plan.notes)
         print(f"   drained in {call_s:.1f}s ({cliformat.drain_state_label(status.state)})")
 
         move_guests_to(lab, guests, home)
@@ -513,7 +492,7 @@ def run_mix(mix: Mix, args: argparse.Namespace) -> MixResult:
         mix=mix.name,
         vms=len(steps),
         predicted_makespan_s=status.plan.predicted_makespan_s,
-        drain_span_s=drain_span_s(status),
+        drain_span_s=(cliview.migration_window(status) or (0.0, 0.0))[1],
         drain_total_s=s.actual_makespan_s,
         measuring_s=seconds,
         measuring_note=note,

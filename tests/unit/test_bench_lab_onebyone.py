@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 from google.protobuf.timestamp_pb2 import Timestamp
 
+from hostmaint.coordinator import cliview
 from hostmaint.lab import errors
 from hostmaint.lab.guest import GuestMode, GuestPattern
 from hostmaint.protos import agent_pb2 as apb
@@ -87,6 +88,7 @@ def _status() -> cpb.DrainStatus:
         vms=vms,
         policy=cpb.DrainPolicy(max_downtime_ms=500, allow_postcopy=False),
         summary=cpb.DrainSummary(actual_makespan_s=27.0),
+        started_at=_at(92.5),
     )
 
 
@@ -157,19 +159,8 @@ def test_controller_switches_at_the_planned_round_once_and_aborts_late() -> None
     assert bench.alone_timeout_s(c) == max(bench.ALONE_TIMEOUT_MIN_S, 200.0)
 
 
-def test_measuring_seconds_from_the_drains_notes() -> None:
-    events = [
-        cpb.DrainEvent(kind=cpb.DRAIN_EVENT_KIND_HOST_DISABLED, message="bench"),
-        cpb.DrainEvent(
-            kind=cpb.DRAIN_EVENT_KIND_BLOCKED, message="measured the dirty rates of 6 VMs in 7.3s"
-        ),
-        cpb.DrainEvent(kind=cpb.DRAIN_EVENT_KIND_BLOCKED, vm_uuid="ua", message="cannot move"),
-        cpb.DrainEvent(
-            kind=cpb.DRAIN_EVENT_KIND_PLANNED, plan=cpb.DrainPlan(notes=["post-copy left out"])
-        ),
-    ]
-    notes = bench.drain_notes(events)
-    assert notes == ["measured the dirty rates of 6 VMs in 7.3s", "post-copy left out"]
+def test_measuring_seconds_from_the_plans_notes() -> None:
+    notes = ["measured the dirty rates of 6 VMs in 7.3s", "post-copy left out"]
     assert bench.measuring_s(notes) == (7.3, "measured the dirty rates of 6 VMs in 7.3s")
     background = (
         "dirty rates of 6 of 6 VMs from the agent's background readings (the oldest 9s old)"
@@ -189,7 +180,7 @@ def _result() -> bench.MixResult:
         mix="tiny",
         vms=3,
         predicted_makespan_s=30.0,
-        drain_span_s=bench.drain_span_s(status),
+        drain_span_s=(cliview.migration_window(status) or (0.0, 0.0))[1],
         drain_total_s=status.summary.actual_makespan_s,
         measuring_s=7.3,
         measuring_note="",
