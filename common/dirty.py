@@ -42,12 +42,6 @@ Public API
     rewrites pages already dirty: a set, a hot part), ``W * (1 - exp(-D t / W))``, the
     unique pages ``D`` bytes/s of writes find in a set of ``W`` (the curve random writes
     follow, and a bound for a walk); otherwise the line ``D t``; one point: the line.
-``curve_of(readings) -> f``: unique bytes dirtied in ``t`` seconds by the writer the readings
-    saw, through every reading: between two windows (before the first: the first two;
-    after the last: the last two) ``dirtied_curve`` of that pair. Whatever the writer's
-    habit, a round of ``t`` seconds after a dirty-bitmap sync leaves about ``f(t)`` bytes
-    to resend; the curve says it where one rate cannot (a hot part rewritten within the
-    shortest window, then a cold part found slowly).
 """
 
 from __future__ import annotations
@@ -184,34 +178,3 @@ def saturating_fit(ta: float, ya: float, tb: float, yb: float) -> tuple[float, f
             hi = mid
     w = hi
     return w, -w / tb * math.log(1.0 - yb / w)
-
-
-def _piece(pair: Sequence[tuple[float, float]]) -> Callable[[float], float]:
-    """The curve of two consecutive readings; one that found no more pages than the one
-    before holds a set rewritten faster than that window (``writer_of``'s assumption)."""
-    if len(pair) == 2 and pair[1][1] <= pair[0][1]:
-        found = pair[0][1]
-        return lambda t: min(found, found / ASSUMED_REWRITE_S * t)
-    return dirtied_curve(pair)
-
-
-def curve_of(readings: Sequence[Reading]) -> Callable[[float], float]:
-    """Unique bytes dirtied in t seconds, through every reading (windows shortest first)."""
-    pts = sorted({(r.window_s, r.unique_bytes) for r in readings if r.window_s > 0})
-    if not pts:
-        return lambda t: 0.0
-    # a later window never holds fewer unique pages than an earlier one of the same writer:
-    # a reading below the one before it was taken while the writer wrote less (noise)
-    mono: list[tuple[float, float]] = []
-    for t, y in pts:
-        mono.append((t, max(y, mono[-1][1] if mono else 0.0)))
-    pieces = [_piece(mono[i : i + 2]) for i in range(max(1, len(mono) - 1))]
-    bounds = [t for t, _ in mono[1:-1]]
-
-    def f(t: float) -> float:
-        if t <= 0.0:
-            return 0.0
-        i = next((k for k, b in enumerate(bounds) if t <= b), len(bounds))
-        return pieces[i](t)
-
-    return f

@@ -206,12 +206,11 @@ def row_vm(row: LabRow, i: int, measured: bool = False) -> VmSpec:
         dirty_rate_bytes_per_s=rate,
         working_set_bytes=ws,
         dirty_rate_floor_bytes_per_s=floor,
-        dirtied=points,
     )
 
 
 def dirtied_points(readings: str) -> tuple[tuple[float, float], ...]:
-    """``"1:14.00 2:12.50"`` (window s: MiB/s) as (window s, unique bytes) points."""
+    """``"1:14.00 2:12.50"`` (window s: MiB/s) as (window s, unique bytes dirtied) points."""
     points = []
     for part in readings.split():
         window, _, rate = part.partition(":")

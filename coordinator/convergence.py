@@ -50,7 +50,6 @@ from __future__ import annotations
 
 import math
 
-from hostmaint.common.dirty import Reading, curve_of
 from hostmaint.coordinator.model import (
     DEFAULT_PARAMS,
     DrainPolicy,
@@ -70,7 +69,6 @@ from hostmaint.coordinator.model import (
 )
 
 _EPS_S = 1e-9
-_FIRST_INSTANT_S = 0.01
 _EPS_BYTES = 1.0
 
 
@@ -116,24 +114,12 @@ class Migration:
         self.pending_at_sync: list[float] = []
         self.min_pending = math.inf
         self.last_progress_s = start_s
-        self.round_start_s = start_s  # the last dirty-bitmap sync (or the first pass's start)
-        # the readings' curve of unique bytes dirtied in t seconds: what a round that long
-        # can leave at most, and the rate of its first instants (above the shortest
-        # window's where the writer refinds its pages within it: a hot part)
-        self.curve = (
-            curve_of([Reading(b / w, w) for w, b in vm.dirtied if w > 0])
-            if vm.dirtied and vm.dirty_rate_bytes_per_s > 0
-            else None
-        )
-        self.base_rate = vm.dirty_rate_bytes_per_s
-        if self.curve is not None:
-            self.base_rate = max(self.base_rate, self.curve(_FIRST_INSTANT_S) / _FIRST_INSTANT_S)
 
     # -- the guest ---------------------------------------------------------
     def dirty_rate(self) -> float:
         if self.paused_at_s is not None or self.phase not in (Phase.SETUP, Phase.PRECOPY):
             return 0.0
-        rate = self.base_rate
+        rate = self.vm.dirty_rate_bytes_per_s
         run = 1.0 - self.throttle_pct / 100.0
         if self.vm.writer is WriterKind.CPU:
             return rate * run
@@ -213,7 +199,6 @@ class Migration:
             self.remaining = self.first_round_bytes
             self.rounds = 1
             self.new_dirty = 0.0
-            self.round_start_s = self.now_s
             self.period_start_s = self.now_s
             self.last_progress_s = self.now_s
         elif self.phase is Phase.SWITCHOVER:
@@ -255,25 +240,18 @@ class Migration:
         in_round = min(ws, self.round_ws)
         r0 = self.remaining
         outside = (ws - in_round) / ws
-        kept = 1.0 - self.params.unsent_write_free_share  # of writes to unsent round pages
         if bw <= 0.0:  # the zero tail (nothing left to send), or a link with no share
-            behind = rate * dt * (1.0 if r0 < _EPS_BYTES else outside + kept * (1.0 - outside))
+            behind = rate * dt * (1.0 if r0 < _EPS_BYTES else outside)
         else:
             free_s = min(dt, max(0.0, (r0 - in_round) / bw))  # the cursor before the ws pages
             span = dt - free_s
             u1 = min(in_round, r0)
             u2 = max(0.0, u1 - bw * span)
             sent_share = span * (in_round - (u1 + u2) / 2.0) / ws
-            unsent_share = dt * (1.0 - outside) - sent_share
-            uniform = rate * (
-                dt * outside + sent_share * self.params.behind_write_factor + unsent_share * kept
-            )
+            uniform = rate * (dt * outside + sent_share * self.params.behind_write_factor)
             lapping = max(0.0, rate - bw) * span
             behind = max(lapping, uniform)
-        unsent = min(in_round, max(0.0, r0 - bw * dt))
-        cap = ws - unsent * self.params.unsent_write_free_share
-        if self.curve is not None:  # no more than the unique pages written since the sync
-            cap = min(cap, self.curve(self.now_s - self.round_start_s))
+        cap = ws - min(in_round, max(0.0, r0 - bw * dt))
         self.new_dirty = min(cap, self.new_dirty + behind)
 
     def _sync(self, bw: float) -> None:
@@ -298,7 +276,6 @@ class Migration:
             self.min_pending = pending
             self.last_progress_s = self.now_s
         self.remaining = pending
-        self.round_start_s = self.now_s
         self.round_ws = min(self.working_set, pending)
         if pending <= 0.0 or pending < self.threshold(bw):
             self._switchover()

@@ -108,7 +108,6 @@ def _vm_spec(
         dirty_rate_bytes_per_s=writer.rate_bytes_per_s,
         working_set_bytes=writer.working_set_bytes,
         dirty_rate_floor_bytes_per_s=writer.rate_floor_bytes_per_s,
-        dirtied=tuple((r.window_s, r.unique_bytes) for r in readings),
         vcpus=max(1, instance.vcpus),
         cpu_model=cpu_model,
         cpu_features=features,

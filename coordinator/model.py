@@ -94,10 +94,6 @@ class VmSpec:
     # set when the rate is not known, only that it is at least this much (a working set
     # rewritten within the shortest measuring window); the rate above is then assumed
     dirty_rate_floor_bytes_per_s: float | None = None
-    # the agent's readings as (window s, unique bytes dirtied in it), shortest first: how
-    # the unique bytes a round leaves grow with its length (common/dirty.py's curve_of);
-    # empty: the rate above, into the working set
-    dirtied: tuple[tuple[float, float], ...] = ()
 
     @property
     def sent_bytes(self) -> int:
@@ -174,11 +170,6 @@ class ModelParams:
     # value predicts convergence that may not come. The lab guest walks its working set in
     # the copy's direction; its measured value is SEQUENTIAL_WRITER_BEHIND_FACTOR.
     behind_write_factor: float = 1.0
-    # Writes to round pages not sent yet, the share that goes with them and is not resent.
-    # 1: QEMU sends the page's new content once. 0: QEMU clears KVM's dirty log of a whole
-    # chunk (clear-bitmap-shift: 1 GiB) as it starts sending it, so for a guest the size of
-    # a chunk every write after a round's start is resent whatever the cursor's position.
-    unsent_write_free_share: float = 1.0
     throttle_trigger_pct: float = 50.0
     throttle_initial_pct: float = 20.0
     throttle_increment_pct: float = 10.0

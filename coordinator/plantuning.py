@@ -52,8 +52,7 @@ def with_rate_assumed(
     floor = vm.dirty_rate_floor_bytes_per_s
     if floor is None or pred.tuning in (Tuning.NONE, Tuning.RAISE_DOWNTIME):
         return vm, pred, None
-    # the readings' curve holds the assumed rate within the shortest window: not at the floor
-    at_floor = dataclasses.replace(vm, dirty_rate_bytes_per_s=floor, dirtied=())
+    at_floor = dataclasses.replace(vm, dirty_rate_bytes_per_s=floor)
     floor_pred = predict_at(at_floor, full_bw, policy, params)
     if floor_pred.tuning in (Tuning.CANNOT_CONVERGE, Tuning.POSTCOPY):
         return vm, pred, None
