@@ -69,20 +69,12 @@ RETRY_CODES = (
 )
 
 CALIBRATE_COLUMNS = calibrate.CSV_COLUMNS
+# the load and the accelerator, then every column calibrate reads when present
 EXTRA_COLUMNS = (
     "load_1m",
     "accel",
-    "started_at",
-    "wall_s",
-    "pattern",
-    "measured_rate_mibps",
-    "measured_ws_mib",
-    "measured_floor_mibps",
-    "readings",
+    *calibrate.CSV_OPTIONAL_COLUMNS,
     "measure_s",
-    "forecast_at_s",
-    "forecast_end_s",
-    "forecast_converges",
     "guest",
     "source",
     "target",
