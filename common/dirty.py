@@ -42,6 +42,8 @@ Public API
     rewrites pages already dirty: a set, a hot part), ``W * (1 - exp(-D t / W))``, the
     unique pages ``D`` bytes/s of writes find in a set of ``W`` (the curve random writes
     follow, and a bound for a walk); otherwise the line ``D t``; one point: the line.
+``saturating_fit(ta, ya, tb, yb) -> (W, D) or None``: that curve's set and rate through two
+    points (``writer_of`` reads a hot part's rate with it).
 """
 
 from __future__ import annotations
