@@ -297,9 +297,10 @@ def predict_group(
     at once): (converged, total_s, downtime_ms, rounds) of each, in order. ``members`` are
     the group's own rows (each VM described by its own; ``measured``: by its readings)."""
     n = row.concurrency if offsets_s is None else len(offsets_s)
-    rows = list(members) if members is not None else [row] * n
-    vms = [row_vm(r, i, measured) for i, r in enumerate(rows[:n])]
-    vms += [row_vm(row, i, measured) for i in range(len(vms), n)]
+    rows = [row] * n if members is None else list(members)
+    if len(rows) != n:
+        raise ValueError(f"{len(rows)} rows for a group of {n} migrations")
+    vms = [row_vm(r, i, measured) for i, r in enumerate(rows)]
     horizon = _horizon_s(row)
     link = Link(row.link_mbit * 1e6 / 8)
     res = simulate(vms, _Give(vms, row_settings(row), horizon, offsets_s), link, params, seed=1)
@@ -403,15 +404,7 @@ def predictions(
     for group in _groups(rows):
         offsets = group_offsets(group) if len(group) == group[0].concurrency else None
         if offsets is None:
-            out.extend(
-                (
-                    row,
-                    predict_group(row, params, members=[row] * row.concurrency, measured=measured)[
-                        0
-                    ],
-                )
-                for row in group
-            )
+            out.extend((row, predict_group(row, params, measured=measured)[0]) for row in group)
         else:
             found = predict_group(group[0], params, offsets, group, measured)
             out.extend(zip(group, found, strict=True))

@@ -196,14 +196,11 @@ def gather(
     if measure and wanted:
         started = clock() if clock is not None else None
         try:
-            rates = source.measure_dirty_rate(wanted, dirty_rate_window_s)
-            for uuid, rate in rates.items():
-                domains[uuid].dirty_rate.CopyFrom(rate)
             readings.update(
-                measure_windows(
+                measure_fresh(
                     source,
                     domains,
-                    rates,
+                    wanted,
                     dirty_rate_window_s,
                     dirty_rate_max_window_s,
                     bandwidth * LONGER_WINDOW_LINK_SHARE,
@@ -250,6 +247,23 @@ def stored_readings(domain: apb.Domain, window_s: int, not_before: float) -> lis
         series.append(by_window[w])
         w *= 2
     return series if len(series) >= (2 if half >= 1 else 1) else []
+
+
+def measure_fresh(
+    source: AgentClient,
+    domains: dict[str, apb.Domain],
+    uuids: list[str],
+    window_s: int,
+    max_window_s: int,
+    min_rate: float,
+    note: Callable[[str], None],
+) -> dict[str, list[Reading]]:
+    """What planning measures when it has no recent readings: the domains over the window
+    (each domain's ``dirty_rate`` set to it), then ``measure_windows``."""
+    rates = source.measure_dirty_rate(uuids, window_s)
+    for uuid, rate in rates.items():
+        domains[uuid].dirty_rate.CopyFrom(rate)
+    return measure_windows(source, domains, rates, window_s, max_window_s, min_rate, note)
 
 
 def measure_windows(

@@ -497,12 +497,11 @@ class Bench:
         uuids = {self._uuid(n): n for n in names}
         domains = {d.uuid: d for d in client.list_domains(list(uuids))}
         started = time.monotonic()
-        rates = client.measure_dirty_rate(list(uuids), MEASURE_WINDOW_S)
         link = self.lab.rate_mbit * 1e6 / 8
-        readings = gather.measure_windows(
+        readings = gather.measure_fresh(
             client,
             domains,
-            rates,
+            list(uuids),
             MEASURE_WINDOW_S,
             MEASURE_MAX_WINDOW_S,
             link * LONGER_WINDOW_LINK_SHARE,
