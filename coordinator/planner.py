@@ -18,9 +18,10 @@ Public API
     benchmark to run the plan against the true VMs).
 
 How the schedule is chosen: each VM needs a minimum bandwidth to converge with its
-tuning (found by bisection on the model); a VM starts when a slot is free and the needs
-of the pre-copying migrations plus its own fit the link, so sharing never stops a
-dirty VM from converging. Several orders and concurrency caps are simulated with the
+tuning (found by bisection on the model); a VM starts when a slot is free and, with it
+started, every pre-copying migration still needs no more than its even share of the
+link (pre-copy sends flat out, so sharing migrations split the link evenly), so sharing
+never stops a dirty VM from converging. Several orders and concurrency caps are simulated with the
 reported VMs and the shortest makespan wins: two dirty VMs at half bandwidth each
 resend more dirty pages (or never converge) than one after the other, while idle VMs
 gain from overlapping their fixed set-up costs and per-stream bandwidth caps; one of the
