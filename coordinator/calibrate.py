@@ -40,6 +40,8 @@ from dataclasses import dataclass
 from hostmaint.common.dirty import Reading, writer_of
 from hostmaint.coordinator.baselines import QueueStrategy
 from hostmaint.coordinator.convergence import Migration
+from hostmaint.coordinator.escalation import Observation
+from hostmaint.coordinator.forecast import forecast
 from hostmaint.coordinator.model import (
     DEFAULT_PARAMS,
     MIB,
@@ -77,7 +79,9 @@ CSV_COLUMNS = (
 # `pattern` is the guest's write pattern; `measured_*` what the source agent read of the
 # guest before the step, as the planner reads it (common/dirty.py's writer); `forecast_*`
 # the running job's first forecast (forecast.py): the job time it was made at and the job
-# time it forecast the end at ("inf": it said the job would not converge).
+# time it forecast the end at ("inf": it said the job would not converge); `samples` the
+# job's progress samples up to its end or post-copy switch (``SAMPLE_FIELDS`` apart by
+# commas, samples apart by spaces), on which the forecast is made again as it is now.
 CSV_OPTIONAL_COLUMNS = (
     "started_at",
     "wall_s",
@@ -89,6 +93,15 @@ CSV_OPTIONAL_COLUMNS = (
     "forecast_at_s",
     "forecast_end_s",
     "forecast_converges",
+    "samples",
+)
+SAMPLE_FIELDS = (
+    "elapsed_s",
+    "iteration",
+    "remaining_bytes",
+    "processed_bytes",
+    "bandwidth",
+    "limit_ms",
 )
 FIT_FIELDS = (
     "switchover_ms",
@@ -127,6 +140,7 @@ class LabRow:
     forecast_at_s: float = math.nan
     forecast_end_s: float = math.nan
     forecast_converges: bool | None = None
+    samples: str = ""
 
     @property
     def measured(self) -> bool:
@@ -167,6 +181,7 @@ def read_rows(lines: Iterable[str]) -> list[LabRow]:
                 forecast_at_s=float(rec.get("forecast_at_s") or "nan"),
                 forecast_end_s=float(rec.get("forecast_end_s") or "nan"),
                 forecast_converges=_flag(rec.get("forecast_converges")),
+                samples=(rec.get("samples") or "").strip(),
             )
         )
     return rows
@@ -347,6 +362,7 @@ def _setup(row: LabRow) -> LabRow:
         forecast_at_s=0.0,
         forecast_end_s=0.0,
         forecast_converges=None,
+        samples="",
     )
 
 
@@ -456,17 +472,74 @@ class ForecastReport:
     said_converges_did_not: int
 
 
+@dataclass(frozen=True)
+class JobForecast:
+    """A running job's first forecast of its end (``forecast``), as the coordinator makes it."""
+
+    at_s: float  # job time of the sample it was made on
+    converges: bool
+    end_s: float  # job time it forecast the end at (inf: never)
+
+
+def first_forecast(samples: Sequence[Observation]) -> JobForecast | None:
+    """The first forecast the job's samples give, fed to ``forecast`` one at a time."""
+    for i in range(1, len(samples) + 1):
+        f = forecast(samples[:i])
+        if f is not None:
+            at_s = samples[i - 1].elapsed_s
+            return JobForecast(at_s, f.converges, at_s + f.remaining_s)
+    return None
+
+
+def format_samples(samples: Iterable[Observation]) -> str:
+    """``samples`` as the CSV column holds them."""
+    return " ".join(
+        f"{o.elapsed_s:.3f},{o.iteration},{o.remaining_bytes},{o.processed_bytes},"
+        f"{o.bandwidth_bytes_per_s:.0f},{o.max_downtime_ms}"
+        for o in samples
+    )
+
+
+def job_samples(row: LabRow) -> tuple[Observation, ...]:
+    """The row's ``samples`` column read back (empty where the row has none)."""
+    out = []
+    for part in row.samples.split():
+        t, it, rem, done, bw, lim = part.split(",")
+        out.append(
+            Observation(
+                elapsed_s=float(t),
+                iteration=int(it),
+                remaining_bytes=int(rem),
+                bandwidth_bytes_per_s=float(bw),
+                max_downtime_ms=int(lim),
+                first_pass_done=int(it) >= 2,
+                processed_bytes=int(done),
+            )
+        )
+    return tuple(out)
+
+
+def row_forecast(row: LabRow) -> JobForecast | None:
+    """The row's first forecast: made again on its samples where it has them (the forecast
+    as it is now), else as recorded."""
+    if row.samples:
+        return first_forecast(job_samples(row))
+    if row.forecast_converges is None:
+        return None
+    return JobForecast(row.forecast_at_s, row.forecast_converges, row.forecast_end_s)
+
+
 def forecast_errors(rows: Sequence[LabRow]) -> ForecastReport:
-    with_forecast = [r for r in rows if r.forecast_converges is not None]
+    with_forecast = [(r, f) for r in rows if (f := row_forecast(r)) is not None]
     errs: list[float] = []
     never = wrong = 0
-    for r in with_forecast:
-        if r.converged and not r.forecast_converges:
+    for r, f in with_forecast:
+        if r.converged and not f.converges:
             never += 1
-        elif r.forecast_converges and not r.converged:
+        elif f.converges and not r.converged:
             wrong += 1
-        elif r.converged and r.total_s > r.forecast_at_s:
-            errs.append(abs(r.forecast_end_s - r.total_s) / (r.total_s - r.forecast_at_s))
+        elif r.converged and r.total_s > f.at_s:
+            errs.append(abs(f.end_s - r.total_s) / (r.total_s - f.at_s))
     return ForecastReport(
         rows=len(with_forecast),
         compared=len(errs),
@@ -595,8 +668,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         "a sequential writer's behind-the-cursor share (the lab guest's seq walk only):\n"
         + _report(errors(rows, LAB_PARAMS))
     )
-    if any(r.forecast_converges is not None for r in rows):
-        out.write("the running job's first forecast after its first pass:\n")
+    if any(r.forecast_converges is not None or r.samples for r in rows):
+        remade = sum(1 for r in rows if r.samples)
+        out.write(
+            "the running job's first forecast after its first pass"
+            f" (made again on the samples of {remade} rows):\n"
+        )
         out.write(_forecast_report(forecast_errors(rows)))
     rep = repeatability(rows)
     out.write(

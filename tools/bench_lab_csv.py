@@ -45,10 +45,9 @@ from typing import IO
 import grpc
 
 from hostmaint.common.dirty import LONGER_WINDOW_LINK_SHARE, Reading, Writer, writer_of
-from hostmaint.coordinator import calibrate, forecast, gather
+from hostmaint.coordinator import calibrate, gather
 from hostmaint.coordinator.agents import AgentClient
 from hostmaint.coordinator.escalation import Observation
-from hostmaint.coordinator.model import DEFAULT_PARAMS
 from hostmaint.lab import cluster
 from hostmaint.lab.domains import GuestPlan
 from hostmaint.lab.guest import GuestMode, GuestPattern, GuestProgress, GuestSpec
@@ -288,56 +287,47 @@ class Result:
     max_throttle_pct: int
     sent_mib: float
     error: str
-    first_forecast: FirstForecast | None = None
-
-
-@dataclass(frozen=True)
-class FirstForecast:
-    """The running job's first forecast of its end (``forecast``), as the coordinator makes it."""
-
-    at_s: float  # job time of the sample it was made on
-    converges: bool
-    end_s: float  # job time it forecast the end at (inf: never)
-
-    def columns(self) -> dict[str, str]:
-        return {
-            "forecast_at_s": _fmt(self.at_s),
-            "forecast_end_s": _fmt(self.end_s) if math.isfinite(self.end_s) else "inf",
-            "forecast_converges": "true" if self.converges else "false",
-        }
+    forecast: ForecastLog | None = None
 
 
 class ForecastLog:
-    """Feeds a job's progress samples to ``forecast`` and keeps the first forecast made."""
+    """A job's pre-copy progress samples, as the coordinator reads them, for its first
+    forecast (``calibrate.first_forecast``) and the ``samples`` column."""
 
-    def __init__(self, fair_share_bytes_per_s: float) -> None:
-        self.fair_share = fair_share_bytes_per_s
+    def __init__(self) -> None:
         self.history: list[Observation] = []
-        self.first: FirstForecast | None = None
+        self.switched = False  # to post-copy: the samples end there
 
     def add(self, p: pb.MigrationProgress) -> None:
-        if self.first is not None or not p.memory_total_bytes:
+        self.switched = self.switched or p.phase == pb.MIGRATION_PHASE_POSTCOPY
+        if self.switched or not p.memory_total_bytes:
             return
-        elapsed_s = p.elapsed_ms / 1000.0
         self.history.append(
             Observation(
-                elapsed_s=elapsed_s,
+                elapsed_s=p.elapsed_ms / 1000.0,
                 iteration=p.iteration,
                 remaining_bytes=p.memory_remaining_bytes,
                 bandwidth_bytes_per_s=p.bandwidth_bytes_per_s,
                 max_downtime_ms=p.max_downtime_ms,
-                postcopy=p.phase == pb.MIGRATION_PHASE_POSTCOPY,
                 first_pass_done=p.iteration >= 2,
-                fair_share_bytes_per_s=self.fair_share,
                 processed_bytes=p.memory_processed_bytes,
             )
         )
-        f = forecast.forecast(self.history)
-        if f is not None:
-            self.first = FirstForecast(elapsed_s, f.converges, elapsed_s + f.remaining_s)
+
+    def columns(self) -> dict[str, str]:
+        first = calibrate.first_forecast(self.history)
+        samples = {"samples": calibrate.format_samples(self.history)}
+        if first is None:
+            return {**NO_FORECAST, **samples}
+        return {
+            "forecast_at_s": _fmt(first.at_s),
+            "forecast_end_s": _fmt(first.end_s) if math.isfinite(first.end_s) else "inf",
+            "forecast_converges": "true" if first.converges else "false",
+            **samples,
+        }
 
 
-NO_FORECAST = {"forecast_at_s": "", "forecast_end_s": "", "forecast_converges": ""}
+NO_FORECAST = {"forecast_at_s": "", "forecast_end_s": "", "forecast_converges": "", "samples": ""}
 
 
 @dataclass(frozen=True)
@@ -400,7 +390,7 @@ def row_of(
     """The CSV row of one measured migration, in ``COLUMNS``' order."""
     row = {
         **(NOT_MEASURED if measured is None else measured.columns()),
-        **(NO_FORECAST if result.first_forecast is None else result.first_forecast.columns()),
+        **(NO_FORECAST if result.forecast is None else result.forecast.columns()),
         "pattern": spec.pattern.value,
         "size_mib": str(spec.memory_mib),
         "fill_mib": str(spec.fill_mib),
@@ -658,8 +648,7 @@ class Bench:
         last = pb.MigrationProgress()
         throttle = 0
         switched = aborted = False
-        link = self.lab.rate_mbit * 1e6 / 8 * DEFAULT_PARAMS.link_efficiency
-        log = ForecastLog(link / len(step.guests))
+        log = ForecastLog()
         for attempt in range(WATCH_ATTEMPTS):
             stream = job.stub.WatchMigration(
                 pb.WatchMigrationRequest(
@@ -722,7 +711,7 @@ class Bench:
             max_throttle_pct=throttle,
             sent_mib=last.memory_processed_bytes / MIB,
             error=last.error,
-            first_forecast=log.first,
+            forecast=log,
         )
 
 

@@ -141,18 +141,46 @@ def test_pattern_set_runs_each_writer_alone_two_and_three_at_once() -> None:
     assert {p.host_index for p in bench.plans(bench.PATTERN_GUESTS)} == {0}
 
 
-def test_a_row_carries_the_pattern_the_readings_and_the_first_forecast() -> None:
+MIB = 1024 * 1024
+
+
+def _job_log() -> bench.ForecastLog:
+    """A job's samples: the first pass, then rounds that halve at 40 MiB/s."""
+    from hostmaint.protos import agent_pb2 as pb
+
+    bw = 40 * MIB
+    log = bench.ForecastLog()
+
+    def sample(t: float, it: int, remaining: int, processed: int) -> pb.MigrationProgress:
+        return pb.MigrationProgress(
+            elapsed_ms=int(t * 1000),
+            iteration=it,
+            memory_total_bytes=400 * MIB,
+            memory_remaining_bytes=remaining,
+            memory_processed_bytes=processed,
+            bandwidth_bytes_per_s=bw,
+            max_downtime_ms=300,
+        )
+
+    log.add(sample(1.0, 1, 300 * MIB, 40 * MIB))
+    sent = 160 * MIB
+    t = 4.0
+    for it, left in ((2, 64), (3, 32), (4, 16), (5, 8)):
+        log.add(sample(t, it, left * MIB, sent))
+        sent += left * MIB
+        t += left / 40
+    return log
+
+
+def test_a_row_carries_the_pattern_the_readings_and_the_job() -> None:
     from hostmaint.common.dirty import Reading
 
     spec = next(g for g in bench.PATTERN_GUESTS if g.name == "hm-lc-rnd1")
     step = bench.Step((spec.name,))
-    mib = 1024 * 1024
-    readings = [Reading(14 * mib, 1), Reading(12 * mib, 2), Reading(9 * mib, 4)]
+    readings = [Reading(14 * MIB, 1), Reading(12 * MIB, 2), Reading(9 * MIB, 4)]
     measured = bench.Measured.of(readings, 7.25)
-    result = _result(True, total_s=20.0)
-    result = bench.Result(
-        **{**result.__dict__, "first_forecast": bench.FirstForecast(8.0, True, 19.0)}
-    )
+    log = _job_log()
+    result = bench.Result(**{**_result(True, total_s=20.0).__dict__, "forecast": log})
     row = bench.row_of(
         spec,
         step,
@@ -169,42 +197,22 @@ def test_a_row_carries_the_pattern_the_readings_and_the_first_forecast() -> None
     (back,) = calibrate.read_rows(io.StringIO(_csv([row])))
     assert back.label == "random" and back.measured
     vm = calibrate.row_vm(back, 0, measured=True)
-    assert vm.dirty_rate_bytes_per_s == 14 * mib
-    assert calibrate.row_vm(back, 0).dirty_rate_bytes_per_s == 16 * mib  # the configured
-    assert (back.forecast_at_s, back.forecast_end_s, back.forecast_converges) == (8.0, 19.0, True)
+    assert vm.dirty_rate_bytes_per_s == 14 * MIB
+    assert calibrate.row_vm(back, 0).dirty_rate_bytes_per_s == 16 * MIB  # the configured
+    # the job's samples come back as they were taken, and give the same first forecast
+    assert calibrate.job_samples(back) == tuple(log.history)
+    first = calibrate.row_forecast(back)
+    assert first is not None and first.converges
+    assert (back.forecast_at_s, back.forecast_converges) == (first.at_s, True)
+    assert back.forecast_end_s == pytest.approx(first.end_s, abs=1e-3)
 
 
-def test_forecast_log_keeps_the_first_forecast_after_the_first_pass() -> None:
-    from hostmaint.protos import agent_pb2 as pb
-
-    mib = 1024 * 1024
-    bw = 40 * mib
-    log = bench.ForecastLog(bw)
-
-    def sample(t: float, it: int, remaining: int, processed: int) -> pb.MigrationProgress:
-        return pb.MigrationProgress(
-            elapsed_ms=int(t * 1000),
-            iteration=it,
-            memory_total_bytes=400 * mib,
-            memory_remaining_bytes=remaining,
-            memory_processed_bytes=processed,
-            bandwidth_bytes_per_s=bw,
-            max_downtime_ms=300,
-        )
-
-    log.add(sample(1.0, 1, 300 * mib, 40 * mib))
-    assert log.first is None  # still in the first pass
-    sent = 160 * mib
-    t = 4.0
-    for it, left in ((2, 64), (3, 32), (4, 16)):
-        log.add(sample(t, it, left * mib, sent))
-        sent += left * mib
-        t += left / 40
-    assert log.first is not None
-    first = log.first
-    log.add(sample(t, 5, 8 * mib, sent))
-    assert log.first == first  # only the first is kept
-    assert first.converges and first.end_s > first.at_s
+def test_the_first_forecast_comes_after_the_first_pass() -> None:
+    log = _job_log()
+    first = calibrate.first_forecast(log.history)
+    assert first is not None and first.converges and first.end_s > first.at_s
+    assert first.at_s > log.history[0].elapsed_s  # not on the first pass's sample
+    assert calibrate.first_forecast(log.history[:1]) is None
 
 
 def test_only_some_groups_keeps_their_guests_and_steps() -> None:

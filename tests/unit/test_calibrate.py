@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from hostmaint.coordinator import calibrate
+from hostmaint.coordinator.escalation import Observation
 from hostmaint.coordinator.model import DEFAULT_PARAMS
 
 COLUMNS = list(calibrate.CSV_COLUMNS)
@@ -179,3 +180,33 @@ def test_forecast_errors_are_relative_to_the_time_left() -> None:
     assert (rep.rows, rep.compared) == (3, 1)
     assert rep.remaining_median == pytest.approx(0.1)  # 1 s off of 10 s left
     assert (rep.said_never_converged, rep.said_converges_did_not) == (1, 1)
+
+
+def test_a_row_with_samples_is_forecast_again_on_them() -> None:
+    mib = 1024 * 1024
+    samples = [
+        Observation(1.0, 1, 300 * mib, 40.0 * mib, 300, processed_bytes=40 * mib),
+        Observation(
+            4.0, 2, 64 * mib, 40.0 * mib, 300, first_pass_done=True, processed_bytes=160 * mib
+        ),
+        Observation(
+            5.6, 3, 32 * mib, 40.0 * mib, 300, first_pass_done=True, processed_bytes=224 * mib
+        ),
+        Observation(
+            6.4, 4, 16 * mib, 40.0 * mib, 300, first_pass_done=True, processed_bytes=256 * mib
+        ),
+    ]
+    # recorded as never converging; the samples say otherwise, and they win
+    row = dataclasses.replace(
+        _row(True, 7.5),
+        forecast_at_s=1.0,
+        forecast_end_s=float("inf"),
+        forecast_converges=False,
+        samples=calibrate.format_samples(samples),
+    )
+    assert calibrate.job_samples(row) == tuple(samples)
+    again = calibrate.first_forecast(samples)
+    assert again is not None and again.converges
+    assert calibrate.row_forecast(row) == again
+    rep = calibrate.forecast_errors([row])
+    assert (rep.rows, rep.compared, rep.said_never_converged) == (1, 1, 0)
