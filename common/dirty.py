@@ -27,9 +27,11 @@ Public API
           reaches (the shortest window's reading: that many unique bytes a second): the
           planner plans with it where the assumed rate leaves only costly tunings, and
           the escalation ladder catches a writer faster than that;
-        - later, the shortest window was not yet covering the set: its reading is the
-          write rate, and both are known;
-    * no pair saturated: the shortest reading is the write rate and the set unknown.
+        - later, the shortest window was not yet covering the set: the write rate is
+          the highest reading (the shortest window's for a steady writer; a longer
+          one's where the shortest caught a writer that bursts idling), and both are
+          known;
+    * no pair saturated: the highest reading is the write rate and the set unknown.
 ``next_window_s(readings, nonzero_bytes, max_window_s, min_rate) -> seconds or None``:
     the next, doubled window worth measuring: none when the set is found, the writer is
     slower than ``min_rate`` (it converges whatever its set: not worth the wait), the
@@ -97,7 +99,7 @@ def writer_of(readings: Sequence[Reading]) -> Writer:
         return Writer(max(r.bytes_per_s for r in readings))
     at = _saturated_at(readings)
     if at is None:
-        return Writer(first.bytes_per_s)
+        return Writer(_steady_rate(readings))
     working_set = max(readings[at - 1].unique_bytes, readings[at].unique_bytes)
     if at == 1:
         second = readings[1]
@@ -110,7 +112,16 @@ def writer_of(readings: Sequence[Reading]) -> Writer:
                 return Writer(max(fit[1], first.bytes_per_s), int(working_set), first.bytes_per_s)
         rate = max(first.bytes_per_s, working_set / ASSUMED_REWRITE_S)
         return Writer(rate, int(working_set), first.bytes_per_s)
-    return Writer(first.bytes_per_s, int(working_set))
+    return Writer(_steady_rate(readings), int(working_set))
+
+
+def _steady_rate(readings: Sequence[Reading]) -> float:
+    """The write rate where the shortest window did not cover the set: a window's unique
+    bytes over its length are at most the mean write rate in it, so no window may read
+    more than the rate. A steady writer reads most in the shortest window; a writer
+    that alternates writing and idling reads less there whenever that window caught an
+    idle spell, and a longer window's reading then comes nearer its mean."""
+    return max(r.bytes_per_s for r in readings)
 
 
 def next_window_s(

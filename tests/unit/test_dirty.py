@@ -107,3 +107,13 @@ def test_a_hot_part_found_within_the_first_window_reads_its_rate_off_the_curve()
     assert seen.rate_floor_bytes_per_s == readings[0].bytes_per_s
     flat = writer_of(readings_of(80 * MIB, 8 * MIB, (1.0, 2.0)))  # found no more: assumed
     assert flat.rate_bytes_per_s == 8 * MIB / ASSUMED_REWRITE_S
+
+
+def test_a_writer_that_idles_in_bursts_reads_at_least_what_any_window_saw() -> None:
+    # 24 MiB/s for 1 s, idle for 1 s, over 96 MiB: the 1 s window caught mostly idling
+    readings = [Reading(3 * MIB, 1), Reading(12 * MIB, 2), Reading(12 * MIB, 4)]
+    assert writer_of(readings) == Writer(12 * MIB)  # no window may read above the mean
+    with_set = [*readings, Reading(12 * MIB, 8), Reading(6 * MIB, 16)]  # 96 MiB found
+    assert writer_of(with_set) == Writer(12 * MIB, 96 * MIB)
+    # a steady writer reads most in its shortest window: that reading stays the rate
+    assert writer_of(readings_of(20 * MIB, 1 * GIB, (1.0, 2.0, 4.0))) == Writer(20 * MIB)
