@@ -118,6 +118,7 @@ def test_repeatability_is_the_spread_of_repeated_runs_around_their_median() -> N
     rep = calibrate.repeatability(rows)
     assert (rep.runs, rep.configurations) == (3, 1)
     assert rep.total_median == pytest.approx(2 / 12)  # deviations 2/12, 0, 3/12
+    assert rep.total_p90 == pytest.approx(2.8 / 12)  # between 2/12 and 3/12
     assert rep.downtime_median == pytest.approx(0.0)  # 0, 0, 1
 
 
