@@ -504,16 +504,16 @@ def job_samples(row: LabRow) -> tuple[Observation, ...]:
     """The row's ``samples`` column read back (empty where the row has none)."""
     out = []
     for part in row.samples.split():
-        t, it, rem, done, bw, lim = part.split(",")
+        v = dict(zip(SAMPLE_FIELDS, part.split(","), strict=True))
         out.append(
             Observation(
-                elapsed_s=float(t),
-                iteration=int(it),
-                remaining_bytes=int(rem),
-                bandwidth_bytes_per_s=float(bw),
-                max_downtime_ms=int(lim),
-                first_pass_done=int(it) >= 2,
-                processed_bytes=int(done),
+                elapsed_s=float(v["elapsed_s"]),
+                iteration=int(v["iteration"]),
+                remaining_bytes=int(v["remaining_bytes"]),
+                bandwidth_bytes_per_s=float(v["bandwidth"]),
+                max_downtime_ms=int(v["limit_ms"]),
+                first_pass_done=int(v["iteration"]) >= 2,
+                processed_bytes=int(v["processed_bytes"]),
             )
         )
     return tuple(out)

@@ -21,8 +21,8 @@ How the schedule is chosen: each VM needs a minimum bandwidth to converge with i
 tuning (found by bisection on the model); a VM starts when a slot is free and, with it
 started, every pre-copying migration still needs no more than its even share of the
 link (pre-copy sends flat out, so sharing migrations split the link evenly), so sharing
-never stops a dirty VM from converging. Several orders and concurrency caps are simulated with the
-reported VMs and the shortest makespan wins: two dirty VMs at half bandwidth each
+never stops a dirty VM from converging. Several orders and concurrency caps are
+simulated with the reported VMs and the shortest makespan wins: two dirty VMs at half bandwidth each
 resend more dirty pages (or never converge) than one after the other, while idle VMs
 gain from overlapping their fixed set-up costs and per-stream bandwidth caps; one of the
 orders alternates the longest and the shortest, so that migrations bound by the link
