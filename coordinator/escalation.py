@@ -184,7 +184,7 @@ def behind(history: Sequence[Observation], limits: Limits) -> str:
     if now.postcopy:
         return ""
     # Its own rounds, once they show it will not converge: behind now, not at a timeout.
-    seen = forecast(history)
+    seen = forecast(history, limits.params)
     if seen is not None and not seen.converges:
         return seen.reason
     allowed = limits.predicted_total_s * limits.stall_factor + limits.stall_grace_s
@@ -221,7 +221,7 @@ def next_step(history: Sequence[Observation], limits: Limits, done: Escalation) 
     postcopy_ok = limits.allow_postcopy and limits.postcopy_permitted and not done.postcopy_failed
     if limits.postcopy_after_first_pass and postcopy_ok and now.first_pass_done:
         spent = now.iteration >= 2 + limits.precopy_tries
-        seen = None if spent else forecast(history)
+        seen = None if spent else forecast(history, limits.params)
         if not now.postcopy and (spent or (seen is not None and not seen.converges)):
             why = _planned_switch(limits.precopy_tries, "" if seen is None else seen.reason)
             return _burst(now, limits, done, why) or Decision(Action.POSTCOPY, 0, why)

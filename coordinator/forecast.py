@@ -26,8 +26,10 @@ round start late by a varying amount), the rounds have stopped shrinking; otherw
 runs the rounds on from the last start, ``R <- f(R / B)`` at the
 bandwidth ``B`` now, until one fits QEMU's limit now (``R <= B * L``: it switches over)
 or they stop shrinking by ``STUCK_RATIO`` (it will not converge at this limit and this
-bandwidth; ``needed_downtime_ms`` is the limit its last round start needs). None before
-two round starts after the first pass, in post-copy, or while nothing is sent.
+bandwidth; ``needed_downtime_ms`` is the limit its last round start needs). The job
+ends after the final copy with the switch-over (the device state and ``switchover_ms``)
+and the clean-up on both hosts (``finish_s``): the remaining time counts them. None
+before two round starts after the first pass, in post-copy, or while nothing is sent.
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from hostmaint.common.dirty import dirtied_curve
+from hostmaint.coordinator.model import DEFAULT_PARAMS, ModelParams, margin_ms
 
 if TYPE_CHECKING:
     from hostmaint.coordinator.escalation import Observation
@@ -120,14 +123,22 @@ def shrink_per_round(starts: Sequence[RoundStart]) -> float | None:
     return math.exp(sum((x - mx) * (y - my) for x, y in pts) / sxx)
 
 
-def forecast(history: Sequence[Observation]) -> Forecast | None:
+def forecast(
+    history: Sequence[Observation], params: ModelParams = DEFAULT_PARAMS
+) -> Forecast | None:
     if not history or history[-1].postcopy:
         return None
     starts = round_starts(history)
-    seen = _forecast(history[-1], starts)
+    now = history[-1]
+    seen = _forecast(now, starts)
     if seen is None:
         return None
-    return dataclasses.replace(seen, from_iteration=starts[-1].iteration)
+    after_copy_s = margin_ms(now.bandwidth_bytes_per_s, params) / 1000.0 + params.finish_s
+    return dataclasses.replace(
+        seen,
+        remaining_s=seen.remaining_s + after_copy_s,
+        from_iteration=starts[-1].iteration,
+    )
 
 
 def _forecast(now: Observation, starts: Sequence[RoundStart]) -> Forecast | None:

@@ -319,7 +319,7 @@ class LiveMigrations:
     def _revise(self, run: DrainRun, row: VmRow, w: _Watch, obs: escalation.Observation) -> VmRow:
         """Journals the prediction revised from the job's own rounds, once per new round
         start they show (forecast.py)."""
-        seen = forecast(w.history)
+        seen = forecast(w.history, w.limits.params)
         if seen is None or seen.from_iteration == w.revised_from:
             return row
         w.revised_from = seen.from_iteration

@@ -172,12 +172,16 @@ class DrainRun:
         planned = self.planned.get(row.vm_uuid)
         need = planned.need_bytes_per_s if planned is not None else 0.0
         raised = any(t.startswith(escalation.Action.RAISE_DOWNTIME) for t in row.tuning_applied)
+        # switched to post-copy by the ladder: the guest runs on the target, it no longer
+        # needs a share to converge (as the plan's simulation counts it)
+        postcopy = any(t.startswith(escalation.Action.POSTCOPY) for t in row.tuning_applied)
         # planned with the whole link's limit: it starts alone and runs alone
         planned_alone = planned is not None and planned.holds_link
         return Slot(
             row.vm_uuid,
             row.target_host or row.planned_target or None,
             need,
+            in_precopy=not postcopy,
             holds_link=planned_alone
             or self.link.holds(row.vm_uuid)
             or (row.state == VmState.MIGRATING and raised),

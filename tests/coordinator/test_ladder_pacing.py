@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 from hostmaint.coordinator import escalation as esc
@@ -62,3 +63,24 @@ def test_the_runs_limits_are_the_plans_at_the_configured_pace(tmp_path: Path) ->
         assert simulated.poll_s == poll_s
         # a writer the ladder would throttle, on a source that cannot
         assert VM in run.cpu_bound and not limits.cpu_bound
+
+
+def test_a_migration_the_ladder_switched_to_post_copy_no_longer_needs_its_share(
+    tmp_path: Path,
+) -> None:
+    """Dispatch counts a running migration's need only while it pre-copies, in the run as
+    in the plan's simulation (a simulated migration in post-copy is not in pre-copy)."""
+    agent = Agent(Clock(), CANNOT_THROTTLE, rate_bytes_per_s=100 * MIB)
+    settings = ExecutorSettings(defaults=DrainPolicy(), link_bandwidth_bytes_per_s=LINK_BYTES_PER_S)
+    ex = executor(tmp_path, agent, settings)
+    policy_pb = cpb.DrainPolicy()
+    _, plan, inputs = ex.plan("src", policy_pb)
+    run = ex.runtime.new_run("d", "src", policy_pb)
+    run.remember(plan, inputs)
+    (m,) = plan.migrations
+    row = VmRow("d", VM, m.vm_name, 0, "migrating", "src")
+    assert run.slot(row).in_precopy and run.slot(row).need_bytes_per_s == m.need_bytes_per_s
+    raised = dataclasses.replace(row, tuning_applied=(f"{esc.Action.RAISE_DOWNTIME}=900",))
+    assert run.slot(raised).in_precopy
+    switched = dataclasses.replace(raised, tuning_applied=(*raised.tuning_applied, "postcopy"))
+    assert not run.slot(switched).in_precopy

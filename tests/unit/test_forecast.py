@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 
 from hostmaint.coordinator.escalation import Observation
 from hostmaint.coordinator.forecast import STUCK_RATIO, forecast, round_starts
+from hostmaint.coordinator.model import DEFAULT_PARAMS, margin_ms
 
 MIB = 2**20
 BW = 50 * MIB  # bytes/s the migration gets
@@ -34,7 +35,8 @@ def walk(rate: float, ws: float) -> Callable[[float], float]:
 def run(dirtied: Callable[[float], float], first_pass_bytes: float, sample_s: float = 0.25):
     """Samples of a pre-copy migration, every sample_s, until it switches over (or 60 s).
 
-    Returns the samples and when it switched over (None: it did not)."""
+    Returns the samples and when the job ended (None: it did not switch over): the final
+    copy, the switch-over and the clean-up after it."""
     t, it, remaining = 0.0, 1, first_pass_bytes
     samples: list[Observation] = []
     next_sample = 0.0
@@ -50,7 +52,7 @@ def run(dirtied: Callable[[float], float], first_pass_bytes: float, sample_s: fl
         remaining = dirtied(round_s)
         it += 1
         if remaining <= threshold:
-            return samples, t + remaining / BW
+            return samples, t + remaining / BW + margin_ms(BW) / 1000 + DEFAULT_PARAMS.finish_s
     return samples, None
 
 
