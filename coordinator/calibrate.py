@@ -619,7 +619,10 @@ def _report(rep: ErrorReport) -> str:
 
 
 def pattern_table(predicted: Sequence[Predicted]) -> str:
-    """One line per writer (``LabRow.label``) and concurrency, then per writer, then all."""
+    """One line per writer (``LabRow.label``) and concurrency, then per writer, then all;
+    beside the model's error, the lab's own spread on those rows (``repeatability``: how
+    far repeated runs of one configuration land from their median), the error no model
+    of the CSV's columns gets under ("-" where nothing was run twice)."""
     groups: dict[tuple[str, str], list[Predicted]] = {}
     for p in predicted:
         row = p[0]
@@ -627,16 +630,22 @@ def pattern_table(predicted: Sequence[Predicted]) -> str:
             groups.setdefault(key, []).append(p)
     lines = [
         f"{'writer':<8} {'conc':>4} {'rows':>4} {'cmp':>4} {'median':>7} {'p90':>7} "
-        f"{'false conv':>10} {'missed conv':>11}"
+        f"{'false conv':>10} {'missed conv':>11} {'lab median':>10} {'lab p90':>7}"
     ]
     for (label, conc), ps in sorted(groups.items(), key=lambda kv: (kv[0][0] == "all", kv[0])):
         rep = error_report(ps)
+        lab = repeatability([row for row, _ in ps])
         lines.append(
             f"{label:<8} {conc:>4} {rep.rows:>4} {rep.compared:>4} {rep.total_median:>7.1%} "
             f"{rep.total_p90:>7.1%} {rep.false_convergence:>10} "
-            f"{rep.convergence_mismatch - rep.false_convergence:>11}"
+            f"{rep.convergence_mismatch - rep.false_convergence:>11} "
+            f"{_spread(lab.total_median, lab.runs):>10} {_spread(lab.total_p90, lab.runs):>7}"
         )
     return "\n".join(lines) + "\n"
+
+
+def _spread(value: float, runs: int) -> str:
+    return f"{value:.1%}" if runs else "-"
 
 
 def _forecast_report(rep: ForecastReport) -> str:
