@@ -505,14 +505,15 @@ def job_samples(row: LabRow) -> tuple[Observation, ...]:
     out = []
     for part in row.samples.split():
         v = dict(zip(SAMPLE_FIELDS, part.split(","), strict=True))
+        iteration = int(v["iteration"])
         out.append(
             Observation(
                 elapsed_s=float(v["elapsed_s"]),
-                iteration=int(v["iteration"]),
+                iteration=iteration,
                 remaining_bytes=int(v["remaining_bytes"]),
                 bandwidth_bytes_per_s=float(v["bandwidth"]),
                 max_downtime_ms=int(v["limit_ms"]),
-                first_pass_done=int(v["iteration"]) >= 2,
+                first_pass_done=iteration >= 2,
                 processed_bytes=int(v["processed_bytes"]),
             )
         )

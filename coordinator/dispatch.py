@@ -10,11 +10,12 @@ above its share does not converge beside the others, it resends its dirty
 pages until they leave, and takes from them the bandwidth they converge on
 (that the needs merely add up to less than the link is not enough). The first
 migration always starts, so a VM that needs the whole link still moves.
-Nothing starts while a migration holds the link: one whose downtime limit was raised to the edge of the
-operator's limit at its current bandwidth share, which a new start would cut
-just before its switch-over (and so stretch its real downtime past the limit),
-or one planned with the whole link's limit, which starts alone: a neighbour's
-sending pauses and resumes, so a share is never steady enough for that limit.
+Nothing starts while a migration holds the link: one whose downtime limit was
+raised to the edge of the operator's limit at its current bandwidth share,
+which a new start would cut just before its switch-over (and so stretch its
+real downtime past the limit), or one planned with the whole link's limit,
+which starts alone: a neighbour's sending pauses and resumes, so a share is
+never steady enough for that limit.
 """
 
 from __future__ import annotations

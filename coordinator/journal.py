@@ -195,6 +195,11 @@ class VmRow:
     revised_total_s: float = 0.0
     revised_note: str = ""
 
+    def tuned(self, action: str) -> bool:
+        """Whether the escalation ladder applied ``action`` to the VM's migration (each
+        step is journaled as ``action`` or ``action=value``)."""
+        return any(t.startswith(action) for t in self.tuning_applied)
+
 
 @dataclass(frozen=True)
 class StepRow:

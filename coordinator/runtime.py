@@ -171,10 +171,10 @@ class DrainRun:
         """The VM as dispatch sees it."""
         planned = self.planned.get(row.vm_uuid)
         need = planned.need_bytes_per_s if planned is not None else 0.0
-        raised = any(t.startswith(escalation.Action.RAISE_DOWNTIME) for t in row.tuning_applied)
+        raised = row.tuned(escalation.Action.RAISE_DOWNTIME)
         # switched to post-copy by the ladder: the guest runs on the target, it no longer
         # needs a share to converge (as the plan's simulation counts it)
-        postcopy = any(t.startswith(escalation.Action.POSTCOPY) for t in row.tuning_applied)
+        postcopy = row.tuned(escalation.Action.POSTCOPY)
         # planned with the whole link's limit: it starts alone and runs alone
         planned_alone = planned is not None and planned.holds_link
         return Slot(

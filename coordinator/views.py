@@ -9,6 +9,7 @@ from google.protobuf import json_format
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from hostmaint.coordinator import errors
+from hostmaint.coordinator.escalation import Action
 from hostmaint.coordinator.journal import DrainRow, StepRow, VmRow
 from hostmaint.coordinator.limits import (
     MAX_DEADLINE_S,
@@ -206,9 +207,7 @@ def summary(drain: DrainRow, vms: Sequence[VmRow], plan: cpb.DrainPlan | None) -
         migrated=len(done),
         failed=sum(1 for v in vms if v.state == VmState.FAILED),
         unmovable=sum(1 for v in vms if v.state in (VmState.UNMOVABLE, VmState.SKIPPED)),
-        postcopy_used=sum(
-            1 for v in vms if any(t.startswith("postcopy") for t in v.tuning_applied)
-        ),
+        postcopy_used=sum(1 for v in vms if v.tuned(Action.POSTCOPY)),
         stranded=sum(1 for v in vms if v.state == VmState.STRANDED),
     )
 
