@@ -34,8 +34,9 @@ import csv
 import dataclasses
 import math
 import sys
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
+from typing import TypeVar
 
 from hostmaint.common.dirty import Reading, writer_of
 from hostmaint.coordinator.baselines import QueueStrategy
@@ -54,6 +55,8 @@ from hostmaint.coordinator.model import (
     WriterKind,
 )
 from hostmaint.coordinator.simulator import Job, simulate
+
+_T = TypeVar("_T")
 
 LAB_PARAMS = dataclasses.replace(
     DEFAULT_PARAMS, behind_write_factor=SEQUENTIAL_WRITER_BEHIND_FACTOR
@@ -470,6 +473,12 @@ class ForecastReport:
     remaining_p90: float
     said_never_converged: int  # forecast "never", converged in the lab
     said_converges_did_not: int
+    # The same error of the configuration's own median end (over its repeated runs) on
+    # the compared rows run more than once: what the lab's repeatability allows a forecast
+    # that knows nothing the other runs did not share.
+    lab_rows: int = 0
+    lab_median: float = math.nan
+    lab_p90: float = math.nan
 
 
 @dataclass(frozen=True)
@@ -531,8 +540,13 @@ def row_forecast(row: LabRow) -> JobForecast | None:
 
 
 def forecast_errors(rows: Sequence[LabRow]) -> ForecastReport:
+    ends: dict[LabRow, list[float]] = {}
+    for r in rows:
+        if r.converged:
+            ends.setdefault(_setup(r), []).append(r.total_s)
     with_forecast = [(r, f) for r in rows if (f := row_forecast(r)) is not None]
     errs: list[float] = []
+    lab: list[float] = []
     never = wrong = 0
     for r, f in with_forecast:
         if r.converged and not f.converges:
@@ -540,7 +554,11 @@ def forecast_errors(rows: Sequence[LabRow]) -> ForecastReport:
         elif f.converges and not r.converged:
             wrong += 1
         elif r.converged and r.total_s > f.at_s:
-            errs.append(abs(f.end_s - r.total_s) / (r.total_s - f.at_s))
+            left_s = r.total_s - f.at_s
+            errs.append(abs(f.end_s - r.total_s) / left_s)
+            runs = ends[_setup(r)]
+            if len(runs) > 1:
+                lab.append(abs(_pct(runs, 0.5) - r.total_s) / left_s)
     return ForecastReport(
         rows=len(with_forecast),
         compared=len(errs),
@@ -548,6 +566,9 @@ def forecast_errors(rows: Sequence[LabRow]) -> ForecastReport:
         remaining_p90=_pct(errs, 0.9),
         said_never_converged=never,
         said_converges_did_not=wrong,
+        lab_rows=len(lab),
+        lab_median=_pct(lab, 0.5),
+        lab_p90=_pct(lab, 0.9),
     )
 
 
@@ -624,16 +645,11 @@ def pattern_table(predicted: Sequence[Predicted]) -> str:
     beside the model's error, the lab's own spread on those rows (``repeatability``: how
     far repeated runs of one configuration land from their median), the error no model
     of the CSV's columns gets under ("-" where nothing was run twice)."""
-    groups: dict[tuple[str, str], list[Predicted]] = {}
-    for p in predicted:
-        row = p[0]
-        for key in ((row.label, str(row.concurrency)), (row.label, "all"), ("all", "all")):
-            groups.setdefault(key, []).append(p)
     lines = [
         f"{'writer':<8} {'conc':>4} {'rows':>4} {'cmp':>4} {'median':>7} {'p90':>7} "
         f"{'false conv':>10} {'missed conv':>11} {'lab median':>10} {'lab p90':>7}"
     ]
-    for (label, conc), ps in sorted(groups.items(), key=lambda kv: (kv[0][0] == "all", kv[0])):
+    for (label, conc), ps in _cells(predicted, lambda p: p[0]):
         rep = error_report(ps)
         lab = repeatability([row for row, _ in ps])
         lines.append(
@@ -643,6 +659,38 @@ def pattern_table(predicted: Sequence[Predicted]) -> str:
             f"{_spread(lab.total_median, lab.runs):>10} {_spread(lab.total_p90, lab.runs):>7}"
         )
     return "\n".join(lines) + "\n"
+
+
+def forecast_table(rows: Sequence[LabRow]) -> str:
+    """``forecast_errors`` per writer and concurrency, then per writer, then all, beside
+    what the lab's repeatability allows on the same rows ("-" where none ran twice)."""
+    lines = [
+        f"{'writer':<8} {'conc':>4} {'fcst':>4} {'cmp':>4} {'median':>7} {'p90':>7} "
+        f"{'said never':>10} {'wrong conv':>10} {'lab median':>10} {'lab p90':>7}"
+    ]
+    for (label, conc), group in _cells(rows, lambda r: r):
+        rep = forecast_errors(group)
+        if not rep.rows:
+            continue
+        lines.append(
+            f"{label:<8} {conc:>4} {rep.rows:>4} {rep.compared:>4} {rep.remaining_median:>7.1%} "
+            f"{rep.remaining_p90:>7.1%} {rep.said_never_converged:>10} "
+            f"{rep.said_converges_did_not:>10} {_spread(rep.lab_median, rep.lab_rows):>10} "
+            f"{_spread(rep.lab_p90, rep.lab_rows):>7}"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def _cells(
+    items: Sequence[_T], row_of: Callable[[_T], LabRow]
+) -> list[tuple[tuple[str, str], list[_T]]]:
+    """The items by their row's writer and concurrency, then by writer, then all together."""
+    groups: dict[tuple[str, str], list[_T]] = {}
+    for item in items:
+        row = row_of(item)
+        for key in ((row.label, str(row.concurrency)), (row.label, "all"), ("all", "all")):
+            groups.setdefault(key, []).append(item)
+    return sorted(groups.items(), key=lambda kv: (kv[0][0] == "all", kv[0]))
 
 
 def _spread(value: float, runs: int) -> str:
@@ -655,6 +703,9 @@ def _forecast_report(rep: ForecastReport) -> str:
         f"median={rep.remaining_median:.1%} p90={rep.remaining_p90:.1%}; said never but "
         f"converged={rep.said_never_converged}; said converges but did not="
         f"{rep.said_converges_did_not}\n"
+        f"the configuration's own median end on the {rep.lab_rows} of them run more than"
+        f" once (what the lab's repeatability allows): median={rep.lab_median:.1%}"
+        f" p90={rep.lab_p90:.1%}\n"
     )
 
 
@@ -687,6 +738,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             f" (made again on the samples of {remade} rows):\n"
         )
         out.write(_forecast_report(forecast_errors(rows)))
+        if any(r.pattern for r in rows):
+            out.write("per writer and concurrency:\n" + forecast_table(rows))
     rep = repeatability(rows)
     out.write(
         f"the lab's repeatability ({rep.runs} runs of {rep.configurations} configurations run"

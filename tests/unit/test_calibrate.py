@@ -187,6 +187,40 @@ def test_forecast_errors_are_relative_to_the_time_left() -> None:
     assert (rep.said_never_converged, rep.said_converges_did_not) == (1, 1)
 
 
+def test_the_forecast_is_set_beside_the_lab_repeating_a_configuration() -> None:
+    # one configuration run three times, ending at 20, 24 and 30 s (median 24 s), each
+    # forecast 10 s in; a row run once has no repeats to be set beside
+    runs = [
+        dataclasses.replace(
+            _row(True, end_s),
+            pattern="random",
+            forecast_at_s=10.0,
+            forecast_end_s=22.0,
+            forecast_converges=True,
+        )
+        for end_s in (20.0, 24.0, 30.0)
+    ]
+    once = dataclasses.replace(runs[0], pattern="seq", dirty_rate_mibps=7.0)
+    rep = calibrate.forecast_errors([*runs, once])
+    assert (rep.compared, rep.lab_rows) == (4, 3)
+    # the median end's error on the time left: 4/10, 0/14, 6/20
+    assert rep.lab_median == pytest.approx(0.3)
+    # the forecast's own: 2/10, 2/14, 8/20 and the row run once 2/10
+    assert rep.remaining_median == pytest.approx(0.2)
+    table = calibrate.forecast_table([*runs, once]).splitlines()
+    by_key = {tuple(line.split()[:2]): line.split() for line in table[1:]}
+    assert set(by_key) == {
+        ("random", "1"),
+        ("random", "all"),
+        ("seq", "1"),
+        ("seq", "all"),
+        ("all", "all"),
+    }
+    assert by_key[("random", "1")][2:4] == ["3", "3"]
+    assert by_key[("random", "1")][-2] == "30.0%"
+    assert by_key[("seq", "1")][-2:] == ["-", "-"]  # ran once
+
+
 def test_a_row_with_samples_is_forecast_again_on_them() -> None:
     mib = 1024 * 1024
     samples = [
