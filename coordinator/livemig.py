@@ -118,6 +118,7 @@ class LiveMigrations:
         adopted after a restart)."""
         rt = self.rt
         w = _Watch(run.limits(row, rt.settings.pacing, rt.params), row.started_at or rt.clock())
+        run.in_postcopy.discard(row.vm_uuid)  # an attempt starts in pre-copy
         if done is not None:
             w.done = done
         while not rt.stopped.is_set():
@@ -178,7 +179,7 @@ class LiveMigrations:
             WATCH_DEADLINE_S,
         ):
             if p.phase == apb.MIGRATION_PHASE_POSTCOPY_PAUSED:
-                w.postcopy_seen = True
+                self._postcopy_seen(run, row, w)
                 row, w.pause = self.recovery.paused(run, row, ref, w.pause, p)
                 if w.pause.stranded:
                     w.finished = True
@@ -196,7 +197,8 @@ class LiveMigrations:
                 w.downtime_ms, w.final_phase, w.error = float(p.downtime_ms), p.phase, p.error
                 w.finished = True
                 return row
-            w.postcopy_seen = w.postcopy_seen or p.phase == apb.MIGRATION_PHASE_POSTCOPY
+            if p.phase == apb.MIGRATION_PHASE_POSTCOPY:
+                self._postcopy_seen(run, row, w)
             if not w.plan_applied and p.memory_total_bytes:
                 w.plan_applied = True
                 self._apply_planned_downtime(run, row, p.max_downtime_ms)
@@ -303,6 +305,11 @@ class LiveMigrations:
         if decision.action is not escalation.Action.NONE:
             row, w.done = self._escalate(run, row, ref, decision, w.done, obs.elapsed_s)
         return row
+
+    @staticmethod
+    def _postcopy_seen(run: DrainRun, row: VmRow, w: _Watch) -> None:
+        w.postcopy_seen = True
+        run.in_postcopy.add(row.vm_uuid)
 
     def _moved(self, ref: MigrationRef) -> bool:
         """Whether the cloud shows the migration completed (a few looks, a poll apart)."""

@@ -122,6 +122,9 @@ class DrainRun:
     cpu_bound: frozenset[str] = frozenset()  # VMs the ladder may throttle (planner.throttle_helps)
     source: HostCapabilities = FULLY_CAPABLE  # what the source host can tune, as planned
     threads: Workers = field(default_factory=Workers)
+    # migrations the watch saw in post-copy, whoever switched them (the ladder, Nova's
+    # monitor): the guest runs on the target, they no longer need a share to converge
+    in_postcopy: set[str] = field(default_factory=set)
 
     def remember(self, plan: DrainPlan, inputs: Inputs) -> None:
         """The plan this run follows, and what it was made from."""
@@ -172,9 +175,10 @@ class DrainRun:
         planned = self.planned.get(row.vm_uuid)
         need = planned.need_bytes_per_s if planned is not None else 0.0
         raised = row.tuned(escalation.Action.RAISE_DOWNTIME)
-        # switched to post-copy by the ladder: the guest runs on the target, it no longer
-        # needs a share to converge (as the plan's simulation counts it)
-        postcopy = row.tuned(escalation.Action.POSTCOPY)
+        # switched to post-copy (journaled by the ladder, or seen by the watch): the guest
+        # runs on the target, it no longer needs a share to converge (as the plan's
+        # simulation counts it)
+        postcopy = row.tuned(escalation.Action.POSTCOPY) or row.vm_uuid in self.in_postcopy
         # planned with the whole link's limit: it starts alone and runs alone
         planned_alone = planned is not None and planned.holds_link
         return Slot(

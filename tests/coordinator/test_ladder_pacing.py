@@ -65,7 +65,7 @@ def test_the_runs_limits_are_the_plans_at_the_configured_pace(tmp_path: Path) ->
         assert VM in run.cpu_bound and not limits.cpu_bound
 
 
-def test_a_migration_the_ladder_switched_to_post_copy_no_longer_needs_its_share(
+def test_a_migration_switched_to_post_copy_no_longer_needs_its_share(
     tmp_path: Path,
 ) -> None:
     """Dispatch counts a running migration's need only while it pre-copies, in the run as
@@ -84,3 +84,6 @@ def test_a_migration_the_ladder_switched_to_post_copy_no_longer_needs_its_share(
     assert run.slot(raised).in_precopy
     switched = dataclasses.replace(raised, tuning_applied=(*raised.tuning_applied, "postcopy"))
     assert not run.slot(switched).in_precopy
+    # switched by another hand (Nova's monitor): the watch saw it in post-copy
+    run.in_postcopy.add(VM)
+    assert not run.slot(row).in_precopy

@@ -48,6 +48,9 @@ class Run:
     events: list[cpb.DrainEvent] = field(default_factory=list)
     # (VM state in GetDrain, its error) each time GetDrain was read during the pause
     seen_paused: list[tuple[int, str]] = field(default_factory=list)
+    # whether the run knew from the watch, then, that the VM left pre-copy (whoever
+    # switched it: dispatch counts no need of it)
+    seen_in_postcopy: list[bool] = field(default_factory=list)
 
     def kinds(self) -> list[int]:
         return [
@@ -110,6 +113,7 @@ def _drain(
         if event.vm_uuid == VM and event.vm.state == cpb.VM_STATE_POSTCOPY_PAUSED:
             vm = next(v for v in executor.status(drain_id).vms if v.vm_uuid == VM)
             run.seen_paused.append((vm.state, vm.error))
+            run.seen_in_postcopy.append(VM in executor._runs[drain_id].in_postcopy)
             if cancel_when_paused and len(run.seen_paused) == 1:
                 executor.cancel(drain_id, abort_running=True)
         if event.kind == Ev.DRAIN_EVENT_KIND_FINISHED:
@@ -132,6 +136,7 @@ def test_a_short_cut_is_resumed_and_the_vm_moves(tmp_path: Path, stopped: thread
         < kinds.index(Ev.DRAIN_EVENT_KIND_MIGRATION_COMPLETED)
     )
     assert run.seen_paused and all(s == cpb.VM_STATE_POSTCOPY_PAUSED for s, _ in run.seen_paused)
+    assert all(run.seen_in_postcopy)
     assert f"post-copy to {TARGET} broke" in run.seen_paused[0][1]
     # tried while the link was down (refused), with growing waits, then taken
     tries = run.driver.resume_tries
