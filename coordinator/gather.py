@@ -11,6 +11,7 @@ CPU runs there; every agent's host report says what tuning its host can do.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -44,6 +45,17 @@ MIB = 1024 * 1024
 
 
 @dataclass(frozen=True)
+class RateSource:
+    """Where the VMs' dirty rates came from: the agent's background readings (how many
+    VMs, the oldest reading's age) and a measurement before planning (how many, how long)."""
+
+    background_vms: int = 0
+    oldest_background_age_s: float = 0.0
+    measured_vms: int = 0
+    measuring_s: float = 0.0
+
+
+@dataclass(frozen=True)
 class Inputs:
     host: str
     vms: tuple[VmSpec, ...]
@@ -56,6 +68,7 @@ class Inputs:
     # of the notes, where the dirty rates came from: the agent's background readings (how
     # old) and what was measured before planning (how long); the plan repeats them
     rate_notes: tuple[str, ...] = ()
+    rate_source: RateSource = RateSource()
 
 
 def capabilities_of(report: apb.HostReport | None) -> HostCapabilities:
@@ -166,6 +179,7 @@ def gather(
         if not speed:
             note("link bandwidth unknown; assuming 10 Gbit/s")
     readings: dict[str, list[Reading]] = {}
+    source_of_rates = RateSource()
     # A domain migrating now (a resumed drain) reports its rate in the job stats instead.
     wanted = [i.uuid for i in live if i.uuid in domains and not domains[i.uuid].migrating]
     if measure and wanted and clock is not None and dirty_rate_max_age_s > 0:
@@ -188,9 +202,14 @@ def gather(
                 domains[uuid].dirty_rate.CopyFrom(main)
                 oldest = min([oldest, *(r.measured_at.ToSeconds() for r in stored)])
         if readings:
+            source_of_rates = dataclasses.replace(
+                source_of_rates,
+                background_vms=len(readings),
+                oldest_background_age_s=max(0.0, now - oldest),
+            )
             rate_note(
                 f"dirty rates of {len(readings)} of {len(wanted)} VMs from the agent's "
-                f"background readings (the oldest {max(0.0, now - oldest):.0f}s old)"
+                f"background readings (the oldest {source_of_rates.oldest_background_age_s:.0f}s old)"
             )
         wanted = [u for u in wanted if u not in readings]
     if measure and wanted:
@@ -210,7 +229,13 @@ def gather(
         except errors.CoordinatorError as e:
             note(f"fresh dirty-rate measurement failed, planning with what was read: {e}")
         if started is not None and clock is not None:
-            rate_note(f"measured the dirty rates of {len(wanted)} VMs in {clock() - started:.1f}s")
+            source_of_rates = dataclasses.replace(
+                source_of_rates, measured_vms=len(wanted), measuring_s=clock() - started
+            )
+            rate_note(
+                f"measured the dirty rates of {len(wanted)} VMs in "
+                f"{source_of_rates.measuring_s:.1f}s"
+            )
     missing = [i.name for i in live if i.uuid not in domains]
     if missing:
         note("no libvirt domain for " + ", ".join(missing) + "; sizes from the flavor")
@@ -230,6 +255,7 @@ def gather(
         tuple(notes),
         source=capabilities_of(status.report),
         rate_notes=tuple(rate_notes),
+        rate_source=source_of_rates,
     )
 
 

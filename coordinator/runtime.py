@@ -336,6 +336,15 @@ class Runtime:
             host, plan, inputs.link_bandwidth_bytes_per_s, inputs.vms, stay, cold
         )
         plan_pb.notes.extend(inputs.rate_notes)
+        rates = inputs.rate_source
+        plan_pb.dirty_rates.CopyFrom(
+            cpb.DirtyRateSource(
+                background_vms=rates.background_vms,
+                oldest_background_age_s=rates.oldest_background_age_s,
+                measured_vms=rates.measured_vms,
+                measuring_s=rates.measuring_s,
+            )
+        )
         return plan_pb, plan, inputs
 
     def plan_drain(self, inputs: Inputs, policy: DrainPolicy) -> DrainPlan:

@@ -531,6 +531,7 @@ class DrainPlan(google.protobuf.message.Message):
     WARNINGS_FIELD_NUMBER: builtins.int
     COLD_MIGRATIONS_FIELD_NUMBER: builtins.int
     NOTES_FIELD_NUMBER: builtins.int
+    DIRTY_RATES_FIELD_NUMBER: builtins.int
     host: builtins.str
     predicted_makespan_s: builtins.float
     lower_bound_s: builtins.float
@@ -559,6 +560,10 @@ class DrainPlan(google.protobuf.message.Message):
         agent's background readings and how old, or measured before planning and how long).
         """
 
+    @property
+    def dirty_rates(self) -> Global___DirtyRateSource:
+        """Where the VMs' dirty rates came from, as the notes say it."""
+
     def __init__(
         self,
         *,
@@ -572,10 +577,44 @@ class DrainPlan(google.protobuf.message.Message):
         warnings: collections.abc.Iterable[builtins.str] | None = ...,
         cold_migrations: collections.abc.Iterable[Global___ColdMigration] | None = ...,
         notes: collections.abc.Iterable[builtins.str] | None = ...,
+        dirty_rates: Global___DirtyRateSource | None = ...,
     ) -> None: ...
-    def ClearField(self, field_name: typing.Literal["cold_migrations", b"cold_migrations", "deadline_s", b"deadline_s", "host", b"host", "link_bandwidth_bytes_per_s", b"link_bandwidth_bytes_per_s", "lower_bound_s", b"lower_bound_s", "migrations", b"migrations", "notes", b"notes", "predicted_makespan_s", b"predicted_makespan_s", "unmovable", b"unmovable", "warnings", b"warnings"]) -> None: ...
+    def HasField(self, field_name: typing.Literal["dirty_rates", b"dirty_rates"]) -> builtins.bool: ...
+    def ClearField(self, field_name: typing.Literal["cold_migrations", b"cold_migrations", "deadline_s", b"deadline_s", "dirty_rates", b"dirty_rates", "host", b"host", "link_bandwidth_bytes_per_s", b"link_bandwidth_bytes_per_s", "lower_bound_s", b"lower_bound_s", "migrations", b"migrations", "notes", b"notes", "predicted_makespan_s", b"predicted_makespan_s", "unmovable", b"unmovable", "warnings", b"warnings"]) -> None: ...
 
 Global___DrainPlan: typing_extensions.TypeAlias = DrainPlan
+
+@typing.final
+class DirtyRateSource(google.protobuf.message.Message):
+    """How the coordinator read the VMs' dirty rates before planning: from the agents'
+    background readings (no wait), or measured then (the time the plan waited for them).
+    """
+
+    DESCRIPTOR: google.protobuf.descriptor.Descriptor
+
+    BACKGROUND_VMS_FIELD_NUMBER: builtins.int
+    OLDEST_BACKGROUND_AGE_S_FIELD_NUMBER: builtins.int
+    MEASURED_VMS_FIELD_NUMBER: builtins.int
+    MEASURING_S_FIELD_NUMBER: builtins.int
+    background_vms: builtins.int
+    """VMs planned on the agent's background readings, and the age of the oldest of those
+    readings when the plan was made (0: none).
+    """
+    oldest_background_age_s: builtins.float
+    measured_vms: builtins.int
+    """VMs measured before planning, and how long that measurement took (0: none)."""
+    measuring_s: builtins.float
+    def __init__(
+        self,
+        *,
+        background_vms: builtins.int = ...,
+        oldest_background_age_s: builtins.float = ...,
+        measured_vms: builtins.int = ...,
+        measuring_s: builtins.float = ...,
+    ) -> None: ...
+    def ClearField(self, field_name: typing.Literal["background_vms", b"background_vms", "measured_vms", b"measured_vms", "measuring_s", b"measuring_s", "oldest_background_age_s", b"oldest_background_age_s"]) -> None: ...
+
+Global___DirtyRateSource: typing_extensions.TypeAlias = DirtyRateSource
 
 @typing.final
 class DrainRequest(google.protobuf.message.Message):

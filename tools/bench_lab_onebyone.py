@@ -26,7 +26,7 @@ The one-at-a-time makespan runs from the first start to the last end. The
 drain's is shown two ways: from its first migration's start to its last VM's
 end (the same span), and the journal's, from the drain's creation (measuring
 dirty rates and planning included). The seconds the coordinator spent
-measuring dirty rates before planning come from the drain's notes. It exits 1
+measuring dirty rates before planning come from the plan (`dirty_rates`). It exits 1
 when a mix's drain took longer than one at a time (first start to last end).
 """
 
@@ -37,12 +37,11 @@ import dataclasses
 import json
 import math
 import os
-import re
 import sys
 import tempfile
 import time
 import tomllib
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -78,8 +77,6 @@ POLICY_KEYS: dict[str, type] = {
 }
 ALONE_TIMEOUT_FACTOR = 10.0
 ALONE_TIMEOUT_MIN_S = 300.0
-_MEASURED = re.compile(r"measured the dirty rates of (\d+) VMs in ([0-9.]+)s")
-_BACKGROUND = "from the agent's background readings"
 
 
 # ---- the mix -------------------------------------------------------------------------------
@@ -211,20 +208,12 @@ def controller_for(step: Step) -> Callable[[str], Controller]:
     return make
 
 
-def measuring_s(notes: Iterable[str]) -> tuple[float | None, str]:
-    """Seconds spent measuring dirty rates before planning, and the note that says so
-    (0 when every rate came from the agent's background readings; None: no such note)."""
-    found: float | None = None
-    said = []
-    for note in notes:
-        m = _MEASURED.search(note)
-        if m is not None:
-            found = (found or 0.0) + float(m.group(2))
-            said.append(note)
-        elif _BACKGROUND in note:
-            found = found or 0.0
-            said.append(note)
-    return found, "; ".join(said)
+def measuring_s(plan: cpb.DrainPlan) -> tuple[float | None, str]:
+    """Seconds spent measuring dirty rates before planning (0 when every rate came from the
+    agents' background readings; None: the plan does not say), and the plan's note."""
+    rates = plan.dirty_rates
+    said = rates.measured_vms or rates.background_vms
+    return (rates.measuring_s if said else None), cliview.measuring_note(plan)
 
 
 # ---- results -------------------------------------------------------------------------------
@@ -475,7 +464,7 @@ def run_mix(mix: Mix, args: argparse.Namespace) -> MixResult:
             if vm.state == cpb.VM_STATE_COMPLETED and vm.name in drain:
                 drain[vm.name].drain_downtime_ms = last_downtime_ms(lab, vm.name)
         _check_placement(lab, guests)
-        seconds, note = measuring_s(status.plan.notes)
+        seconds, note = measuring_s(status.plan)
         print(f"   drained in {call_s:.1f}s ({cliformat.drain_state_label(status.state)})")
 
         move_guests_to(lab, guests, home)

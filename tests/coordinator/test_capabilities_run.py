@@ -106,6 +106,8 @@ def test_plan_drain_notes_the_throttle_test_driver_hosts_cannot_do(cluster: Clus
     plan = cluster.stub.PlanDrain(cpb.PlanDrainRequest(host="host1"), timeout=30)
     note, rates = plan.notes  # and where the dirty rates came from
     assert rates.startswith("measured the dirty rates of")
+    assert plan.dirty_rates.measured_vms > 0 and plan.dirty_rates.background_vms == 0
+    assert f"in {plan.dirty_rates.measuring_s:.1f}s" in rates
     assert note.startswith(
         "vCPU throttling left out of the escalation ladder: the source host cannot do it "
         "(no vcpu_period or vcpu_quota among libvirt's fair scheduler parameters (weight)"

@@ -130,6 +130,9 @@ def test_fresh_background_readings_are_planned_on_without_measuring() -> None:
     )
     (rates,) = inputs.rate_notes  # the note the plan repeats
     assert rates in inputs.notes and "background readings" in rates
+    source = inputs.rate_source  # and what the plan says of it, for clients
+    assert (source.background_vms, source.oldest_background_age_s) == (2, 30.0)
+    assert (source.measured_vms, source.measuring_s) == (0, 0.0)
 
 
 def test_readings_older_than_the_limit_are_measured_afresh_and_the_wait_is_reported() -> None:
@@ -140,6 +143,9 @@ def test_readings_older_than_the_limit_are_measured_afresh_and_the_wait_is_repor
     assert [n.startswith("measured the dirty rates of 2 VMs in") for n in inputs.rate_notes] == [
         True
     ]
+    source = inputs.rate_source
+    # (the test's clock stands still: the measurement took no time by it)
+    assert (source.background_vms, source.measured_vms, source.measuring_s) == (0, 2, 0.0)
 
 
 def test_a_max_age_of_zero_always_measures() -> None:

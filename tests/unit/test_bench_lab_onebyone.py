@@ -159,14 +159,22 @@ def test_controller_switches_at_the_planned_round_once_and_aborts_late() -> None
     assert bench.alone_timeout_s(c) == max(bench.ALONE_TIMEOUT_MIN_S, 200.0)
 
 
-def test_measuring_seconds_from_the_plans_notes() -> None:
-    notes = ["measured the dirty rates of 6 VMs in 7.3s", "post-copy left out"]
-    assert bench.measuring_s(notes) == (7.3, "measured the dirty rates of 6 VMs in 7.3s")
+def test_measuring_seconds_from_the_plan() -> None:
+    note = "measured the dirty rates of 6 VMs in 7.3s"
+    plan = cpb.DrainPlan(
+        notes=[note, "post-copy left out"],
+        dirty_rates=cpb.DirtyRateSource(measured_vms=6, measuring_s=7.3),
+    )
+    assert bench.measuring_s(plan) == (7.3, note)
     background = (
         "dirty rates of 6 of 6 VMs from the agent's background readings (the oldest 9s old)"
     )
-    assert bench.measuring_s([background]) == (0.0, background)
-    assert bench.measuring_s(["post-copy left out"]) == (None, "")
+    stored = cpb.DrainPlan(
+        notes=[background],
+        dirty_rates=cpb.DirtyRateSource(background_vms=6, oldest_background_age_s=9.0),
+    )
+    assert bench.measuring_s(stored) == (0.0, background)
+    assert bench.measuring_s(cpb.DrainPlan(notes=["post-copy left out"])) == (None, "")
 
 
 def _result() -> bench.MixResult:
