@@ -349,7 +349,7 @@ def _say(text: str) -> None:
 
 
 @contextmanager
-def _terminate_as_interrupt() -> Iterator[None]:
+def terminate_as_interrupt() -> Iterator[None]:
     """SIGTERM and SIGHUP unwind like Ctrl-C, so the teardown in `finally` runs."""
 
     def raise_interrupt(signum: int, _frame: FrameType | None) -> None:
@@ -386,7 +386,7 @@ def run(args: argparse.Namespace) -> int:
     lab_state: Path | None = None
     t0 = time.monotonic()
     try:
-        with _terminate_as_interrupt():
+        with terminate_as_interrupt():
             _say(
                 f"lab: {settings.hosts} hosts, links shaped to {settings.rate_mbit} Mbit/s, "
                 f"{len(plans)} guests on host 0 (state: {state_dir})"

@@ -52,11 +52,11 @@ from hostmaint.lab import cluster, errors
 from hostmaint.lab.demo import (
     DEFAULT_SPEC,
     DemoSettings,
-    _terminate_as_interrupt,
     last_downtime_ms,
     load_demo,
     move_guests_to,
     placement,
+    terminate_as_interrupt,
 )
 from hostmaint.protos import agent_pb2 as apb
 from hostmaint.protos import coordinator_pb2 as cpb
@@ -515,7 +515,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     results = []
     for mix in mixes:
-        with _terminate_as_interrupt():  # SIGTERM too takes the lab down
+        with terminate_as_interrupt():  # SIGTERM too takes the lab down
             r = run_mix(mix, args)
         results.append(r)
         print(
