@@ -10,6 +10,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from hostmaint.coordinator.calibrate import first_forecast
 from hostmaint.coordinator.escalation import Observation
 from hostmaint.coordinator.forecast import STUCK_RATIO, forecast, round_starts
 from hostmaint.coordinator.model import DEFAULT_PARAMS, margin_ms
@@ -56,14 +57,6 @@ def run(dirtied: Callable[[float], float], first_pass_bytes: float, sample_s: fl
     return samples, None
 
 
-def at_first_forecast(samples: list[Observation]):
-    for i in range(1, len(samples) + 1):
-        f = forecast(samples[:i])
-        if f is not None:
-            return samples[i - 1], f
-    return None, None
-
-
 @pytest.mark.parametrize(
     "name,dirtied",
     [
@@ -76,10 +69,10 @@ def test_a_converging_guest_is_forecast_to_converge_near_its_real_end(name, dirt
     # sampled often enough to pin its round starts down (the agent samples as asked)
     samples, ended = run(dirtied, first_pass_bytes=1024 * MIB, sample_s=0.1)
     assert ended is not None, name
-    now, f = at_first_forecast(samples)
+    f = first_forecast(samples)
     assert f is not None and f.converges, (name, f)
-    real_left = ended - now.elapsed_s
-    assert f.remaining_s == pytest.approx(real_left, rel=0.35, abs=1.0), (name, f, real_left)
+    real_left = ended - f.at_s
+    assert f.end_s - f.at_s == pytest.approx(real_left, rel=0.35, abs=1.0), (name, f, real_left)
 
 
 @pytest.mark.parametrize(
