@@ -52,6 +52,28 @@ class _Watch:
     revised_from: int = 0  # the round start its journaled revised prediction read
 
 
+def observation_of(
+    p: apb.MigrationProgress,
+    elapsed_s: float,
+    *,
+    fair_share_bytes_per_s: float = 0.0,
+    held_back: bool = False,
+) -> escalation.Observation:
+    """An agent's progress sample as the ladder and the forecast read it."""
+    return escalation.Observation(
+        elapsed_s=elapsed_s,
+        iteration=p.iteration,
+        remaining_bytes=p.memory_remaining_bytes,
+        bandwidth_bytes_per_s=p.bandwidth_bytes_per_s,
+        max_downtime_ms=p.max_downtime_ms,
+        postcopy=p.phase == apb.MIGRATION_PHASE_POSTCOPY,
+        first_pass_done=p.iteration >= 2,
+        fair_share_bytes_per_s=fair_share_bytes_per_s,
+        held_back=held_back,
+        processed_bytes=p.memory_processed_bytes,
+    )
+
+
 @dataclass(frozen=True)
 class Followed:
     """How a followed migration ended."""
@@ -202,17 +224,11 @@ class LiveMigrations:
             if not w.plan_applied and p.memory_total_bytes:
                 w.plan_applied = True
                 self._apply_planned_downtime(run, row, p.max_downtime_ms)
-            obs = escalation.Observation(
-                elapsed_s=rt.clock() - w.started,
-                iteration=p.iteration,
-                remaining_bytes=p.memory_remaining_bytes,
-                bandwidth_bytes_per_s=p.bandwidth_bytes_per_s,
-                max_downtime_ms=p.max_downtime_ms,
-                postcopy=p.phase == apb.MIGRATION_PHASE_POSTCOPY,
-                first_pass_done=p.iteration >= 2,
+            obs = observation_of(
+                p,
+                rt.clock() - w.started,
                 fair_share_bytes_per_s=self._fair_share(run),
                 held_back=run.link.held_back(row.vm_uuid),
-                processed_bytes=p.memory_processed_bytes,
             )
             row = self._observe(run, row, ref, w, obs, p)
             if rt.stopped.is_set():

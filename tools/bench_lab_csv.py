@@ -48,6 +48,7 @@ from hostmaint.common.dirty import LONGER_WINDOW_LINK_SHARE, Reading, Writer, wr
 from hostmaint.coordinator import calibrate, gather
 from hostmaint.coordinator.agents import AgentClient
 from hostmaint.coordinator.escalation import Observation
+from hostmaint.coordinator.livemig import observation_of
 from hostmaint.lab import cluster
 from hostmaint.lab.domains import GuestPlan
 from hostmaint.lab.guest import GuestMode, GuestPattern, GuestProgress, GuestSpec
@@ -302,17 +303,7 @@ class ForecastLog:
         self.switched = self.switched or p.phase == pb.MIGRATION_PHASE_POSTCOPY
         if self.switched or not p.memory_total_bytes:
             return
-        self.history.append(
-            Observation(
-                elapsed_s=p.elapsed_ms / 1000.0,
-                iteration=p.iteration,
-                remaining_bytes=p.memory_remaining_bytes,
-                bandwidth_bytes_per_s=p.bandwidth_bytes_per_s,
-                max_downtime_ms=p.max_downtime_ms,
-                first_pass_done=p.iteration >= 2,
-                processed_bytes=p.memory_processed_bytes,
-            )
-        )
+        self.history.append(observation_of(p, p.elapsed_ms / 1000.0))
 
     def columns(self) -> dict[str, str]:
         first = calibrate.first_forecast(self.history)
