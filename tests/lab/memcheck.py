@@ -18,15 +18,26 @@ def memory_problems(
     try:
         results = lab.verify_memory(names)
     except integrity.VerifyTimeout as e:
-        return {}, [str(e)]
+        return {}, [str(e), *(_late_guest(lab, name) for name in e.late)]
     print(f"memory check: {integrity.summary(results)}")
     return results, integrity.integrity_problems(results)
+
+
+def _late_guest(lab: cluster.Lab, name: str) -> str:
+    """Where a guest that completed no sweep runs, and its console's last lines: what tells a
+    stalled guest from a console no longer written."""
+    hosts = [h.name for h in lab.running_on(name)]
+    tail = lab.guest_serial(name)[-_CONSOLE_TAIL_CHARS:]
+    return f"{name} runs on {hosts}; its console ends: {tail!r}"
+
+
+_CONSOLE_TAIL_CHARS = 1200
 
 
 def assert_memory_intact(lab: cluster.Lab, names: Sequence[str]) -> dict[str, GuestVerify]:
     """No page of these guests was ever found not to hold what the guest wrote."""
     results, problems = memory_problems(lab, names)
-    assert problems == []
+    assert problems == [], "\n".join(problems)
     return results
 
 
