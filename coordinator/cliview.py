@@ -205,22 +205,8 @@ def migration_window(status: pb.DrainStatus) -> tuple[float, float] | None:
 
 
 def measuring_note(plan: pb.DrainPlan) -> str:
-    """Where the plan's dirty rates came from (the agents' background readings, and how
-    old; measured before planning, and how long); a plan journaled before it said so in
-    fields has only its note; empty when it says neither."""
-    rates = plan.dirty_rates
-    said = []
-    if rates.background_vms:
-        said.append(
-            f"dirty rates of {rates.background_vms} VMs from the agents' background readings"
-            f" (the oldest {rates.oldest_background_age_s:.0f}s old)"
-        )
-    if rates.measured_vms:
-        said.append(
-            f"measured the dirty rates of {rates.measured_vms} VMs in {rates.measuring_s:.1f}s"
-        )
-    if said:
-        return "; ".join(said)
+    """The plan's note on where its dirty rates came from (measured, and how long, or the
+    agents' background readings, and how old); empty when it has none."""
     return next((n for n in plan.notes if "dirty rate" in n), "")
 
 

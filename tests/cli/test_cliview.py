@@ -498,14 +498,4 @@ def test_summary_shows_the_time_before_the_first_migration_apart_from_the_migrat
     )
     assert "migrations: predicted 20.0s, took 22.0s (+10%)" in text
     assert cliview.migration_window(pb.DrainStatus()) is None  # nothing ran yet
-    # a plan that says it in fields: read from them
-    status.plan.dirty_rates.CopyFrom(
-        pb.DirtyRateSource(
-            background_vms=2, oldest_background_age_s=41.6, measured_vms=1, measuring_s=7.04
-        )
-    )
-    assert cliview.measuring_note(status.plan) == (
-        "dirty rates of 2 VMs from the agents' background readings (the oldest 42s old); "
-        "measured the dirty rates of 1 VMs in 7.0s"
-    )
     assert cliview.window_lines(pb.DrainStatus()) == []
